@@ -1,0 +1,79 @@
+"""Checkpoints: atomic writes, and safe loads that never run code from the file.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts. Its ``"format"`` key
+names the layout; ``"arch"`` holds ``{"name": ..., "kwargs": {...}}`` so that
+:func:`anrat.models.build_model` rebuilds the network without pickled classes. Loading uses
+``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anrat.errors import InputError
+from anrat.models import build_model
+
+FORMAT = "anrat.checkpoint/1"
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync, then rename.
+
+    A crash mid-write leaves the previous file intact: readers see the old or the new file, never
+    half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint as data with ``torch.load(weights_only=True)``.
+
+    Raises :class:`InputError` for a missing file, a corrupt file, or a file that holds pickled
+    code (classes or functions other than tensors and containers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"refusing {str(path)!r}: it holds pickled Python objects, not only tensors and plain "
+            "data, and loading it could run code. Save a state_dict (or one of our checkpoints) "
+            f"instead. ({str(exc).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    return obj
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the network described by ``ckpt["arch"]`` and load ``ckpt["state_dict"]``."""
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+        raise InputError("not an anrat checkpoint: expected a dict with 'arch' and 'state_dict'")
+    arch = ckpt["arch"]
+    model = build_model(arch["name"], **arch.get("kwargs", {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint weights do not fit architecture {arch}: {str(exc).splitlines()[0]}") from None
+    return model

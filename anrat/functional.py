@@ -1,0 +1,188 @@
+"""Risk-averting errors as functions: per-sample losses, RAE, NRAE (the tilted mean).
+
+Notation. For per-sample losses ``l_i >= 0`` (i = 1..m) and risk-sensitivity index ``lam > 0``,
+``t = lam ** p``:
+
+    RAE  = (1/m) sum_i exp(t * l_i)
+    NRAE = log(RAE) / t                      (the tilted empirical risk with tilt t)
+
+NRAE rises monotonically from mean(l) (t -> 0) to max(l) (t -> inf).
+
+Numerics. The textbook ``(logsumexp(t*l) - log m) / t`` is exact in real arithmetic but in float32
+it returns rounding noise divided by a tiny t when t is small: at t = 1e-8 the sum of exp(t*l_i)
+is m * (1 + O(1e-8)), below float32's resolution. :func:`tilted_mean` centres the losses on their
+mean first, ``NRAE = mean(l) + log(mean exp(t * (l_i - mean(l)))) / t``, and evaluates the log of
+the mean with ``log1p(mean(expm1(x)))`` while ``x = t * (l - mean(l))`` stays small (no overflow
+possible, and no cancellation: the correction term is computed directly, never as a difference of
+two large numbers), and with ``logsumexp`` otherwise. Both branches are evaluated on clamped inputs
+and joined by ``torch.where``, so there is no host-device synchronisation and no NaN gradient.
+All of this runs in float32 at least, outside autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anrat.errors import InputError
+
+LossKind = Literal["ce", "lp"]
+KINDS: tuple[str, ...] = ("ce", "lp")
+
+# Below this value of max_i t*(l_i - mean(l)) the expm1/log1p branch is used; above it, logsumexp.
+# Any value of order 1 works: the expm1 branch is exact for small arguments and cannot overflow
+# below ~80; logsumexp loses nothing once the correction is of order 1/t or more.
+_SMALL_SPREAD = 1.0
+
+
+def _check_positive(name: str, value: float | Tensor) -> None:
+    if isinstance(value, Tensor):
+        # Checking a tensor would force a device sync on every step; tensors come from our own
+        # parameterisations (exp of a parameter), which are positive by construction.
+        return
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def per_sample_loss(input: Tensor, target: Tensor, kind: LossKind = "ce", p: float = 2.0,
+                    weight: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+    """Per-sample losses ``l_i`` of shape (N,), in float32 (or float64 for float64 input).
+
+    kind="ce": softmax cross-entropy from logits ``input`` (N, C) or (N, C, d1, ...) with class
+    indices ``target`` (N,) or (N, d1, ...) as in :class:`torch.nn.CrossEntropyLoss`; extra dims
+    are summed per sample. One output column, (N,) or (N, 1), is binary logistic regression with a
+    sigmoid and 0/1 (or probability) targets.
+
+    kind="lp": ``||output_i - target_i||_p^p`` summed over all non-batch dims (regression). With
+    integer class-index targets and (N, C) ``input``, the output is first mapped to class
+    probabilities by a softmax and compared with one-hot targets, as the original ANRAT code did.
+    """
+    if kind not in KINDS:
+        raise InputError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+    if input.dim() == 0 or input.shape[0] != target.shape[0]:
+        raise InputError(
+            f"input and target must have the same batch size, got shapes {tuple(input.shape)} "
+            f"and {tuple(target.shape)}")
+    x = input if input.dtype == torch.float64 else input.float()
+    if kind == "ce":
+        if x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1):
+            x = x.reshape(-1)
+            y = target.reshape(-1).to(x.dtype)
+            return F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        if target.is_floating_point() and target.shape == input.shape:
+            y = target.to(x.dtype)  # class probabilities, as nn.CrossEntropyLoss accepts
+        elif target.dtype in (torch.int64, torch.int32, torch.uint8):
+            y = target.long()
+        else:
+            raise InputError(
+                f"kind='ce' expects class-index targets (int64) of shape {tuple(input.shape[:1]) + tuple(input.shape[2:])} "
+                f"or class probabilities of shape {tuple(input.shape)}, got {target.dtype} {tuple(target.shape)}")
+        w = None if weight is None else weight.to(x.dtype)
+        losses = F.cross_entropy(x, y, weight=w, reduction="none", label_smoothing=label_smoothing)
+        return losses.reshape(losses.shape[0], -1).sum(dim=1)
+    # kind == "lp"
+    if not target.is_floating_point():
+        if x.dim() != 2:
+            raise InputError(f"kind='lp' with class-index targets expects (N, C) outputs, got {tuple(input.shape)}")
+        probs = torch.softmax(x, dim=1)
+        y = F.one_hot(target.long(), num_classes=x.shape[1]).to(x.dtype)
+        return (probs - y).abs().pow(p).sum(dim=1)
+    y = target.to(x.dtype)
+    if y.shape != x.shape:
+        if y.numel() == x.numel():
+            y = y.reshape(x.shape)
+        else:
+            raise InputError(f"kind='lp' expects target of shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    return (x - y).abs().pow(p).reshape(x.shape[0], -1).sum(dim=1)
+
+
+def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None) -> Tensor:
+    """``(1/t) * log(sum_i w_i * exp(t * l_i))`` over a 1-D tensor, stable for any t in [1e-8, 1e8].
+
+    ``weights`` are nonnegative and sum to 1 (default: uniform 1/m); this is NRAE of the losses.
+    Differentiable in ``losses`` (gradient: the tilted weights ``softmax(t*l + log w)``) and in
+    ``t`` when it is a tensor. Computed in float32 at least, whatever the input dtype or autocast.
+    """
+    _check_positive("t", t)
+    dtype = torch.promote_types(losses.dtype, torch.float32)
+    with torch.autocast(device_type=losses.device.type, enabled=False):
+        l = losses.reshape(-1).to(dtype)
+        if l.numel() == 0:
+            raise InputError("cannot take the NRAE of an empty batch")
+        if weights is None:
+            centre = l.mean()
+            log_w = None
+        else:
+            w = weights.reshape(-1).to(dtype)
+            centre = (w * l).sum()
+            log_w = torch.log(w)
+        t_ = t.to(dtype) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=dtype, device=l.device)
+        x = t_ * (l - centre)  # mean(x) = 0, so log(mean exp x) >= 0 (Jensen)
+        spread = x.detach().max()
+        small = spread <= _SMALL_SPREAD
+        # Small spread: log(mean exp x) = log1p(mean(expm1 x)); clamp keeps the unused branch finite.
+        xs = x.clamp(max=_SMALL_SPREAD)
+        if log_w is None:
+            small_branch = torch.log1p(torch.expm1(xs).mean())
+            large_branch = torch.logsumexp(x, dim=0) - math.log(l.numel())
+        else:
+            small_branch = torch.log1p((w * torch.expm1(xs)).sum())
+            large_branch = torch.logsumexp(x + log_w, dim=0)
+        correction = torch.where(small, small_branch, large_branch)
+        return centre + correction.clamp(min=0) / t_
+
+
+def _lam_to_t(lam: float | Tensor, p: float) -> float | Tensor:
+    _check_positive("lam", lam)
+    if not (math.isfinite(p) and p > 0):
+        raise InputError(f"p must be a finite number > 0, got {p!r}")
+    return lam ** p
+
+
+def nrae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
+         **loss_kwargs) -> Tensor:
+    """Normalized risk-averting error ``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p``.
+
+    Scalar tensor; finite for every t from 1e-8 to 1e8 in float32 and float64; equals mean(l) as
+    t -> 0 and max(l) as t -> inf, and never falls below mean(l). ``loss_kwargs`` go to
+    :func:`per_sample_loss` (``weight``, ``label_smoothing``).
+    """
+    return tilted_mean(per_sample_loss(input, target, kind, p, **loss_kwargs), _lam_to_t(lam, p))
+
+
+def rae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
+        **loss_kwargs) -> Tensor:
+    """Risk-averting error ``mean_i exp(t * l_i)``, ``t = lam ** p``.
+
+    Overflows to inf once ``t * max(l)`` exceeds log of the dtype's largest value (about 88.7 in
+    float32): that is its nature, and why training uses :func:`nrae`; see :func:`rae_feasible`.
+    """
+    t = _lam_to_t(lam, p)
+    losses = per_sample_loss(input, target, kind, p, **loss_kwargs)
+    return torch.exp(t * losses).mean()
+
+
+def rae_feasible(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
+                 dtype: torch.dtype | None = None, **loss_kwargs) -> bool:
+    """Whether RAE at this lambda is representable (finite) in ``dtype`` (default: input's dtype).
+
+    RAE is finite iff ``t * max(l) < log(finfo(dtype).max)``. Used to decide when the trainer may
+    leave NRAE for the plain loss. Returns a Python bool (one host sync).
+    """
+    losses = per_sample_loss(input, target, kind, p, **loss_kwargs)
+    return losses_rae_feasible(losses.detach().max(), lam, p, dtype or input.dtype)
+
+
+def losses_rae_feasible(max_loss: float | Tensor, lam: float | Tensor, p: float, dtype: torch.dtype) -> bool:
+    """:func:`rae_feasible` from the largest per-sample loss alone."""
+    t = float(_lam_to_t(float(lam), p))
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    return bool(t * float(max_loss) < math.log(torch.finfo(dtype).max))
+
+
+__all__ = ["KINDS", "losses_rae_feasible", "nrae", "per_sample_loss", "rae", "rae_feasible", "tilted_mean"]

@@ -1,0 +1,198 @@
+"""Risk-averting losses as ``nn.Module``s, shaped like ``nn.CrossEntropyLoss``.
+
+Each module computes per-sample losses (:func:`anrat.functional.per_sample_loss`) and reduces them
+with :meth:`aggregate`; ``forward(input, target)`` is the two together. The trainer (and the
+distributed wrapper) call :meth:`aggregate` on per-sample losses directly.
+
+- :class:`PlainLoss`: ``mean(l)`` (the deconvexified loss; for kind="ce" it equals
+  ``nn.CrossEntropyLoss``).
+- :class:`NRAELoss`: NRAE at a given lambda (settable, for schedules).
+- :class:`ANRATLoss`: NRAE + ``a * lam**(-q)`` with lambda a learned parameter.
+
+Two normalisers. The paper takes the log-mean-exp over each minibatch ("batch"). That is a biased
+estimate of the dataset NRAE: as t grows it tends to the *batch* maximum, and the per-sample
+weights softmax(t*l) are normalised within the batch, so a hard sample's weight depends on which
+other samples share its batch. ``normalizer="running"`` keeps, as stochastic solvers of tilted ERM
+do, a running estimate ``r`` of the dataset NRAE, updated each step as the tilted average
+``r <- tilted_mean([r, nrae_batch], t, weights=[1 - momentum, momentum])`` (all in log space, so
+it is stable for every t), and weights each sample's gradient by ``exp(t * (l_i - r)) / m``. Over
+a fixed dataset those weights approach the full-batch tilted weights ``softmax(t * l)`` times the
+number of batches; the value reported is ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from anrat.errors import InputError
+from anrat.functional import KINDS, LossKind, per_sample_loss, tilted_mean
+
+NORMALIZERS = ("batch", "running")
+LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
+
+
+def _check_kind_p(kind: str, p: float) -> None:
+    if kind not in KINDS:
+        raise InputError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+    if not (math.isfinite(p) and p > 0):
+        raise InputError(f"p must be a finite number > 0, got {p!r}")
+
+
+class PlainLoss(nn.Module):
+    """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
+
+    def __init__(self, kind: LossKind = "ce", p: float = 2.0) -> None:
+        super().__init__()
+        _check_kind_p(kind, p)
+        self.kind, self.p = kind, float(p)
+
+    def aggregate(self, losses: Tensor) -> Tensor:
+        return losses.mean()
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+
+
+class NRAELoss(nn.Module):
+    """``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p`` (see :mod:`anrat.functional`).
+
+    Args:
+        lam: risk-sensitivity index lambda > 0 (mutable: schedules set ``loss.lam``).
+        p: exponent; ``t = lam ** p``, and for kind="lp" also the norm exponent of the error
+            ``||output - target||_p^p``, as in the paper. Default 2 (squared error; the paper's
+            MNIST setting).
+        kind: "ce" (cross-entropy from logits) or "lp".
+        normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
+        momentum: weight of the newest batch in the running normaliser.
+    """
+
+    def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
+                 normalizer: str = "batch", momentum: float = 0.1) -> None:
+        super().__init__()
+        _check_kind_p(kind, p)
+        if normalizer not in NORMALIZERS:
+            raise InputError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+        if not 0 < momentum <= 1:
+            raise InputError(f"momentum must be in (0, 1], got {momentum!r}")
+        self.kind, self.p, self.normalizer, self.momentum = kind, float(p), normalizer, float(momentum)
+        self.lam = lam
+        # Running estimate of the dataset NRAE (units of the loss); NaN = no batch seen yet.
+        self.register_buffer("running_nrae", torch.tensor(float("nan")))
+
+    @property
+    def lam(self) -> float:
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"lambda must be a finite number > 0, got {value!r}")
+        self._lam = value
+
+    def t(self) -> float | Tensor:
+        return self._lam ** self.p
+
+    def aggregate(self, losses: Tensor) -> Tensor:
+        if self.normalizer == "batch":
+            return tilted_mean(losses, self.t())
+        return self._running_aggregate(losses, self.t())
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+
+    def _running_aggregate(self, losses: Tensor, t: float | Tensor) -> Tensor:
+        """Value: the updated running NRAE. Gradient: sum_i exp(t*(l_i - r)) / m * grad l_i."""
+        l = losses.reshape(-1).float()
+        t_detached = t.detach() if isinstance(t, Tensor) else t
+        batch = tilted_mean(l.detach(), t_detached)
+        if self.training:
+            old = self.running_nrae.to(batch)
+            pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
+            mix = torch.tensor([1.0 - self.momentum, self.momentum], dtype=batch.dtype, device=batch.device)
+            r = tilted_mean(pair, t_detached, weights=mix)
+            self.running_nrae = r.detach().to(self.running_nrae)
+        else:
+            r = batch
+        weights = torch.exp(t_detached * (l.detach() - r)) / l.numel()
+        surrogate = (weights * l).sum()
+        return r + (surrogate - surrogate.detach())
+
+    def extra_repr(self) -> str:
+        return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+
+
+class ANRATLoss(nn.Module):
+    """Adaptive NRAE: ``nrae(l; lam) + a * lam ** (-q)`` with lambda learned by the optimizer.
+
+    lambda is parameterised so that it stays strictly positive whatever the step:
+    ``"log"`` (default): ``lam = exp(theta)``; a gradient step changes lambda by a *factor*, so one
+    learning rate behaves the same at lambda = 100 and lambda = 0.1. ``"softplus"``:
+    ``lam = softplus(theta)``, close to the paper's direct update of lambda for lambda >> 1.
+
+    d/d lam of the loss = (p / lam) * (sum_i w_i l_i - nrae) - a * q * lam ** (-q - 1),
+    ``w = softmax(t * l)``. The first term is >= 0 (NRAE rises with lambda), so without the
+    penalty lambda only falls; ``a`` and ``q`` set where it settles.
+
+    lambda is confined to ``[min_lambda, max_lambda]`` (default [1e-4, 1e4], i.e. t in [1e-8, 1e8]
+    for p = 2) by a straight-through clamp of theta: the value is clamped, the gradient is not, so a
+    huge step can neither drive lambda to 0 or infinity nor leave it stuck at a bound.
+
+    The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
+    learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
+    """
+
+    def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
+                 kind: LossKind = "ce", parameterization: str = "log",
+                 min_lambda: float = 1e-4, max_lambda: float = 1e4) -> None:
+        super().__init__()
+        _check_kind_p(kind, p)
+        if not (math.isfinite(init_lambda) and init_lambda > 0):
+            raise InputError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
+        if not (math.isfinite(a) and a >= 0):
+            raise InputError(f"a (penalty weight) must be >= 0, got {a!r}")
+        if not (math.isfinite(q) and q > 0):
+            raise InputError(f"q (penalty exponent) must be > 0, got {q!r}")
+        if parameterization not in LAMBDA_PARAMETERIZATIONS:
+            raise InputError(f"unknown lambda parameterization {parameterization!r}; expected one of {LAMBDA_PARAMETERIZATIONS}")
+        if not 0 < min_lambda <= init_lambda <= max_lambda < math.inf:
+            raise InputError(f"expected 0 < min_lambda <= init_lambda <= max_lambda, got "
+                             f"{min_lambda!r}, {init_lambda!r}, {max_lambda!r}")
+        self.kind, self.p, self.a, self.q, self.parameterization = kind, float(p), float(a), float(q), parameterization
+        self.theta_bounds = (self._theta_of(min_lambda), self._theta_of(max_lambda))
+        self.theta = nn.Parameter(torch.tensor(self._theta_of(init_lambda), dtype=torch.float32))
+
+    def _theta_of(self, lam: float) -> float:
+        if self.parameterization == "log":
+            return math.log(lam)
+        return lam + math.log(-math.expm1(-lam))  # inverse softplus, stable for large lambda
+
+    def lambda_tensor(self) -> Tensor:
+        """Current lambda as a differentiable 0-d tensor in [min_lambda, max_lambda]."""
+        lo, hi = self.theta_bounds
+        # Straight-through clamp: the value is the clamped theta exactly, the gradient is d/dtheta.
+        theta = self.theta.detach().clamp(lo, hi) + (self.theta - self.theta.detach())
+        if self.parameterization == "log":
+            return theta.exp()
+        return nn.functional.softplus(theta)
+
+    @property
+    def lam(self) -> float:
+        """Current lambda as a float (read-only; lambda changes through the optimizer)."""
+        return float(self.lambda_tensor().detach())
+
+    def penalty(self) -> Tensor:
+        return self.a * self.lambda_tensor().pow(-self.q)
+
+    def aggregate(self, losses: Tensor) -> Tensor:
+        lam = self.lambda_tensor()
+        return tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, parameterization={self.parameterization!r}"

@@ -1,0 +1,140 @@
+"""Lambda schedules: which loss the trainer minimises at each step, and when it deconvexifies.
+
+A schedule hands the trainer a criterion per step (:meth:`LambdaSchedule.criterion`) — an
+:class:`~anrat.losses.NRAELoss`, an :class:`~anrat.losses.ANRATLoss` or the
+:class:`~anrat.losses.PlainLoss` — and is told at the end of each epoch the largest per-sample loss
+seen (:meth:`LambdaSchedule.end_epoch`), from which it may switch to the plain loss for good
+(deconvexification). Decisions are made at epoch boundaries so that the training step never waits
+on the device.
+
+- ``fixed``: NRAE at a constant lambda.
+- ``adaptive`` (ANRAT): lambda is a parameter trained with the weights.
+- ``anneal``: ``lam_e = max(lam_min, lam0 * gamma ** e)`` at epoch e (geometric decay).
+- ``excursions`` (Lo's NRAE-MSE method): NRAE at a large fixed lambda, interrupted every
+  ``period`` steps by ``plain_steps`` steps of the plain loss.
+
+Deconvexification (all schedules): after an epoch, switch to the plain loss when lambda <
+``switch_below`` or, if ``switch_when_feasible``, when RAE at the current lambda is representable
+in float32 for the largest per-sample loss of the epoch (``t * max(l) < log(float32 max)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from anrat.errors import InputError
+from anrat.functional import losses_rae_feasible
+from anrat.losses import ANRATLoss, NRAELoss, PlainLoss
+
+SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
+
+
+@dataclass
+class ScheduleConfig:
+    """Everything that defines a schedule (stored in checkpoints and run configs)."""
+
+    name: str = "adaptive"
+    lam0: float = 10.0          # initial (or fixed) lambda
+    p: float = 2.0              # t = lam ** p
+    kind: str = "ce"
+    # adaptive (ANRAT)
+    a: float = 0.01             # penalty weight in a * lam ** (-q)
+    q: float = 1.0
+    parameterization: str = "log"
+    # anneal
+    gamma: float = 0.8
+    lam_min: float = 1e-2
+    # excursions
+    period: int = 200
+    plain_steps: int = 20
+    # NRAE normaliser for fixed/anneal/excursions: "batch" (paper) or "running"
+    normalizer: str = "batch"
+    # deconvexification
+    switch_below: float = 0.0   # switch to the plain loss once lambda < this (0: never by value)
+    switch_when_feasible: bool = False
+
+    def validate(self) -> None:
+        if self.name not in SCHEDULES:
+            raise InputError(f"unknown lambda schedule {self.name!r}; expected one of {SCHEDULES}")
+        for field in ("lam0", "p", "q", "gamma", "lam_min"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and value > 0):
+                raise InputError(f"{field} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.a) and self.a >= 0):
+            raise InputError(f"a (lambda penalty weight) must be >= 0, got {self.a!r}")
+        if self.gamma > 1:
+            raise InputError(f"gamma (anneal factor per epoch) must be in (0, 1], got {self.gamma!r}")
+        if self.period < 1 or not 0 <= self.plain_steps < self.period:
+            raise InputError(f"excursions need period >= 1 and 0 <= plain_steps < period, got {self.period}, {self.plain_steps}")
+        if self.switch_below < 0:
+            raise InputError(f"switch_below must be >= 0, got {self.switch_below!r}")
+
+
+class LambdaSchedule:
+    """Holds the losses of one run and decides which one each step minimises."""
+
+    def __init__(self, config: ScheduleConfig) -> None:
+        config.validate()
+        self.config = config
+        c = config
+        self.plain = PlainLoss(c.kind, c.p)
+        self.nrae: nn.Module | None = None
+        if c.name == "adaptive":
+            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization)
+        elif c.name != "plain":
+            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer)
+        self.switch_epoch: int | None = 0 if c.name == "plain" else None
+
+    # --- what the trainer calls -------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the schedule (lambda's theta for ANRAT), for the optimizer."""
+        return list(self.nrae.parameters()) if self.nrae is not None else []
+
+    @property
+    def switched(self) -> bool:
+        return self.switch_epoch is not None
+
+    @property
+    def lam(self) -> float | None:
+        """Current lambda, or None once the plain loss has taken over."""
+        return None if self.switched or self.nrae is None else self.nrae.lam
+
+    def criterion(self, step: int) -> nn.Module:
+        """The loss to minimise at global step ``step`` (0-based)."""
+        if self.switched:
+            return self.plain
+        if self.config.name == "excursions" and step % self.config.period >= self.config.period - self.config.plain_steps:
+            return self.plain
+        return self.nrae
+
+    def end_epoch(self, epoch: int, max_loss: float) -> None:
+        """Advance epoch-wise rules after epoch ``epoch`` (0-based) and decide deconvexification."""
+        if self.switched:
+            return
+        c = self.config
+        if c.name == "anneal":
+            self.nrae.lam = max(c.lam_min, c.lam0 * c.gamma ** (epoch + 1))
+        lam = self.nrae.lam
+        if lam < c.switch_below or (c.switch_when_feasible and math.isfinite(max_loss)
+                                    and losses_rae_feasible(max_loss, lam, c.p, torch.float32)):
+            self.switch_epoch = epoch + 1  # the first epoch trained with the plain loss
+
+    # --- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"config": asdict(self.config), "switch_epoch": self.switch_epoch}
+        if self.nrae is not None:
+            state["loss"] = self.nrae.state_dict()
+            state["lam"] = self.nrae.lam
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switch_epoch = state["switch_epoch"]
+        if self.nrae is not None:
+            self.nrae.load_state_dict(state["loss"])
+            if isinstance(self.nrae, NRAELoss):
+                self.nrae.lam = state["lam"]

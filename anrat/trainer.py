@@ -1,0 +1,346 @@
+"""Minibatch training with a lambda schedule, validation-based model selection, and resume.
+
+The loop is the plain PyTorch one — forward, per-sample losses, the schedule's criterion,
+backward, optimizer step — over tensors already on the device (:class:`anrat.data.Split`). The
+trainer adds what a run needs around it:
+
+- one optimizer for the weights and lambda (ANRAT's theta gets its own learning rate,
+  ``lambda_lr``), with an L2 prior (weight decay) on named layers only;
+- per-epoch metrics (training objective, training mean loss, lambda, validation error, seconds)
+  appended to ``metrics.jsonl``, with lambda also sampled within the epoch (``lam_trace``);
+- the best epoch on validation kept in memory and in ``best.pt``;
+- ``last.pt`` after every epoch, written atomically, holding everything needed to resume
+  bit-for-bit on the CPU: weights, optimizer, schedule (lambda), epoch, shuffling generator and the
+  global RNG (dropout).
+
+Nothing in the step waits on the device: the metrics are accumulated as tensors and read once per
+epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
+from anrat.data import Split
+from anrat.errors import InputError
+from anrat.functional import per_sample_loss
+from anrat.losses import ANRATLoss
+from anrat.schedules import LambdaSchedule
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one run (the schedule has its own :class:`ScheduleConfig`)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.1
+    # Learning rate of lambda's parameter theta (ANRAT). None: lr * 0.1; see docs/method.md.
+    lambda_lr: float | None = None
+    optimizer: str = "sgd"          # any class name in torch.optim; the paper uses plain SGD
+    momentum: float = 0.0           # SGD only
+    l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
+    seed: int = 0
+    amp: bool = False               # bfloat16 autocast for the forward pass; losses stay float32
+    lam_samples_per_epoch: int = 20
+    eval_batch_size: int = 1000
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise InputError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr",) + (("lambda_lr",) if self.lambda_lr is not None else ()):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+        if not hasattr(torch.optim, self.optimizer) and self.optimizer.lower() not in _OPTIMIZER_NAMES:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'")
+        for layer, coeff in self.l2.items():
+            if not (math.isfinite(coeff) and coeff >= 0):
+                raise InputError(f"L2 coefficient for layer {layer!r} must be >= 0, got {coeff!r}")
+
+    @property
+    def effective_lambda_lr(self) -> float:
+        return self.lambda_lr if self.lambda_lr is not None else self.lr * 0.1
+
+
+_OPTIMIZER_NAMES = {name.lower(): name for name in dir(torch.optim)
+                    if isinstance(getattr(torch.optim, name), type)
+                    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)}
+
+
+def param_groups(model: nn.Module, schedule: LambdaSchedule, config: TrainConfig) -> list[dict[str, Any]]:
+    """Weights with an L2 prior, the other weights, and lambda's parameter (own learning rate)."""
+    modules = dict(model.named_modules())
+    unknown = sorted(set(config.l2) - set(modules))
+    if unknown:
+        raise InputError(f"L2 prior names unknown layers {unknown}; layers are {sorted(n for n in modules if n)}")
+    decayed = {id(modules[name].weight): coeff for name, coeff in config.l2.items()}
+    groups: list[dict[str, Any]] = []
+    for coeff in sorted(set(decayed.values())):
+        groups.append({"params": [p for p in model.parameters() if decayed.get(id(p)) == coeff],
+                       "weight_decay": coeff, "name": f"l2={coeff:g}"})
+    groups.append({"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0,
+                   "name": "weights"})
+    if schedule.parameters():
+        groups.append({"params": schedule.parameters(), "lr": config.effective_lambda_lr, "weight_decay": 0.0,
+                       "name": "lambda"})
+    return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    name = _OPTIMIZER_NAMES.get(config.optimizer.lower(), config.optimizer)
+    cls = getattr(torch.optim, name)
+    kwargs: dict[str, Any] = {"lr": config.lr}
+    if cls is torch.optim.SGD:
+        kwargs["momentum"] = config.momentum
+    return cls(groups, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
+    """Mean per-sample loss and, for classification, the error rate (fraction misclassified)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.x.device)
+    wrong = torch.zeros((), dtype=torch.int64, device=split.x.device)
+    classify = kind == "ce" or not split.y.is_floating_point()
+    for x, y in split.batches(batch_size):
+        out = model(x)
+        loss_sum += per_sample_loss(out, y, kind, p).sum().double()
+        if classify:
+            pred = (out.reshape(-1) > 0).long() if out.dim() == 1 or out.shape[1] == 1 else out.argmax(dim=1)
+            wrong += (pred != y.reshape(pred.shape).long()).sum()
+    model.train(was_training)
+    n = len(split)
+    result = {"loss": float(loss_sum) / n}
+    if classify:
+        result["error"] = float(wrong) / n
+    return result
+
+
+class TrainingDiverged(RuntimeError):
+    """The objective became non-finite: the weights diverged (usually: learning rate too high)."""
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int                 # 1-based epoch whose weights were selected (0: the initial model)
+    best_val: dict[str, float] | None
+    history: list[dict[str, Any]]
+    switch_epoch: int | None
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` with the losses of ``schedule``; selects on ``val``.
+
+    Args:
+        model: the network, already on the device of the data.
+        schedule: which loss each step minimises (see :mod:`anrat.schedules`).
+        train, val: on-device data; ``val`` may be None (then the last epoch is selected).
+        config: optimisation settings.
+        out_dir: where ``metrics.jsonl``, ``last.pt`` and ``best.pt`` go (None: keep nothing).
+        arch: ``{"name": ..., "kwargs": ...}`` to store in checkpoints so the model can be rebuilt.
+        optimizer_factory: builds the optimizer from parameter groups (default: ``config.optimizer``).
+        progress: show a progress bar per epoch (also off when stderr is not a terminal).
+    """
+
+    def __init__(self, model: nn.Module, schedule: LambdaSchedule, train: Split, val: Split | None,
+                 config: TrainConfig, out_dir: str | Path | None = None, arch: dict[str, Any] | None = None,
+                 optimizer_factory: OptimizerFactory | None = None, progress: bool = True,
+                 run_config: dict[str, Any] | None = None) -> None:
+        config.validate()
+        self.model, self.schedule, self.train_split, self.val_split = model, schedule, train, val
+        self.config, self.arch, self.run_config = config, arch, run_config or {}
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress and sys.stderr.isatty()
+        device = train.x.device
+        if schedule.nrae is not None:
+            schedule.nrae.to(device)
+        groups = param_groups(model, schedule, config)
+        self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0   # epochs completed
+        self.step = 0    # optimizer steps taken
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = 0
+        self.best_val: dict[str, float] | None = None
+        self.best_state: dict[str, Tensor] | None = None
+
+    # --- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        model, schedule, c = self.model, self.schedule, self.config
+        model.train()
+        start = time.perf_counter()
+        device = self.train_split.x.device
+        objective_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
+        max_loss = torch.full((), -math.inf, device=device)
+        lam_trace: list[tuple[int, Tensor | float]] = []
+        n_batches = self.train_split.num_batches(c.batch_size)
+        trace_every = max(1, n_batches // max(1, c.lam_samples_per_epoch))
+        batches = self.train_split.batches(c.batch_size, shuffle=True, generator=self.generator)
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
+        kind, p = schedule.config.kind, schedule.config.p
+        seen = 0
+        for i, (x, y) in enumerate(bar):
+            criterion = schedule.criterion(self.step)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.amp):
+                out = model(x)
+            losses = per_sample_loss(out, y, kind, p)
+            objective = criterion.aggregate(losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.optimizer.step()
+            self.step += 1
+            seen += losses.shape[0]
+            with torch.no_grad():
+                objective_sum += objective.detach()
+                loss_sum += losses.detach().sum()
+                max_loss = torch.maximum(max_loss, losses.detach().max())
+            if i % trace_every == 0 and schedule.lam is not None:
+                # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
+                lam = schedule.nrae.lambda_tensor().detach() if isinstance(schedule.nrae, ANRATLoss) else schedule.lam
+                lam_trace.append((self.step, lam))
+        bar.close()
+        if not torch.isfinite(objective_sum):
+            raise TrainingDiverged(
+                f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
+                f"(lr={c.lr:g}); lower the learning rate. The last good state is in last.pt")
+        record = {
+            "epoch": self.epoch + 1,
+            "criterion": "plain" if schedule.switched else schedule.config.name,
+            "train_objective": float(objective_sum) / max(1, n_batches),
+            "train_loss": float(loss_sum) / max(1, seen),
+            "train_max_loss": float(max_loss),
+            "lam_trace": [[s, float(v)] for s, v in lam_trace],
+        }
+        schedule.end_epoch(self.epoch, record["train_max_loss"])
+        record["lam"] = schedule.nrae.lam if schedule.nrae is not None else None
+        record["switched"] = schedule.switched
+        record["switch_epoch"] = schedule.switch_epoch
+        record["train_seconds"] = time.perf_counter() - start
+        self.epoch += 1
+        return record
+
+    def evaluate(self, split: Split) -> dict[str, float]:
+        return evaluate(self.model, split, self.schedule.config.kind, self.schedule.config.p, self.config.eval_batch_size)
+
+    # --- the run -----------------------------------------------------------------------------
+    def fit(self, epochs: int | None = None, resume: bool = True) -> TrainResult:
+        """Train until ``epochs`` (default ``config.epochs``) epochs are complete, then load the best."""
+        epochs = self.config.epochs if epochs is None else epochs
+        if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
+            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
+        self._rewrite_metrics()  # metrics.jsonl agrees with the history we start from
+        if self.best_state is None and self.val_split is not None and self.epoch == 0:
+            self._consider(0, self.evaluate(self.val_split))
+        while self.epoch < epochs:
+            start = time.perf_counter()
+            record = self.train_epoch()
+            if self.val_split is not None:
+                val = self.evaluate(self.val_split)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                self._consider(self.epoch, val)
+            elif self.epoch == epochs:
+                self._consider(self.epoch, None)
+            record["seconds"] = time.perf_counter() - start
+            self.history.append(record)
+            self.save()
+            self._append_metrics(record)
+        self.load_best()
+        return TrainResult(self.best_epoch, self.best_val, self.history, self.schedule.switch_epoch)
+
+    def _consider(self, epoch: int, val: dict[str, float] | None) -> None:
+        """Keep the weights of ``epoch`` if they beat the best validation score so far."""
+        key = "error" if val is not None and "error" in val else "loss"
+        if val is None or self.best_val is None or val[key] < self.best_val[key]:
+            self.best_epoch, self.best_val = epoch, val
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.out_dir is not None and epoch > 0:
+                save_atomic(self.model_checkpoint(), self.out_dir / "best.pt")
+
+    def load_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def model_checkpoint(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A self-describing checkpoint of the current weights (what the pruning stage takes)."""
+        return {
+            "format": FORMAT,
+            "arch": copy.deepcopy(self.arch),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "lam": self.schedule.lam,
+            "schedule": asdict(self.schedule.config),
+            "train": asdict(self.config),
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "metrics": metrics if metrics is not None else {"val": self.best_val},
+            "run_config": self.run_config,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.model_checkpoint()
+        state.update({
+            "optimizer": self.optimizer.state_dict(),
+            "schedule_state": self.schedule.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "best_val": self.best_val,
+            "best_state": {k: v.cpu() for k, v in self.best_state.items()} if self.best_state else None,
+            "rng": {
+                "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        })
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.train_split.x.device
+        self.model.load_state_dict(state["state_dict"])
+        self.schedule.load_state_dict(state["schedule_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+        self.best_epoch, self.best_val = state["best_epoch"], state["best_val"]
+        best = state["best_state"]
+        self.best_state = {k: v.to(device) for k, v in best.items()} if best is not None else None
+        self.generator.set_state(state["rng"]["generator"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+    def save(self) -> None:
+        if self.out_dir is not None:
+            save_atomic(self.state_dict(), self.out_dir / "last.pt")
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _rewrite_metrics(self) -> None:
+        """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a resume)."""
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            tmp.replace(self.out_dir / "metrics.jsonl")
+

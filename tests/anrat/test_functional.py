@@ -1,0 +1,163 @@
+"""NRAE/RAE numerics against a high-precision reference, over the whole range of lambda."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anrat.errors import InputError
+from anrat.functional import nrae, per_sample_loss, rae, rae_feasible, tilted_mean
+
+T_GRID = [10.0 ** e for e in range(-8, 9)]  # t = lam ** p from 1e-8 to 1e8
+
+
+def reference_tilted_mean(losses: torch.Tensor, t: float) -> float:
+    """(1/t) log(mean exp(t l)) in 60-digit arithmetic."""
+    mpmath.mp.dps = 60
+    values = [mpmath.mpf(float(v)) for v in losses.detach().double()]
+    s = mpmath.fsum(mpmath.exp(mpmath.mpf(t) * v) for v in values) / len(values)
+    return float(mpmath.log(s) / t)
+
+
+def ce_batch(dtype, n=256, c=10, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    target = torch.randint(0, c, (n,), generator=g)
+    return logits, target
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtype, tol):
+    logits, target = ce_batch(dtype)
+    losses = per_sample_loss(logits, target, "ce")
+    p = 2.0
+    for t in T_GRID:
+        value = nrae(logits, target, lam=t ** (1 / p), p=p, kind="ce")
+        ref = reference_tilted_mean(losses, t)
+        assert torch.isfinite(value)
+        assert abs(value.item() - ref) <= tol * abs(ref), (t, value.item(), ref)
+
+
+def test_textbook_logsumexp_would_fail_in_float32_at_small_t():
+    """The reason for the centred formulation: the naive one is off by far more than 1e-4 here."""
+    logits, target = ce_batch(torch.float32)
+    losses = per_sample_loss(logits, target, "ce")
+    t = 1e-8
+    naive = (torch.logsumexp(t * losses, 0) - math.log(losses.numel())) / t
+    ref = reference_tilted_mean(losses, t)
+    assert abs(naive.item() - ref) > 1e-2 * ref
+    assert abs(tilted_mean(losses, t).item() - ref) <= 1e-6 * ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nrae_finite_with_logits_of_magnitude_1e3(dtype):
+    logits, target = ce_batch(dtype, scale=1e3)
+    for t in T_GRID:
+        x = logits.clone().requires_grad_(True)
+        value = nrae(x, target, lam=t ** 0.5, p=2.0)
+        value.backward()
+        assert torch.isfinite(value), t
+        assert torch.isfinite(x.grad).all(), t
+        losses = per_sample_loss(logits, target)
+        assert value.item() >= losses.mean().item() * (1 - 1e-6)
+        assert value.item() <= losses.max().item() * (1 + 1e-6)
+
+
+def test_limits_mean_at_small_t_max_at_large_t_and_monotone():
+    logits, target = ce_batch(torch.float32)
+    losses = per_sample_loss(logits, target)
+    assert tilted_mean(losses, 1e-8).item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert tilted_mean(losses, 1e8).item() == pytest.approx(losses.max().item(), rel=1e-6)
+    values = [tilted_mean(losses, t).item() for t in T_GRID]
+    assert all(b >= a * (1 - 1e-6) for a, b in zip(values, values[1:]))
+    assert min(values) >= losses.mean().item() * (1 - 1e-7)
+
+
+def test_gradient_is_the_tilted_softmax_weights():
+    losses = torch.rand(50, dtype=torch.float64, requires_grad=True)
+    for t in (1e-6, 0.3, 5.0, 1e4):
+        (g,) = torch.autograd.grad(tilted_mean(losses, t), losses)
+        torch.testing.assert_close(g, torch.softmax(t * losses.detach(), 0), rtol=1e-9, atol=1e-12)
+
+
+def test_weighted_tilted_mean_matches_definition():
+    l = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    for t in (1e-7, 0.5, 30.0):
+        expected = math.log(sum(wi * math.exp(t * li) for wi, li in zip(w.tolist(), l.tolist()))) / t
+        assert tilted_mean(l, t, weights=w).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_rae_definition_overflow_and_feasibility():
+    logits, target = ce_batch(torch.float32)
+    losses = per_sample_loss(logits, target)
+    lam = 0.5
+    assert rae(logits, target, lam).item() == pytest.approx(torch.exp(0.25 * losses.double()).mean().item(), rel=1e-5)
+    assert rae_feasible(logits, target, lam)
+    big = 100.0  # t = 1e4: exp(t * l) overflows float32
+    assert torch.isinf(rae(logits, target, big))
+    assert not rae_feasible(logits, target, big)
+    # float64 represents more: feasible there at a lambda where float32 is not
+    lam_mid = math.sqrt(200.0 / losses.max().item())  # t * max(l) = 200: > 88.7, < 709
+    assert not rae_feasible(logits, target, lam_mid)
+    assert rae_feasible(logits.double(), target, lam_mid)
+
+
+def test_binary_logistic_with_one_output_column():
+    x = torch.randn(64, 1)
+    y = torch.randint(0, 2, (64,)).float()
+    losses = per_sample_loss(x, y, "ce")
+    torch.testing.assert_close(losses, F.binary_cross_entropy_with_logits(x[:, 0], y, reduction="none"))
+    assert nrae(x, y, 1e-4).item() == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+def test_lp_kind_regression_and_class_probabilities():
+    out = torch.randn(32, 3)
+    target = torch.randn(32, 3)
+    torch.testing.assert_close(per_sample_loss(out, target, "lp", p=2.0), ((out - target) ** 2).sum(1))
+    torch.testing.assert_close(per_sample_loss(out, target, "lp", p=1.0), (out - target).abs().sum(1))
+    labels = torch.randint(0, 3, (32,))
+    expected = ((torch.softmax(out, 1) - F.one_hot(labels, 3).float()) ** 2).sum(1)
+    torch.testing.assert_close(per_sample_loss(out, labels, "lp", p=2.0), expected)
+
+
+def test_ce_matches_cross_entropy_loss_options():
+    logits, target = ce_batch(torch.float32, c=4)
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    torch.testing.assert_close(
+        per_sample_loss(logits, target, weight=weight, label_smoothing=0.1),
+        F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none"))
+
+
+def test_autocast_keeps_the_loss_in_float32():
+    layer = torch.nn.Linear(20, 10)
+    x = torch.randn(128, 20)
+    target = torch.randint(0, 10, (128,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        assert logits.dtype == torch.bfloat16
+        values = [nrae(logits, target, lam=t ** 0.5) for t in T_GRID]
+    losses = per_sample_loss(logits.float(), target)
+    for t, v in zip(T_GRID, values):
+        assert v.dtype == torch.float32
+        assert torch.isfinite(v)
+        assert v.item() == pytest.approx(reference_tilted_mean(losses, t), rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_lambda_is_refused(bad):
+    logits, target = ce_batch(torch.float32)
+    with pytest.raises(InputError, match="lam must be a finite number > 0"):
+        nrae(logits, target, bad)
+
+
+def test_bad_shapes_and_kinds_are_refused():
+    logits, target = ce_batch(torch.float32)
+    with pytest.raises(InputError, match="same batch size"):
+        nrae(logits, target[:10], 1.0)
+    with pytest.raises(InputError, match="unknown loss kind"):
+        nrae(logits, target, 1.0, kind="hinge")
+    with pytest.raises(InputError, match="expects target of shape"):
+        per_sample_loss(torch.randn(8, 3), torch.randn(8, 4), "lp")

@@ -1,0 +1,79 @@
+"""Lambda schedules: which loss each step minimises, and when the run deconvexifies."""
+
+import pytest
+import torch
+
+from anrat.errors import InputError
+from anrat.losses import ANRATLoss, NRAELoss, PlainLoss
+from anrat.schedules import LambdaSchedule, ScheduleConfig
+
+
+def test_fixed_keeps_lambda_and_uses_nrae():
+    s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=5.0))
+    assert isinstance(s.criterion(0), NRAELoss)
+    for epoch in range(3):
+        s.end_epoch(epoch, max_loss=2.0)
+    assert s.lam == 5.0 and not s.switched
+
+
+def test_adaptive_exposes_lambda_parameter_for_the_optimizer():
+    s = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=10.0))
+    assert isinstance(s.criterion(0), ANRATLoss)
+    assert len(s.parameters()) == 1 and s.parameters()[0].requires_grad
+    assert s.lam == pytest.approx(10.0, rel=1e-6)
+
+
+def test_anneal_follows_the_geometric_rule_and_switches_below_threshold():
+    s = LambdaSchedule(ScheduleConfig(name="anneal", lam0=10.0, gamma=0.5, lam_min=0.1, switch_below=1.0))
+    lams = []
+    for epoch in range(6):
+        lams.append(s.lam)
+        s.end_epoch(epoch, max_loss=2.0)
+    assert lams[:4] == pytest.approx([10.0, 5.0, 2.5, 1.25])
+    # after epoch index 3, lambda = 0.625 < 1: the 5th epoch (index 4) trains with the plain loss
+    assert s.switch_epoch == 4
+    assert isinstance(s.criterion(10_000), PlainLoss)
+    assert s.lam is None
+
+
+def test_excursions_alternate_nrae_with_short_plain_phases():
+    s = LambdaSchedule(ScheduleConfig(name="excursions", lam0=20.0, period=10, plain_steps=3))
+    kinds = [type(s.criterion(step)).__name__ for step in range(20)]
+    assert kinds == (["NRAELoss"] * 7 + ["PlainLoss"] * 3) * 2
+
+
+def test_switch_when_rae_becomes_feasible():
+    s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=3.0, p=2.0, switch_when_feasible=True))
+    s.end_epoch(0, max_loss=20.0)   # t * max = 180 > 88.7: RAE would overflow float32
+    assert not s.switched
+    s.end_epoch(1, max_loss=5.0)    # t * max = 45: representable
+    assert s.switch_epoch == 2
+
+
+def test_state_round_trip_restores_lambda_and_switch():
+    cfg = ScheduleConfig(name="anneal", lam0=8.0, gamma=0.5)
+    a = LambdaSchedule(cfg)
+    a.end_epoch(0, 1.0)
+    b = LambdaSchedule(cfg)
+    b.load_state_dict(a.state_dict())
+    assert b.lam == a.lam == 4.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "cosine", "unknown lambda schedule"),
+    ("lam0", 0.0, "lam0 must be a finite number > 0"),
+    ("lam0", -3.0, "lam0 must be a finite number > 0"),
+    ("a", -0.1, "a \\(lambda penalty weight\\) must be >= 0"),
+    ("q", 0.0, "q must be a finite number > 0"),
+    ("gamma", 1.5, "gamma"),
+    ("plain_steps", 500, "excursions need"),
+])
+def test_bad_schedule_values_are_refused(field, value, message):
+    with pytest.raises(InputError, match=message):
+        LambdaSchedule(ScheduleConfig(**{field: value}))
+
+
+def test_criterion_objective_is_what_the_trainer_minimises():
+    s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=1e-4))
+    losses = torch.rand(32)
+    assert s.criterion(0).aggregate(losses).item() == pytest.approx(losses.mean().item(), rel=1e-6)

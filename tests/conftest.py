@@ -1,0 +1,41 @@
+"""Shared fixtures: the one place tests find MNIST, and a private cache folder for the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from anrat.data import IDX_FILES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _holds_idx_files(folder: Path) -> bool:
+    return all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in IDX_FILES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def anrat_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``ANRAT_CACHE_DIR`` points into pytest's temporary folder, so tests never write to ``~``."""
+    cache = tmp_path_factory.mktemp("anrat-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANRAT_CACHE_DIR", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder holding the four MNIST IDX files (``.gz`` or not): ``$ANRAT_MNIST_DIR``, else
+    ``<repo>/../shared/data/mnist``; the test is skipped when neither holds them."""
+    candidates = [Path(os.environ["ANRAT_MNIST_DIR"])] if os.environ.get("ANRAT_MNIST_DIR") else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data" / "mnist")
+    for folder in candidates:
+        if _holds_idx_files(folder):
+            return folder
+    pytest.skip(
+        f"MNIST not found: none of {', '.join(map(str, candidates))} holds {', '.join(IDX_FILES)} "
+        "(.gz or not); set ANRAT_MNIST_DIR to such a folder"
+    )
