@@ -18,6 +18,12 @@ do, a running estimate ``r`` of the dataset NRAE, updated each step as the tilte
 it is stable for every t), and weights each sample's gradient by ``exp(t * (l_i - r)) / m``. Over
 a fixed dataset those weights approach the full-batch tilted weights ``softmax(t * l)`` times the
 number of batches; the value reported is ``r``.
+
+Across ranks. Under ``torch.distributed`` the trainer sets ``across_ranks = True`` on its losses:
+:meth:`aggregate` then takes this rank's shard of the per-sample losses and returns the loss of
+the global batch (all ranks' shards together), identical on every rank, with gradients that
+DDP's averaging turns into the single-process gradient (:mod:`anrat.distributed`). It is then a
+collective call: every rank aggregates at the same step.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
 from anrat.functional import KINDS, LossKind, per_sample_loss, tilted_mean
 
@@ -44,13 +51,15 @@ def _check_kind_p(kind: str, p: float) -> None:
 class PlainLoss(nn.Module):
     """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
 
+    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
+
     def __init__(self, kind: LossKind = "ce", p: float = 2.0) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         self.kind, self.p = kind, float(p)
 
     def aggregate(self, losses: Tensor) -> Tensor:
-        return losses.mean()
+        return global_mean(losses) if self.across_ranks else losses.mean()
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
@@ -68,6 +77,8 @@ class NRAELoss(nn.Module):
         normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
         momentum: weight of the newest batch in the running normaliser.
     """
+
+    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
 
     def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
                  normalizer: str = "batch", momentum: float = 0.1) -> None:
@@ -98,8 +109,11 @@ class NRAELoss(nn.Module):
 
     def aggregate(self, losses: Tensor) -> Tensor:
         if self.normalizer == "batch":
-            return tilted_mean(losses, self.t())
+            return self._tilted_mean(losses, self.t())
         return self._running_aggregate(losses, self.t())
+
+    def _tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
+        return global_tilted_mean(losses, t) if self.across_ranks else tilted_mean(losses, t)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
@@ -108,7 +122,7 @@ class NRAELoss(nn.Module):
         """Value: the updated running NRAE. Gradient: sum_i exp(t*(l_i - r)) / m * grad l_i."""
         l = losses.reshape(-1).float()
         t_detached = t.detach() if isinstance(t, Tensor) else t
-        batch = tilted_mean(l.detach(), t_detached)
+        batch = self._tilted_mean(l.detach(), t_detached)
         if self.training:
             old = self.running_nrae.to(batch)
             pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
@@ -117,12 +131,25 @@ class NRAELoss(nn.Module):
             self.running_nrae = r.detach().to(self.running_nrae)
         else:
             r = batch
-        weights = torch.exp(t_detached * (l.detach() - r)) / l.numel()
-        surrogate = (weights * l).sum()
+        count = global_count(l) if self.across_ranks else l.numel()
+        weights = torch.exp(t_detached * (l.detach() - r)) / count
+        surrogate = global_sum(weights * l) if self.across_ranks else (weights * l).sum()
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
         return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+
+
+class _StraightThroughClamp(torch.autograd.Function):
+    """Clamp in value, identity in gradient: a bound can stop lambda but never trap it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None, None
 
 
 class ANRATLoss(nn.Module):
@@ -143,7 +170,11 @@ class ANRATLoss(nn.Module):
 
     The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
     learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
+    Under torch.distributed, theta is not a DDP parameter: average its gradient over the ranks
+    (:func:`anrat.distributed.average_gradients`) as the trainer does.
     """
+
+    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
 
     def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
                  kind: LossKind = "ce", parameterization: str = "log",
@@ -172,9 +203,7 @@ class ANRATLoss(nn.Module):
 
     def lambda_tensor(self) -> Tensor:
         """Current lambda as a differentiable 0-d tensor in [min_lambda, max_lambda]."""
-        lo, hi = self.theta_bounds
-        # Straight-through clamp: the value is the clamped theta exactly, the gradient is d/dtheta.
-        theta = self.theta.detach().clamp(lo, hi) + (self.theta - self.theta.detach())
+        theta = _StraightThroughClamp.apply(self.theta, *self.theta_bounds)
         if self.parameterization == "log":
             return theta.exp()
         return nn.functional.softplus(theta)
@@ -189,7 +218,8 @@ class ANRATLoss(nn.Module):
 
     def aggregate(self, losses: Tensor) -> Tensor:
         lam = self.lambda_tensor()
-        return tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+        tilted = global_tilted_mean if self.across_ranks else tilted_mean
+        return tilted(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
