@@ -11,6 +11,9 @@ selected model, and writes to ``--out``:
 
 With ``--grid-lr`` / ``--grid-a`` every combination is trained in ``OUT/grid/...`` and the one
 with the best validation error is selected; only that one sees the test set.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the same command trains data-parallel on all the processes
+(nccl on cuda:LOCAL_RANK, gloo on the CPU); rank 0 writes the files. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from anrat.checkpoint import save_atomic
-from anrat.data import DATASETS, DataSplits, load_dataset, resolve_device
+from anrat.data import DATASETS, DataSplits, load_dataset
+from anrat.distributed import env_is_main, process_group_from_env
 from anrat.errors import InputError
 from anrat.models import MODELS, build_model
 from anrat.schedules import SCHEDULES, LambdaSchedule, ScheduleConfig
@@ -77,7 +81,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Train (or grid-search), test the selected model once, and write ``model.pt`` and ``result.json``."""
     cfg.train.validate()
     cfg.schedule.validate()
-    device = resolve_device(cfg.device)
+    with process_group_from_env(cfg.device) as device:  # joins torchrun's group when WORLD_SIZE > 1
+        return _run(cfg, device)
+
+
+def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, seed=cfg.train.seed, device=device,
                         download=cfg.download, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     out = Path(cfg.out_dir)
@@ -106,9 +114,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     test = trainer.evaluate(data.test)
     result = {"selected": summary, "test": test, "trials": trials, "history": trainer.history,
               "device": str(device), "config": to_dict(cfg)}
-    save_atomic(trainer.model_checkpoint(metrics={"val": summary["val"], "test": test,
-                                                   "best_epoch": summary["best_epoch"]}), out / "model.pt")
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    if trainer.writes_files:  # rank 0 under torch.distributed
+        save_atomic(trainer.model_checkpoint(metrics={"val": summary["val"], "test": test,
+                                                       "best_epoch": summary["best_epoch"]}), out / "model.pt")
+        (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -239,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
+    if not env_is_main():  # under torchrun, rank 0 reports
+        return 0
     sel = result["selected"]
     err = result["test"].get("error")
     print(f"selected epoch {sel['best_epoch']} (lr={sel['lr']:g}, a={sel['a']:g}); "

@@ -15,6 +15,12 @@ trainer adds what a run needs around it:
 
 Nothing in the step waits on the device: the metrics are accumulated as tensors and read once per
 epoch.
+
+Under ``torch.distributed`` (a process group of W > 1 ranks, e.g. from torchrun) the same loop
+runs data-parallel: the model is wrapped in DistributedDataParallel, every rank draws the same
+global minibatches of ``batch_size`` samples and trains on its shard of each, the losses
+aggregate the global batch exactly, lambda's gradient is averaged over the ranks, validation
+sums are reduced over the ranks, and rank 0 alone writes files (see :mod:`anrat.distributed`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from anrat import distributed
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
@@ -115,11 +122,21 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
     """Mean per-sample loss and, for classification, the error rate (fraction misclassified)."""
+    return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size), _classifies(kind, split))
+
+
+def _classifies(kind: str, split: Split) -> bool:
+    return kind == "ce" or not split.y.is_floating_point()
+
+
+@torch.no_grad()
+def _evaluation_sums(model: nn.Module, split: Split, kind: str, p: float, batch_size: int) -> Tensor:
+    """float64 ``[sum of per-sample losses, number misclassified, number of samples]``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.x.device)
     wrong = torch.zeros((), dtype=torch.int64, device=split.x.device)
-    classify = kind == "ce" or not split.y.is_floating_point()
+    classify = _classifies(kind, split)
     for x, y in split.batches(batch_size):
         out = model(x)
         loss_sum += per_sample_loss(out, y, kind, p).sum().double()
@@ -127,10 +144,14 @@ def evaluate(model: nn.Module, split: Split, kind: str = "ce", p: float = 2.0, b
             pred = (out.reshape(-1) > 0).long() if out.dim() == 1 or out.shape[1] == 1 else out.argmax(dim=1)
             wrong += (pred != y.reshape(pred.shape).long()).sum()
     model.train(was_training)
-    n = len(split)
-    result = {"loss": float(loss_sum) / n}
+    return torch.stack([loss_sum, wrong.double(), torch.tensor(float(len(split)), dtype=torch.float64, device=loss_sum.device)])
+
+
+def _evaluation_result(sums: Tensor, classify: bool) -> dict[str, float]:
+    loss_sum, wrong, n = sums.tolist()
+    result = {"loss": loss_sum / n}
     if classify:
-        result["error"] = float(wrong) / n
+        result["error"] = wrong / n
     return result
 
 
@@ -154,7 +175,9 @@ class Trainer:
         schedule: which loss each step minimises (see :mod:`anrat.schedules`).
         train, val: on-device data; ``val`` may be None (then the last epoch is selected).
         config: optimisation settings.
-        out_dir: where ``metrics.jsonl``, ``last.pt`` and ``best.pt`` go (None: keep nothing).
+        out_dir: where ``metrics.jsonl``, ``last.pt`` and ``best.pt`` go (None: keep nothing);
+            under torch.distributed rank 0 writes them and every rank resumes from ``last.pt``, so
+            with several nodes it must be a folder they share.
         arch: ``{"name": ..., "kwargs": ...}`` to store in checkpoints so the model can be rebuilt.
         optimizer_factory: builds the optimizer from parameter groups (default: ``config.optimizer``).
         progress: show a progress bar per epoch (also off when stderr is not a terminal).
@@ -168,10 +191,20 @@ class Trainer:
         self.model, self.schedule, self.train_split, self.val_split = model, schedule, train, val
         self.config, self.arch, self.run_config = config, arch, run_config or {}
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress and sys.stderr.isatty()
+        self.world = distributed.current_world()  # None: a single process
+        self.writes_files = self.world is None or self.world.is_main
+        self.progress = progress and sys.stderr.isatty() and self.writes_files
         device = train.x.device
         if schedule.nrae is not None:
             schedule.nrae.to(device)
+        # The module the training step calls: DDP(model) under torch.distributed, else the model.
+        self.step_model = model
+        if self.world is not None:
+            self.step_model = distributed.data_parallel(model)
+            for loss in (schedule.plain, schedule.nrae):
+                if loss is not None:
+                    loss.across_ranks = True
+            distributed.seed_rank(config.seed, self.world)  # dropout masks differ between ranks
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -195,29 +228,38 @@ class Trainer:
         n_batches = self.train_split.num_batches(c.batch_size)
         trace_every = max(1, n_batches // max(1, c.lam_samples_per_epoch))
         batches = self.train_split.batches(c.batch_size, shuffle=True, generator=self.generator)
+        if self.world is not None:
+            batches = distributed.shard_batches(batches, self.world)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
         kind, p = schedule.config.kind, schedule.config.p
         seen = 0
         for i, (x, y) in enumerate(bar):
             criterion = schedule.criterion(self.step)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.amp):
-                out = model(x)
+                out = self.step_model(x)
             losses = per_sample_loss(out, y, kind, p)
             objective = criterion.aggregate(losses)
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            if self.world is not None:
+                distributed.average_gradients(schedule.parameters())  # DDP averages the model's
             self.optimizer.step()
             self.step += 1
             seen += losses.shape[0]
             with torch.no_grad():
                 objective_sum += objective.detach()
                 loss_sum += losses.detach().sum()
-                max_loss = torch.maximum(max_loss, losses.detach().max())
+                if losses.numel():  # a rank's shard of the last batch may be empty
+                    max_loss = torch.maximum(max_loss, losses.detach().max())
             if i % trace_every == 0 and schedule.lam is not None:
                 # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
                 lam = schedule.nrae.lambda_tensor().detach() if isinstance(schedule.nrae, ANRATLoss) else schedule.lam
                 lam_trace.append((self.step, lam))
         bar.close()
+        if self.world is not None:  # the objective is already the global one on every rank
+            loss_sum, seen = distributed.sum_over_ranks(torch.stack([loss_sum.double(), torch.tensor(
+                float(seen), dtype=torch.float64, device=device)])).tolist()
+            max_loss = distributed.max_over_ranks(max_loss)
         if not torch.isfinite(objective_sum):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
@@ -239,7 +281,13 @@ class Trainer:
         return record
 
     def evaluate(self, split: Split) -> dict[str, float]:
-        return evaluate(self.model, split, self.schedule.config.kind, self.schedule.config.p, self.config.eval_batch_size)
+        """:func:`evaluate`; under torch.distributed each rank takes its part of ``split`` and the
+        sums of losses, errors and counts are reduced over the ranks (a collective)."""
+        kind, p, batch_size = self.schedule.config.kind, self.schedule.config.p, self.config.eval_batch_size
+        if self.world is None:
+            return evaluate(self.model, split, kind, p, batch_size)
+        sums = _evaluation_sums(self.model, distributed.shard(split, self.world), kind, p, batch_size)
+        return _evaluation_result(distributed.sum_over_ranks(sums), _classifies(kind, split))
 
     # --- the run -----------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, resume: bool = True) -> TrainResult:
@@ -247,6 +295,9 @@ class Trainer:
         epochs = self.config.epochs if epochs is None else epochs
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
+        if self.world is not None:
+            distributed.require_agreement(self.epoch, "the epoch to resume from (is OUT one folder shared by "
+                                          "all nodes?)", self.train_split.x.device)
         self._rewrite_metrics()  # metrics.jsonl agrees with the history we start from
         if self.best_state is None and self.val_split is not None and self.epoch == 0:
             self._consider(0, self.evaluate(self.val_split))
@@ -272,7 +323,7 @@ class Trainer:
         if val is None or self.best_val is None or val[key] < self.best_val[key]:
             self.best_epoch, self.best_val = epoch, val
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.out_dir is not None and epoch > 0:
+            if self.out_dir is not None and epoch > 0 and self.writes_files:
                 save_atomic(self.model_checkpoint(), self.out_dir / "best.pt")
 
     def load_best(self) -> None:
@@ -326,19 +377,31 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        per_rank = state["rng"].get("per_rank")
+        if self.world is not None and per_rank is not None and len(per_rank) == self.world.size:
+            distributed.set_rng_state(per_rank[self.world.rank], device)
+        elif self.world is not None:  # saved by another number of processes: fresh per-rank streams
+            distributed.seed_rank(self.config.seed + self.epoch, self.world)
 
     def save(self) -> None:
-        if self.out_dir is not None:
-            save_atomic(self.state_dict(), self.out_dir / "last.pt")
+        if self.out_dir is None:
+            return
+        # Under torch.distributed every rank's RNG (dropout) goes into rank 0's last.pt.
+        per_rank = distributed.gather_rng_states(self.train_split.x.device) if self.world is not None else None
+        if self.writes_files:
+            state = self.state_dict()
+            if per_rank is not None:
+                state["rng"]["per_rank"] = per_rank
+            save_atomic(state, self.out_dir / "last.pt")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes_files:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _rewrite_metrics(self) -> None:
         """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a resume)."""
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.out_dir / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
