@@ -1,0 +1,309 @@
+"""The iterative pruning loop: test -> prune -> fine-tune -> repeat, with rollback.
+
+One round on a model whose weights are plain tensors (no prune hooks):
+
+1. **Test** every weight and unit of the Linear/Conv layers (:func:`pruning.wald_test`).
+2. **Prune** the weights whose H0: w = 0 is not rejected (zeroed), then **remove** the units that
+   are jointly insignificant or left with no weight at all (:func:`pruning.surgery.prune_units`,
+   the adjacent layers shrink).
+3. **Fine-tune** under masks (``torch.nn.utils.prune``, so the pruned weights stay exactly zero)
+   with the anrat trainer, selecting the best epoch on validation; then make the masks permanent.
+4. **Check** validation error against the unpruned model's: above ``tolerance`` (in error-rate
+   units, e.g. 0.001 = 0.1 percentage point) the round is rolled back and the loop stops. The loop
+   also stops when a test finds nothing more to prune, or after ``max_rounds``.
+
+The baselines (magnitude, Optimal Brain Damage) go through :func:`prune_to_sparsity`: one shot to
+a given fraction of weights removed, dead units removed the same way, and the same fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from anrat.data import Split
+from anrat.errors import InputError
+from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.trainer import TrainConfig, Trainer, evaluate
+from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
+from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
+from pruning.significance import WaldResult, center_softmax_layer, wald_test
+from pruning.surgery import prune_units
+
+
+# anrat's per-sample loss kind -> the likelihood the Fisher information is taken of
+WALD_LOSS = {"ce": "ce", "lp": "mse"}
+
+
+@dataclass
+class FineTune:
+    """How each round fine-tunes: plain SGD on the per-sample loss, best epoch on validation."""
+
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.0
+    seed: int = 0
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module                       # the pruned model, masks permanent, units removed
+    rounds: list[dict[str, Any]]           # one record per round (kept or rolled back)
+    base_val: dict[str, float]             # validation figures of the unpruned model
+    final_val: dict[str, float]
+    params_before: int
+    params_after: int
+    nonzero_after: int
+
+
+def _zero_(model: nn.Module, keep: dict[str, Tensor]) -> int:
+    """Multiply weights by their keep-masks in place; return how many nonzero weights were zeroed."""
+    params = dict(model.named_parameters())
+    removed = 0
+    with torch.no_grad():
+        for name, mask in keep.items():
+            w = params[name]
+            mask = mask.to(w.device)
+            removed += int(((w != 0) & ~mask).sum())
+            w.mul_(mask)
+    return removed
+
+
+def _centre_tested_softmax_layers(model: nn.Module, test: WaldResult) -> None:
+    """Put softmax output layers in the sum-to-zero form their weights were tested in (same
+    predictions), so that the weights zeroed are the ones whose H0 was not rejected."""
+    modules = dict(model.named_modules())
+    for name in test.centered:
+        center_softmax_layer(modules[name])
+
+
+def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
+    """Keep-masks that prune the insignificant weights with the largest p-values, at most a
+    fraction ``step`` of the weights still nonzero (over all tested layers)."""
+    names = list(test.significant)
+    pvals = torch.cat([test.pvalues[n].flatten() for n in names])
+    candidate = ~torch.cat([test.significant[n].flatten() for n in names])
+    alive = torch.cat([(test.z[n] != 0).flatten() for n in names])  # z = 0 <=> w = 0 (already pruned)
+    candidate &= alive
+    budget = min(int(candidate.sum()), int(step * int(alive.sum())))
+    drop = torch.zeros_like(candidate)
+    if budget > 0:
+        order = torch.argsort(torch.where(candidate, pvals, torch.full_like(pvals, -1.0)), descending=True)
+        drop[order[:budget]] = True
+    keep = ~drop
+    masks, offset = {}, 0
+    for n in names:
+        size = test.significant[n].numel()
+        masks[n] = keep[offset:offset + size].reshape(test.significant[n].shape)
+        offset += size
+    return masks
+
+
+def _capped_units(test: WaldResult, step: float) -> dict[str, Tensor]:
+    """Jointly insignificant units with the largest p-values, at most ``step`` of each layer."""
+    units = {}
+    for layer, idx in test.redundant_units().items():
+        budget = int(step * test.unit_pvalues[layer].numel())
+        if idx.numel() and budget:
+            order = torch.argsort(test.unit_pvalues[layer][idx], descending=True)
+            units[layer] = idx[order[:budget]]
+    return units
+
+
+def _dead_units(model: nn.Module, layers: list[str]) -> dict[str, Tensor]:
+    """Units (rows / filters) of the named layers whose weights are all zero."""
+    modules = dict(model.named_modules())
+    dead = {}
+    for name in layers:
+        w = modules[name].weight
+        idx = torch.nonzero(w.detach().reshape(w.shape[0], -1).abs().sum(dim=1) == 0).flatten().cpu()
+        if idx.numel():
+            dead[name] = idx
+    return dead
+
+
+def _merge_units(*groups: dict[str, Tensor]) -> dict[str, Tensor]:
+    merged: dict[str, Tensor] = {}
+    for group in groups:
+        for name, idx in group.items():
+            merged[name] = torch.unique(torch.cat([merged.get(name, idx.new_empty(0)), idx]))
+    return {name: idx for name, idx in merged.items() if idx.numel()}
+
+
+def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Tensor,
+                  output_layer: str | None) -> dict[str, int]:
+    """Remove units, never a whole layer and never the output layer's units."""
+    modules = dict(model.named_modules())
+    plan = {}
+    for name, idx in units.items():
+        if name == output_layer:
+            continue
+        width = modules[name].weight.shape[0]
+        if idx.numel() >= width:  # keep the strongest unit rather than cut the network in two
+            norms = modules[name].weight.detach().reshape(width, -1).abs().sum(dim=1)
+            idx = idx[idx != int(norms.argmax())]
+        if idx.numel():
+            plan[name] = idx
+    if plan:
+        prune_units(model, plan, example_input)
+    return {name: int(idx.numel()) for name, idx in plan.items()}
+
+
+def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce") -> dict[str, float] | None:
+    """Fine-tune under masks: pruned weights are zero-masked by ``torch.nn.utils.prune`` hooks."""
+    if ft.epochs == 0:
+        return None
+    masks = {f"{name}.weight": (m.weight != 0) for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    apply_masks(model, masks)
+    schedule = LambdaSchedule(replace(ft.schedule, kind=kind))
+    trainer = Trainer(model, schedule, train, val,
+                      TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, momentum=ft.momentum,
+                                  seed=ft.seed), progress=False)
+    result = trainer.fit()
+    make_permanent(model)
+    return result.best_val
+
+
+def prune(
+    model: nn.Module,
+    train_data: Split,
+    val_data: Split,
+    *,
+    alpha: float = 0.05,
+    method: str = "holm",
+    estimator: str = "kfac",
+    max_samples: int | None = 10_000,
+    structured: bool = True,
+    unstructured: bool = True,
+    fine_tune_config: FineTune | None = None,
+    tolerance: float = 0.001,
+    max_rounds: int = 10,
+    step: float = 0.5,
+    min_step: float = 0.05,
+    kind: str = "ce",
+    progress: bool = False,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> PruneResult:
+    """Prune ``model`` by statistical significance, round by round (module docstring).
+
+    Args:
+        model: a trained network (modified in place and returned in the result).
+        train_data: data the Fisher information is estimated on (the training data).
+        val_data: data the rollback rule and fine-tuning selection use.
+        alpha, method: level and ``statsmodels`` multiple-testing method of the tests.
+        estimator: standard-error estimator (``"kfac"``, ``"diagonal"``, ``"full"``).
+        structured / unstructured: remove whole units / individual weights.
+        tolerance: largest allowed rise of validation error over the unpruned model (error-rate
+            units; for regression, of the mean loss).
+        step: at most this fraction of the remaining weights (and of each layer's units) is
+            removed per round, the least significant first (backward elimination: the standard
+            errors of the survivors shrink once their redundant neighbours are gone, so tests are
+            repeated on the refitted model rather than trusted for all weights at once). A round
+            that breaks the tolerance is rolled back and retried with half the step, down to
+            ``min_step``.
+        log: called with each round's record (e.g. to print or write JSONL).
+    """
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not (structured or unstructured):
+        raise InputError("nothing to do: both structured and unstructured pruning are off")
+    if tolerance < 0 or max_rounds < 1:
+        raise InputError(f"need tolerance >= 0 and max_rounds >= 1, got {tolerance!r}, {max_rounds!r}")
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
+    ft = fine_tune_config or FineTune()
+    example_input = train_data.x[:2]
+    key = "error" if kind == "ce" else "loss"
+    base_val = evaluate(model, val_data, kind)
+    params_before = count_total(model)
+    rounds: list[dict[str, Any]] = []
+    for r in range(1, max_rounds + 1):
+        start = time.perf_counter()
+        previous = copy.deepcopy(model)
+        test = wald_test(model, train_data, loss=WALD_LOSS[kind], estimator=estimator, alpha=alpha, method=method,
+                         max_samples=max_samples, progress=progress)
+        _centre_tested_softmax_layers(model, test)
+        zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
+        units = _merge_units(_capped_units(test, step) if structured else {}, _dead_units(model, layers))
+        removed_units = _remove_units(model, units, example_input, test.output_layer)
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units}
+        if zeroed == 0 and not removed_units:
+            record.update({"stopped": "nothing insignificant left", "seconds": time.perf_counter() - start})
+            rounds.append(record)
+            if log:
+                log(record)
+            break
+        fine_tune(model, train_data, val_data, ft, kind)
+        val = evaluate(model, val_data, kind)
+        record.update({"params": count_total(model), "nonzero": count_nonzero(model), f"val_{key}": val[key],
+                       "seconds": time.perf_counter() - start})
+        record["step"] = step
+        if val[key] > base_val[key] + tolerance:
+            record["rolled_back"] = True
+            model = previous
+            if step / 2 >= min_step:  # retry with half the step
+                step /= 2
+            else:
+                record["stopped"] = (f"validation {key} {val[key]:.4f} > unpruned {base_val[key]:.4f} + "
+                                     f"tolerance {tolerance:g} at the smallest step")
+                rounds.append(record)
+                if log:
+                    log(record)
+                break
+        rounds.append(record)
+        if log:
+            log(record)
+    return PruneResult(model, rounds, base_val, evaluate(model, val_data, kind), params_before,
+                       count_total(model), count_nonzero(model))
+
+
+def prune_to_sparsity(
+    model: nn.Module,
+    train_data: Split,
+    val_data: Split,
+    *,
+    criterion: str,
+    fraction_removed: float,
+    fine_tune_config: FineTune | None = None,
+    kind: str = "ce",
+    max_samples: int | None = 10_000,
+) -> PruneResult:
+    """Baseline: remove ``fraction_removed`` of the Linear/Conv weights by ``criterion``
+    (``"magnitude"`` |w|, ``"obd"`` 0.5*F_jj*w^2 or ``"wald"`` |z|) in one shot, remove the units
+    left without weights, and fine-tune with the same budget as :func:`prune`."""
+    if not 0 <= fraction_removed < 1:
+        raise InputError(f"fraction_removed must be in [0, 1), got {fraction_removed!r}")
+    base_val = evaluate(model, val_data, kind)
+    params_before = count_total(model)
+    start = time.perf_counter()
+    if criterion == "magnitude":
+        scores = magnitude_scores(model)
+    elif criterion == "obd":
+        scores = obd_scores(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
+    elif criterion == "wald":
+        test = wald_test(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
+        _centre_tested_softmax_layers(model, test)
+        scores = test.scores()
+    else:
+        raise InputError(f"unknown pruning criterion {criterion!r}; expected 'magnitude', 'obd' or 'wald'")
+    total = sum(s.numel() for s in scores.values())
+    zeroed = _zero_(model, masks_at_sparsity(scores, fraction_removed))
+    layers = list({name.rsplit(".", 1)[0] for name in scores})
+    output = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    removed_units = _remove_units(model, _dead_units(model, layers), train_data.x[:2], output)
+    fine_tune(model, train_data, val_data, fine_tune_config or FineTune(), kind)
+    val = evaluate(model, val_data, kind)
+    record = {"criterion": criterion, "weights_zeroed": zeroed, "weights_scored": total,
+              "units_removed": removed_units, "params": count_total(model), "nonzero": count_nonzero(model),
+              "val": val, "seconds": time.perf_counter() - start}
+    return PruneResult(model, [record], base_val, val, params_before, count_total(model), count_nonzero(model))

@@ -1,0 +1,465 @@
+"""Wald tests of the weights of a trained network: which connections and units are significant.
+
+The tests
+---------
+For each weight w_j of the tested ``nn.Linear`` / ``nn.Conv2d`` layers (biases are not tested),
+H0: w_j = 0 is tested with the Wald statistic
+
+    z_j = w_j / se_j,   se_j = sqrt([F^-1]_jj / n),   p_j = 2 * scipy.stats.norm.sf(|z_j|),
+
+where F is the per-sample Fisher information of the likelihood behind ``loss`` estimated on the
+training data (:mod:`pruning.fisher`; default: the model Fisher) and n the number of samples the
+model was fitted on (``n_fit``; default: all samples in ``data``, even when the Fisher itself is
+estimated on a subsample of ``max_samples``). That is, Var(w_hat) = F^-1 / n. ``norm.sf`` keeps
+small p-values accurate where ``1 - cdf`` would round to 0.
+
+A unit -- a row of a Linear weight (a neuron's incoming weights) or an output channel of a Conv2d
+weight (a filter) -- is tested with H0: all its weights are 0, by the Wald chi-square
+
+    chi2_g = w_g^T Cov_g^-1 w_g,   df = number of weights in the unit,   p_g = scipy.stats.chi2.sf(chi2_g, df),
+
+with Cov_g the unit's block of the estimated covariance F^-1 / n. A unit whose incoming weights
+are all zero outputs a constant (its bias through the activation), which the next layer's bias can
+absorb, so such a unit is redundant.
+
+Each family -- all tested weights together, and all tested units together -- is corrected for
+multiple testing with ``statsmodels.stats.multitest.multipletests`` using ``method`` (default
+Holm, which controls the family-wise error rate at ``alpha``). A weight or unit is kept
+(``significant``) when its H0 is rejected and pruned when it is not.
+
+Estimators of the covariance (``estimator``)
+--------------------------------------------
+All are block-diagonal across layers: each layer's block is inverted on its own (cross-layer
+correlations are ignored; this also keeps the tests well posed under the rescaling symmetry of
+ReLU networks, whose null directions of the Fisher span two layers). P_l is a layer's parameter
+count, d_in its fan-in (+1 for the bias), d_out its units, K the number of outputs, N the samples
+used.
+
+- ``"kfac"`` (the default): F_layer ~= G (x) A (Kronecker factors, :func:`pruning.fisher.kfac_factors`),
+  so F_layer^-1 ~= G^-1 (x) A^-1 and the variance of W[i, j] is [G^-1]_ii [A^-1]_jj / n: the exact
+  diagonal of the approximate inverse, cheap as the outer product of the two inverses' diagonals.
+  A unit's block is [G^-1]_ii [A^-1]_ww / n (ww: the weight part, bias excluded), so every unit
+  of a layer shares one d_in x d_in matrix. Time O(N K (forward + backward) + N sum_l T_l (d_in^2 +
+  K d_out^2) + sum_l (d_in^3 + d_out^3)), memory O(sum_l d_in^2 + d_out^2): seconds to minutes for
+  LeNet-5 (fc1 has 400,000 weights but factors of 801^2 and 500^2). It is the default because it
+  scales to such layers, where ``"full"`` cannot, and unlike ``"diagonal"`` it accounts for the
+  correlations among a layer's inputs and among its outputs. It is exact when the output-side
+  factor does not vary with the input, e.g. a single Linear layer with Gaussian (mse) loss or a
+  logistic layer whose predictions do not depend on x, and an approximation otherwise.
+- ``"full"``: the dense per-layer Fisher over (weight, bias), inverted exactly (a Cholesky
+  factorisation). For a model that is a single Linear layer this reproduces the maximum-likelihood
+  standard errors of ``statsmodels`` Logit/MNLogit/OLS. Time O(N K sum_l P_l^2 + sum_l P_l^3),
+  memory O(sum_l P_l^2); refused for layers with more than ``DENSE_MAX_PARAMS`` parameters.
+- ``"diagonal"``: se_j = 1 / sqrt(n F_jj). Time O(N K P), memory O(P). Note 1 / F_jj <= [F^-1]_jj
+  (equality only when parameter j is uncorrelated with the others in the layer): this estimator
+  understates the standard errors and so keeps too many weights; it is offered as the cheapest
+  and for comparison. The unit statistic is sum_g z_j^2. For the softmax output layer (below) it
+  is the pseudo-inverse of the diagonal on the identified subspace, which for that layer errs the
+  other way (it drops the negative coupling -E[pi_k pi_k' x_j^2] between classes).
+
+Damping and the singular Fisher
+-------------------------------
+Each matrix M that is inverted (the dense block, or each of A and G) gets Tikhonov damping
+M + lambda I with lambda = ``damping`` * mean(diag M), relative so that it does not depend on the
+scale of the data; ``"diagonal"`` adds lambda = ``damping`` * mean_j F_jj of the layer to F_jj.
+The default 1e-6 changes well-determined standard errors by about 1e-6 relative, while directions
+the data do not determine (a dead ReLU unit, an input that is always zero) get variances of order
+1 / lambda, so their weights are not significant and are pruned, as they should be. A layer whose
+Fisher is exactly zero (it cannot affect the output) gets se = inf, z = 0, p = 1.
+
+The softmax over-parameterisation is handled explicitly, not by damping: with K >= 2 classes,
+adding the same number to every class's weight from input j (W[:, j] += c), or to every bias,
+leaves all predictions unchanged, so the output layer's Fisher is exactly singular along these
+directions (for KFAC: G 1 = 0). A weight of such a "free" column is identified only after a
+choice of representative; we take the sum-to-zero one: the weights tested are the centred
+W[k, j] - mean_k' W[k', j], and the covariance is the damped Moore-Penrose pseudo-inverse on the
+orthogonal complement of the shift directions (the generalised inverse that corresponds to that
+constraint). Predictions are unchanged by centring; call :func:`center_softmax_layer` on that
+layer before applying its masks so that the pruned weights are the ones that were tested.
+
+A column that already holds an exact zero (a pruned weight, or statsmodels' reference class) is
+identified by it: it is neither centred nor projected, its zero entries are treated as fixed (not
+parameters; se = inf, z = 0) and the other entries are tested as they are. ``"full"`` then
+inverts the Fisher block of the remaining parameters (exact); ``"diagonal"`` uses 1 / F_jj;
+``"kfac"`` uses [A^-1]_jj [(G_SS)^-1]_kk with S the column's non-zero classes (exact for the
+Kronecker model only when A is diagonal; the output layer's unit statistics keep the free-column
+form). Exact zeros in other layers are not treated specially: they are free parameters estimated
+at 0 (z = 0). Biases are not tested and keep their values.
+
+Caveat: the tests treat the network as the maximum-likelihood fit of ``loss``; for a network
+trained with a risk-averting loss at a large lambda the estimate is an M-estimator whose covariance
+is a sandwich, not F^-1 / n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from statsmodels.stats.multitest import multipletests, multitest_alias
+from torch import Tensor, nn
+
+from anrat.errors import InputError
+from pruning import fisher as fisher_mod
+from pruning.fisher import FisherData, KroneckerFactors, weight_name
+
+ESTIMATORS: tuple[str, ...] = ("kfac", "full", "diagonal")
+# A dense block of 4096^2 float64 is 128 MiB; larger layers need "kfac" or "diagonal".
+DENSE_MAX_PARAMS = 4096
+# statsmodels' Hommel procedure takes O(m^2) time (2.4 s for 20,000 p-values, ~20 min for LeNet-5).
+HOMMEL_MAX_TESTS = 20_000
+
+
+@dataclass
+class WaldResult:
+    """Outcome of :func:`wald_test`, on the CPU.
+
+    Per weight, keyed by parameter name as in ``model.named_parameters()`` (``"fc1.weight"``),
+    tensors of the weight's shape: ``z`` (Wald statistics), ``se`` (standard errors, in the
+    weight's units), ``pvalues`` (raw two-sided p-values), ``significant`` (bool, H0 rejected
+    after the multiple-testing correction: True = keep).
+
+    Per unit, keyed by module name (``"fc1"``), tensors of length out_features / out_channels:
+    ``unit_chi2``, ``unit_pvalues`` (raw), ``unit_significant`` (after correction), and
+    ``unit_df`` (weights per unit).
+
+    ``n`` is the sample size in Var = F^-1 / n, ``n_fisher`` the samples the Fisher was estimated
+    on; ``output_layer`` the tested layer that produces the network output (None if not tested),
+    ``centered`` the layers whose weights were tested in centred (softmax-identified) form: for
+    those the masks refer to the weights after :func:`center_softmax_layer`.
+    """
+
+    z: dict[str, Tensor]
+    se: dict[str, Tensor]
+    pvalues: dict[str, Tensor]
+    significant: dict[str, Tensor]
+    unit_chi2: dict[str, Tensor]
+    unit_df: dict[str, int]
+    unit_pvalues: dict[str, Tensor]
+    unit_significant: dict[str, Tensor]
+    estimator: str
+    method: str
+    alpha: float
+    n: int
+    fisher: str = "model"
+    n_fisher: int = 0
+    damping: float = 0.0
+    output_layer: str | None = None
+    centered: tuple[str, ...] = field(default_factory=tuple)
+
+    def masks(self) -> dict[str, Tensor]:
+        """Unstructured pruning decision: parameter name -> bool keep-mask of the weight's shape
+        (True = significant, keep), as used with ``torch.nn.utils.prune.custom_from_mask``."""
+        return {name: keep.clone() for name, keep in self.significant.items()}
+
+    def redundant_units(self, include_output: bool = False) -> dict[str, Tensor]:
+        """Module name -> LongTensor of the units (rows / filters) whose weights are jointly not
+        significant. The output layer is left out unless ``include_output`` (its units are the
+        model's outputs)."""
+        return {
+            layer: torch.nonzero(~keep).flatten()
+            for layer, keep in self.unit_significant.items()
+            if include_output or layer != self.output_layer
+        }
+
+    def scores(self) -> dict[str, Tensor]:
+        """|z| per weight: a ranking score for :func:`pruning.saliency.masks_at_sparsity`."""
+        return {name: z.abs() for name, z in self.z.items()}
+
+
+def center_softmax_layer(layer: nn.Linear) -> None:
+    """Shift a softmax output layer to the form :func:`wald_test` tests, in place: every column
+    W[:, j] without an exact zero is centred (W[k, j] -= mean_k' W[k', j]) and the bias is
+    centred. Softmax predictions are unchanged; columns with a zero (pruned) entry are left as
+    they are, so pruned weights stay zero."""
+    with torch.no_grad():
+        free = (layer.weight != 0).all(dim=0)
+        layer.weight[:, free] -= layer.weight[:, free].mean(dim=0, keepdim=True)
+        if layer.bias is not None:
+            layer.bias -= layer.bias.mean()
+
+
+def _identified_softmax_weights(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The tested form of a softmax layer's weights (module docstring) and the bool mask of its
+    free columns (no exact zero)."""
+    free = (w != 0).all(dim=0)
+    centred = w.clone()
+    centred[:, free] -= w[:, free].mean(dim=0, keepdim=True)
+    return centred, free
+
+
+def _check_options(alpha: float, estimator: str, method: str, damping: float, n_fit: int | None, fisher: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    if estimator not in ESTIMATORS:
+        raise InputError(f"unknown estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
+    if method not in multitest_alias:
+        raise InputError(
+            f"unknown multiple-testing method {method!r}; expected a statsmodels multipletests method such as "
+            f"'holm', 'bonferroni', 'fdr_bh', 'fdr_by' (all: {sorted(multitest_alias)})"
+        )
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise InputError(f"damping must be a finite number >= 0, got {damping!r}")
+    if n_fit is not None and (isinstance(n_fit, bool) or not isinstance(n_fit, int) or n_fit < 1):
+        raise InputError(f"n_fit must be a positive integer or None, got {n_fit!r}")
+    if fisher not in fisher_mod.FISHERS:
+        raise InputError(f"unknown fisher {fisher!r}; expected one of {list(fisher_mod.FISHERS)}")
+
+
+def _damped_inverse(M: Tensor, damping: float, what: str, null: Tensor | None = None) -> Tensor | None:
+    """(M + lambda I)^-1, lambda = damping * mean(diag M), in float64. With ``null`` (orthonormal
+    columns spanning a known null space of M) the inverse is taken on the orthogonal complement
+    and is zero on span(null): the damped Moore-Penrose pseudo-inverse. None when M is zero."""
+    M = M.to(torch.float64)
+    scale = float(M.diagonal().mean())
+    if not scale > 0:
+        return None
+    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    target = (M + M.T) / 2
+    projector = None
+    if null is not None:
+        projector = eye - null @ null.T
+        # Block-diagonal in (complement, null): inverting it inverts the complement block exactly.
+        target = projector @ target @ projector + scale * (null @ null.T)
+    factor, info = torch.linalg.cholesky_ex(target + damping * scale * eye)
+    if int(info) == 0:
+        # (L L^T)^-1 = L^-T L^-1; torch.cholesky_inverse is ~20x slower than this on the CPU.
+        factor_inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+        inverse = factor_inverse.T @ factor_inverse
+    else:
+        # Sums of float32 products can leave a positive semi-definite M with eigenvalues slightly
+        # below zero, more than the damping covers: project onto the PSD cone, then damp.
+        eigenvalues, eigenvectors = torch.linalg.eigh(target)
+        eigenvalues = eigenvalues.clamp_min(0) + damping * scale
+        if not bool((eigenvalues > 0).all()):
+            raise InputError(f"the Fisher information of {what} is singular; use damping > 0 (e.g. 1e-6)")
+        inverse = (eigenvectors / eigenvalues) @ eigenvectors.T
+    return projector @ inverse @ projector if projector is not None else inverse
+
+
+def _softmax_null_dense(num_classes: int, fan_in: int, has_bias: bool) -> Tensor:
+    """Orthonormal basis of the shift directions of a softmax layer in ``[W.flatten(), b]`` order."""
+    size = num_classes * fan_in + (num_classes if has_bias else 0)
+    null = torch.zeros(size, fan_in + int(has_bias), dtype=torch.float64)
+    rows = torch.arange(num_classes)
+    for j in range(fan_in):
+        null[rows * fan_in + j, j] = 1.0
+    if has_bias:
+        null[num_classes * fan_in + rows, fan_in] = 1.0
+    return null / math.sqrt(num_classes)
+
+
+def _uninformative(w: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.full_like(w, math.inf), torch.zeros(w.shape[0], dtype=torch.float64)
+
+
+def _kfac_layer(w: Tensor, factors: KroneckerFactors, n: int, damping: float, name: str, free: Tensor | None) -> tuple[Tensor, Tensor]:
+    """se (weight shape) and unit chi-squares from the Kronecker factors (module docstring);
+    ``free`` marks the shift-invariant columns of a softmax layer (None for other layers)."""
+    a_inv = _damped_inverse(factors.A, damping, f"layer {name!r} (KFAC factor A)")
+    classes = factors.G.shape[0]
+    null = torch.ones(classes, 1, dtype=torch.float64) / math.sqrt(classes) if free is not None else None
+    g_inv = _damped_inverse(factors.G, damping, f"layer {name!r} (KFAC factor G)", null)
+    if a_inv is None or g_inv is None:
+        return _uninformative(w)
+    rows = w.reshape(w.shape[0], -1)
+    fan_in = rows.shape[1]
+    a_inv_w = a_inv[:fan_in, :fan_in]
+    g_var = g_inv.diagonal()[:, None].expand(classes, fan_in).clone()
+    if free is not None and not bool(free.all()):
+        # Columns identified by their zeros: [(G_SS)^-1]_kk over the non-zero classes S.
+        patterns, which = torch.unique((rows != 0).T[~free], dim=0, return_inverse=True)
+        columns = torch.nonzero(~free).flatten()
+        for index, kept in enumerate(patterns):
+            sub = _damped_inverse(factors.G[kept][:, kept], damping, f"layer {name!r} (KFAC factor G)")
+            block = torch.full((classes,), math.inf, dtype=torch.float64)
+            if sub is not None:
+                block[kept] = sub.diagonal()
+            g_var[:, columns[which == index]] = block[:, None]
+    se = (g_var * a_inv_w.diagonal() / n).sqrt().reshape(w.shape)
+    # Unit i: Cov = [G^-1]_ii [A^-1]_ww / n, so chi2_i = n w_i^T ([A^-1]_ww)^-1 w_i / [G^-1]_ii.
+    quad = (rows * torch.linalg.solve(a_inv_w, rows.T).T).sum(dim=1)
+    return se, n * quad / g_inv.diagonal()
+
+
+def _dense_layer(w: Tensor, block: Tensor, n: int, damping: float, name: str, has_bias: bool, free: Tensor | None) -> tuple[Tensor, Tensor]:
+    """se and unit chi-squares from the dense block over [W.flatten(), b] (module docstring)."""
+    rows = w.reshape(w.shape[0], -1)
+    out, fan_in = rows.shape
+    size = out * fan_in
+    kept = torch.ones(block.shape[0], dtype=torch.bool)
+    null = None
+    if free is not None:
+        kept[:size] = (rows != 0).reshape(-1) | free.repeat(out)  # zeros of identified columns are fixed
+        null = _softmax_null_dense(out, fan_in, has_bias)[kept][:, torch.cat([free, torch.ones(int(has_bias), dtype=torch.bool)])]
+        null = null if null.shape[1] else None
+    inverse = _damped_inverse(block[kept][:, kept], damping, f"layer {name!r}", null)
+    if inverse is None:
+        return _uninformative(w)
+    kept_w = kept[:size]
+    cov = torch.zeros(size, size, dtype=torch.float64)
+    cov[kept_w.nonzero(), kept_w.nonzero().T] = inverse[: int(kept_w.sum()), : int(kept_w.sum())] / n
+    variance = cov.diagonal().clone()
+    variance[~kept_w] = math.inf
+    se = variance.sqrt().reshape(w.shape)
+    if bool(kept_w.all()):
+        unit_blocks = cov.reshape(out, fan_in, out, fan_in).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        chi2 = (rows * torch.linalg.solve(unit_blocks, rows.unsqueeze(-1)).squeeze(-1)).sum(dim=1)
+    else:  # rows with fixed zeros: the quadratic form over their remaining weights
+        chi2 = torch.zeros(out, dtype=torch.float64)
+        for r in range(out):
+            index = torch.nonzero(kept_w[r * fan_in : (r + 1) * fan_in]).flatten()
+            if index.numel():
+                sub = cov[r * fan_in + index][:, r * fan_in + index]
+                chi2[r] = rows[r, index] @ torch.linalg.solve(sub, rows[r, index])
+    return se, chi2
+
+
+def _diagonal_layer(w: Tensor, diag: Tensor, n: int, damping: float, free: Tensor | None) -> tuple[Tensor, Tensor]:
+    scale = float(diag.mean())
+    if not scale > 0:
+        return _uninformative(w)
+    inverse = 1.0 / (diag + damping * scale)
+    if free is not None:
+        # Free softmax columns: pseudo-inverse of diag(f_1j..f_Kj) on the sum-to-zero subspace,
+        # 1/f_kj - (1/f_kj)^2 / sum_k' 1/f_k'j.
+        projected = torch.nan_to_num(inverse - inverse.square() / inverse.sum(dim=0, keepdim=True), nan=math.inf)
+        inverse = torch.where(free, projected, torch.where(w != 0, inverse, math.inf))
+    se = (inverse / n).sqrt()
+    return se, (w / se).square().reshape(w.shape[0], -1).sum(dim=1)
+
+
+def _correct(pvalues: dict[str, Tensor], alpha: float, method: str) -> dict[str, Tensor]:
+    """multipletests over all entries of ``pvalues`` as one family; bool rejections per key."""
+    flat = np.concatenate([p.reshape(-1).numpy() for p in pvalues.values()])
+    reject = torch.from_numpy(multipletests(flat, alpha=alpha, method=method)[0].astype(bool))
+    out, start = {}, 0
+    for key, p in pvalues.items():
+        out[key] = reject[start : start + p.numel()].reshape(p.shape)
+        start += p.numel()
+    return out
+
+
+def wald_test(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss: str = "ce",
+    estimator: str = "kfac",
+    fisher: str = "model",
+    layers: Sequence[str] | None = None,
+    alpha: float = 0.05,
+    method: str = "holm",
+    max_samples: int | None = 10_000,
+    batch_size: int = 256,
+    damping: float = 1e-6,
+    n_fit: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> WaldResult:
+    """Wald tests of H0: w_j = 0 for every weight, and H0: w_g = 0 for every unit, of the tested
+    layers (module docstring for the statistics, estimators and damping).
+
+    Args:
+        model: the trained network; its parameters are not changed (it is put in eval mode while
+            the Fisher is estimated and restored afterwards).
+        data: the training data, ``(x, y)`` tensors or an object with ``.x`` and ``.y``.
+        loss: ``"ce"`` (class indices for K >= 2 outputs; one output is binary logistic with 0/1
+            targets) or ``"mse"`` (Gaussian regression).
+        estimator: ``"kfac"``, ``"full"`` or ``"diagonal"``.
+        fisher: ``"model"`` (expected over y ~ the model) or ``"empirical"`` (observed y).
+        layers: module names to test; default every ``nn.Linear`` and ``nn.Conv2d``.
+        alpha: family-wise level (or false discovery rate for the ``fdr_*`` methods), in (0, 1).
+        method: ``statsmodels.stats.multitest.multipletests`` method, e.g. ``"holm"``,
+            ``"bonferroni"``, ``"fdr_bh"``.
+        max_samples: the Fisher is estimated on at most this many samples drawn at random (seeded
+            by ``seed``); None uses all. 10,000 MNIST images give the LeNet-5 factors in minutes on
+            two CPU cores; the standard errors still use ``n_fit``.
+        batch_size: samples per forward pass (per-sample gradients are further chunked to bound
+            memory, see ``pruning.fisher.GRAD_MEMORY_BYTES``).
+        damping: relative Tikhonov damping (module docstring), >= 0.
+        n_fit: samples the model was fitted on; default ``len(data)``.
+        progress: show a tqdm progress bar.
+    """
+    _check_options(alpha, estimator, method, damping, n_fit, fisher)
+    modules = fisher_mod.select_layers(model, layers)
+    if estimator == "full":
+        sizes = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in modules.items()}
+        too_big = {name: size for name, size in sizes.items() if size > DENSE_MAX_PARAMS}
+        if too_big:
+            raise InputError(
+                f"estimator 'full' inverts a dense Fisher block per layer and is limited to {DENSE_MAX_PARAMS} "
+                f"parameters per layer; too large: {too_big}. Use estimator 'kfac' or 'diagonal', or restrict layers"
+            )
+    if estimator == "kfac":
+        for name, module in modules.items():
+            fisher_mod.check_kfac_layer(name, module)
+    n_tests = sum(module.weight.numel() for module in modules.values())
+    if multitest_alias[method] == "ho" and n_tests > HOMMEL_MAX_TESTS:
+        raise InputError(
+            f"method {method!r} takes O(m^2) time and is limited to {HOMMEL_MAX_TESTS} tests; "
+            f"these layers have {n_tests} weights (use 'holm' or 'fdr_bh')"
+        )
+    fd: FisherData = fisher_mod.prepare(
+        model, data, loss=loss, layers=modules, max_samples=max_samples, batch_size=batch_size, seed=seed
+    )
+    n = n_fit if n_fit is not None else fd.n_data
+    softmax_layer = fd.output_layer if fd.likelihood.kind == "softmax" else None
+    weights, free = {}, {}
+    for name, module in modules.items():
+        weights[name] = module.weight.detach().to(device="cpu", dtype=torch.float64)
+        free[name] = None
+        if name == softmax_layer:
+            weights[name], free[name] = _identified_softmax_weights(weights[name])
+
+    options = dict(fisher=fisher, batch_size=batch_size, progress=progress)
+    tests: dict[str, tuple[Tensor, Tensor]] = {}
+    if estimator == "kfac":
+        factors = fisher_mod.kfac_factors(model, fd, modules, **options)
+        for name in modules:
+            tests[name] = _kfac_layer(weights[name], factors[name], n, damping, name, free[name])
+    elif estimator == "full":
+        blocks = fisher_mod.dense_fisher(model, fd, modules, **options)
+        for name, module in modules.items():
+            has_bias = module.bias is not None
+            tests[name] = _dense_layer(weights[name], blocks[name], n, damping, name, has_bias, free[name])
+    else:
+        diagonals = fisher_mod.diagonal_fisher(model, fd, [weight_name(name) for name in modules], **options)
+        for name in modules:
+            tests[name] = _diagonal_layer(weights[name], diagonals[weight_name(name)], n, damping, free[name])
+
+    z, se, pvalues, unit_chi2, unit_df, unit_pvalues = {}, {}, {}, {}, {}, {}
+    for name, (layer_se, chi2) in tests.items():
+        key = weight_name(name)
+        z[key] = weights[name] / layer_se
+        se[key] = layer_se
+        pvalues[key] = torch.from_numpy(2 * stats.norm.sf(z[key].abs().numpy()))
+        unit_df[name] = weights[name][0].numel()
+        unit_chi2[name] = chi2
+        unit_pvalues[name] = torch.from_numpy(stats.chi2.sf(chi2.numpy(), unit_df[name]))
+    return WaldResult(
+        z=z,
+        se=se,
+        pvalues=pvalues,
+        significant=_correct(pvalues, alpha, method),
+        unit_chi2=unit_chi2,
+        unit_df=unit_df,
+        unit_pvalues=unit_pvalues,
+        unit_significant=_correct(unit_pvalues, alpha, method),
+        estimator=estimator,
+        method=method,
+        alpha=float(alpha),
+        n=n,
+        fisher=fisher,
+        n_fisher=fd.n_used,
+        damping=float(damping),
+        output_layer=fd.output_layer,
+        centered=(softmax_layer,) if softmax_layer is not None else (),
+    )
+
+
+__all__ = ["DENSE_MAX_PARAMS", "ESTIMATORS", "WaldResult", "center_softmax_layer", "wald_test"]
