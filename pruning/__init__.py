@@ -11,11 +11,11 @@ from pruning.masks import apply_masks, count_nonzero, count_total, make_permanen
 from pruning.prune import FineTune, PruneResult, prune, prune_to_sparsity
 from pruning.pruned_checkpoint import import_factory, load_pruned, save_pruned
 from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
-from pruning.significance import WaldResult, wald_test
+from pruning.significance import WaldResult, center_softmax_layer, wald_test
 from pruning.surgery import prune_units, widths_of
 
 __all__ = [
-    "ExportReport", "ExportVerificationError", "FineTune", "PruneResult", "WaldResult", "apply_masks",
+    "ExportReport", "ExportVerificationError", "FineTune", "PruneResult", "WaldResult", "apply_masks", "center_softmax_layer",
     "compare_models", "count_nonzero", "count_total", "export_onnx", "import_factory", "load_pruned",
     "magnitude_scores", "make_permanent", "masks_at_sparsity", "obd_scores", "onnx_latency",
     "permanent_copy", "prune", "prune_to_sparsity", "prune_units", "save_pruned", "sparsity",
