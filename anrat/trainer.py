@@ -251,7 +251,7 @@ class Trainer:
                 loss_sum += losses.detach().sum()
                 if losses.numel():  # a rank's shard of the last batch may be empty
                     max_loss = torch.maximum(max_loss, losses.detach().max())
-            if i % trace_every == 0 and schedule.lam is not None:
+            if i % trace_every == 0 and schedule.nrae is not None and not schedule.switched:
                 # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
                 lam = schedule.nrae.lambda_tensor().detach() if isinstance(schedule.nrae, ANRATLoss) else schedule.lam
                 lam_trace.append((self.step, lam))
