@@ -103,6 +103,8 @@ def per_sample_loss(input: Tensor, target: Tensor, kind: LossKind = "ce", p: flo
 def _sum_per_sample(values: Tensor) -> Tensor:
     """Sum over all dims but the first: (N, ...) -> (N,). Unlike ``reshape(N, -1)`` this also
     takes an empty batch (N = 0: a rank's empty shard of a small global batch)."""
+    if values.dim() == 1:
+        return values
     return values.reshape(values.shape[0], math.prod(values.shape[1:])).sum(dim=1)
 
 
@@ -128,31 +130,43 @@ def _log_mean_exp_centred(x: Tensor, w: Tensor | None) -> Tensor:
     return torch.where(m <= _SMALL_SPREAD, small, large)
 
 
-class _TiltedMean(torch.autograd.Function):
-    """Value as in :func:`tilted_mean`; gradients in closed form (one softmax), not op by op.
+def tilted_forward(losses: Tensor, t: float | Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The value of :func:`tilted_mean` without autograd: ``(value, x, centre)`` with
+    ``x = t * (l - centre)``, kept for :func:`tilted_backward`. Shared with ANRAT's fused loss."""
+    centre = losses.mean() if weights is None else (weights * losses).sum()
+    x = (losses - centre).mul_(t)
+    correction = _log_mean_exp_centred(x, weights).clamp_(min=0)  # >= 0 by Jensen
+    return centre + correction / t, x, centre
 
-    d/dl_i = softmax(t*l + log w)_i; d/dt = (sum_i s_i (l_i - c) - (value - c)) / t with
-    s = that softmax and c the (weighted) mean of l.
+
+def tilted_backward(losses: Tensor, x: Tensor, centre: Tensor, value: Tensor, t: float | Tensor,
+                    weights: Tensor | None, need_t: bool) -> tuple[Tensor, Tensor | None]:
+    """Closed-form gradients of the tilted mean: ``(d value / d l, d value / d t or None)``.
+
+    d/dl_i = s_i with s = softmax(t*l + log w); d/dt = (sum_i s_i (l_i - c) - (value - c)) / t,
+    c the (weighted) mean of l — written with c subtracted so that it stays accurate at small t.
     """
+    s = torch.softmax(x if weights is None else x + torch.log(weights), dim=0)
+    dt = ((s * (losses - centre)).sum() - (value - centre)) / t if need_t else None
+    return s, dt
+
+
+class _TiltedMean(torch.autograd.Function):
+    """Value as in :func:`tilted_mean`; gradients in closed form (one softmax), not op by op."""
 
     @staticmethod
-    def forward(ctx, losses: Tensor, t: Tensor, weights: Tensor | None) -> Tensor:  # type: ignore[override]
-        centre = losses.mean() if weights is None else (weights * losses).sum()
-        x = (losses - centre).mul_(t)
-        correction = _log_mean_exp_centred(x, weights).clamp_(min=0)  # >= 0 by Jensen
-        value = centre + correction / t
-        ctx.save_for_backward(losses, x, centre, value, t, weights)
+    def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None) -> Tensor:  # type: ignore[override]
+        value, x, centre = tilted_forward(losses, t, weights)
+        ctx.save_for_backward(losses, x, centre, value, weights, t if isinstance(t, Tensor) else None)
+        ctx.t = None if isinstance(t, Tensor) else t
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        losses, x, centre, value, t, weights = ctx.saved_tensors
-        s = torch.softmax(x if weights is None else x + torch.log(weights), dim=0)
-        grad_losses = s * grad if ctx.needs_input_grad[0] else None
-        grad_t = None
-        if ctx.needs_input_grad[1]:
-            grad_t = grad * ((s * (losses - centre)).sum() - (value - centre)) / t
-        return grad_losses, grad_t, None
+        losses, x, centre, value, weights, t_tensor = ctx.saved_tensors
+        t = t_tensor if t_tensor is not None else ctx.t
+        s, dt = tilted_backward(losses, x, centre, value, t, weights, ctx.needs_input_grad[1])
+        return s * grad, (grad * dt if dt is not None else None), None
 
 
 def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None) -> Tensor:
@@ -163,14 +177,20 @@ def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None
     ``t`` when it is a tensor. Computed in float32 at least, whatever the input dtype or autocast.
     """
     _check_positive("t", t)
-    dtype = torch.promote_types(losses.dtype, torch.float32)
-    with torch.autocast(device_type=losses.device.type, enabled=False):
-        l = losses.reshape(-1).to(dtype)
-        if l.numel() == 0:
-            raise InputError("cannot take the NRAE of an empty batch")
-        t_ = t.to(dtype) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype, device=l.device)
-        w = None if weights is None else weights.reshape(-1).to(dtype)
-        return _TiltedMean.apply(l, t_, w)
+    l = losses.reshape(-1)
+    if l.dtype not in (torch.float32, torch.float64):
+        l = l.float()  # bfloat16/float16 under autocast: compute in float32
+    if l.numel() == 0:
+        raise InputError("cannot take the NRAE of an empty batch")
+    if isinstance(t, Tensor):
+        t = t.to(l.dtype)
+    w = None if weights is None else weights.reshape(-1).to(l.dtype)
+    # Inside an autograd.Function's forward autocast does not apply to our own ops, but be explicit
+    # only when it is on: entering the context costs as much as a small op.
+    if torch.is_autocast_enabled(l.device.type):
+        with torch.autocast(device_type=l.device.type, enabled=False):
+            return _TiltedMean.apply(l, t, w)
+    return _TiltedMean.apply(l, t, w)
 
 
 def _lam_to_t(lam: float | Tensor, p: float) -> float | Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
-from anrat.functional import KINDS, LossKind, per_sample_loss, tilted_mean
+from anrat.functional import KINDS, LossKind, per_sample_loss, tilted_backward, tilted_forward, tilted_mean
 
 NORMALIZERS = ("batch", "running")
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
@@ -152,6 +152,39 @@ class _StraightThroughClamp(torch.autograd.Function):
         return grad, None, None
 
 
+class _ANRATObjective(torch.autograd.Function):
+    """``tilted_mean(l, lam**p) + a * lam**(-q)``, lam = exp(theta) or softplus(theta) with theta
+    clamped straight-through, in one node with closed-form gradients (the same value and
+    gradients as composing the ops; several times cheaper on small batches):
+
+        d/dl_i = softmax(t l)_i,
+        d/dtheta = [p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta.
+    """
+
+    @staticmethod
+    def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
+                log: bool) -> Tensor:  # type: ignore[override]
+        th = theta.clamp(lo, hi).to(losses.dtype)
+        lam = th.exp() if log else nn.functional.softplus(th)
+        t = lam.pow(p)
+        value, x, centre = tilted_forward(losses, t, None)
+        ctx.save_for_backward(losses, x, centre, value, t, lam, th)
+        ctx.constants = (p, a, q, log)
+        return value + a * lam.pow(-q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        losses, x, centre, value, t, lam, th = ctx.saved_tensors
+        p, a, q, log = ctx.constants
+        s, dnrae_dt = tilted_backward(losses, x, centre, value, t, None, ctx.needs_input_grad[1])
+        grad_theta = None
+        if dnrae_dt is not None:
+            dlam_dtheta = lam if log else torch.sigmoid(th)
+            dloss_dlam = p * t / lam * dnrae_dt - a * q * lam.pow(-q - 1)
+            grad_theta = grad * dloss_dlam * dlam_dtheta
+        return s * grad, grad_theta, None, None, None, None, None, None
+
+
 class ANRATLoss(nn.Module):
     """Adaptive NRAE: ``nrae(l; lam) + a * lam ** (-q)`` with lambda learned by the optimizer.
 
@@ -217,9 +250,16 @@ class ANRATLoss(nn.Module):
         return self.a * self.lambda_tensor().pow(-self.q)
 
     def aggregate(self, losses: Tensor) -> Tensor:
-        lam = self.lambda_tensor()
-        tilted = global_tilted_mean if self.across_ranks else tilted_mean
-        return tilted(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+        if self.across_ranks:
+            lam = self.lambda_tensor()
+            return global_tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+        l = losses.reshape(-1)
+        if l.dtype not in (torch.float32, torch.float64):
+            l = l.float()
+        if l.numel() == 0:
+            raise InputError("cannot take the NRAE of an empty batch")
+        lo, hi = self.theta_bounds
+        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return self.aggregate(per_sample_loss(input, target, self.kind, self.p))

@@ -114,8 +114,8 @@ def epoch_benchmark(train: Split, batch_size: int, rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=64, help="minibatch size for both sides")
-    ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (median reported)")
-    ap.add_argument("--steps", type=int, default=30, help="steps per timing round")
+    ap.add_argument("--rounds", type=int, default=40, help="alternating timing rounds (median reported)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timing round")
     ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", default=None, help="MNIST folder for the epoch benchmark ($ANRAT_DATA_DIR)")
