@@ -270,7 +270,7 @@ def load_dataset(
     elif download:
         root = cache_root
     else:
-        raise InputError(f"no {name} data given and download=False: {_HOW_TO_PROVIDE}, or pass download=True on a machine with internet")
+        raise InputError(f"no {name} data given and download=False: {_HOW_TO_PROVIDE}, or pass download=True (--download on the command line) on a machine with internet")
 
     (train_images, train_labels), (test_images, test_labels) = (_read(name, root, t, download) for t in (True, False))
     num_classes = len(dataset_cls.classes)

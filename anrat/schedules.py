@@ -122,7 +122,7 @@ class LambdaSchedule:
         lam = self.nrae.lam
         if lam < c.switch_below or (c.switch_when_feasible and math.isfinite(max_loss)
                                     and losses_rae_feasible(max_loss, lam, c.p, torch.float32)):
-            self.switch_epoch = epoch + 1  # the first epoch trained with the plain loss
+            self.switch_epoch = epoch + 1  # epochs trained before the switch = 0-based index of the first plain epoch
 
     # --- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

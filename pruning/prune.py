@@ -156,7 +156,8 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
     return {name: int(idx.numel()) for name, idx in plan.items()}
 
 
-def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce") -> dict[str, float] | None:
+def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce",
+              progress: bool = False) -> dict[str, float] | None:
     """Fine-tune under masks: pruned weights are zero-masked by ``torch.nn.utils.prune`` hooks."""
     if ft.epochs == 0:
         return None
@@ -166,7 +167,7 @@ def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, k
     schedule = LambdaSchedule(replace(ft.schedule, kind=kind))
     trainer = Trainer(model, schedule, train, val,
                       TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, momentum=ft.momentum,
-                                  seed=ft.seed), progress=False)
+                                  seed=ft.seed), progress=progress)
     result = trainer.fit()
     make_permanent(model)
     return result.best_val
@@ -243,7 +244,7 @@ def prune(
             if log:
                 log(record)
             break
-        fine_tune(model, train_data, val_data, ft, kind)
+        fine_tune(model, train_data, val_data, ft, kind, progress=progress)
         val = evaluate(model, val_data, kind)
         record.update({"params": count_total(model), "nonzero": count_nonzero(model), f"val_{key}": val[key],
                        "seconds": time.perf_counter() - start})
