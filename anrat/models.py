@@ -21,6 +21,27 @@ def _conv_out(size: int, kernel: int) -> int:
     return (size - kernel + 1) // 2
 
 
+def _two_conv_net(conv1: int, conv2: int, fc1: int, num_classes: int, in_channels: int, image_size: int,
+                  dropout: float | None) -> nn.Sequential:
+    """conv 5x5 -> pool 2 -> ReLU -> conv 5x5 -> pool 2 -> ReLU -> Linear -> ReLU [-> Dropout] -> Linear."""
+    side = _conv_out(_conv_out(image_size, 5), 5)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv1=nn.Conv2d(in_channels, conv1, 5),
+        pool1=nn.MaxPool2d(2),
+        relu1=nn.ReLU(),
+        conv2=nn.Conv2d(conv1, conv2, 5),
+        pool2=nn.MaxPool2d(2),
+        relu2=nn.ReLU(),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(conv2 * side * side, fc1),
+        relu3=nn.ReLU(),
+    )
+    if dropout is not None:
+        layers["dropout"] = nn.Dropout(dropout)
+    layers["fc2"] = nn.Linear(fc1, num_classes)
+    return nn.Sequential(layers)
+
+
 def lenet5(
     conv1: int = 20,
     conv2: int = 50,
@@ -34,21 +55,7 @@ def lenet5(
     With the defaults it has 431,080 parameters. The last Linear layer is named ``fc2`` (the
     "softmax layer" that the paper's L2 prior applies to).
     """
-    side = _conv_out(_conv_out(image_size, 5), 5)
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(in_channels, conv1, 5),
-            pool1=nn.MaxPool2d(2),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(conv1, conv2, 5),
-            pool2=nn.MaxPool2d(2),
-            relu2=nn.ReLU(),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(conv2 * side * side, fc1),
-            relu3=nn.ReLU(),
-            fc2=nn.Linear(fc1, num_classes),
-        )
-    )
+    return _two_conv_net(conv1, conv2, fc1, num_classes, in_channels, image_size, dropout=None)
 
 
 def convnet_dropout(
@@ -61,22 +68,7 @@ def convnet_dropout(
     dropout: float = 0.5,
 ) -> nn.Sequential:
     """The original ANRAT code's ConvNet: 32 and 32 5x5 filters, 256 hidden units, dropout 0.5."""
-    side = _conv_out(_conv_out(image_size, 5), 5)
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(in_channels, conv1, 5),
-            pool1=nn.MaxPool2d(2),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(conv1, conv2, 5),
-            pool2=nn.MaxPool2d(2),
-            relu2=nn.ReLU(),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(conv2 * side * side, fc1),
-            relu3=nn.ReLU(),
-            dropout=nn.Dropout(dropout),
-            fc2=nn.Linear(fc1, num_classes),
-        )
-    )
+    return _two_conv_net(conv1, conv2, fc1, num_classes, in_channels, image_size, dropout=dropout)
 
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}

@@ -39,3 +39,18 @@ def mnist_dir() -> Path:
         f"MNIST not found: none of {', '.join(map(str, candidates))} holds {', '.join(IDX_FILES)} "
         "(.gz or not); set ANRAT_MNIST_DIR to such a folder"
     )
+
+
+@pytest.fixture
+def assert_help_explains_every_option():
+    """Check that an argparse parser lists every flag in its help and gives each a help text."""
+
+    def check(parser) -> None:
+        text = parser.format_help()
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in text
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{action.option_strings} has no help text"
+
+    return check

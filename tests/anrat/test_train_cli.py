@@ -18,14 +18,8 @@ def run_main(argv, capsys):
     return code, capsys.readouterr()
 
 
-def test_help_explains_every_option():
-    parser = build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help text"
+def test_help_explains_every_option(assert_help_explains_every_option):
+    assert_help_explains_every_option(build_parser())
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,239 @@
+"""Does ANRAT beat cross-entropy on MNIST under the same budget, and does pruning improve test error?
+
+Baseline: the same ConvNet trained with the cross-entropy (schedule ``plain``). For each model
+(``lenet5``, the paper's ConvNet, and ``convnet_dropout``) and each seed, ANRAT (schedule
+``adaptive`` from lambda = 10) and cross-entropy are trained side by side in one run with the same
+budget: the same initial weights, validation split and minibatch order (all from the seed), the
+same epochs, the same learning-rate grid, the best epoch and learning rate selected on the same
+10,000 validation images, the test set evaluated once on the selected model. ANRAT's penalty
+weight a is fixed (``--a``), so both methods train the same number of configurations; plain SGD,
+L2 0.05 on the softmax layer fc2, as in the paper.
+
+Reported per model: test error mean and standard deviation over seeds for each method, and the
+paired difference ANRAT - CE (percentage points) with ``scipy.stats.ttest_rel`` and
+``scipy.stats.wilcoxon`` (two-sided; with 5 seeds the smallest exact Wilcoxon p-value is 0.0625).
+Then each seed's ANRAT model goes through ``python -m anrat.recipes.mnist_prune``'s pipeline with
+a small pruning budget, and the test error before and after pruning is compared the same way.
+
+Default (estimated at about 40 minutes on 2 idle CPU cores, from ~23 s per 50,000-image lenet5
+epoch with validation measured by the recipe, and the overheads of a smoke run): 5 seeds,
+the first 20,000 training images after the 10,000-image validation split, 8 epochs, learning rate
+0.1 (one point), pruning at most 2 rounds with a Fisher on 1,000 images and 1 fine-tuning epoch.
+``--full``: the paper's budget, for a GPU: 10 seeds, all 50,000 training images, 100 epochs, the
+learning-rate grid {1, 0.5, 0.1}, pruning as in the recipe's ``paper`` preset.
+
+    python benchmarks/mnist_anrat_vs_ce.py --data-dir /work/shared/data/mnist [--full] [--out runs/bench_mnist]
+
+Runs go to ``OUT/<model>/<method>/seed<k>`` (a rerun resumes finished trainings); the table is
+printed and written with every per-seed figure to ``OUT/results.json`` and ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from scipy import stats
+
+from anrat.errors import InputError
+from anrat.schedules import ScheduleConfig
+from anrat.train import OneLineErrorParser, RunConfig
+from anrat.train import run as train_run
+from anrat.trainer import TrainConfig, TrainingDiverged
+from pruning.prune import FineTune
+from recipes.mnist_prune import RecipeConfig, ReportOptions, prune_options
+from recipes.mnist_prune import run as recipe_run
+
+MODELS = ("lenet5", "convnet_dropout")
+METHODS = {"ce": "plain", "anrat": "adaptive"}
+DEFAULT = {"seeds": 5, "train_subset": 20_000, "epochs": 8, "grid_lr": [0.1],
+           "prune": {"max_rounds": 2, "max_samples": 1000, "tolerance": 0.002}, "fine_tune_epochs": 1}
+FULL = {"seeds": 10, "train_subset": None, "epochs": 100, "grid_lr": [1.0, 0.5, 0.1],
+        "prune": {"max_rounds": 10, "max_samples": 10_000, "tolerance": 0.001}, "fine_tune_epochs": 2}
+
+
+def run_config(model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace,
+               out: Path) -> RunConfig:
+    """The training of one (model, method, seed); everything but the schedule is shared by the methods."""
+    return RunConfig(
+        dataset="mnist", data_dir=args.data_dir, model=model, val_size=10_000, train_subset=budget["train_subset"],
+        device=args.device, out_dir=str(out), progress=not args.no_progress,
+        train=TrainConfig(epochs=budget["epochs"], lr=budget["grid_lr"][0], optimizer="sgd", momentum=0.0,
+                          l2={"fc2": 0.05}, seed=seed),
+        schedule=ScheduleConfig(name=METHODS[method], lam0=10.0, a=args.a),
+        grid_lr=list(budget["grid_lr"]) if len(budget["grid_lr"]) > 1 else [],
+    )
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Paired comparison of a - b: mean, sample sd, ttest_rel and wilcoxon p-values (None where undefined)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    result: dict[str, Any] = {"n": len(diffs), "mean_diff": statistics.fmean(diffs) if diffs else None,
+                              "sd_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                              "better": sum(d < 0 for d in diffs), "worse": sum(d > 0 for d in diffs),
+                              "tied": sum(d == 0 for d in diffs), "ttest_p": None, "wilcoxon_p": None}
+    if len(diffs) > 1 and any(d != 0 for d in diffs):
+        t = stats.ttest_rel(a, b)
+        result["ttest_p"] = None if math.isnan(t.pvalue) else float(t.pvalue)
+        result["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+    return result
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{100 * statistics.fmean(values):.3f}% ± {100 * sd:.3f}"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _diff_row(label: str, comparison: dict[str, Any]) -> str:
+    c = comparison
+    mean = "-" if c["mean_diff"] is None else f"{100 * c['mean_diff']:+.3f}"
+    sd = "-" if c["sd_diff"] is None else f"{100 * c['sd_diff']:.3f}"
+    return (f"| {label} | {mean} | {sd} | {c['better']} / {c['worse']} / {c['tied']} | {_p(c['ttest_p'])} "
+            f"| {_p(c['wilcoxon_p'])} |")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["| model | method | seeds | test error (mean ± sd, points) | mean / CE's mean | diverged |",
+             "|---|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        ce = [e for e in r["test_error"]["ce"] if e is not None]
+        for method in METHODS:
+            errors = [e for e in r["test_error"][method] if e is not None]
+            ratio = f"{statistics.fmean(errors) / statistics.fmean(ce):.3f}" if errors and ce and any(ce) else "-"
+            lines.append(f"| {model} | {method.upper()} | {len(errors)} | {_mean_sd(errors)} | {ratio} | "
+                         f"{sum(e is None for e in r['test_error'][method])} |")
+    lines += ["", "| paired difference | mean (points) | sd (points) | seeds lower / higher / tied | ttest_rel p "
+                  "| wilcoxon p |", "|---|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        lines.append(_diff_row(f"{model}: ANRAT - CE", r["anrat_minus_ce"]))
+    for model, r in results["models"].items():
+        if "pruning" in r:
+            lines.append(_diff_row(f"{model}: ANRAT pruned - unpruned", r["pruning"]["after_minus_before"]))
+    pruned = [(m, r["pruning"]) for m, r in results["models"].items() if "pruning" in r]
+    if pruned:
+        lines += ["", "| model | test error before pruning | after pruning | parameters kept (nonzero / dense) |",
+                  "|---|---|---|---|"]
+        for model, p in pruned:
+            kept = p["kept_fraction"]
+            lines.append(f"| {model} | {_mean_sd(p['before'])} | {_mean_sd(p['after'])} | "
+                         f"{100 * statistics.fmean(kept):.1f}% (range {100 * min(kept):.1f}-{100 * max(kept):.1f}%) |")
+    return "\n".join(lines) + "\n"
+
+
+def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) -> dict[str, Any]:
+    out = Path(args.out)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"command": command, "budget": budget, "a": args.a, "models": {},
+                               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                           "torch": torch.__version__, "device": args.device}}
+    for model in args.models:
+        errors: dict[str, list[float | None]] = {m: [] for m in METHODS}
+        seeds_info: list[dict[str, Any]] = []
+        prune_before, prune_after, kept = [], [], []
+        for seed in range(budget["seeds"]):
+            info: dict[str, Any] = {"seed": seed}
+            for method in METHODS:
+                folder = out / model / method / f"seed{seed}"
+                cfg = run_config(model, method, seed, budget, args, folder / "train")
+                try:
+                    if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
+                        recipe = RecipeConfig(
+                            preset="benchmark", out_dir=str(folder), run=cfg, prune=prune_options(budget["prune"]),
+                            fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed),
+                            report=ReportOptions(latency_repeats=5))
+                        metrics = recipe_run(recipe, command)
+                        test = metrics["test_error"]["trained"]
+                        prune_before.append(test)
+                        prune_after.append(metrics["test_error"]["pruned"])
+                        kept.append(metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"])
+                        info["pruned_test_error"] = prune_after[-1]
+                        info["kept_fraction"] = kept[-1]
+                        info["selected"] = metrics["training"]["selected"]
+                    else:
+                        trained = train_run(cfg)
+                        test = trained["test"]["error"]
+                        info.setdefault("selected", {})[method] = trained["selected"]
+                except TrainingDiverged as exc:  # every grid point diverged: recorded, not hidden
+                    test = None
+                    info[f"{method}_diverged"] = str(exc)
+                errors[method].append(test)
+                info[f"{method}_test_error"] = test
+                print(f"{model} seed {seed} {method}: test error "
+                      f"{'diverged' if test is None else f'{100 * test:.2f}%'}", file=sys.stderr, flush=True)
+            seeds_info.append(info)
+        both = [(a, c) for a, c in zip(errors["anrat"], errors["ce"]) if a is not None and c is not None]
+        entry: dict[str, Any] = {"test_error": errors, "seeds": seeds_info,
+                                 "anrat_minus_ce": paired([a for a, _ in both], [c for _, c in both])}
+        if prune_before:
+            entry["pruning"] = {"before": prune_before, "after": prune_after, "kept_fraction": kept,
+                                "after_minus_before": paired(prune_after, prune_before)}
+        results["models"][model] = entry
+    results["wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = OneLineErrorParser(prog="python benchmarks/mnist_anrat_vs_ce.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files; default: $ANRAT_DATA_DIR")
+    ap.add_argument("--out", default="runs/bench_mnist", help="folder for the runs and results")
+    ap.add_argument("--full", action="store_true", help="the paper's budget (10 seeds, 50k images, 100 epochs, "
+                                                         "lr grid {1, 0.5, 0.1}); a GPU is recommended")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; 10 with --full)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 100 with --full)")
+    ap.add_argument("--train-subset", type=int, default=None,
+                    help="training images after the validation split (default 20000; all with --full)")
+    ap.add_argument("--grid-lr", default=None, help="comma-separated learning rates (default 0.1; 1,0.5,0.1 with --full)")
+    ap.add_argument("--a", type=float, default=0.01, help="ANRAT's penalty weight a (fixed: the same trials for both)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--no-prune", action="store_true", help="skip pruning the ANRAT models")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    budget = json.loads(json.dumps(FULL if args.full else DEFAULT))
+    try:
+        for key in ("seeds", "epochs", "train_subset"):
+            if getattr(args, key) is not None:
+                budget[key] = getattr(args, key)
+        if args.grid_lr is not None:
+            budget["grid_lr"] = [float(v) for v in args.grid_lr.split(",") if v.strip()]
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not set(args.models) <= set(MODELS) or not args.models:
+            raise InputError(f"--models must name some of {', '.join(MODELS)}, got {','.join(args.models)!r}")
+        if budget["seeds"] < 2:
+            raise InputError("a paired comparison needs --seeds >= 2")
+    except ValueError as exc:  # InputError included
+        ap.error(str(exc))
+    command = " ".join(["python benchmarks/mnist_anrat_vs_ce.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        results = benchmark(args, budget, command)
+    except InputError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(f"# MNIST: ANRAT against cross-entropy\n\nCommand: `{command}`\n\n"
+                                    f"Budget: {json.dumps(budget)}\n\n{table}")
+    print(table, end="")
+    print(f"budget {json.dumps(budget)}; {results['wall_seconds']:.0f} s; wrote {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""``python -m anrat.recipes.mnist_prune``: one tiny real run end to end (train, prune, fine-tune,
+export), its outputs checked against the checkpoints and onnxruntime; help and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from anrat.checkpoint import load_checkpoint, model_from_checkpoint
+from anrat.data import load_dataset
+from anrat.trainer import evaluate
+from pruning.masks import count_nonzero, count_total
+from pruning.pruned_checkpoint import load_pruned
+from recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
+
+TEST_IMAGES = 2000
+
+
+def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
+    """A few thousand images and one pruning round. lambda0 = 1 (not the preset's 10) so that two
+    short epochs already learn something, and a switch to the plain loss once lambda < 2, that is
+    after epoch 1; tolerance 1.0 keeps the pruning round whatever it costs, so that the exported
+    network is the smaller one."""
+    return ["--data-dir", str(mnist_dir), "--out", str(out), "--train-subset", "3000", "--val-size", "1000",
+            "--test-subset", str(TEST_IMAGES), "--epochs", "2", "--lambda0", "1", "--seed", "3",
+            "--set", "run.schedule.switch_below=2.0", "--set", "prune.max_rounds=1", "--set", "prune.max_samples=500", "--set", "prune.tolerance=1.0",
+            "--set", "fine_tune.epochs=1", "--set", "report.latency_repeats=2",
+            "--set", "report.latency_batch_sizes=[1, 32]", "--no-progress"]
+
+
+def run_main(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist_prune")
+    assert main(tiny_argv(mnist_dir, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    data = load_dataset("mnist", mnist_dir, val_size=1000, seed=3, train_subset=3000, test_subset=TEST_IMAGES)
+    return out, metrics, data
+
+
+def test_every_output_file_is_written_and_described(tiny_run):
+    out, metrics, _ = tiny_run
+    for name in ("config.json", "metrics.json", "report.md", "model.onnx", "pruned.pt", "train/model.pt",
+                 "train/metrics.jsonl", "train/result.json", "onnx/dense.onnx", "onnx/pruned.onnx"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    for figure in FIGURES.values():
+        image = matplotlib.image.imread(out / figure)  # a real PNG
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({figure})" in report
+    te = metrics["test_error"]
+    assert f"{100 * te['trained']:.2f}%" in report and f"{100 * te['pruned']:.2f}%" in report
+    assert te["images"] == TEST_IMAGES
+    # the training the report draws is the one in metrics.jsonl
+    lines = [json.loads(line) for line in (out / "train/metrics.jsonl").read_text().splitlines()]
+    assert [r["val_error"] for r in lines] == [r["val_error"] for r in metrics["training"]["history"]]
+    # ANRAT in epoch 1 (lambda traced), the plain loss from epoch 2 on (switch_epoch counts the epochs
+    # before the switch), as the report says
+    assert [r["criterion"] for r in lines] == ["adaptive", "plain"] and lines[-1]["switch_epoch"] == 1
+    assert lines[0]["lam_trace"] and not lines[1]["lam_trace"]
+    assert "switched to the plain loss from epoch 2" in report
+    # the sizes table comes from compare_models, both exports checked
+    compare = metrics["export"]["compare"]
+    assert compare["checks_passed"] and set(compare["dense"]["latency_s"]) == {"1", "32"}
+    assert compare["pruned"]["parameters"] == metrics["pruning"]["params_after"]
+    assert compare["dense"]["parameters"] == metrics["pruning"]["params_before"] == 431_080
+
+
+def test_pruned_checkpoint_is_the_smaller_network_reported(tiny_run):
+    out, metrics, _ = tiny_run
+    pruned = load_pruned(out / "pruned.pt")
+    p = metrics["pruning"]
+    assert count_total(pruned) == p["params_after"] < p["params_before"]
+    assert count_nonzero(pruned) == p["nonzero_after"]
+    assert sum(c["nonzero"] for c in p["layers"].values()) == p["nonzero_after"]
+    assert {k: getattr(pruned, k).out_features if k == "fc1" else getattr(pruned, k).out_channels
+            for k in p["widths_after"]} == p["widths_after"]
+
+
+def test_onnx_model_predicts_what_the_pruned_checkpoint_predicts(tiny_run):
+    out, metrics, data = tiny_run
+    pruned = load_pruned(out / "pruned.pt").eval()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = data.test.x
+    onnx_scores = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 500].numpy()})[0]
+                                  for i in range(0, len(x), 500)])
+    with torch.no_grad():
+        torch_scores = pruned(x).numpy()
+    assert onnx_scores.shape == (TEST_IMAGES, 10)
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4, rtol=0)
+    assert (onnx_scores.argmax(1) == torch_scores.argmax(1)).all()
+    onnx_error = float((onnx_scores.argmax(1) != data.test.y.numpy()).mean())
+    # metrics.json's test error of the pruned network is what the deployed ONNX model scores
+    assert metrics["test_error"]["pruned"] == pytest.approx(onnx_error, abs=0.5 / TEST_IMAGES)
+    assert metrics["test_error"]["onnx"] == pytest.approx(onnx_error, abs=0.5 / TEST_IMAGES)
+    assert onnx_error < 0.5  # it learned something in two short epochs (chance: 0.9)
+
+
+def test_trained_checkpoint_scores_the_reported_test_error(tiny_run):
+    out, metrics, data = tiny_run
+    trained = model_from_checkpoint(load_checkpoint(out / "train/model.pt"))
+    assert evaluate(trained, data.test)["error"] == pytest.approx(metrics["test_error"]["trained"], abs=0.5 / TEST_IMAGES)
+    assert metrics["training"]["selected"]["best_epoch"] in (0, 1, 2)
+
+
+def test_config_json_repeats_the_options(tiny_run):
+    out, metrics, _ = tiny_run
+    saved = json.loads((out / "config.json").read_text())
+    again = resolve_config(build_parser().parse_args(["--config", str(out / "config.json")]))
+    assert config_dict(again) == saved == metrics["config"]
+    # every option of pruning.prune.prune is recorded, not only the ones set
+    assert {"alpha", "method", "estimator", "step", "min_step", "structured", "unstructured"} <= set(saved["prune"])
+    assert saved["run"]["train"]["seed"] == saved["fine_tune"]["seed"] == 3
+    assert saved["run"]["schedule"]["lam0"] == 1.0 and saved["prune"]["max_rounds"] == 1
+
+
+def test_resuming_with_other_training_options_is_refused(tiny_run, mnist_dir, capsys):
+    out, _, _ = tiny_run
+    argv = tiny_argv(mnist_dir, out)
+    argv[argv.index("--epochs") + 1] = "3"
+    code, captured = run_main(argv, capsys)
+    assert code == 2
+    assert captured.err.strip().splitlines() == [
+        f"python -m anrat.recipes.mnist_prune: error: {out} holds a training started with other options "
+        "(run.train.epochs differs); pass --no-resume to start it afresh or choose another --out"]
+
+
+def test_help_explains_every_option(assert_help_explains_every_option):
+    assert_help_explains_every_option(build_parser())
+    proc = subprocess.run([sys.executable, "-m", "anrat.recipes.mnist_prune", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--preset" in proc.stdout and "--data-dir" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--model", "mlp"], "invalid choice: 'mlp'"),
+    (["--epochs", "-1"], "expected an integer >= 0"),
+    (["--set", "prune"], "expected KEY=VALUE"),
+    (["--set", "prune.bogus=1"], "unknown option 'prune.bogus'"),
+    (["--set", "run.train.epoch=1"], "unknown option 'run.train.epoch'"),
+    (["--set", "run.train.epochs='three'"], "option 'run.train.epochs' must be of type"),
+    (["--lambda0", "0"], "lam0 must be a finite number > 0"),
+    (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
+    (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
+])
+def test_bad_options_exit_2_with_one_clear_line(argv, message, capsys, tmp_path):
+    code, out = run_main(argv + ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)], capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.err
+
+
+def test_missing_data_says_how_to_provide_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "anrat.recipes.mnist_prune", "--data-dir", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert str(tmp_path / "none") in line and "ANRAT_DATA_DIR" in line and "--data-dir" in line
+    assert not (tmp_path / "o").exists()  # nothing written before the data is found
