@@ -70,7 +70,7 @@ def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer
     schedule = LambdaSchedule(replace(cfg.schedule))
     trainer = Trainer(model, schedule, data.train, data.val, cfg.train, out_dir=out_dir,
                       arch={"name": cfg.model, "kwargs": kwargs}, progress=cfg.progress,
-                      run_config=to_dict(cfg))
+                      run_config=asdict(cfg))
     result = trainer.fit(resume=cfg.resume)
     summary = {"best_epoch": result.best_epoch, "val": result.best_val, "switch_epoch": result.switch_epoch,
                "lr": cfg.train.lr, "a": cfg.schedule.a, "out_dir": str(out_dir)}
@@ -113,7 +113,7 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     trainer, summary = best
     test = trainer.evaluate(data.test)
     result = {"selected": summary, "test": test, "trials": trials, "history": trainer.history,
-              "device": str(device), "config": to_dict(cfg)}
+              "device": str(device), "config": asdict(cfg)}
     if trainer.writes_files:  # rank 0 under torch.distributed
         save_atomic(trainer.model_checkpoint(metrics={"val": summary["val"], "test": test,
                                                        "best_epoch": summary["best_epoch"]}), out / "model.pt")
@@ -124,10 +124,6 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
 def _selection_score(summary: dict[str, Any]) -> float:
     val = summary["val"] or {}
     return val.get("error", val.get("loss", float("inf")))
-
-
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -111,15 +112,16 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                    fine_tune_config=FineTune(epochs=args.fine_tune_epochs, lr=args.fine_tune_lr, seed=args.seed),
                    tolerance=args.tolerance, max_rounds=args.max_rounds, step=args.step,
                    progress=not args.quiet and sys.stderr.isatty(), log=log)
+    test_after = evaluate(result.model, data.test)
     pruned = result.model.cpu()
-    test_after = evaluate(result.model.to(device), data.test)
+    dense.cpu()
     metrics = {"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
                "val_after": result.final_val}
-    save_pruned(pruned.cpu(), out / "pruned.pt", metrics=metrics, arch=description.get("arch"),
+    save_pruned(pruned, out / "pruned.pt", metrics=metrics, arch=description.get("arch"),
                 factory=description.get("factory"), factory_kwargs=description.get("factory_kwargs"))
     verify = data.test.x[:256].cpu()
-    sizes = compare_models(dense.cpu(), pruned.cpu(), verify[:2], out / "onnx", verify_inputs=verify)
-    export_onnx(pruned, out / "model.onnx", verify[:2], verify_inputs=verify)
+    sizes = compare_models(dense, pruned, verify[:2], out / "onnx", verify_inputs=verify)
+    shutil.copyfile(out / "onnx" / "pruned.onnx", out / "model.onnx")  # exported and verified just above
     report = {"params_before": result.params_before, "params_after": result.params_after,
               "nonzero_after": result.nonzero_after,
               "fraction_removed": 1 - result.nonzero_after / result.params_before,

@@ -7,6 +7,7 @@ import torch
 
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import Split, load_dataset
+from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
@@ -92,7 +93,7 @@ def test_l2_prior_applies_to_the_named_layer_only():
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert groups["l2=0.05"]["params"] == [model.fc2.weight]
     assert groups["weights"]["weight_decay"] == 0.0
-    with pytest.raises(Exception, match="unknown layers"):
+    with pytest.raises(InputError, match="unknown layers"):
         Trainer(model, schedule, Split(torch.randn(8, 4), torch.randint(0, 3, (8,))), None,
                 TrainConfig(l2={"softmax": 0.05}), progress=False)
 

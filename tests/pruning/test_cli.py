@@ -9,6 +9,7 @@ import torch
 
 from anrat.checkpoint import load_checkpoint
 from anrat.data import load_dataset
+from anrat.errors import InputError
 from anrat.train import main as train_main
 from pruning.__main__ import main
 from pruning.pruned_checkpoint import load_pruned
@@ -69,7 +70,7 @@ def test_factory_model_and_its_weights(trained_checkpoint, mnist_dir, tmp_path, 
                     "--weights", str(weights), "--data-dir", str(mnist_dir), "--out", str(out),
                     "--max-samples", "500", "--max-rounds", "1", "--tolerance", "0.05", "--quiet", *SUBSETS], capsys)
     assert code == 0, io.err
-    with pytest.raises(Exception, match="runs code"):
+    with pytest.raises(InputError, match="runs code"):
         load_pruned(out / "pruned.pt")  # a factory is only called when the caller trusts it
     model = load_pruned(out / "pruned.pt", allow_factories=["anrat.models:mlp"])
     assert model.fc1.out_features <= 24

@@ -86,8 +86,7 @@ def test_baselines_reach_the_requested_sparsity(trained):
         result = prune_to_sparsity(clone(model), train, val, criterion=criterion, fraction_removed=0.6,
                                    fine_tune_config=FineTune(epochs=1), max_samples=2000)
         scored = result.rounds[0]["weights_scored"]
-        assert result.rounds[0]["weights_zeroed"] == int(0.6 * scored) or \
-            abs(result.rounds[0]["weights_zeroed"] - 0.6 * scored) <= 1
+        assert abs(result.rounds[0]["weights_zeroed"] - 0.6 * scored) <= 1, criterion
 
 
 def test_bad_options_are_refused(trained):
