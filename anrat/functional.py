@@ -17,6 +17,12 @@ possible, and no cancellation: the correction term is computed directly, never a
 two large numbers), and as ``max + log(mean(exp(x - max)))`` otherwise. The gradient is written
 in closed form (the tilted softmax weights), which is both exact and several times cheaper than
 differentiating the formula op by op. All of this runs in float32 at least, outside autocast.
+
+Two implementations of that one formula. On accelerators, torch ops that never wait on the device
+(both branches evaluated, joined by ``torch.where``). On the CPU, float64 NumPy on the loss vector
+(:func:`tilted_cpu`): a minibatch has tens of losses, and there each torch op costs ~10 us of
+dispatch against ~1 us for NumPy, which kept ANRAT's step well above cross-entropy's on small
+networks (``benchmarks/step_overhead.py``). Both agree to float32 rounding (a test checks it).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -112,27 +119,37 @@ def _log_mean_exp_centred(x: Tensor, w: Tensor | None) -> Tensor:
     """``log(sum_i w_i exp(x_i))`` (w_i = 1/m by default) for x with weighted mean 0, so >= 0.
 
     Small spread (max x <= 1): ``log1p(mean(expm1(x)))`` — exact for tiny x, cannot overflow.
-    Otherwise: ``max + log(mean(exp(x - max)))``. On the CPU, reading one scalar is free, so only
-    the branch that applies is evaluated; on accelerators both are, joined by ``torch.where``, so
-    that the step never waits on the device.
+    Otherwise: ``max + log(mean(exp(x - max)))``. Both are evaluated and joined by ``torch.where``,
+    so that the step never waits on the device.
     """
     m = x.max()
 
     def average(v: Tensor) -> Tensor:
         return v.mean() if w is None else (w * v).sum()
 
-    if x.device.type == "cpu":
-        if m.item() <= _SMALL_SPREAD:
-            return torch.log1p(average(torch.expm1(x)))
-        return m + torch.log(average(torch.exp(x - m)))
     small = torch.log1p(average(torch.expm1(x.clamp(max=_SMALL_SPREAD))))
     large = m + torch.log(average(torch.exp(x - m)))
     return torch.where(m <= _SMALL_SPREAD, small, large)
 
 
+def working_dtype(losses: Tensor) -> torch.dtype:
+    """float64 for the scalar work of the tilted mean, except on devices without it (Apple's MPS)."""
+    return torch.float32 if losses.device.type == "mps" else torch.float64
+
+
 def tilted_forward(losses: Tensor, t: float | Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The value of :func:`tilted_mean` without autograd: ``(value, x, centre)`` with
-    ``x = t * (l - centre)``, kept for :func:`tilted_backward`. Shared with ANRAT's fused loss."""
+    """The value of :func:`tilted_mean` in torch ops, without autograd: ``(value, x, centre)`` with
+    ``x = t * (l - centre)``, kept for :func:`tilted_backward`. Shared with ANRAT's fused loss.
+
+    Computed in :func:`working_dtype` (float64 where the device has it), whatever the losses'
+    dtype: d value / d t at small t is a difference of two O(t * var(l)) terms, and float32's
+    rounding of the mean alone would swamp it (a test shows it). Callers cast the results back.
+    """
+    losses = losses.to(working_dtype(losses))
+    if weights is not None:
+        weights = weights.to(losses.dtype)
+    if isinstance(t, Tensor):
+        t = t.to(losses.dtype)
     centre = losses.mean() if weights is None else (weights * losses).sum()
     x = (losses - centre).mul_(t)
     correction = _log_mean_exp_centred(x, weights).clamp_(min=0)  # >= 0 by Jensen
@@ -145,10 +162,62 @@ def tilted_backward(losses: Tensor, x: Tensor, centre: Tensor, value: Tensor, t:
 
     d/dl_i = s_i with s = softmax(t*l + log w); d/dt = (sum_i s_i (l_i - c) - (value - c)) / t,
     c the (weighted) mean of l — written with c subtracted so that it stays accurate at small t.
+    The results are in :func:`working_dtype`, as :func:`tilted_forward`'s.
     """
+    losses = losses.to(working_dtype(losses))
+    if weights is not None:
+        weights = weights.to(losses.dtype)
+    if isinstance(t, Tensor):
+        t = t.to(losses.dtype)
     s = torch.softmax(x if weights is None else x + torch.log(weights), dim=0)
     dt = ((s * (losses - centre)).sum() - (value - centre)) / t if need_t else None
     return s, dt
+
+
+def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, float]:
+    """The tilted mean of a loss vector in float64 NumPy, with its gradients in closed form.
+
+    Returns ``(value, s, dvalue_dt)``: the value as :func:`tilted_mean`, the tilted weights
+    ``s = softmax(t*l + log w)`` (= d value / d l) and d value / d t, by the same centred formulas
+    as :func:`tilted_forward` and :func:`tilted_backward`; only the branch that applies is computed.
+    """
+    l = losses.astype(np.float64)
+    n = l.shape[0]
+    w = None if weights is None else weights.astype(np.float64, copy=False)
+    # (sum / n, not .mean(): NumPy's mean costs three times as much on a vector this short)
+    centre = float(l.sum()) / n if w is None else float(w @ l)
+    l -= centre
+    x = l * t
+    m = float(x.max())
+    e = np.exp(x - m)
+    if m <= _SMALL_SPREAD:
+        small = np.expm1(x)
+        correction = math.log1p(float(small.sum()) / n if w is None else float(w @ small))
+    else:
+        correction = m + math.log(float(e.sum()) / n if w is None else float(w @ e))
+    correction = max(correction, 0.0)  # >= 0 by Jensen
+    if w is not None:
+        e *= w
+    e /= e.sum()  # s, the tilted weights
+    dt = (float(e @ l) - correction / t) / t
+    return centre + correction / t, e, dt
+
+
+def cpu_gradient(s: np.ndarray, grad: Tensor, like: Tensor) -> Tensor:
+    """``s * grad`` as a tensor of ``like``'s dtype (CPU; ``grad`` is 0-d)."""
+    return torch.from_numpy((s * float(grad)).astype(_NUMPY_DTYPES[like.dtype], copy=False))
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+# Whether CPU tensors take the NumPy path (:func:`tilted_cpu`). Tests turn it off to run the
+# accelerators' torch-ops path on the CPU.
+NUMPY_ON_CPU = True
+
+
+def numpy_path(tensor: Tensor) -> bool:
+    """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu`."""
+    return NUMPY_ON_CPU and tensor.device.type == "cpu"
 
 
 class _TiltedMean(torch.autograd.Function):
@@ -156,17 +225,29 @@ class _TiltedMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.t_is_tensor = isinstance(t, Tensor)
+        if numpy_path(losses):
+            value, s, dt = tilted_cpu(losses.detach().numpy(), float(t),
+                                      None if weights is None else weights.detach().numpy())
+            ctx.cpu = (s, dt)
+            return torch.full((), value, dtype=losses.dtype)
         value, x, centre = tilted_forward(losses, t, weights)
-        ctx.save_for_backward(losses, x, centre, value, weights, t if isinstance(t, Tensor) else None)
-        ctx.t = None if isinstance(t, Tensor) else t
-        return value
+        ctx.cpu = None
+        ctx.save_for_backward(losses, x, centre, value, weights, t if ctx.t_is_tensor else None)
+        ctx.t = None if ctx.t_is_tensor else t
+        return value.to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if ctx.cpu is not None:
+            s, dt = ctx.cpu
+            grad_t = grad * dt if ctx.needs_input_grad[1] else None
+            return cpu_gradient(s, grad, grad), grad_t, None
         losses, x, centre, value, weights, t_tensor = ctx.saved_tensors
         t = t_tensor if t_tensor is not None else ctx.t
         s, dt = tilted_backward(losses, x, centre, value, t, weights, ctx.needs_input_grad[1])
-        return s * grad, (grad * dt if dt is not None else None), None
+        grad_t = (grad * dt).to(t_tensor.dtype) if dt is not None and t_tensor is not None else None
+        return (s * grad).to(losses.dtype), grad_t, None
 
 
 def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None) -> Tensor:

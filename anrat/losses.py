@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
-from anrat.functional import KINDS, LossKind, per_sample_loss, tilted_backward, tilted_forward, tilted_mean
+from anrat.functional import (KINDS, LossKind, cpu_gradient, numpy_path, per_sample_loss, tilted_backward,
+                              tilted_cpu, tilted_forward, tilted_mean, working_dtype)
 
 NORMALIZERS = ("batch", "running")
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
@@ -159,30 +160,53 @@ class _ANRATObjective(torch.autograd.Function):
 
         d/dl_i = softmax(t l)_i,
         d/dtheta = [p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta.
+
+    On the CPU lambda is a Python float and the tilted mean is :func:`~anrat.functional.tilted_cpu`
+    (NumPy; see :mod:`anrat.functional` for why); elsewhere all is torch ops with no device sync.
     """
 
     @staticmethod
     def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
                 log: bool) -> Tensor:  # type: ignore[override]
-        th = theta.clamp(lo, hi).to(losses.dtype)
+        ctx.constants, ctx.theta_dtype = (p, a, q, log), theta.dtype
+        if numpy_path(losses) and numpy_path(theta):
+            th = min(max(theta.item(), lo), hi)
+            lam = math.exp(th) if log else _softplus(th)
+            t = lam ** p
+            value, s, dnrae_dt = tilted_cpu(losses.detach().numpy(), t)
+            ctx.cpu = (s, dnrae_dt, t, lam, th)
+            return torch.full((), value + a * lam ** -q, dtype=losses.dtype)
+        ctx.cpu = None
+        th = theta.clamp(lo, hi).to(working_dtype(losses))
         lam = th.exp() if log else nn.functional.softplus(th)
         t = lam.pow(p)
         value, x, centre = tilted_forward(losses, t, None)
         ctx.save_for_backward(losses, x, centre, value, t, lam, th)
-        ctx.constants = (p, a, q, log)
-        return value + a * lam.pow(-q)
+        return (value + a * lam.pow(-q)).to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        losses, x, centre, value, t, lam, th = ctx.saved_tensors
         p, a, q, log = ctx.constants
+        if ctx.cpu is not None:
+            s, dnrae_dt, t, lam, th = ctx.cpu
+            grad_theta = None
+            if ctx.needs_input_grad[1]:
+                dlam_dtheta = lam if log else 1.0 / (1.0 + math.exp(-th))
+                grad_theta = grad * ((p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
+            return cpu_gradient(s, grad, grad), grad_theta, None, None, None, None, None, None
+        losses, x, centre, value, t, lam, th = ctx.saved_tensors
         s, dnrae_dt = tilted_backward(losses, x, centre, value, t, None, ctx.needs_input_grad[1])
         grad_theta = None
         if dnrae_dt is not None:
             dlam_dtheta = lam if log else torch.sigmoid(th)
             dloss_dlam = p * t / lam * dnrae_dt - a * q * lam.pow(-q - 1)
-            grad_theta = grad * dloss_dlam * dlam_dtheta
-        return s * grad, grad_theta, None, None, None, None, None, None
+            grad_theta = (grad * dloss_dlam * dlam_dtheta).to(ctx.theta_dtype)
+        return (s * grad).to(losses.dtype), grad_theta, None, None, None, None, None, None
+
+
+def _softplus(x: float) -> float:
+    """``log(1 + exp(x))`` without overflow."""
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
 
 
 class ANRATLoss(nn.Module):
@@ -253,10 +277,10 @@ class ANRATLoss(nn.Module):
         if self.across_ranks:
             lam = self.lambda_tensor()
             return global_tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
-        l = losses.reshape(-1)
+        l = losses if losses.dim() == 1 else losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()
-        if l.numel() == 0:
+        if l.shape[0] == 0:
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
         return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log")

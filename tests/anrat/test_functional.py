@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from anrat.errors import InputError
-from anrat.functional import nrae, per_sample_loss, rae, rae_feasible, tilted_mean
+from anrat.functional import (nrae, per_sample_loss, rae, rae_feasible, tilted_backward, tilted_cpu,
+                             tilted_forward, tilted_mean)
 
 T_GRID = [10.0 ** e for e in range(-8, 9)]  # t = lam ** p from 1e-8 to 1e8
 
@@ -29,7 +30,7 @@ def ce_batch(dtype, n=256, c=10, scale=3.0, seed=0):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtype, tol):
+def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtype, tol, tilted_path):
     logits, target = ce_batch(dtype)
     losses = per_sample_loss(logits, target, "ce")
     p = 2.0
@@ -38,6 +39,26 @@ def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtyp
         ref = reference_tilted_mean(losses, t)
         assert torch.isfinite(value)
         assert abs(value.item() - ref) <= tol * abs(ref), (t, value.item(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_and_torch_ops_paths_agree_on_value_weights_and_t_gradient(dtype):
+    """The CPU computes the tilted mean in NumPy, accelerators in torch ops: the same numbers (both
+    in float64 whatever the losses' dtype), including d/dt at t = 1e-8, a difference of two tiny terms."""
+    losses = per_sample_loss(*ce_batch(dtype), "ce")
+    weights = torch.softmax(torch.randn(len(losses), generator=torch.Generator().manual_seed(1)), 0).to(dtype)
+    for w in (None, weights):
+        for t in T_GRID:
+            value, x, centre = tilted_forward(losses, t, w)
+            s, dt = tilted_backward(losses, x, centre, value, t, w, need_t=True)
+            value_np, s_np, dt_np = tilted_cpu(losses.numpy(), t, None if w is None else w.numpy())
+            assert value.item() == pytest.approx(value_np, rel=1e-9), t
+            torch.testing.assert_close(s, torch.from_numpy(s_np), rtol=1e-9, atol=1e-15)
+            assert dt.item() == pytest.approx(dt_np, rel=1e-6, abs=1e-12), t
+        # at small t, d NRAE / dt -> var(l) / 2 (weighted variance with weights)
+        var = float(losses.double().var(unbiased=False)) if w is None else float(
+            (w.double() * (losses.double() - (w.double() * losses.double()).sum()) ** 2).sum())
+        assert tilted_cpu(losses.numpy(), 1e-8, None if w is None else w.numpy())[2] == pytest.approx(var / 2, rel=1e-5)
 
 
 def test_textbook_logsumexp_would_fail_in_float32_at_small_t():
@@ -52,7 +73,7 @@ def test_textbook_logsumexp_would_fail_in_float32_at_small_t():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nrae_finite_with_logits_of_magnitude_1e3(dtype):
+def test_nrae_finite_with_logits_of_magnitude_1e3(dtype, tilted_path):
     logits, target = ce_batch(dtype, scale=1e3)
     for t in T_GRID:
         x = logits.clone().requires_grad_(True)
@@ -65,7 +86,7 @@ def test_nrae_finite_with_logits_of_magnitude_1e3(dtype):
         assert value.item() <= losses.max().item() * (1 + 1e-6)
 
 
-def test_limits_mean_at_small_t_max_at_large_t_and_monotone():
+def test_limits_mean_at_small_t_max_at_large_t_and_monotone(tilted_path):
     logits, target = ce_batch(torch.float32)
     losses = per_sample_loss(logits, target)
     assert tilted_mean(losses, 1e-8).item() == pytest.approx(losses.mean().item(), rel=1e-6)
@@ -75,14 +96,14 @@ def test_limits_mean_at_small_t_max_at_large_t_and_monotone():
     assert min(values) >= losses.mean().item() * (1 - 1e-7)
 
 
-def test_gradient_is_the_tilted_softmax_weights():
+def test_gradient_is_the_tilted_softmax_weights(tilted_path):
     losses = torch.rand(50, dtype=torch.float64, requires_grad=True)
     for t in (1e-6, 0.3, 5.0, 1e4):
         (g,) = torch.autograd.grad(tilted_mean(losses, t), losses)
         torch.testing.assert_close(g, torch.softmax(t * losses.detach(), 0), rtol=1e-9, atol=1e-12)
 
 
-def test_weighted_tilted_mean_matches_definition():
+def test_weighted_tilted_mean_matches_definition(tilted_path):
     l = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
     w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
     for t in (1e-7, 0.5, 30.0):
@@ -131,7 +152,7 @@ def test_ce_matches_cross_entropy_loss_options():
         F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none"))
 
 
-def test_autocast_keeps_the_loss_in_float32():
+def test_autocast_keeps_the_loss_in_float32(tilted_path):
     layer = torch.nn.Linear(20, 10)
     x = torch.randn(128, 20)
     target = torch.randint(0, 10, (128,))

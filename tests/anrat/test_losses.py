@@ -15,7 +15,7 @@ def batch(n=128, c=10, seed=0, dtype=torch.float32):
     return (torch.randn(n, c, generator=g) * 2).to(dtype), torch.randint(0, c, (n,), generator=g)
 
 
-def test_modules_are_twins_of_the_functions():
+def test_modules_are_twins_of_the_functions(tilted_path):
     logits, target = batch()
     assert PlainLoss()(logits, target).item() == pytest.approx(
         torch.nn.CrossEntropyLoss()(logits, target).item(), rel=1e-6)
@@ -29,7 +29,7 @@ def test_modules_are_twins_of_the_functions():
 
 @pytest.mark.parametrize("parameterization", ["log", "softplus"])
 @pytest.mark.parametrize("lam, p, a, q", [(0.3, 2.0, 0.01, 1.0), (3.0, 2.0, 0.5, 2.0), (10.0, 1.0, 1.0, 1.0)])
-def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q):
+def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q, tilted_path):
     logits, target = batch(dtype=torch.float64)
     loss = ANRATLoss(init_lambda=lam, p=p, a=a, q=q, parameterization=parameterization)
     lam_t = loss.lambda_tensor()
@@ -55,7 +55,7 @@ def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q)
 
 @pytest.mark.parametrize("parameterization", ["log", "softplus"])
 @pytest.mark.parametrize("lr", [1e6, 1e12, -1e12])
-def test_lambda_stays_positive_and_finite_under_a_huge_step(parameterization, lr):
+def test_lambda_stays_positive_and_finite_under_a_huge_step(parameterization, lr, tilted_path):
     logits, target = batch()
     loss = ANRATLoss(init_lambda=10.0, parameterization=parameterization)
     opt = torch.optim.SGD(loss.parameters(), lr=abs(lr), maximize=lr < 0)
