@@ -24,15 +24,20 @@ learning-rate grid {1, 0.5, 0.1}, pruning as in the recipe's ``paper`` preset.
 
     python benchmarks/mnist_anrat_vs_ce.py --data-dir /work/shared/data/mnist [--full] [--out runs/bench_mnist]
 
-Runs go to ``OUT/<model>/<method>/seed<k>`` (a rerun resumes finished trainings); the table is
-printed and written with every per-seed figure to ``OUT/results.json`` and ``OUT/results.md``.
+Runs go to ``OUT/<model>/<method>/seed<k>`` and each finished unit's figures to
+``OUT/units/<model>_<method>_seed<k>.json`` (a rerun skips finished units); the table is printed and
+written with every per-seed figure to ``OUT/results.json`` and ``OUT/results.md``. ``--jobs N``
+runs N units at once in separate processes (worth it on a GPU, which one small ConvNet leaves
+mostly idle); ``--collect`` trains nothing and tabulates the units finished so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -135,56 +140,113 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) -> dict[str, Any]:
+def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace,
+             command: str) -> dict[str, Any]:
+    """Train one (model, method, seed) and, for ANRAT, prune it; the figures go to ``OUT/units/*.json``.
+
+    A finished unit is read back instead of run again, so an interrupted benchmark resumes and
+    ``--collect`` can tabulate whatever has finished.
+    """
     out = Path(args.out)
+    record = out / "units" / f"{model}_{method}_seed{seed}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    if args.jobs > 1:  # share the CPU cores between the workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     started = time.perf_counter()
-    results: dict[str, Any] = {"command": command, "budget": budget, "a": args.a, "models": {},
-                               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                                           "torch": torch.__version__, "device": args.device}}
+    folder = out / model / method / f"seed{seed}"
+    cfg = run_config(model, method, seed, budget, args, folder / "train")
+    info: dict[str, Any] = {"model": model, "method": method, "seed": seed}
+    try:
+        if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
+            recipe = RecipeConfig(
+                preset="benchmark", out_dir=str(folder), run=cfg, prune=prune_options(budget["prune"]),
+                fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed),
+                report=ReportOptions(latency_repeats=5))
+            metrics = recipe_run(recipe, command)
+            info["test_error"] = metrics["test_error"]["trained"]
+            info["pruned_test_error"] = metrics["test_error"]["pruned"]
+            info["kept_fraction"] = metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"]
+            info["selected"] = metrics["training"]["selected"]
+        else:
+            trained = train_run(cfg)
+            info["test_error"] = trained["test"]["error"]
+            info["selected"] = trained["selected"]
+    except TrainingDiverged as exc:  # every grid point diverged: recorded, not hidden
+        info["test_error"] = None
+        info["diverged"] = str(exc)
+    info["seconds"] = time.perf_counter() - started
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(info, indent=1))
+    partial.replace(record)  # atomic: a unit is either finished or absent
+    test = info["test_error"]
+    print(f"{model} seed {seed} {method}: test error {'diverged' if test is None else f'{100 * test:.2f}%'} "
+          f"({info['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return info
+
+
+def collect(args: argparse.Namespace, budget: dict[str, Any], units: dict[tuple[str, str, int], dict[str, Any]]
+            ) -> dict[str, Any]:
+    """The table's figures from the finished units; a seed missing a method is left out of the pairs."""
+    results: dict[str, Any] = {"budget": budget, "a": args.a, "models": {}}
     for model in args.models:
         errors: dict[str, list[float | None]] = {m: [] for m in METHODS}
-        seeds_info: list[dict[str, Any]] = []
+        pairs: list[tuple[float, float]] = []
         prune_before, prune_after, kept = [], [], []
+        seeds_info = []
         for seed in range(budget["seeds"]):
-            info: dict[str, Any] = {"seed": seed}
-            for method in METHODS:
-                folder = out / model / method / f"seed{seed}"
-                cfg = run_config(model, method, seed, budget, args, folder / "train")
-                try:
-                    if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
-                        recipe = RecipeConfig(
-                            preset="benchmark", out_dir=str(folder), run=cfg, prune=prune_options(budget["prune"]),
-                            fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed),
-                            report=ReportOptions(latency_repeats=5))
-                        metrics = recipe_run(recipe, command)
-                        test = metrics["test_error"]["trained"]
-                        prune_before.append(test)
-                        prune_after.append(metrics["test_error"]["pruned"])
-                        kept.append(metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"])
-                        info["pruned_test_error"] = prune_after[-1]
-                        info["kept_fraction"] = kept[-1]
-                        info["selected"] = metrics["training"]["selected"]
-                    else:
-                        trained = train_run(cfg)
-                        test = trained["test"]["error"]
-                        info.setdefault("selected", {})[method] = trained["selected"]
-                except TrainingDiverged as exc:  # every grid point diverged: recorded, not hidden
-                    test = None
-                    info[f"{method}_diverged"] = str(exc)
-                errors[method].append(test)
-                info[f"{method}_test_error"] = test
-                print(f"{model} seed {seed} {method}: test error "
-                      f"{'diverged' if test is None else f'{100 * test:.2f}%'}", file=sys.stderr, flush=True)
-            seeds_info.append(info)
-        both = [(a, c) for a, c in zip(errors["anrat"], errors["ce"]) if a is not None and c is not None]
+            found = {m: units.get((model, m, seed)) for m in METHODS}
+            seeds_info.append({"seed": seed, **{m: u for m, u in found.items() if u is not None}})
+            for method, unit in found.items():
+                if unit is not None:
+                    errors[method].append(unit["test_error"])
+            a, c = (found[m]["test_error"] if found[m] else None for m in ("anrat", "ce"))
+            if a is not None and c is not None:
+                pairs.append((a, c))
+            if found["anrat"] is not None and found["anrat"].get("pruned_test_error") is not None:
+                prune_before.append(found["anrat"]["test_error"])
+                prune_after.append(found["anrat"]["pruned_test_error"])
+                kept.append(found["anrat"]["kept_fraction"])
         entry: dict[str, Any] = {"test_error": errors, "seeds": seeds_info,
-                                 "anrat_minus_ce": paired([a for a, _ in both], [c for _, c in both])}
+                                 "anrat_minus_ce": paired([a for a, _ in pairs], [c for _, c in pairs])}
         if prune_before:
             entry["pruning"] = {"before": prune_before, "after": prune_after, "kept_fraction": kept,
                                 "after_minus_before": paired(prune_after, prune_before)}
         results["models"][model] = entry
-    results["wall_seconds"] = time.perf_counter() - started
     return results
+
+
+def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) -> dict[str, Any]:
+    """Run (or, with ``--collect``, only read) every unit, seed by seed, ``--jobs`` at a time."""
+    started = time.perf_counter()
+    todo = [(model, method, seed) for seed in range(budget["seeds"]) for model in args.models for method in METHODS]
+    units: dict[tuple[str, str, int], dict[str, Any]] = {}
+    if args.collect:
+        for key in todo:
+            record = Path(args.out) / "units" / "{}_{}_seed{}.json".format(*key)
+            if record.exists():
+                units[key] = json.loads(record.read_text())
+    elif args.jobs == 1:
+        units = {key: run_unit(*key, budget, args, command) for key in todo}
+    else:
+        # Small ConvNets leave a GPU mostly idle between kernel launches: several processes keep it busy.
+        spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            futures = {pool.submit(run_unit, *key, budget, args, command): key for key in todo}
+            units = {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
+    results = collect(args, budget, units)
+    results.update(command=command, wall_seconds=time.perf_counter() - started, units_finished=len(units),
+                   units_planned=len(todo), machine=machine_description(args.device))
+    return results
+
+
+def machine_description(device: str) -> dict[str, Any]:
+    machine: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                               "torch": torch.__version__, "device": device}
+    if torch.cuda.is_available() and device != "cpu":
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-prune", action="store_true", help="skip pruning the ANRAT models")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings run at once in separate processes (on a GPU, several keep it busy; default 1)")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: tabulate the units already finished under --out")
     args = ap.parse_args(argv)
     budget = json.loads(json.dumps(FULL if args.full else DEFAULT))
     try:
@@ -214,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not set(args.models) <= set(MODELS) or not args.models:
             raise InputError(f"--models must name some of {', '.join(MODELS)}, got {','.join(args.models)!r}")
+        if args.jobs < 1:
+            raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+        if args.jobs > 1:
+            args.no_progress = True  # bars from several processes would interleave
         if budget["seeds"] < 2:
             raise InputError("a paired comparison needs --seeds >= 2")
     except ValueError as exc:  # InputError included
@@ -229,9 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(f"# MNIST: ANRAT against cross-entropy\n\nCommand: `{command}`\n\n"
-                                    f"Budget: {json.dumps(budget)}\n\n{table}")
+                                    f"Budget: {json.dumps(budget)}\n\nMachine: {json.dumps(results['machine'])}\n\n"
+                                    f"Units finished: {results['units_finished']} of {results['units_planned']}\n\n"
+                                    f"{table}")
     print(table, end="")
-    print(f"budget {json.dumps(budget)}; {results['wall_seconds']:.0f} s; wrote {out.resolve()}")
+    print(f"budget {json.dumps(budget)}; {results['units_finished']} of {results['units_planned']} units; "
+          f"{results['wall_seconds']:.0f} s; wrote {out.resolve()}")
     return 0
 
 
