@@ -234,7 +234,11 @@ def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) ->
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
             futures = {pool.submit(run_unit, *key, budget, args, command): key for key in todo}
-            units = {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    units[futures[future]] = future.result()
+                except Exception as exc:  # one failed unit is reported and left out, not the whole run
+                    print("{} {} seed {}: failed: {!r}".format(*futures[future], exc), file=sys.stderr, flush=True)
     results = collect(args, budget, units)
     results.update(command=command, wall_seconds=time.perf_counter() - started, units_finished=len(units),
                    units_planned=len(todo), machine=machine_description(args.device))
