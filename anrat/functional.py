@@ -11,18 +11,19 @@ NRAE rises monotonically from mean(l) (t -> 0) to max(l) (t -> inf).
 Numerics. The textbook ``(logsumexp(t*l) - log m) / t`` is exact in real arithmetic but in float32
 it returns rounding noise divided by a tiny t when t is small: at t = 1e-8 the sum of exp(t*l_i)
 is m * (1 + O(1e-8)), below float32's resolution. :func:`tilted_mean` centres the losses on their
-mean first, ``NRAE = mean(l) + log(mean exp(t * (l_i - mean(l)))) / t``, and evaluates the log of
-the mean with ``log1p(mean(expm1(x)))`` while ``x = t * (l - mean(l))`` stays small (no overflow
-possible, and no cancellation: the correction term is computed directly, never as a difference of
-two large numbers), and as ``max + log(mean(exp(x - max)))`` otherwise. The gradient is written
-in closed form (the tilted softmax weights), which is both exact and several times cheaper than
-differentiating the formula op by op. All of this runs in float32 at least, outside autocast.
+mean c and shifts by the largest ``x_i = t (l_i - c)``, m:
 
-Two implementations of that one formula. On accelerators, torch ops that never wait on the device
-(both branches evaluated, joined by ``torch.where``). On the CPU, float64 NumPy on the loss vector
-(:func:`tilted_cpu`): a minibatch has tens of losses, and there each torch op costs ~10 us of
-dispatch against ~1 us for NumPy, which kept ANRAT's step well above cross-entropy's on small
-networks (``benchmarks/step_overhead.py``). Both agree to float32 rounding (a test checks it).
+    NRAE = c + (m + log1p(mean_i expm1(x_i - m))) / t
+
+``expm1(x - m)`` lies in [-1, 0] (no overflow for any t), and the correction is computed directly,
+never as a difference of two large numbers. The gradient is written in closed form (the tilted
+softmax weights), exact and several times cheaper than differentiating the formula op by op.
+The scalar work is done in float64 (see :func:`tilted_stats`), outside autocast, and the result
+is returned in the losses' dtype (float32 at least).
+
+Two implementations of that one formula: :func:`tilted_cpu` (NumPy on the host) and
+:func:`tilted_stats` (torch ops on the device); :func:`numpy_path` says which a tensor takes, and
+a test checks that they agree.
 """
 
 from __future__ import annotations
@@ -39,12 +40,6 @@ from anrat.errors import InputError
 
 LossKind = Literal["ce", "lp"]
 KINDS: tuple[str, ...] = ("ce", "lp")
-
-# Below this value of max_i t*(l_i - mean(l)) the expm1/log1p branch is used; above it, logsumexp.
-# Any value of order 1 works: the expm1 branch is exact for small arguments and cannot overflow
-# below ~80; logsumexp loses nothing once the correction is of order 1/t or more.
-_SMALL_SPREAD = 1.0
-
 
 def _check_positive(name: str, value: float | Tensor) -> None:
     if isinstance(value, Tensor):
@@ -115,87 +110,57 @@ def _sum_per_sample(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], math.prod(values.shape[1:])).sum(dim=1)
 
 
-def _log_mean_exp_centred(x: Tensor, w: Tensor | None) -> Tensor:
-    """``log(sum_i w_i exp(x_i))`` (w_i = 1/m by default) for x with weighted mean 0, so >= 0.
-
-    Small spread (max x <= 1): ``log1p(mean(expm1(x)))`` — exact for tiny x, cannot overflow.
-    Otherwise: ``max + log(mean(exp(x - max)))``. Both are evaluated and joined by ``torch.where``,
-    so that the step never waits on the device.
-    """
-    m = x.max()
-
-    def average(v: Tensor) -> Tensor:
-        return v.mean() if w is None else (w * v).sum()
-
-    small = torch.log1p(average(torch.expm1(x.clamp(max=_SMALL_SPREAD))))
-    large = m + torch.log(average(torch.exp(x - m)))
-    return torch.where(m <= _SMALL_SPREAD, small, large)
-
-
 def working_dtype(losses: Tensor) -> torch.dtype:
     """float64 for the scalar work of the tilted mean, except on devices without it (Apple's MPS)."""
     return torch.float32 if losses.device.type == "mps" else torch.float64
 
 
-def tilted_forward(losses: Tensor, t: float | Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The value of :func:`tilted_mean` in torch ops, without autograd: ``(value, x, centre)`` with
-    ``x = t * (l - centre)``, kept for :func:`tilted_backward`. Shared with ANRAT's fused loss.
+def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The tilted mean in torch ops with its gradients in closed form: ``(value, s, dvalue_dt)``.
 
-    Computed in :func:`working_dtype` (float64 where the device has it), whatever the losses'
-    dtype: d value / d t at small t is a difference of two O(t * var(l)) terms, and float32's
-    rounding of the mean alone would swamp it (a test shows it). Callers cast the results back.
+    ``value = c + (m + log1p(sum_i w_i expm1(x_i - m))) / t`` with ``x = t (l - c)``, c the
+    weighted mean of l and m = max x; ``s = softmax(x + log w)`` (= d value / d l) and
+    ``d value / d t = (sum_i s_i (l_i - c) - (value - c)) / t``. One formula for every t, with no
+    branch, so nothing waits on the device. In :func:`working_dtype` (float64 where the device has
+    it) whatever the losses' dtype: at t = 1e-8 the correction is ~t^2 var(l), and d/dt is a
+    difference of two O(t var(l)) terms, both far below float32's resolution of the mean.
     """
-    losses = losses.to(working_dtype(losses))
-    if weights is not None:
-        weights = weights.to(losses.dtype)
+    l = losses.to(working_dtype(losses))
+    w = None if weights is None else weights.to(l.dtype)
+    if w is not None:
+        w = w / w.sum()  # exactly 1 in the working dtype, or sum_i w_i x_i != 0 swamps small t
     if isinstance(t, Tensor):
-        t = t.to(losses.dtype)
-    centre = losses.mean() if weights is None else (weights * losses).sum()
-    x = (losses - centre).mul_(t)
-    correction = _log_mean_exp_centred(x, weights).clamp_(min=0)  # >= 0 by Jensen
-    return centre + correction / t, x, centre
-
-
-def tilted_backward(losses: Tensor, x: Tensor, centre: Tensor, value: Tensor, t: float | Tensor,
-                    weights: Tensor | None, need_t: bool) -> tuple[Tensor, Tensor | None]:
-    """Closed-form gradients of the tilted mean: ``(d value / d l, d value / d t or None)``.
-
-    d/dl_i = s_i with s = softmax(t*l + log w); d/dt = (sum_i s_i (l_i - c) - (value - c)) / t,
-    c the (weighted) mean of l — written with c subtracted so that it stays accurate at small t.
-    The results are in :func:`working_dtype`, as :func:`tilted_forward`'s.
-    """
-    losses = losses.to(working_dtype(losses))
-    if weights is not None:
-        weights = weights.to(losses.dtype)
-    if isinstance(t, Tensor):
-        t = t.to(losses.dtype)
-    s = torch.softmax(x if weights is None else x + torch.log(weights), dim=0)
-    dt = ((s * (losses - centre)).sum() - (value - centre)) / t if need_t else None
-    return s, dt
+        t = t.to(l.dtype)
+    centre = l.mean() if w is None else (w * l).sum()
+    d = l - centre
+    x = d * t
+    m = x.max()
+    e = torch.expm1(x - m)
+    correction = (m + torch.log1p(e.mean() if w is None else (w * e).sum())).clamp_(min=0)  # >= 0 by Jensen
+    e += 1  # exp(x - m)
+    if w is not None:
+        e *= w
+    s = e / e.sum()
+    dt = ((s * d).sum() - correction / t) / t
+    return centre + correction / t, s, dt
 
 
 def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, float]:
-    """The tilted mean of a loss vector in float64 NumPy, with its gradients in closed form.
-
-    Returns ``(value, s, dvalue_dt)``: the value as :func:`tilted_mean`, the tilted weights
-    ``s = softmax(t*l + log w)`` (= d value / d l) and d value / d t, by the same centred formulas
-    as :func:`tilted_forward` and :func:`tilted_backward`; only the branch that applies is computed.
-    """
+    """:func:`tilted_stats` in float64 NumPy on the host: ``(value, s, dvalue_dt)``, same formula."""
     l = losses.astype(np.float64)
     n = l.shape[0]
-    w = None if weights is None else weights.astype(np.float64, copy=False)
+    w = None if weights is None else weights.astype(np.float64)
+    if w is not None:
+        w /= w.sum()  # exactly 1 in float64, or sum_i w_i x_i != 0 swamps small t
     # (sum / n, not .mean(): NumPy's mean costs three times as much on a vector this short)
     centre = float(l.sum()) / n if w is None else float(w @ l)
     l -= centre
     x = l * t
     m = float(x.max())
-    e = np.exp(x - m)
-    if m <= _SMALL_SPREAD:
-        small = np.expm1(x)
-        correction = math.log1p(float(small.sum()) / n if w is None else float(w @ small))
-    else:
-        correction = m + math.log(float(e.sum()) / n if w is None else float(w @ e))
-    correction = max(correction, 0.0)  # >= 0 by Jensen
+    e = np.expm1(x - m)
+    correction = max(m + math.log1p(float(e.sum()) / n if w is None else float(w @ e)), 0.0)  # >= 0 by Jensen
+    e += 1.0  # exp(x - m)
     if w is not None:
         e *= w
     e /= e.sum()  # s, the tilted weights
@@ -203,51 +168,65 @@ def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) 
     return centre + correction / t, e, dt
 
 
-def cpu_gradient(s: np.ndarray, grad: Tensor, like: Tensor) -> Tensor:
-    """``s * grad`` as a tensor of ``like``'s dtype (CPU; ``grad`` is 0-d)."""
-    return torch.from_numpy((s * float(grad)).astype(_NUMPY_DTYPES[like.dtype], copy=False))
+# Which implementation of the tilted mean a tensor's device takes. On the CPU, NumPy: a minibatch
+# holds tens of losses, and each torch op costs ~10 us of dispatch against ~1 us for NumPy. On
+# accelerators, by default also NumPy, after copying the losses to the host: one small transfer
+# and one wait per step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`),
+# which made an ANRAT step of a small ConvNet ~1.6 times a cross-entropy step on an H100
+# (docs/results.md). The torch-ops path, which never waits on the device, is taken while a CUDA
+# graph is being captured, or everywhere with ``NUMPY_ON_ACCELERATORS = False``. Tests switch
+# ``NUMPY_ON_CPU`` off to run the torch-ops path on the CPU.
+NUMPY_ON_CPU = True
+NUMPY_ON_ACCELERATORS = True
+
+
+def numpy_path(tensor: Tensor) -> bool:
+    """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu` on the host."""
+    if tensor.device.type == "cpu":
+        return NUMPY_ON_CPU
+    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return NUMPY_ON_ACCELERATORS
+
+
+def host_array(tensor: Tensor) -> np.ndarray:
+    """A detached tensor's values as a NumPy array on the host (waits for the device if not CPU)."""
+    return tensor.detach().cpu().numpy()
+
+
+def scaled_weights(s: np.ndarray, grad: Tensor, like: Tensor) -> Tensor:
+    """``s * grad`` on ``like``'s device, in its dtype (``grad`` is 0-d, on that device)."""
+    dtype = _NUMPY_DTYPES[like.dtype]
+    if like.device.type == "cpu":
+        return torch.from_numpy((s * float(grad)).astype(dtype, copy=False))
+    return torch.from_numpy(s.astype(dtype, copy=False)).to(like.device).mul_(grad)
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
-# Whether CPU tensors take the NumPy path (:func:`tilted_cpu`). Tests turn it off to run the
-# accelerators' torch-ops path on the CPU.
-NUMPY_ON_CPU = True
-
-
-def numpy_path(tensor: Tensor) -> bool:
-    """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu`."""
-    return NUMPY_ON_CPU and tensor.device.type == "cpu"
-
 
 class _TiltedMean(torch.autograd.Function):
-    """Value as in :func:`tilted_mean`; gradients in closed form (one softmax), not op by op."""
+    """Value as in :func:`tilted_mean`; gradients in closed form (the tilted weights), not op by op."""
 
     @staticmethod
     def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None) -> Tensor:  # type: ignore[override]
-        ctx.t_is_tensor = isinstance(t, Tensor)
         if numpy_path(losses):
-            value, s, dt = tilted_cpu(losses.detach().numpy(), float(t),
-                                      None if weights is None else weights.detach().numpy())
-            ctx.cpu = (s, dt)
-            return torch.full((), value, dtype=losses.dtype)
-        value, x, centre = tilted_forward(losses, t, weights)
-        ctx.cpu = None
-        ctx.save_for_backward(losses, x, centre, value, weights, t if ctx.t_is_tensor else None)
-        ctx.t = None if ctx.t_is_tensor else t
+            value, s, dt = tilted_cpu(host_array(losses), float(t), None if weights is None else host_array(weights))
+            ctx.host = True
+            ctx.stats = (s, dt)
+            return torch.full((), value, dtype=losses.dtype, device=losses.device)
+        value, s, dt = tilted_stats(losses, t, weights)
+        ctx.host = False
+        ctx.save_for_backward(s, dt)
         return value.to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        if ctx.cpu is not None:
-            s, dt = ctx.cpu
-            grad_t = grad * dt if ctx.needs_input_grad[1] else None
-            return cpu_gradient(s, grad, grad), grad_t, None
-        losses, x, centre, value, weights, t_tensor = ctx.saved_tensors
-        t = t_tensor if t_tensor is not None else ctx.t
-        s, dt = tilted_backward(losses, x, centre, value, t, weights, ctx.needs_input_grad[1])
-        grad_t = (grad * dt).to(t_tensor.dtype) if dt is not None and t_tensor is not None else None
-        return (s * grad).to(losses.dtype), grad_t, None
+        s, dt = ctx.stats if ctx.host else ctx.saved_tensors
+        grad_t = grad * dt if ctx.needs_input_grad[1] else None
+        if ctx.host:
+            return scaled_weights(s, grad, grad), grad_t, None
+        return (s * grad).to(grad.dtype), grad_t.to(grad.dtype) if grad_t is not None else None, None
 
 
 def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None) -> Tensor:

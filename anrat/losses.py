@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
-from anrat.functional import (KINDS, LossKind, cpu_gradient, numpy_path, per_sample_loss, tilted_backward,
-                              tilted_cpu, tilted_forward, tilted_mean, working_dtype)
+from anrat.functional import (KINDS, LossKind, host_array, numpy_path, per_sample_loss, scaled_weights, tilted_cpu,
+                              tilted_mean, tilted_stats, working_dtype)
 
 NORMALIZERS = ("batch", "running")
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
@@ -161,47 +161,39 @@ class _ANRATObjective(torch.autograd.Function):
         d/dl_i = softmax(t l)_i,
         d/dtheta = [p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta.
 
-    On the CPU lambda is a Python float and the tilted mean is :func:`~anrat.functional.tilted_cpu`
-    (NumPy; see :mod:`anrat.functional` for why); elsewhere all is torch ops with no device sync.
+    On the host path (:func:`~anrat.functional.numpy_path`) lambda is a Python float and the tilted
+    mean is :func:`~anrat.functional.tilted_cpu`; otherwise all is torch ops with no device sync.
     """
 
     @staticmethod
     def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
                 log: bool) -> Tensor:  # type: ignore[override]
-        ctx.constants, ctx.theta_dtype = (p, a, q, log), theta.dtype
-        if numpy_path(losses) and numpy_path(theta):
+        if numpy_path(losses):
+            l_host = host_array(losses)  # the one wait for the device, if any
             th = min(max(theta.item(), lo), hi)
             lam = math.exp(th) if log else _softplus(th)
             t = lam ** p
-            value, s, dnrae_dt = tilted_cpu(losses.detach().numpy(), t)
-            ctx.cpu = (s, dnrae_dt, t, lam, th)
-            return torch.full((), value + a * lam ** -q, dtype=losses.dtype)
-        ctx.cpu = None
+            value, s, dnrae_dt = tilted_cpu(l_host, t)
+            dlam_dtheta = lam if log else 1.0 / (1.0 + math.exp(-th))
+            ctx.host = True
+            ctx.stats = (s, (p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
+            return torch.full((), value + a * lam ** -q, dtype=losses.dtype, device=losses.device)
         th = theta.clamp(lo, hi).to(working_dtype(losses))
         lam = th.exp() if log else nn.functional.softplus(th)
         t = lam.pow(p)
-        value, x, centre = tilted_forward(losses, t, None)
-        ctx.save_for_backward(losses, x, centre, value, t, lam, th)
+        value, s, dnrae_dt = tilted_stats(losses, t)
+        dlam_dtheta = lam if log else torch.sigmoid(th)
+        ctx.host = False
+        ctx.save_for_backward(s, ((p * t / lam) * dnrae_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta)
         return (value + a * lam.pow(-q)).to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        p, a, q, log = ctx.constants
-        if ctx.cpu is not None:
-            s, dnrae_dt, t, lam, th = ctx.cpu
-            grad_theta = None
-            if ctx.needs_input_grad[1]:
-                dlam_dtheta = lam if log else 1.0 / (1.0 + math.exp(-th))
-                grad_theta = grad * ((p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
-            return cpu_gradient(s, grad, grad), grad_theta, None, None, None, None, None, None
-        losses, x, centre, value, t, lam, th = ctx.saved_tensors
-        s, dnrae_dt = tilted_backward(losses, x, centre, value, t, None, ctx.needs_input_grad[1])
-        grad_theta = None
-        if dnrae_dt is not None:
-            dlam_dtheta = lam if log else torch.sigmoid(th)
-            dloss_dlam = p * t / lam * dnrae_dt - a * q * lam.pow(-q - 1)
-            grad_theta = (grad * dloss_dlam * dlam_dtheta).to(ctx.theta_dtype)
-        return (s * grad).to(losses.dtype), grad_theta, None, None, None, None, None, None
+        s, dloss_dtheta = ctx.stats if ctx.host else ctx.saved_tensors
+        grad_theta = (grad * dloss_dtheta).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        if ctx.host:
+            return scaled_weights(s, grad, grad), grad_theta, None, None, None, None, None, None
+        return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None
 
 
 def _softplus(x: float) -> float:

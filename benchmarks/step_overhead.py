@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import anrat.functional
 from anrat import ANRATLoss
 from anrat.data import Split, load_dataset, resolve_device
 from anrat.functional import per_sample_loss
@@ -116,14 +117,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="minibatch size for both sides")
     ap.add_argument("--rounds", type=int, default=40, help="alternating timing rounds (median reported)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timing round")
-    ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark")
+    ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark (0: skip it)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", default=None, help="MNIST folder for the epoch benchmark ($ANRAT_DATA_DIR)")
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
+    ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
+                    help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
+                         "(default), or torch ops on the device (anrat.functional.NUMPY_ON_ACCELERATORS)")
     args = ap.parse_args()
+    anrat.functional.NUMPY_ON_ACCELERATORS = args.accelerator_path == "host"
     device = resolve_device(args.device)
     print(f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
-          f"threads {torch.get_num_threads()}; batch {args.batch_size}")
+          f"threads {torch.get_num_threads()}; batch {args.batch_size}"
+          + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else ""))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
@@ -134,6 +140,8 @@ def main() -> None:
         r = step_benchmark(name, kwargs, x, y, args.rounds, args.steps)
         label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
         print(f"{label:<22}{r['ce_s']:>12.6f}{r['anrat_s']:>12.6f}{r['ratio']:>8.3f}")
+    if args.epoch_rounds < 1:
+        return
     data = load_dataset("mnist", args.data_dir, device=device)
     r = epoch_benchmark(data.train, args.batch_size, args.epoch_rounds)
     print(f"\none epoch of MNIST ({r['samples']} images), lenet5 + ANRAT, seconds (median):")
