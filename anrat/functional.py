@@ -135,6 +135,8 @@ def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = Non
     centre = l.mean() if w is None else (w * l).sum()
     d = l - centre
     x = d * t
+    if w is not None:  # weight-0 entries (empty shards) take no part, even when largest
+        x = torch.where(w > 0, x, -math.inf)
     m = x.max()
     e = torch.expm1(x - m)
     correction = (m + torch.log1p(e.mean() if w is None else (w * e).sum())).clamp_(min=0)  # >= 0 by Jensen
@@ -157,6 +159,8 @@ def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) 
     centre = float(l.sum()) / n if w is None else float(w @ l)
     l -= centre
     x = l * t
+    if w is not None:  # weight-0 entries (empty shards) take no part, even when largest
+        x[w == 0] = -math.inf
     m = float(x.max())
     e = np.expm1(x - m)
     correction = max(m + math.log1p(float(e.sum()) / n if w is None else float(w @ e)), 0.0)  # >= 0 by Jensen

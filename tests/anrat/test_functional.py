@@ -109,6 +109,18 @@ def test_weighted_tilted_mean_matches_definition(tilted_path):
         assert tilted_mean(l, t, weights=w).item() == pytest.approx(expected, rel=1e-9)
 
 
+def test_zero_weight_entries_change_nothing_even_when_largest(tilted_path):
+    """A weight-0 entry (an empty shard under torch.distributed) neither shifts nor underflows the rest."""
+    l = torch.tensor([0.5, 2.0, 1e4], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    for t in (1e-8, 0.5, 30.0, 1e4):
+        value = tilted_mean(l, t, weights=w)
+        (g,) = torch.autograd.grad(value, l)
+        expected = tilted_mean(l.detach()[:2], t)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-9), t
+        assert g[2].item() == 0.0 and g[:2].sum().item() == pytest.approx(1.0)
+
+
 def test_rae_definition_overflow_and_feasibility():
     logits, target = ce_batch(torch.float32)
     losses = per_sample_loss(logits, target)
