@@ -115,9 +115,10 @@ def working_dtype(losses: Tensor) -> torch.dtype:
     return torch.float32 if losses.device.type == "mps" else torch.float64
 
 
-def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The tilted mean in torch ops with its gradients in closed form: ``(value, s, dvalue_dt)``.
+def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = None, need_t: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The tilted mean in torch ops with its gradients in closed form: ``(value, s, dvalue_dt)``
+    (``dvalue_dt`` None unless ``need_t``).
 
     ``value = c + (m + log1p(sum_i w_i expm1(x_i - m))) / t`` with ``x = t (l - c)``, c the
     weighted mean of l and m = max x; ``s = softmax(x + log w)`` (= d value / d l) and
@@ -144,7 +145,7 @@ def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = Non
     if w is not None:
         e *= w
     s = e / e.sum()
-    dt = ((s * d).sum() - correction / t) / t
+    dt = ((s * d).sum() - correction / t) / t if need_t else None
     return centre + correction / t, s, dt
 
 
@@ -219,7 +220,7 @@ class _TiltedMean(torch.autograd.Function):
             ctx.host = True
             ctx.stats = (s, dt)
             return torch.full((), value, dtype=losses.dtype, device=losses.device)
-        value, s, dt = tilted_stats(losses, t, weights)
+        value, s, dt = tilted_stats(losses, t, weights, need_t=ctx.needs_input_grad[1])
         ctx.host = False
         ctx.save_for_backward(s, dt)
         return value.to(losses.dtype)
