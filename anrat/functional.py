@@ -177,7 +177,7 @@ def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) 
 # holds tens of losses, and each torch op costs ~10 us of dispatch against ~1 us for NumPy. On
 # accelerators, by default also NumPy, after copying the losses to the host: one small transfer
 # and one wait per step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`),
-# which made an ANRAT step of a small ConvNet ~1.6 times a cross-entropy step on an H100
+# which made an ANRAT step of lenet5 1.55 times a cross-entropy step on an H100 (1.36 on the host)
 # (docs/results.md). The torch-ops path, which never waits on the device, is taken while a CUDA
 # graph is being captured, or everywhere with ``NUMPY_ON_ACCELERATORS = False``. Tests switch
 # ``NUMPY_ON_CPU`` off to run the torch-ops path on the CPU.
