@@ -199,12 +199,12 @@ def host_array(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def scaled_weights(s: np.ndarray, grad: Tensor, like: Tensor) -> Tensor:
-    """``s * grad`` on ``like``'s device, in its dtype (``grad`` is 0-d, on that device)."""
-    dtype = _NUMPY_DTYPES[like.dtype]
-    if like.device.type == "cpu":
+def scaled_weights(s: np.ndarray, grad: Tensor) -> Tensor:
+    """``s * grad`` as a tensor on ``grad``'s device, in its dtype (``grad`` is 0-d)."""
+    dtype = _NUMPY_DTYPES[grad.dtype]
+    if grad.device.type == "cpu":
         return torch.from_numpy((s * float(grad)).astype(dtype, copy=False))
-    return torch.from_numpy(s.astype(dtype, copy=False)).to(like.device).mul_(grad)
+    return torch.from_numpy(s.astype(dtype, copy=False)).to(grad.device).mul_(grad)
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -230,7 +230,7 @@ class _TiltedMean(torch.autograd.Function):
         s, dt = ctx.stats if ctx.host else ctx.saved_tensors
         grad_t = grad * dt if ctx.needs_input_grad[1] else None
         if ctx.host:
-            return scaled_weights(s, grad, grad), grad_t, None
+            return scaled_weights(s, grad), grad_t, None
         return (s * grad).to(grad.dtype), grad_t.to(grad.dtype) if grad_t is not None else None, None
 
 

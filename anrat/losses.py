@@ -192,7 +192,7 @@ class _ANRATObjective(torch.autograd.Function):
         s, dloss_dtheta = ctx.stats if ctx.host else ctx.saved_tensors
         grad_theta = (grad * dloss_dtheta).to(grad.dtype) if ctx.needs_input_grad[1] else None
         if ctx.host:
-            return scaled_weights(s, grad, grad), grad_theta, None, None, None, None, None, None
+            return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None
         return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None
 
 

@@ -145,6 +145,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unit_record(out: str | Path, model: str, method: str, seed: int) -> Path:
+    """Where a finished unit's figures are written: ``OUT/units/<model>_<method>_seed<k>.json``."""
+    return Path(out) / "units" / f"{model}_{method}_seed{seed}.json"
+
+
 def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace,
              command: str) -> dict[str, Any]:
     """Train one (model, method, seed) and, for ANRAT, prune it; the figures go to ``OUT/units/*.json``.
@@ -153,7 +158,7 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
     ``--collect`` can tabulate whatever has finished.
     """
     out = Path(args.out)
-    record = out / "units" / f"{model}_{method}_seed{seed}.json"
+    record = unit_record(out, model, method, seed)
     if record.exists():
         return json.loads(record.read_text())
     if args.jobs > 1:  # share the CPU cores between the workers
@@ -239,8 +244,8 @@ def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) ->
     units: dict[tuple[str, str, int], dict[str, Any]] = {}
     if args.collect or args.select_from:
         for key in todo:
-            found = [json.loads(r.read_text()) for r in (Path(folder) / "units" / "{}_{}_seed{}.json".format(*key)
-                                                          for folder in args.select_from or [args.out]) if r.exists()]
+            records = [unit_record(folder, *key) for folder in args.select_from or [args.out]]
+            found = [json.loads(r.read_text()) for r in records if r.exists()]
             if found:
                 units[key] = min(found, key=validation_error)
     elif args.jobs == 1:
@@ -256,10 +261,12 @@ def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) ->
                 except Exception as exc:  # one failed unit is reported and left out, not the whole run
                     print("{} {} seed {}: failed: {!r}".format(*futures[future], exc), file=sys.stderr, flush=True)
     results = collect(args, budget, units)
-    machines = {json.dumps(u["machine"], sort_keys=True) for u in units.values() if "machine" in u}
+    machines = []  # where the units ran (several, when --select-from combines runs)
+    for unit in units.values():
+        if "machine" in unit and unit["machine"] not in machines:
+            machines.append(unit["machine"])
     results.update(command=command, wall_seconds=time.perf_counter() - started, units_finished=len(units),
-                   units_planned=len(todo),
-                   machine=[json.loads(m) for m in sorted(machines)] or machine_description(args.device))
+                   units_planned=len(todo), machine=machines)
     return results
 
 

@@ -42,6 +42,21 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Call a command line's ``main(argv)``: returns ``(exit status, captured output)``, argparse's
+    own exits (usage errors) included."""
+
+    def run(main, argv):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr()
+
+    return run
+
+
+@pytest.fixture
 def assert_help_explains_every_option():
     """Check that an argparse parser lists every flag in its help and gives each a help text."""
 

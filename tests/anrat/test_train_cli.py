@@ -10,14 +10,6 @@ from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.train import build_parser, main
 
 
-def run_main(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    return code, capsys.readouterr()
-
-
 def test_help_explains_every_option(assert_help_explains_every_option):
     assert_help_explains_every_option(build_parser())
 
@@ -31,22 +23,22 @@ def test_help_explains_every_option(assert_help_explains_every_option):
     (["--lr", "nan"], "lr must be a finite number > 0"),
     (["--l2", "fc2"], "expected LAYER=COEFF"),
 ])
-def test_bad_values_exit_2_with_one_clear_line(argv, message, capsys, tmp_path):
-    code, out = run_main(argv + ["--out", str(tmp_path), "--data-dir", str(tmp_path)], capsys)
+def test_bad_values_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
+    code, out = run_cli(main, argv + ["--out", str(tmp_path), "--data-dir", str(tmp_path)])
     assert code == 2
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.err
 
 
-def test_missing_and_corrupt_data_exit_2(tmp_path, capsys):
-    code, out = run_main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
+def test_missing_and_corrupt_data_exit_2(tmp_path, run_cli):
+    code, out = run_cli(main, ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert code == 2 and len(out.err.strip().splitlines()) == 1 and "nowhere" in out.err
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         (bad / f"{name}.gz").write_bytes(b"this is not gzip")
-    code, out = run_main(["--data-dir", str(bad), "--out", str(tmp_path / "o2")], capsys)
+    code, out = run_cli(main, ["--data-dir", str(bad), "--out", str(tmp_path / "o2")])
     assert code == 2 and len(out.err.strip().splitlines()) == 1, out.err
 
 
@@ -58,11 +50,11 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["anrat-train: error: lam0 must be a finite number > 0, got -2.0"]
 
 
-def test_tiny_run_writes_a_self_describing_checkpoint(mnist_dir, tmp_path, capsys):
+def test_tiny_run_writes_a_self_describing_checkpoint(mnist_dir, tmp_path, run_cli):
     out = tmp_path / "run"
-    code, _ = run_main(["--data-dir", str(mnist_dir), "--out", str(out), "--model", "mlp", "--hidden", "32",
-                        "--train-subset", "1000", "--val-size", "1000", "--test-subset", "500",
-                        "--schedule", "fixed", "--lambda0", "0.5", "--epochs", "3", "--no-progress"], capsys)
+    code, _ = run_cli(main, ["--data-dir", str(mnist_dir), "--out", str(out), "--model", "mlp", "--hidden", "32",
+                             "--train-subset", "1000", "--val-size", "1000", "--test-subset", "500",
+                             "--schedule", "fixed", "--lambda0", "0.5", "--epochs", "3", "--no-progress"])
     assert code == 0
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt["arch"] == {"name": "mlp", "kwargs": {"hidden": [32], "in_features": 784, "out_features": 10}}

@@ -36,14 +36,6 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
             "--set", "report.latency_batch_sizes=[1, 32]", "--no-progress"]
 
 
-def run_main(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    return code, capsys.readouterr()
-
-
 @pytest.fixture(scope="module")
 def tiny_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist_prune")
@@ -129,11 +121,11 @@ def test_config_json_repeats_the_options(tiny_run):
     assert saved["run"]["schedule"]["lam0"] == 1.0 and saved["prune"]["max_rounds"] == 1
 
 
-def test_resuming_with_other_training_options_is_refused(tiny_run, mnist_dir, capsys):
+def test_resuming_with_other_training_options_is_refused(tiny_run, mnist_dir, run_cli):
     out, _, _ = tiny_run
     argv = tiny_argv(mnist_dir, out)
     argv[argv.index("--epochs") + 1] = "3"
-    code, captured = run_main(argv, capsys)
+    code, captured = run_cli(main, argv)
     assert code == 2
     assert captured.err.strip().splitlines() == [
         f"python -m anrat.recipes.mnist_prune: error: {out} holds a training started with other options "
@@ -159,8 +151,8 @@ def test_help_explains_every_option(assert_help_explains_every_option):
     (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
     (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
 ])
-def test_bad_options_exit_2_with_one_clear_line(argv, message, capsys, tmp_path):
-    code, out = run_main(argv + ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)], capsys)
+def test_bad_options_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
+    code, out = run_cli(main, argv + ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
     assert code == 2
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.err
