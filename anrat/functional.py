@@ -179,7 +179,8 @@ def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) 
 # and one wait per step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`),
 # which made an ANRAT step of lenet5 1.55 times a cross-entropy step on an H100 (1.36 on the host)
 # (docs/results.md). The torch-ops path, which never waits on the device, is taken while a CUDA
-# graph is being captured, or everywhere with ``NUMPY_ON_ACCELERATORS = False``. Tests switch
+# graph is being captured or the code is traced by torch.compile (which fuses those ops into a few
+# kernels), or everywhere with ``NUMPY_ON_ACCELERATORS = False``. Tests switch
 # ``NUMPY_ON_CPU`` off to run the torch-ops path on the CPU.
 NUMPY_ON_CPU = True
 NUMPY_ON_ACCELERATORS = True
@@ -187,6 +188,8 @@ NUMPY_ON_ACCELERATORS = True
 
 def numpy_path(tensor: Tensor) -> bool:
     """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu` on the host."""
+    if torch.compiler.is_compiling():
+        return False  # torch.compile traces the torch-ops path: one graph, no host copy
     if tensor.device.type == "cpu":
         return NUMPY_ON_CPU
     if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

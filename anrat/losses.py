@@ -90,6 +90,9 @@ class NRAELoss(nn.Module):
         if not 0 < momentum <= 1:
             raise InputError(f"momentum must be in (0, 1], got {momentum!r}")
         self.kind, self.p, self.normalizer, self.momentum = kind, float(p), normalizer, float(momentum)
+        # lambda as a tensor too, read only under torch.compile: a traced float would be a constant
+        # of the graph, and every new lambda (an annealing schedule) a recompilation.
+        self.register_buffer("lam_tensor", torch.tensor(1.0), persistent=False)
         self.lam = lam
         # Running estimate of the dataset NRAE (units of the loss); NaN = no batch seen yet.
         self.register_buffer("running_nrae", torch.tensor(float("nan")))
@@ -104,8 +107,11 @@ class NRAELoss(nn.Module):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"lambda must be a finite number > 0, got {value!r}")
         self._lam = value
+        self.lam_tensor.fill_(value)
 
     def t(self) -> float | Tensor:
+        if torch.compiler.is_compiling():
+            return self.lam_tensor ** self.p
         return self._lam ** self.p
 
     def aggregate(self, losses: Tensor) -> Tensor:

@@ -178,6 +178,8 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     g.add_argument("--l2", type=_l2, action="append", default=[], metavar="LAYER=COEFF",
                    help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass (losses stay float32)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward pass and the loss (slow first steps; fewer, fused kernels after)")
     g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation, split and shuffling")
     g.add_argument("--grid-lr", type=_floats, default=[], help="comma-separated learning rates to grid-search")
     g.add_argument("--grid-a", type=_floats, default=[], help="comma-separated penalty weights a to grid-search")
@@ -218,7 +220,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         model_kwargs["hidden"] = args.hidden
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_lr=args.lambda_lr,
                         optimizer=args.optimizer, momentum=args.momentum, l2=dict(args.l2), seed=args.seed,
-                        amp=args.amp)
+                        amp=args.amp, compile=args.compile)
     schedule = ScheduleConfig(name=args.schedule, lam0=args.lambda0, p=args.p, kind=args.loss, a=args.a, q=args.q,
                               parameterization=args.lambda_param, gamma=args.gamma, lam_min=args.lambda_min,
                               period=args.period, plain_steps=args.plain_steps, normalizer=args.normalizer,

@@ -63,6 +63,7 @@ class TrainConfig:
     l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
     seed: int = 0
     amp: bool = False               # bfloat16 autocast for the forward pass; losses stay float32
+    compile: bool = False           # torch.compile the forward pass and the loss (docs/usage.md)
     lam_samples_per_epoch: int = 20
     eval_batch_size: int = 1000
 
@@ -205,6 +206,12 @@ class Trainer:
                 if loss is not None:
                     loss.across_ranks = True
             distributed.seed_rank(config.seed, self.world)  # dropout masks differ between ranks
+        # Forward pass and loss: what each step calls, compiled with torch.compile when asked.
+        self.objective = self._objective
+        if config.compile:
+            if self.world is not None:
+                raise InputError("compile is not supported under torch.distributed yet; train without it")
+            self.objective = torch.compile(self._objective)
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -216,6 +223,13 @@ class Trainer:
         self.best_state: dict[str, Tensor] | None = None
 
     # --- one epoch ---------------------------------------------------------------------------
+    def _objective(self, x: Tensor, y: Tensor, criterion: nn.Module) -> tuple[Tensor, Tensor]:
+        """The criterion's objective on a batch, and the per-sample losses it aggregates."""
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
+            out = self.step_model(x)
+        losses = per_sample_loss(out, y, self.schedule.config.kind, self.schedule.config.p)
+        return criterion.aggregate(losses), losses
+
     def train_epoch(self) -> dict[str, Any]:
         model, schedule, c = self.model, self.schedule, self.config
         model.train()
@@ -231,14 +245,9 @@ class Trainer:
         if self.world is not None:
             batches = distributed.shard_batches(batches, self.world)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
-        kind, p = schedule.config.kind, schedule.config.p
         seen = 0
         for i, (x, y) in enumerate(bar):
-            criterion = schedule.criterion(self.step)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.amp):
-                out = self.step_model(x)
-            losses = per_sample_loss(out, y, kind, p)
-            objective = criterion.aggregate(losses)
+            objective, losses = self.objective(x, y, schedule.criterion(self.step))
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if self.world is not None:

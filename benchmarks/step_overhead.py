@@ -3,15 +3,17 @@
 Baselines, measured side by side in the same process:
 1. Step: forward + loss + backward + SGD step on the same batch, with ``nn.CrossEntropyLoss``
    (baseline) and with :class:`anrat.ANRATLoss` (per-sample losses, NRAE, lambda's gradient and
-   update). Reported for lenet5 and an MLP. Target: ratio <= 1.05.
+   update). Reported for lenet5 and an MLP. Target: ratio <= 1.05. With ``--compile`` both sides
+   are also timed with the forward pass and loss under ``torch.compile`` (as ``--compile`` of
+   ``anrat.train`` does), and compiled ANRAT is also set against eager cross-entropy.
 2. Epoch: one epoch of MNIST-sized data through :class:`anrat.trainer.Trainer` (ANRAT schedule)
    against a bare PyTorch loop over the same on-device tensors (same batches, ANRAT loss, no
    metrics/checkpoints/progress). Target: ratio <= 1.10.
 
-Timings alternate between the two sides in rounds and report medians, so drift of the machine
-affects both sides alike.
+Timings alternate between the sides in rounds; a step ratio is the median of the per-round
+ratios, so drift of the machine affects both sides alike, and its quartiles show the spread.
 
-    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 7] [--device auto] [--data-dir DIR]
+    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 40] [--compile] [--device auto] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -47,36 +49,62 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int) -> dict:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return q1, median, q3
+
+
+def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
+                   compiled: bool) -> dict:
+    """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
+    per-round ratios (each round times every side back to back, so a slow spell of the machine
+    enters both terms of a ratio), with its quartiles."""
     device = x.device
     torch.manual_seed(0)
-    model_ce = build_model(name, **model_kwargs).to(device)
-    model_an = build_model(name, **model_kwargs).to(device)
-    model_an.load_state_dict(model_ce.state_dict())
-    opt_ce = torch.optim.SGD(model_ce.parameters(), lr=0.01)
-    anrat = ANRATLoss(init_lambda=10.0).to(device)
-    opt_an = torch.optim.SGD([{"params": model_an.parameters()}, {"params": anrat.parameters(), "lr": 0.001}], lr=0.01)
+    reference = build_model(name, **model_kwargs).to(device)
     ce = torch.nn.CrossEntropyLoss()
 
-    def step_ce():
-        opt_ce.zero_grad(set_to_none=True)
-        ce(model_ce(x), y).backward()
-        opt_ce.step()
+    def make_step(loss: str, compile: bool):
+        model = build_model(name, **model_kwargs).to(device)
+        model.load_state_dict(reference.state_dict())
+        if loss == "ce":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            objective = lambda: ce(model(x), y)  # noqa: E731
+        else:
+            anrat = ANRATLoss(init_lambda=10.0).to(device)
+            optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
+                                        lr=0.01)
+            objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
+        if compile:
+            objective = torch.compile(objective)
 
-    def step_anrat():
-        opt_an.zero_grad(set_to_none=True)
-        anrat.aggregate(per_sample_loss(model_an(x), y)).backward()
-        opt_an.step()
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective().backward()
+            optimizer.step()
+        return step
 
-    for _ in range(steps):  # warm-up
-        step_ce()
-        step_anrat()
-    t_ce, t_an = [], []
+    sides = {"ce": make_step("ce", False), "anrat": make_step("anrat", False)}
+    if compiled:
+        sides |= {"ce compiled": make_step("ce", True), "anrat compiled": make_step("anrat", True)}
+    for step in sides.values():  # warm-up (and compilation)
+        for _ in range(steps):
+            step()
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
-        t_ce.append(time_steps(step_ce, steps, device))
-        t_an.append(time_steps(step_anrat, steps, device))
-    ce_s, an_s = statistics.median(t_ce), statistics.median(t_an)
-    return {"model": name, "ce_s": ce_s, "anrat_s": an_s, "ratio": an_s / ce_s}
+        for side, step in sides.items():
+            times[side].append(time_steps(step, steps, device))
+
+    def ratio(num: str, den: str) -> dict:
+        q1, median, q3 = quartiles([a / b for a, b in zip(times[num], times[den])])
+        return {"num_s": statistics.median(times[num]), "den_s": statistics.median(times[den]),
+                "ratio": median, "q1": q1, "q3": q3}
+
+    rows = {"eager": ratio("anrat", "ce")}
+    if compiled:
+        rows["compiled"] = ratio("anrat compiled", "ce compiled")
+        rows["compiled ANRAT / eager CE"] = ratio("anrat compiled", "ce")
+    return rows
 
 
 def bare_epoch(model, anrat, optimizer, split: Split, batch_size: int, generator) -> None:
@@ -120,6 +148,8 @@ def main() -> None:
     ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark (0: skip it)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", default=None, help="MNIST folder for the epoch benchmark ($ANRAT_DATA_DIR)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both sides with the forward pass and loss under torch.compile")
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
     ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
                     help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
@@ -134,12 +164,14 @@ def main() -> None:
     x = torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     hidden = [int(v) for v in args.mlp_hidden.split(",")]
-    print("\nseconds per training step (median of rounds), ANRAT vs cross-entropy:")
-    print(f"{'model':<22}{'CE':>12}{'ANRAT':>12}{'ratio':>8}")
+    print("\nseconds per training step (median of rounds), ANRAT vs cross-entropy; ratio: median of "
+          "the per-round ratios [quartiles]:")
+    print(f"{'model':<22}{'mode':<28}{'CE':>11}{'ANRAT':>11}{'ratio':>8}  quartiles")
     for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
-        r = step_benchmark(name, kwargs, x, y, args.rounds, args.steps)
         label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
-        print(f"{label:<22}{r['ce_s']:>12.6f}{r['anrat_s']:>12.6f}{r['ratio']:>8.3f}")
+        for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile).items():
+            print(f"{label:<22}{mode:<28}{r['den_s']:>11.6f}{r['num_s']:>11.6f}{r['ratio']:>8.3f}"
+                  f"  [{r['q1']:.3f}, {r['q3']:.3f}]")
     if args.epoch_rounds < 1:
         return
     data = load_dataset("mnist", args.data_dir, device=device)

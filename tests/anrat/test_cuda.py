@@ -93,3 +93,22 @@ def test_an_anrat_epoch_on_cuda_learns_and_moves_lambda():
     lam = trainer.history[-1]["lam"]
     assert after < before - 0.2, (before, after)
     assert lam != pytest.approx(3.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("lam", [1e-3, 3.0, 1e3])
+def test_compiled_anrat_on_cuda_matches_the_cpu(lam, accelerator_path):
+    """torch.compile (inductor, fused kernels) of the loss on CUDA: value and gradients as eager on
+    the CPU; under compile the torch-ops path is traced whichever path eager CUDA takes."""
+    logits, target = batch()
+    results = []
+    for device, compile in (("cpu", False), ("cuda", True)):
+        loss = ANRATLoss(init_lambda=lam, a=0.01).to(device)
+        x = logits.detach().to(device).clone().requires_grad_()
+        step = torch.compile(loss, fullgraph=True) if compile else loss
+        value = step(x, target.to(device))
+        value.backward()
+        results.append((value.item(), x.grad.cpu(), loss.theta.grad.item()))
+    (cpu_v, cpu_g, cpu_t), (cuda_v, cuda_g, cuda_t) = results
+    assert cuda_v == pytest.approx(cpu_v, rel=1e-5)
+    torch.testing.assert_close(cuda_g, cpu_g, rtol=1e-4, atol=1e-6)
+    assert cuda_t == pytest.approx(cpu_t, rel=1e-4, abs=1e-6)
