@@ -34,7 +34,7 @@ from anrat.distributed import env_is_main, process_group_from_env
 from anrat.errors import InputError
 from anrat.models import MODELS, build_model
 from anrat.schedules import SCHEDULES, LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, Trainer, TrainingDiverged
+from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged
 
 
 @dataclass
@@ -178,8 +178,10 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     g.add_argument("--l2", type=_l2, action="append", default=[], metavar="LAYER=COEFF",
                    help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass (losses stay float32)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward pass and the loss (slow first steps; fewer, fused kernels after)")
+    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None, metavar="MODE",
+                   help="torch.compile the forward pass and the loss; MODE is torch.compile's mode, one of "
+                        f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
+                        "graphs). Slow first steps, fewer and fused kernels after")
     g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation, split and shuffling")
     g.add_argument("--grid-lr", type=_floats, default=[], help="comma-separated learning rates to grid-search")
     g.add_argument("--grid-a", type=_floats, default=[], help="comma-separated penalty weights a to grid-search")

@@ -49,6 +49,9 @@ from anrat.schedules import LambdaSchedule
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of one run (the schedule has its own :class:`ScheduleConfig`)."""
@@ -63,7 +66,8 @@ class TrainConfig:
     l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
     seed: int = 0
     amp: bool = False               # bfloat16 autocast for the forward pass; losses stay float32
-    compile: bool = False           # torch.compile the forward pass and the loss (docs/usage.md)
+    # torch.compile mode for the forward pass and the loss (None: eager); see docs/usage.md
+    compile: str | None = None
     lam_samples_per_epoch: int = 20
     eval_batch_size: int = 1000
 
@@ -78,6 +82,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}")
         if not hasattr(torch.optim, self.optimizer) and self.optimizer.lower() not in _OPTIMIZER_NAMES:
             raise InputError(f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise InputError(f"unknown compile mode {self.compile!r}; expected one of {COMPILE_MODES}")
         for layer, coeff in self.l2.items():
             if not (math.isfinite(coeff) and coeff >= 0):
                 raise InputError(f"L2 coefficient for layer {layer!r} must be >= 0, got {coeff!r}")
@@ -208,10 +214,10 @@ class Trainer:
             distributed.seed_rank(config.seed, self.world)  # dropout masks differ between ranks
         # Forward pass and loss: what each step calls, compiled with torch.compile when asked.
         self.objective = self._objective
-        if config.compile:
+        if config.compile is not None:
             if self.world is not None:
                 raise InputError("compile is not supported under torch.distributed yet; train without it")
-            self.objective = torch.compile(self._objective)
+            self.objective = torch.compile(self._objective, mode=config.compile)
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -13,7 +13,7 @@ Baselines, measured side by side in the same process:
 Timings alternate between the sides in rounds; a step ratio is the median of the per-round
 ratios, so drift of the machine affects both sides alike, and its quartiles show the spread.
 
-    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 40] [--compile] [--device auto] [--data-dir DIR]
+    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 40] [--compile [MODE]] [--device auto] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from anrat.data import Split, load_dataset, resolve_device
 from anrat.functional import per_sample_loss
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, Trainer
+from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer
 
 
 def sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
-                   compiled: bool) -> dict:
+                   compile_mode: str | None) -> dict:
     """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
     per-round ratios (each round times every side back to back, so a slow spell of the machine
     enters both terms of a ratio), with its quartiles."""
@@ -76,7 +76,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
                                         lr=0.01)
             objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
         if compile:
-            objective = torch.compile(objective)
+            objective = torch.compile(objective, mode=compile_mode)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
         return step
 
     sides = {"ce": make_step("ce", False), "anrat": make_step("anrat", False)}
-    if compiled:
+    if compile_mode is not None:
         sides |= {"ce compiled": make_step("ce", True), "anrat compiled": make_step("anrat", True)}
     for step in sides.values():  # warm-up (and compilation)
         for _ in range(steps):
@@ -101,7 +101,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
                 "ratio": median, "q1": q1, "q3": q3}
 
     rows = {"eager": ratio("anrat", "ce")}
-    if compiled:
+    if compile_mode is not None:
         rows["compiled"] = ratio("anrat compiled", "ce compiled")
         rows["compiled ANRAT / eager CE"] = ratio("anrat compiled", "ce")
     return rows
@@ -148,8 +148,9 @@ def main() -> None:
     ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark (0: skip it)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", default=None, help="MNIST folder for the epoch benchmark ($ANRAT_DATA_DIR)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time both sides with the forward pass and loss under torch.compile")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                    help="also time both sides with the forward pass and loss under torch.compile in MODE "
+                         "(default: 'default'; 'reduce-overhead' adds CUDA graphs)")
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
     ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
                     help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
@@ -159,7 +160,8 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
           f"threads {torch.get_num_threads()}; batch {args.batch_size}"
-          + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else ""))
+          + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else "")
+          + (f"; compile mode {args.compile}" if args.compile else ""))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)

@@ -22,6 +22,7 @@ def test_help_explains_every_option(assert_help_explains_every_option):
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--lr", "nan"], "lr must be a finite number > 0"),
     (["--l2", "fc2"], "expected LAYER=COEFF"),
+    (["--compile", "fast"], "invalid choice: 'fast'"),
 ])
 def test_bad_values_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
     code, out = run_cli(main, argv + ["--out", str(tmp_path), "--data-dir", str(tmp_path)])

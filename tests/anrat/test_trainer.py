@@ -123,10 +123,10 @@ needs_compiler = pytest.mark.skipif(
 @needs_compiler
 @pytest.mark.parametrize("schedule", ["adaptive", "anneal"])
 def test_compiled_training_follows_eager_training(schedule):
-    """compile=True traces the forward pass and the loss into one graph (torch-ops tilted mean): same
+    """compile="default" traces the forward pass and the loss into one graph (torch-ops tilted mean): same
     trajectory as eager up to float rounding, and lambda changing between epochs (anneal) costs no
     recompilation."""
-    def run(compile: bool) -> Trainer:
+    def run(compile: str | None) -> Trainer:
         torch.manual_seed(0)
         model = build_model("mlp", hidden=[32])  # no dropout: compiled and eager RNG streams differ
         config = TrainConfig(epochs=3, batch_size=50, lr=0.1, lambda_lr=0.1, seed=3, compile=compile)
@@ -137,8 +137,8 @@ def test_compiled_training_follows_eager_training(schedule):
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = run(compile=True)
-    eager = run(compile=False)
+        compiled = run(compile="default")
+    eager = run(compile=None)
     for a, b in zip(compiled.history, eager.history):
         assert a["train_objective"] == pytest.approx(b["train_objective"], rel=1e-4)
         assert a["lam"] == pytest.approx(b["lam"], rel=1e-4)
