@@ -11,7 +11,8 @@ trainer adds what a run needs around it:
 - the best epoch on validation kept in memory and in ``best.pt``;
 - ``last.pt`` after every epoch, written atomically, holding everything needed to resume
   bit-for-bit on the CPU: weights, optimizer, schedule (lambda), epoch, shuffling generator and the
-  global RNG (dropout).
+  global RNG (dropout);
+- on request (``compile``), the forward pass and the loss under ``torch.compile``.
 
 Nothing in the step waits on the device: the metrics are accumulated as tensors and read once per
 epoch.
