@@ -145,10 +145,19 @@ def _l2(text: str) -> tuple[str, float]:
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+    """An ArgumentParser whose usage errors are one line on stderr and exit status 2; command lines
+    report their own refusals the same way with :meth:`report`."""
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def report(self, exc: InputError | TrainingDiverged, prog: str | None = None) -> int:
+        """One line on stderr for a refused input (exit status 2) or a diverged run (1)."""
+        if isinstance(exc, TrainingDiverged):
+            print(f"{prog or self.prog}: {exc}", file=sys.stderr)
+            return 1
+        print(f"{prog or self.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
@@ -242,12 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.train.validate()
         cfg.schedule.validate()
         result = run(cfg)
-    except InputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return 1
+    except (InputError, TrainingDiverged) as exc:
+        return parser.report(exc)
     if not env_is_main():  # under torchrun, rank 0 reports
         return 0
     sel = result["selected"]

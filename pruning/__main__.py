@@ -207,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except InputError as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.report(exc, prog=f"{parser.prog} {args.command}")
     return 0
 
 

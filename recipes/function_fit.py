@@ -438,8 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(args.problems, args.methods, seeds, steps, args.out, workers=args.workers,
                      progress=not args.no_progress, command=command)
     except InputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return parser.report(exc)
     print(markdown_table(result["summary"], {n: make_problem(n, PROBLEM_SEED) for n in args.problems}), end="")
     print(f"{len(result['runs'])} runs in {result['wall_seconds']:.0f} s; wrote {Path(args.out).resolve()}")
     return 0

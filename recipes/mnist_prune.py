@@ -763,12 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         metrics = run(cfg, command)
-    except InputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return 1
+    except (InputError, TrainingDiverged) as exc:
+        return parser.report(exc)
     te, p = metrics["test_error"], metrics["pruning"]
     print(f"test error {_pct(te['trained'])} trained, {_pct(te['pruned'])} pruned "
           f"({_pct(te['onnx'])} with model.onnx under onnxruntime), {te['images']} images; "

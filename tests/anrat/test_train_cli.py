@@ -64,3 +64,12 @@ def test_tiny_run_writes_a_self_describing_checkpoint(mnist_dir, tmp_path, run_c
     result = json.loads((out / "result.json").read_text())
     assert result["test"]["error"] == ckpt["metrics"]["test"]["error"] < 0.5
     assert ckpt["lam"] == 0.5 and ckpt["schedule"]["name"] == "fixed"
+
+
+def test_a_diverged_run_exits_1_with_one_line(mnist_dir, tmp_path, run_cli):
+    code, out = run_cli(main, ["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--model", "mlp",
+                               "--hidden", "16", "--train-subset", "500", "--val-size", "100",
+                               "--test-subset", "100", "--epochs", "1", "--lr", "1e6", "--no-progress"])
+    assert code == 1
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and "training diverged" in lines[0] and "lower the learning rate" in lines[0], out.err
