@@ -48,11 +48,6 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return q1, median, q3
-
-
 def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
                    compile_mode: str | None) -> dict:
     """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
@@ -63,7 +58,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
     reference = build_model(name, **model_kwargs).to(device)
     ce = torch.nn.CrossEntropyLoss()
 
-    def make_step(loss: str, compile: bool):
+    def make_step(loss: str, compiled: bool):
         model = build_model(name, **model_kwargs).to(device)
         model.load_state_dict(reference.state_dict())
         if loss == "ce":
@@ -74,7 +69,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
             optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
                                         lr=0.01)
             objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
-        if compile:
+        if compiled:
             objective = torch.compile(objective, mode=compile_mode)
 
         def step():
@@ -95,7 +90,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
             times[side].append(time_steps(step, steps, device))
 
     def ratio(num: str, den: str) -> dict:
-        q1, median, q3 = quartiles([a / b for a, b in zip(times[num], times[den])])
+        q1, median, q3 = statistics.quantiles([a / b for a, b in zip(times[num], times[den])], n=4)
         return {"num_s": statistics.median(times[num]), "den_s": statistics.median(times[den]),
                 "ratio": median, "q1": q1, "q3": q3}
 
