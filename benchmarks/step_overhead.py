@@ -48,39 +48,50 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
+def make_side(loss: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compile_mode: str | None):
+    """``(objective, optimizer)`` of one side: cross-entropy ("ce") or ANRAT ("anrat") on ``model``,
+    the forward pass and loss compiled in ``compile_mode`` unless it is None."""
+    if loss == "ce":
+        ce = torch.nn.CrossEntropyLoss()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        objective = lambda: ce(model(x), y)  # noqa: E731
+    else:
+        anrat = ANRATLoss(init_lambda=10.0).to(x.device)
+        optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
+                                    lr=0.01)
+        objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
+    if compile_mode is not None:
+        objective = torch.compile(objective, mode=compile_mode)
+    return objective, optimizer
+
+
+def twin_models(name: str, model_kwargs: dict, n: int, device: torch.device) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    reference = build_model(name, **model_kwargs).to(device)
+    models = [build_model(name, **model_kwargs).to(device) for _ in range(n)]
+    for model in models:
+        model.load_state_dict(reference.state_dict())
+    return models
+
+
 def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
                    compile_mode: str | None) -> dict:
     """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
     per-round ratios (each round times every side back to back, so a slow spell of the machine
     enters both terms of a ratio), with its quartiles."""
     device = x.device
-    torch.manual_seed(0)
-    reference = build_model(name, **model_kwargs).to(device)
-    ce = torch.nn.CrossEntropyLoss()
+    plan = [("ce", "ce", None), ("anrat", "anrat", None)]
+    if compile_mode is not None:
+        plan += [("ce compiled", "ce", compile_mode), ("anrat compiled", "anrat", compile_mode)]
+    sides = {}
+    for (side, loss, mode), model in zip(plan, twin_models(name, model_kwargs, len(plan), device)):
+        objective, optimizer = make_side(loss, model, x, y, mode)
 
-    def make_step(loss: str, compiled: bool):
-        model = build_model(name, **model_kwargs).to(device)
-        model.load_state_dict(reference.state_dict())
-        if loss == "ce":
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-            objective = lambda: ce(model(x), y)  # noqa: E731
-        else:
-            anrat = ANRATLoss(init_lambda=10.0).to(device)
-            optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
-                                        lr=0.01)
-            objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
-        if compiled:
-            objective = torch.compile(objective, mode=compile_mode)
-
-        def step():
+        def step(objective=objective, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
             objective().backward()
             optimizer.step()
-        return step
-
-    sides = {"ce": make_step("ce", False), "anrat": make_step("anrat", False)}
-    if compile_mode is not None:
-        sides |= {"ce compiled": make_step("ce", True), "anrat compiled": make_step("anrat", True)}
+        sides[side] = step
     for step in sides.values():  # warm-up (and compilation)
         for _ in range(steps):
             step()
@@ -99,6 +110,38 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
         rows["compiled"] = ratio("anrat compiled", "ce compiled")
         rows["compiled ANRAT / eager CE"] = ratio("anrat compiled", "ce")
     return rows
+
+
+PHASES = ("zero_grad", "forward + loss", "backward", "optimizer step")
+
+
+def phase_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
+    """Eager seconds of each phase of a step (median over ``steps`` steps, the two sides alternating
+    step by step): where ANRAT's extra time goes."""
+    device = x.device
+    models = twin_models(name, model_kwargs, 2, device)
+    sides = {loss: make_side(loss, model, x, y, None) for loss, model in zip(("ce", "anrat"), models)}
+    times = {loss: {phase: [] for phase in PHASES} for loss in sides}
+    for i in range(steps + 20):  # the first 20 steps warm up
+        for loss, (objective, optimizer) in sides.items():
+            sync(device)
+            marks = [time.perf_counter()]
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            marks.append(time.perf_counter())
+            value = objective()
+            sync(device)
+            marks.append(time.perf_counter())
+            value.backward()
+            sync(device)
+            marks.append(time.perf_counter())
+            optimizer.step()
+            sync(device)
+            marks.append(time.perf_counter())
+            if i >= 20:
+                for phase, start, end in zip(PHASES, marks, marks[1:]):
+                    times[loss][phase].append(end - start)
+    return {loss: {phase: statistics.median(v) for phase, v in by_phase.items()} for loss, by_phase in times.items()}
 
 
 def bare_epoch(model, anrat, optimizer, split: Split, batch_size: int, generator) -> None:
@@ -145,6 +188,8 @@ def main() -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                     help="also time both sides with the forward pass and loss under torch.compile in MODE "
                          "(default: 'default'; 'reduce-overhead' adds CUDA graphs)")
+    ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
+                    help="also time each phase of an eager step over STEPS steps (0: skip)")
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
     ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
                     help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
@@ -168,6 +213,15 @@ def main() -> None:
         for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile).items():
             print(f"{label:<22}{mode:<28}{r['den_s']:>11.6f}{r['num_s']:>11.6f}{r['ratio']:>8.3f}"
                   f"  [{r['q1']:.3f}, {r['q3']:.3f}]")
+    if args.phases:
+        print(f"\nmicroseconds per phase of an eager step (median of {args.phases} steps):")
+        print(f"{'model':<22}{'phase':<18}{'CE':>10}{'ANRAT':>10}{'extra':>10}")
+        for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
+            label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
+            r = phase_benchmark(name, kwargs, x, y, args.phases)
+            for phase in PHASES:
+                ce_us, an_us = r["ce"][phase] * 1e6, r["anrat"][phase] * 1e6
+                print(f"{label:<22}{phase:<18}{ce_us:>10.1f}{an_us:>10.1f}{an_us - ce_us:>10.1f}")
     if args.epoch_rounds < 1:
         return
     data = load_dataset("mnist", args.data_dir, device=device)

@@ -148,6 +148,7 @@ def test_help_explains_every_option(assert_help_explains_every_option):
     (["--set", "run.train.epoch=1"], "unknown option 'run.train.epoch'"),
     (["--set", "run.train.epochs='three'"], "option 'run.train.epochs' must be of type"),
     (["--lambda0", "0"], "lam0 must be a finite number > 0"),
+    (["--set", "run.train.compile='fast'"], "unknown compile mode 'fast'"),
     (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
     (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
 ])
