@@ -10,38 +10,31 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from anrat.atomic_files import atomic_path
+from anrat.data import DATASET_NORMS
 from anrat.errors import InputError
+from anrat.input_norm import InputNorm
 from anrat.models import build_model
 
 FORMAT = "anrat.checkpoint/1"
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync, then rename.
+    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync, then rename
+    (:func:`anrat.atomic_files.atomic_path`).
 
     A crash mid-write leaves the previous file intact: readers see the old or the new file, never
     half of one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -77,3 +70,19 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     except RuntimeError as exc:
         raise InputError(f"checkpoint weights do not fit architecture {arch}: {str(exc).splitlines()[0]}") from None
     return model
+
+
+def recorded_input_norm(ckpt: dict[str, Any]) -> InputNorm | None:
+    """The input normalisation a checkpoint's model was trained (or pruned) with, None when unknown.
+
+    Checkpoints record it under ``"input_norm"``. Trainer checkpoints written before that key
+    existed are read as their dataset's normalisation: ``anrat-train`` always applied it.
+    """
+    if not isinstance(ckpt, dict):
+        return None
+    if "input_norm" in ckpt:
+        return InputNorm.from_dict(ckpt["input_norm"], "the checkpoint's 'input_norm'")
+    run_config = ckpt.get("run_config")
+    if ckpt.get("format") == FORMAT and isinstance(run_config, dict) and run_config.get("dataset") in DATASET_NORMS:
+        return DATASET_NORMS[run_config["dataset"]]
+    return None

@@ -6,9 +6,14 @@ compressed (``.gz``) or not. They are decompressed into a cache folder in the la
 into the source folder, and torchvision reads them from there. Only ``download=True`` lets
 torchvision download, into the cache root.
 
-Images are float32 of shape (N, 1, 28, 28): ``x = (pixel / 255 - mean) / std`` with the dataset's
-training-set mean and standard deviation. Labels are int64 class indices of shape (N,). A
-validation set of ``val_size`` training images is held out by a permutation seeded with ``seed``.
+Images are float32 of shape (N, 1, 28, 28): by default ``x = (pixel / 255 - mean) / std`` with the
+dataset's training-set mean and standard deviation (:data:`DATASET_NORMS`), or any other
+:class:`anrat.input_norm.InputNorm` (``input_norm="none"``: ``pixel / 255`` as it is). Labels are
+int64 class indices of shape (N,). A validation set of ``val_size`` training images is held out by
+a permutation seeded with ``seed``.
+
+:func:`as_split` turns the data a user already has (a ``DataLoader``, a ``Dataset``, an ``(x, y)``
+pair) into a :class:`Split`; :mod:`anrat.data_files` reads tensor files and image folders.
 """
 
 from __future__ import annotations
@@ -19,17 +24,19 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
+from anrat.atomic_files import atomic_path
 from anrat.errors import InputError
+from anrat.input_norm import InputNorm
 
 DATASETS = ("mnist", "fashion_mnist")
 # name -> (torchvision class, training-set pixel mean and std on the [0, 1] scale)
@@ -37,6 +44,8 @@ _SPECS: dict[str, tuple[type[datasets.MNIST], float, float]] = {
     "mnist": (datasets.MNIST, 0.1307, 0.3081),
     "fashion_mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
 }
+# name -> the normalisation the toolkit trains with by default (the training set's mean and std)
+DATASET_NORMS: dict[str, InputNorm] = {name: InputNorm.of(mean, std) for name, (_, mean, std) in _SPECS.items()}
 # file name (without .gz) -> number of dimensions in its IDX header
 IDX_FILES: dict[str, int] = {
     "train-images-idx3-ubyte": 3,
@@ -102,8 +111,8 @@ class Split:
 class DataSplits:
     """Train, optional validation and test splits of one dataset, all on one device.
 
-    ``mean`` and ``std`` are the normalisation applied to every image, ``x = (pixel/255 - mean)/std``;
-    a deployed model needs its input normalised the same way.
+    ``input_norm`` is the normalisation applied to every image (on the [0, 1] pixel scale); a
+    deployed model needs its input normalised the same way.
     """
 
     train: Split
@@ -112,8 +121,8 @@ class DataSplits:
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
-    mean: float
-    std: float
+    input_norm: InputNorm
+    sources: dict[str, str] | None = None  # where each split came from, for reports
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -192,21 +201,15 @@ def _fill_cache(name: str, sources: dict[str, Path], cache_root: Path) -> Path:
         target = raw / file_name
         if target.is_file():
             continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=raw)
-        os.close(fd)
         try:
-            with open(source, "rb") as f:
-                compressed = source.suffix == ".gz" or f.read(2) == b"\x1f\x8b"  # gzip magic
-            with (gzip.open(source) if compressed else open(source, "rb")) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-            _check_idx(Path(tmp), source, IDX_FILES[file_name])
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-            os.replace(tmp, target)  # atomic: a crash never leaves a half-written file in the cache
+            with atomic_path(target) as tmp:  # a crash never leaves a half-written file in the cache
+                with open(source, "rb") as f:
+                    compressed = source.suffix == ".gz" or f.read(2) == b"\x1f\x8b"  # gzip magic
+                with (gzip.open(source) if compressed else open(source, "rb")) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                _check_idx(Path(tmp), source, IDX_FILES[file_name])
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise InputError(f"{source} is corrupt or truncated: cannot decompress it ({e})") from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return root
 
 
@@ -223,9 +226,11 @@ def _read(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, T
     return dataset.data, dataset.targets
 
 
-def _to_split(images: Tensor, labels: Tensor, mean: float, std: float, device: torch.device) -> Split:
+def _to_split(images: Tensor, labels: Tensor, norm: InputNorm, device: torch.device) -> Split:
     # Move uint8 first: a quarter of the bytes of float32 cross to the device.
-    x = images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
+    x = images.to(device).unsqueeze(1).float().div_(255)
+    if not norm.is_identity:
+        x = norm.apply(x)
     return Split(x, labels.to(device))
 
 
@@ -240,8 +245,12 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    input_norm: InputNorm | str = "dataset",
 ) -> DataSplits:
     """Load ``name`` ("mnist" or "fashion_mnist") whole onto ``device`` as normalised tensors.
+
+    ``input_norm`` is ``"dataset"`` (the training set's mean and std, :data:`DATASET_NORMS`),
+    ``"none"`` (``pixel / 255`` in [0, 1]) or an :class:`~anrat.input_norm.InputNorm`.
 
     Files come from ``data_dir``, else ``$ANRAT_DATA_DIR``; with neither, ``download=True`` lets
     torchvision download into the cache root. The cache is ``cache_dir``, else
@@ -254,7 +263,8 @@ def load_dataset(
     """
     if name not in _SPECS:
         raise InputError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    dataset_cls, mean, std = _SPECS[name]
+    dataset_cls = _SPECS[name][0]
+    norm = input_norm if isinstance(input_norm, InputNorm) else InputNorm.parse(str(input_norm), DATASET_NORMS[name])
     _check_count("val_size", val_size, 0, 10**9)
     for what, subset in (("train_subset", train_subset), ("test_subset", test_subset)):
         if subset is not None:
@@ -294,12 +304,60 @@ def load_dataset(
         test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
 
     return DataSplits(
-        train=_to_split(train_images[train_index], train_labels[train_index], mean, std, device),
-        val=_to_split(train_images[val_index], train_labels[val_index], mean, std, device) if val_size else None,
-        test=_to_split(test_images, test_labels, mean, std, device),
+        train=_to_split(train_images[train_index], train_labels[train_index], norm, device),
+        val=_to_split(train_images[val_index], train_labels[val_index], norm, device) if val_size else None,
+        test=_to_split(test_images, test_labels, norm, device),
         name=name,
         num_classes=num_classes,
         input_shape=(1, *train_images.shape[1:]),
-        mean=mean,
-        std=std,
+        input_norm=norm,
     )
+
+
+def as_split(data: Any, what: str = "data", device: str | torch.device | None = None) -> Split:
+    """The data a user already has as one :class:`Split` of whole tensors.
+
+    Accepts a :class:`Split` (returned as is unless ``device`` differs), an ``(x, y)`` pair of
+    tensors, a ``torch.utils.data.Dataset`` whose items are ``(input tensor, target)`` pairs (a
+    ``TensorDataset``, or a torchvision dataset with ``transform=ToTensor()``), or a ``DataLoader``
+    over such items. A dataset or loader is read once, in its own order, and held in memory: the
+    pruning stage samples and reshuffles it many times. ``what`` names the data in error messages.
+    """
+    if isinstance(data, Split):
+        split = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        split = Split(data[0], data[1])
+    elif isinstance(data, DataLoader):
+        split = _collect(data, what)
+    elif isinstance(data, Dataset):
+        split = _collect(DataLoader(data, batch_size=1024, shuffle=False), what)
+    else:
+        raise InputError(f"{what} must be an anrat.data.Split, an (x, y) pair of tensors, a torch Dataset of "
+                         f"(input, target) items or a DataLoader over them; got {type(data).__name__}")
+    if split.x.dim() < 2 or len(split) == 0:
+        raise InputError(f"{what} must hold at least one sample with a batch dimension first; inputs have shape "
+                         f"{tuple(split.x.shape)}")
+    if not split.x.is_floating_point():
+        raise InputError(f"{what} inputs must be floating point (e.g. pixel / 255), got {split.x.dtype}")
+    return split.to(device) if device is not None and split.x.device != torch.device(device) else split
+
+
+def _collect(loader: DataLoader, what: str) -> Split:
+    xs, ys = [], []
+    try:
+        for item in loader:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise InputError(f"{what}: each batch must be an (inputs, targets) pair, got {type(item).__name__}"
+                                 f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}")
+            x, y = item
+            if not isinstance(x, Tensor):
+                raise InputError(f"{what}: inputs are {type(x).__name__}, not tensors; give the dataset a "
+                                 "transform such as torchvision.transforms.ToTensor()")
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+    except TypeError as exc:  # default_collate refuses PIL images and ragged items with a TypeError
+        raise InputError(f"{what} could not be batched ({str(exc).splitlines()[0]}); items must be (tensor, target) "
+                         "pairs of one shape, e.g. a torchvision dataset with transform=ToTensor()") from None
+    if not xs:
+        raise InputError(f"{what} is empty")
+    return Split(torch.cat(xs), torch.cat(ys))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import save_atomic
 from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import env_is_main, process_group_from_env
@@ -70,7 +71,7 @@ def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer
     schedule = LambdaSchedule(replace(cfg.schedule))
     trainer = Trainer(model, schedule, data.train, data.val, cfg.train, out_dir=out_dir,
                       arch={"name": cfg.model, "kwargs": kwargs}, progress=cfg.progress,
-                      run_config=asdict(cfg))
+                      run_config=asdict(cfg), input_norm=data.input_norm)
     result = trainer.fit(resume=cfg.resume)
     summary = {"best_epoch": result.best_epoch, "val": result.best_val, "switch_epoch": result.switch_epoch,
                "lr": cfg.train.lr, "a": cfg.schedule.a, "out_dir": str(out_dir)}
@@ -117,7 +118,7 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     if trainer.writes_files:  # rank 0 under torch.distributed
         save_atomic(trainer.model_checkpoint(metrics={"val": summary["val"], "test": test,
                                                        "best_epoch": summary["best_epoch"]}), out / "model.pt")
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(out / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -219,7 +220,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--out", default=d.out_dir, help="output folder")
     g.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress lines (one per epoch) or bars")
     return ap
 
 

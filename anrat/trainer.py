@@ -40,10 +40,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from anrat import distributed
+from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
-from anrat.data import Split
+from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.functional import per_sample_loss
+from anrat.input_norm import InputNorm
 from anrat.losses import ANRATLoss
 from anrat.schedules import LambdaSchedule
 
@@ -128,8 +130,15 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
-    """Mean per-sample loss and, for classification, the error rate (fraction misclassified)."""
+def evaluate(model: nn.Module, split: Split | Any, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
+    """Mean per-sample loss and, for classification, the error rate (fraction misclassified).
+
+    ``split`` is a :class:`Split` or any data :func:`anrat.data.as_split` takes (an ``(x, y)``
+    pair, a ``Dataset``, a ``DataLoader``), moved to the model's device; inputs are used as given.
+    """
+    if not isinstance(split, Split):
+        params = next(model.parameters(), None)
+        split = as_split(split, "data", params.device if params is not None else None)
     return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size), _classifies(kind, split))
 
 
@@ -163,6 +172,20 @@ def _evaluation_result(sums: Tensor, classify: bool) -> dict[str, float]:
     return result
 
 
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One plain line for an epoch's record: losses, validation, time, and the time left."""
+    parts = [f"epoch {record['epoch']}/{epochs}: training loss {record['train_loss']:.4g}"]
+    if record.get("lam") is not None and not record.get("switched"):
+        parts.append(f"lambda {record['lam']:.3g}")
+    if "val_error" in record:
+        parts.append(f"validation error {record['val_error']:.2%}")
+    elif "val_loss" in record:
+        parts.append(f"validation loss {record['val_loss']:.4g}")
+    left = record["seconds"] * (epochs - record["epoch"])
+    parts.append(f"{record['seconds']:.1f} s" + (f", ~{left / 60:.1f} min left" if left > 0 else ""))
+    return "; ".join(parts)
+
+
 class TrainingDiverged(RuntimeError):
     """The objective became non-finite: the weights diverged (usually: learning rate too high)."""
 
@@ -188,20 +211,24 @@ class Trainer:
             with several nodes it must be a folder they share.
         arch: ``{"name": ..., "kwargs": ...}`` to store in checkpoints so the model can be rebuilt.
         optimizer_factory: builds the optimizer from parameter groups (default: ``config.optimizer``).
-        progress: show a progress bar per epoch (also off when stderr is not a terminal).
+        progress: report progress on stderr: one plain line per epoch (with the time left), and
+            on a terminal also a progress bar within each epoch.
+        input_norm: the normalisation the training inputs received, recorded in checkpoints so
+            that later stages feed the model the same way.
     """
 
     def __init__(self, model: nn.Module, schedule: LambdaSchedule, train: Split, val: Split | None,
                  config: TrainConfig, out_dir: str | Path | None = None, arch: dict[str, Any] | None = None,
                  optimizer_factory: OptimizerFactory | None = None, progress: bool = True,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, input_norm: InputNorm | None = None) -> None:
         config.validate()
         self.model, self.schedule, self.train_split, self.val_split = model, schedule, train, val
-        self.config, self.arch, self.run_config = config, arch, run_config or {}
+        self.config, self.arch, self.run_config, self.input_norm = config, arch, run_config or {}, input_norm
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.world = distributed.current_world()  # None: a single process
         self.writes_files = self.world is None or self.world.is_main
-        self.progress = progress and sys.stderr.isatty() and self.writes_files
+        self.progress = progress and self.writes_files
+        self.progress_bar = self.progress and sys.stderr.isatty()
         device = train.x.device
         if schedule.nrae is not None:
             schedule.nrae.to(device)
@@ -251,7 +278,7 @@ class Trainer:
         batches = self.train_split.batches(c.batch_size, shuffle=True, generator=self.generator)
         if self.world is not None:
             batches = distributed.shard_batches(batches, self.world)
-        bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress_bar, leave=False)
         seen = 0
         for i, (x, y) in enumerate(bar):
             objective, losses = self.objective(x, y, schedule.criterion(self.step))
@@ -330,6 +357,8 @@ class Trainer:
             self.history.append(record)
             self.save()
             self._append_metrics(record)
+            if self.progress:
+                print(epoch_line(record, epochs), file=sys.stderr, flush=True)
         self.load_best()
         return TrainResult(self.best_epoch, self.best_val, self.history, self.schedule.switch_epoch)
 
@@ -360,6 +389,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "metrics": metrics if metrics is not None else {"val": self.best_val},
             "run_config": self.run_config,
+            **({"input_norm": self.input_norm.as_dict()} if self.input_norm is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -419,7 +449,5 @@ class Trainer:
         """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a resume)."""
         if self.out_dir is not None and self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            tmp.replace(self.out_dir / "metrics.jsonl")
+            write_text_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 

@@ -4,13 +4,22 @@ Subcommands:
 
 ``prune``
     Takes a checkpoint of our trainer (``--checkpoint model.pt``) or any model from a factory
-    (``--factory package.module:function --weights state_dict.pt``), and a dataset (MNIST or
-    Fashion-MNIST, as for training). Tests every connection's significance, prunes, fine-tunes,
-    and writes to ``--out``: ``pruned.pt`` (loads with ``weights_only=True`` and rebuilds the
-    smaller network), ``model.onnx`` (verified against PyTorch), ``report.json``.
+    (``--factory package.module:function --weights state_dict.pt``), and data: a named dataset
+    (MNIST or Fashion-MNIST IDX files) and/or the user's own files (``--train-data``,
+    ``--val-data``, ``--test-data``: a tensor file or an image folder). Tests every connection's
+    significance, prunes, fine-tunes, and writes to ``--out``: ``pruned.pt`` (loads with
+    ``weights_only=True`` and rebuilds the smaller network), ``model.onnx`` (verified against
+    PyTorch), ``report.json``, ``rounds.jsonl``.
 
 ``export``
-    Turns any checkpoint (trainer or pruned) into a verified ONNX file.
+    Turns any checkpoint (trainer or pruned) or a plain state_dict with its factory into a
+    verified ONNX file; ``--include-preprocessing`` makes the graph take [0, 1] pixels.
+
+**The input contract.** Inputs reach the model exactly as it was trained to take them: images are
+read as ``pixel / 255`` in [0, 1], then normalised by ``--input-norm`` (``none``, ``dataset``,
+``MEAN,STD``, or per channel ``M1,M2,M3:S1,S2,S3``). The default is the normalisation recorded in
+our checkpoints, and ``none`` for a model from a factory. The normalisation in force goes into
+``report.json``, ``pruned.pt`` and the ONNX file's ``metadata_props``.
 
 Weights files are read with ``torch.load(weights_only=True)``: a file holding pickled code is
 refused. Bad input exits with status 2 and one line.
@@ -24,31 +33,44 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from anrat.checkpoint import load_checkpoint, model_from_checkpoint
-from anrat.data import DATASETS, load_dataset, resolve_device
+from anrat.atomic_files import atomic_path, write_text_atomic
+from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
+from anrat.data import DATASET_NORMS, DATASETS, load_dataset, resolve_device
+from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.errors import InputError
+from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.train import OneLineErrorParser
 from anrat.trainer import evaluate
 from pruning.export import compare_models, export_onnx
 from pruning.masks import count_nonzero, count_total
-from pruning.prune import FineTune, prune
+from pruning.prune import FineTune, prune, round_line
+from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import import_factory, load_pruned, save_pruned
 from pruning.significance import ESTIMATORS
 
+DEFAULT_VAL_SIZE = 10_000
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to prune, and how to describe it in the pruned checkpoint."""
-    if bool(args.checkpoint) == bool(args.factory):
-        raise InputError("give either --checkpoint (a model.pt of anrat-train) or --factory with --weights")
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        return model_from_checkpoint(ckpt), {"arch": ckpt["arch"]}
+
+@dataclass
+class LoadedModel:
+    """A model to prune or export, how to describe it in a pruned checkpoint, and what its
+    checkpoint recorded (input normalisation, the training run's settings)."""
+
+    model: nn.Module
+    description: dict[str, Any]
+    recorded_norm: InputNorm | None
+    run_config: dict[str, Any]
+    source: str
+
+
+def _factory_model(args: argparse.Namespace) -> LoadedModel:
     if not args.weights:
         raise InputError("--factory needs --weights, a state_dict saved with torch.save")
     try:
@@ -65,37 +87,112 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise InputError(f"weights in {args.weights!r} do not fit the model of {args.factory!r}: "
                          f"{str(exc).splitlines()[0]}") from None
-    return model, {"factory": args.factory, "factory_kwargs": factory_kwargs}
+    recorded = recorded_input_norm(weights) if isinstance(weights, dict) and "input_norm" in weights else None
+    return LoadedModel(model, {"factory": args.factory, "factory_kwargs": factory_kwargs}, recorded, {},
+                       f"factory {args.factory}")
 
 
-def check_fits(model: nn.Module, x: torch.Tensor, dataset: str) -> None:
+def load_model(args: argparse.Namespace, checkpoint: str | None, allow_factories: Sequence[str] = ()) -> LoadedModel:
+    """The model named on the command line: a checkpoint of ours (trainer or pruned), or
+    ``--factory`` with ``--weights`` (naming the factory on the command line is trusting it)."""
+    if bool(checkpoint) == bool(args.factory):
+        raise InputError("give either a checkpoint (model.pt of anrat-train, pruned.pt of anrat-prune) or --factory "
+                         "with --weights")
+    if args.factory:
+        return _factory_model(args)
+    ckpt = load_checkpoint(checkpoint)
+    if isinstance(ckpt, dict) and ckpt.get("format") == PRUNED_FORMAT:
+        model = load_pruned(checkpoint, allow_factories=allow_factories)
+    else:
+        model = model_from_checkpoint(ckpt)
+    description = {"arch": ckpt["arch"]} if "arch" in ckpt else {"factory": ckpt["factory"]["target"],
+                                                                 "factory_kwargs": ckpt["factory"].get("kwargs", {})}
+    return LoadedModel(model, description, recorded_input_norm(ckpt), ckpt.get("run_config") or {}, checkpoint)
+
+
+def resolve_input_norm(args: argparse.Namespace, loaded: LoadedModel, dataset: str | None) -> tuple[InputNorm, str]:
+    """The normalisation in force and why: ``--input-norm``, else what the checkpoint recorded,
+    else ``none`` for a factory model (its inputs are used as given)."""
+    if args.input_norm is not None:
+        norm = InputNorm.parse(args.input_norm, DATASET_NORMS.get(dataset) if dataset else None)
+        if loaded.recorded_norm is not None and norm != loaded.recorded_norm:
+            print(f"warning: --input-norm {args.input_norm} differs from the normalisation recorded in "
+                  f"{loaded.source} ({loaded.recorded_norm.describe()})", file=sys.stderr)
+        return norm, "--input-norm"
+    if loaded.recorded_norm is not None:
+        return loaded.recorded_norm, f"recorded in {loaded.source}"
+    if args.factory:
+        return InputNorm.none(), "default for a factory model: inputs used as given"
+    raise InputError(f"{loaded.source} does not record which input normalisation its model expects; pass "
+                     "--input-norm none, dataset or MEAN,STD")
+
+
+def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
     """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback."""
     model.eval()
     try:
         with torch.no_grad():
             out = model(x[:2])
     except RuntimeError as exc:
-        raise InputError(f"the model does not accept {dataset} inputs of shape {tuple(x.shape[1:])}: "
+        raise InputError(f"the model does not accept {source} of shape {tuple(x.shape[1:])}: "
                          f"{str(exc).splitlines()[0]}") from None
-    if out.dim() != 2:
-        raise InputError(f"the model's output has shape {tuple(out.shape)}; expected (batch, classes)")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
+
+
+def check_prune_options(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before anything is read or written."""
+    checks = [
+        (0 < args.alpha < 1, f"--alpha must be in (0, 1), got {args.alpha}"),
+        (0 < args.step <= 1, f"--step must be in (0, 1], got {args.step}"),
+        (args.max_rounds >= 1, f"--max-rounds must be >= 1, got {args.max_rounds}"),
+        (args.tolerance >= 0, f"--tolerance must be >= 0, got {args.tolerance}"),
+        (args.fine_tune_epochs >= 0, f"--fine-tune-epochs must be >= 0, got {args.fine_tune_epochs}"),
+        (args.fine_tune_lr > 0, f"--fine-tune-lr must be > 0, got {args.fine_tune_lr}"),
+        (args.max_samples >= 1, f"--max-samples must be >= 1, got {args.max_samples}"),
+    ]
+    for ok, message in checks:
+        if not ok:  # NaN fails every comparison, so it is refused here too
+            raise InputError(message)
+    if args.structured_only and args.no_structured:
+        raise InputError("--structured-only and --no-structured leave nothing to prune")
+
+
+def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str) -> tuple[int, int, bool]:
+    """Validation size and split seed: as given; else, for a checkpoint of anrat-train on the same
+    dataset, the images its training held out; else 10,000 images chosen by ``--seed``."""
+    run = loaded.run_config
+    if args.val_size is None and run.get("dataset") == dataset and isinstance(run.get("val_size"), int) \
+            and run["val_size"] > 0 and not args.train_data:
+        return run["val_size"], int(run.get("train", {}).get("seed", 0)), True
+    return (DEFAULT_VAL_SIZE if args.val_size is None else args.val_size), args.seed, False
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    if not 0 < args.alpha < 1:
-        raise InputError(f"--alpha must be in (0, 1), got {args.alpha}")
+    check_prune_options(args)
     device = resolve_device(args.device)
-    model, description = load_model(args)
-    data = load_dataset(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, device=device,
-                        train_subset=args.train_subset, test_subset=args.test_subset)
-    if data.val is None:
-        raise InputError("pruning needs a validation split (--val-size > 0) for its rollback rule")
+    loaded = load_model(args, args.checkpoint)
+    model = loaded.model
+    dataset = args.dataset or (loaded.run_config.get("dataset") if not (args.train_data and args.test_data) else None)
+    norm, norm_origin = resolve_input_norm(args, loaded, dataset)
+    val_size, split_seed, held_out_by_training = _split_defaults(args, loaded, dataset or "mnist")
+    data = load_splits(input_norm=norm, dataset=dataset, data_dir=args.data_dir, train_data=args.train_data,
+                       val_data=args.val_data, test_data=args.test_data, val_size=val_size, seed=split_seed,
+                       train_subset=args.train_subset, test_subset=args.test_subset, image_mode=args.image_mode,
+                       device=device)
+    if held_out_by_training:
+        data.sources["val"] = (f"the {val_size} training images {loaded.source} held out for validation "
+                               f"(seed {split_seed})")
     model.to(device)
-    check_fits(model, data.train.x, args.dataset)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_fits(model, data.train.x, f"inputs from {data.sources['train']}")
+    if not held_out_by_training and not args.val_data and not args.quiet:
+        print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data",
+              file=sys.stderr)
     dense = copy.deepcopy(model)
     test_before = evaluate(model, data.test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rounds_log = out / "rounds.jsonl"
     rounds_log.write_text("")
 
@@ -103,52 +200,97 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         with rounds_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if not args.quiet:
-            print(json.dumps(record), file=sys.stderr)
+            print(round_line(record), file=sys.stderr, flush=True)
 
+    if not args.quiet:
+        print(f"pruning {count_total(model):,} parameters of {loaded.source}; input normalisation: {norm.describe()} "
+              f"({norm_origin}); test error before: {test_before['error']:.2%}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = prune(model, data.train, data.val, alpha=args.alpha, method=args.method, estimator=args.estimator,
                    max_samples=args.max_samples, structured=not args.no_structured,
-                   unstructured=not args.no_unstructured,
+                   unstructured=not args.structured_only,
                    fine_tune_config=FineTune(epochs=args.fine_tune_epochs, lr=args.fine_tune_lr, seed=args.seed),
                    tolerance=args.tolerance, max_rounds=args.max_rounds, step=args.step,
                    progress=not args.quiet and sys.stderr.isatty(), log=log)
+    prune_seconds = time.perf_counter() - start
     test_after = evaluate(result.model, data.test)
     pruned = result.model.cpu()
     dense.cpu()
     metrics = {"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
                "val_after": result.final_val}
-    save_pruned(pruned, out / "pruned.pt", metrics=metrics, arch=description.get("arch"),
-                factory=description.get("factory"), factory_kwargs=description.get("factory_kwargs"))
+    save_pruned(pruned, out / "pruned.pt", metrics=metrics, arch=loaded.description.get("arch"),
+                factory=loaded.description.get("factory"), factory_kwargs=loaded.description.get("factory_kwargs"),
+                input_norm=norm)
     verify = data.test.x[:256].cpu()
-    sizes = compare_models(dense, pruned, verify[:2], out / "onnx", verify_inputs=verify)
-    shutil.copyfile(out / "onnx" / "pruned.onnx", out / "model.onnx")  # exported and verified just above
+    sizes = compare_models(dense, pruned, verify[:2], out / "onnx", verify_inputs=verify,
+                           metadata=norm.onnx_metadata(in_graph=False))
+    with atomic_path(out / "model.onnx") as tmp:
+        shutil.copyfile(out / "onnx" / "pruned.onnx", tmp)  # exported and verified just above
     report = {"params_before": result.params_before, "params_after": result.params_after,
               "nonzero_after": result.nonzero_after,
               "fraction_removed": 1 - result.nonzero_after / result.params_before,
-              **metrics, "rounds": result.rounds, "onnx": sizes, "seconds": time.perf_counter() - start,
+              **metrics, "input_norm": {**norm.as_dict(), "origin": norm_origin}, "data": data.sources,
+              "deployment": sizes["speedup"], "rounds": result.rounds, "onnx": sizes, "seconds": prune_seconds,
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"removed {report['fraction_removed']:.1%} of {result.params_before} weights; test error "
-          f"{test_before['error']:.4%} -> {test_after['error']:.4%}; ONNX {sizes['dense']['onnx_bytes']} -> "
-          f"{sizes['pruned']['onnx_bytes']} bytes; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, {out / 'report.json'}")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    print(f"removed {report['fraction_removed']:.1%} of {result.params_before:,} weights "
+          f"({result.params_after:,} parameters left after unit removal); test error "
+          f"{test_before['error']:.2%} -> {test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
+          f"{sizes['pruned']['onnx_bytes']:,} bytes; {sizes['speedup']['summary']}")
+    print(f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
+          f"{out / 'report.json'}")
     return report
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_pruned(args.checkpoint, allow_factories=args.allow_factory or ())
-    shape = tuple(int(v) for v in args.input_shape.split(","))
-    if args.data_dir:
-        verify = load_dataset(args.dataset, args.data_dir, val_size=0, test_subset=256).test.x
-        source = f"{args.dataset} test images"
+    loaded = load_model(args, args.checkpoint, allow_factories=args.allow_factory or ())
+    model = loaded.model.eval()
+    norm, norm_origin = resolve_input_norm(args, loaded, args.dataset)
+    # The verification inputs are what the exported graph takes: raw pixels when it normalises itself.
+    feed_norm = InputNorm.none() if args.include_preprocessing else norm
+    if args.test_data:
+        verify = feed_norm.apply(load_data_file(args.test_data, "--test-data", args.image_mode).split.x[:256])
+        source = f"inputs from {args.test_data}"
+    elif args.data_dir:
+        verify = load_dataset(args.dataset or "mnist", args.data_dir, val_size=0, test_subset=256,
+                              input_norm=feed_norm).test.x
+        source = f"{args.dataset or 'mnist'} test images"
     else:
-        verify = torch.randn(256, *shape, generator=torch.Generator().manual_seed(0))
-        source = "standard-normal inputs (give --data-dir to verify on real images)"
-    check_fits(model, verify, source)
-    report = export_onnx(model, args.out, verify[:2], verify_inputs=verify)
-    print(f"wrote {args.out} ({report.onnx_bytes} bytes, {count_nonzero(model)}/{count_total(model)} nonzero "
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise InputError(f"--input-shape must be positive integers such as 1,28,28, got {args.input_shape!r}")
+        verify = torch.rand(256, *shape, generator=torch.Generator().manual_seed(0))
+        source = "uniform [0, 1] inputs (give --data-dir or --test-data to verify on real images)"
+        if not args.include_preprocessing:
+            verify = norm.apply(verify)
+    exported = with_preprocessing(model, norm) if args.include_preprocessing else model
+    check_fits(exported, verify, source)
+    report = export_onnx(exported, args.out, verify[:2], verify_inputs=verify,
+                         metadata=norm.onnx_metadata(in_graph=args.include_preprocessing))
+    feed = (f"x = pixel / 255 in [0, 1] (normalisation in the graph: {norm.describe()})"
+            if args.include_preprocessing and not norm.is_identity else norm.describe())
+    print(f"wrote {args.out} ({report.onnx_bytes:,} bytes, {count_nonzero(model):,}/{count_total(model):,} nonzero "
           f"parameters); checked with onnx.checker and onnxruntime on {source}: max |diff| "
-          f"{max(report.max_abs_diff.values()):.2e}")
+          f"{max(report.max_abs_diff.values()):.2e}; input: {feed} ({norm_origin})")
     return {"bytes": report.onnx_bytes}
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model from a factory (instead of a checkpoint)")
+    g.add_argument("--factory", help="'package.module:function' that builds the (unpruned) model; naming it here "
+                                     "trusts its code")
+    g.add_argument("--factory-kwargs", help="JSON keyword arguments for --factory, e.g. '{\"width\": 64}'")
+    g.add_argument("--weights", help="state_dict for --factory (torch.save; loaded with weights_only=True)")
+
+
+def _add_input_norm_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-norm", default=None, metavar="NORM",
+                   help="normalisation the model expects on [0, 1] pixels: none, dataset (its training-set mean "
+                        "and std), MEAN,STD, or per channel M1,M2,M3:S1,S2,S3. Default: recorded in our "
+                        "checkpoints; none for --factory models (inputs used as given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,17 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     p = sub.add_parser("prune", help="test significance, prune, fine-tune, export",
+                       description="Test significance, prune, fine-tune, export. "
+                       + __doc__.split("\n\n")[4].replace("``", "").replace("**", ""),
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(func=cmd_prune)
-    g = p.add_argument_group("model (one of)")
-    g.add_argument("--checkpoint", help="model.pt written by anrat-train")
-    g.add_argument("--factory", help="'package.module:function' that builds the (unpruned) model")
-    g.add_argument("--factory-kwargs", help="JSON keyword arguments for --factory, e.g. '{\"width\": 64}'")
-    g.add_argument("--weights", help="state_dict for --factory (torch.save; loaded with weights_only=True)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset the model was trained on")
-    g.add_argument("--data-dir", default=None, help="folder with the four IDX files; default $ANRAT_DATA_DIR")
-    g.add_argument("--val-size", type=int, default=10_000, help="training images held out for validation")
+    p.add_argument("--checkpoint", help="model.pt written by anrat-train")
+    _add_model_options(p)
+    g = p.add_argument_group("data (a named dataset, and/or files: a tensor file .pt with 'x' and 'y', or an image "
+                             "folder root/<class>/<image>)")
+    g.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="dataset for the splits no file gives; default: the checkpoint's, else mnist")
+    g.add_argument("--data-dir", default=None, help="folder with the dataset's four IDX files; default $ANRAT_DATA_DIR")
+    g.add_argument("--train-data", default=None, help="training data (Fisher information, fine-tuning)")
+    g.add_argument("--val-data", default=None,
+                   help="held-out validation data for the rollback rule and fine-tuning selection; never the test "
+                        "data. Default: --val-size samples held out of the training data")
+    g.add_argument("--test-data", default=None, help="test data, evaluated before and after pruning")
+    g.add_argument("--image-mode", choices=IMAGE_MODES, default=None,
+                   help="convert image-folder images to this mode; default: grey stays grey, else RGB")
+    _add_input_norm_option(g)
+    g.add_argument("--val-size", type=int, default=None,
+                   help="without --val-data: training samples held out for validation; default: the images "
+                        f"anrat-train held out for a checkpoint of ours, else {DEFAULT_VAL_SIZE}")
     g.add_argument("--train-subset", type=int, default=None, help="use the first N remaining training images")
     g.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
     g = p.add_argument_group("statistics")
@@ -175,8 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--estimator", choices=ESTIMATORS, default="kfac", help="standard errors from the Fisher information")
     g.add_argument("--max-samples", type=int, default=10_000, help="training samples the Fisher is estimated on")
     g = p.add_argument_group("pruning")
+    g.add_argument("--structured-only", "--no-unstructured", action="store_true",
+                   help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
+                        "faster; individual zeroed weights bring no speed-up in onnxruntime")
     g.add_argument("--no-structured", action="store_true", help="do not remove whole units")
-    g.add_argument("--no-unstructured", action="store_true", help="do not remove individual weights")
     g.add_argument("--step", type=float, default=0.5, help="largest fraction of remaining weights removed per round")
     g.add_argument("--max-rounds", type=int, default=10, help="test/prune/fine-tune rounds at most")
     g.add_argument("--tolerance", type=float, default=0.001,
@@ -185,17 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fine-tune-lr", type=float, default=0.05, help="fine-tuning learning rate (SGD)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed of the validation split and fine-tuning")
+    g.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the validation split")
     g.add_argument("--out", default="runs/prune", help="output folder")
-    g.add_argument("--quiet", action="store_true", help="no per-round log on stderr, no progress bars")
-    e = sub.add_parser("export", help="turn a checkpoint into a verified ONNX file",
+    g.add_argument("--quiet", action="store_true", help="no per-round lines on stderr, no progress bars")
+
+    e = sub.add_parser("export", help="turn a checkpoint or a state_dict into a verified ONNX file",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.set_defaults(func=cmd_export)
-    e.add_argument("checkpoint", help="model.pt of anrat-train or pruned.pt of anrat-prune")
+    e.add_argument("checkpoint", nargs="?", help="model.pt of anrat-train or pruned.pt of anrat-prune")
+    _add_model_options(e)
     e.add_argument("--out", default="model.onnx", help="ONNX file to write")
-    e.add_argument("--input-shape", default="1,28,28", help="shape of one input, without the batch dimension")
-    e.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset for verification inputs")
+    _add_input_norm_option(e)
+    e.add_argument("--include-preprocessing", action="store_true",
+                   help="put the input normalisation into the graph, so the ONNX model takes pixel / 255 in [0, 1]")
+    e.add_argument("--input-shape", default="1,28,28", help="shape of one input, without the batch dimension "
+                   "(for verification inputs when no data is given)")
+    e.add_argument("--dataset", choices=DATASETS, default=None, help="dataset for verification inputs (default mnist)")
     e.add_argument("--data-dir", default=None, help="verify on this dataset's test images (else random inputs)")
+    e.add_argument("--test-data", default=None, help="verify on inputs from this tensor file or image folder")
+    e.add_argument("--image-mode", choices=IMAGE_MODES, default=None, help="mode for --test-data image folders")
     e.add_argument("--allow-factory", action="append", default=[],
                    help="trust this 'package.module:function' to rebuild a factory checkpoint (it runs code)")
     return ap

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -25,6 +24,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from anrat.atomic_files import atomic_path
 from anrat.errors import InputError
 from pruning.masks import count_nonzero, count_total, permanent_copy
 
@@ -128,6 +128,16 @@ def _store_sparse(path: Path) -> list[str]:
     return names
 
 
+def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Add ``metadata`` to the model's ``metadata_props`` (what onnxruntime's
+    ``get_modelmeta().custom_metadata_map`` reads back)."""
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({str(k): str(v) for k, v in metadata.items()})
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
 def _verify(path: Path, model: nn.Module, inputs: torch.Tensor, atol: float) -> dict[int, float]:
     """Run onnxruntime and PyTorch on the same batches; max |difference| per batch size."""
     session = ort.InferenceSession(str(path), providers=_PROVIDERS)
@@ -159,6 +169,7 @@ def export_onnx(
     opset: int | None = None,
     sparse_initializers: bool = False,
     atol: float = DEFAULT_ATOL,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Export ``model`` to one self-contained ONNX file with a dynamic batch dimension, then check it.
 
@@ -169,6 +180,9 @@ def export_onnx(
     sizes 1 and 64, built from the rows of ``verify_inputs`` (real inputs, default
     ``example_input``; rows are cycled when there are fewer). The file appears at ``path`` only
     when every check passed; otherwise :class:`ExportVerificationError` says which failed.
+
+    ``metadata`` is written to the file's ``metadata_props`` (string keys and values), e.g. the
+    input normalisation the model expects (:data:`anrat.input_norm.METADATA_KEY`).
 
     ``sparse_initializers=True`` stores weights that are mostly zero (unstructured pruning) as
     ONNX sparse tensors. This is a disk-size format only: onnxruntime densifies them when it loads
@@ -186,21 +200,16 @@ def export_onnx(
         n_outputs = len(_outputs(exported(example)))
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         _export_dynamo(exported, example, tmp, opset, n_outputs)
         sparse_names = _store_sparse(tmp) if sparse_initializers else []
+        if metadata:
+            _set_metadata(tmp, metadata)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ExportVerificationError(f"exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
         diffs = _verify(tmp, exported, inputs, atol)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
     return ExportReport(
         path=str(path),
@@ -236,6 +245,44 @@ def _random_feed(session: ort.InferenceSession, batch_size: int) -> dict[str, np
     return feed
 
 
+def _session(path: str | os.PathLike[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=_PROVIDERS)
+
+
+def paired_latency(
+    paths: Mapping[str, str | os.PathLike[str]],
+    batch_size: int,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """Median wall-clock seconds of one onnxruntime (CPUExecutionProvider) call on a batch, for
+    each named model, timed in alternation (call i of every model, then call i + 1, ...) so that a
+    machine's drifting speed affects all of them alike.
+
+    ``warmup`` untimed calls per model come first; ``threads`` sets onnxruntime's intra-op thread
+    count (``None``: onnxruntime's default, one per physical core).
+    """
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise InputError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
+    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    feeds = {name: _random_feed(session, batch_size) for name, session in sessions.items()}
+    for name, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def onnx_latency(
     path: str | os.PathLike[str],
     batch_size: int,
@@ -244,26 +291,8 @@ def onnx_latency(
     warmup: int = 5,
     threads: int | None = None,
 ) -> float:
-    """Median wall-clock seconds of one onnxruntime (CPUExecutionProvider) call on a batch.
-
-    ``warmup`` untimed calls come first; ``threads`` sets onnxruntime's intra-op thread count
-    (``None``: onnxruntime's default, one per physical core).
-    """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise InputError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=_PROVIDERS)
-    feed = _random_feed(session, batch_size)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall-clock seconds of one onnxruntime call on a batch (:func:`paired_latency` of one model)."""
+    return paired_latency({"model": path}, batch_size, repeats=repeats, warmup=warmup, threads=threads)["model"]
 
 
 def _model_figures(model: nn.Module, report: ExportReport) -> dict[str, Any]:
@@ -288,27 +317,29 @@ def compare_models(
     repeats: int = 50,
     warmup: int = 5,
     threads: int | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Export both models to ``out_dir`` (``dense.onnx``, ``pruned.onnx``) and report, side by side:
     parameters and nonzero parameters, ONNX file bytes, onnxruntime median latency in seconds per
     call at each batch size (dense and pruned measured alternately), and the ratios pruned/dense.
 
-    Both exports pass the checks of :func:`export_onnx` or this raises; ``"checks_passed"`` is
-    then True and ``"checks"`` says what was checked. The result is JSON-ready.
+    Both exports pass the checks of :func:`export_onnx` (``metadata`` goes into both files) or
+    this raises; ``"checks_passed"`` is then True and ``"checks"`` says what was checked.
+    ``"speedup"`` is :func:`speedup_summary`. The result is JSON-ready.
     """
     out_dir = Path(out_dir)
     reports = {
-        kind: export_onnx(model, out_dir / f"{kind}.onnx", example_input, verify_inputs=verify_inputs)
+        kind: export_onnx(model, out_dir / f"{kind}.onnx", example_input, verify_inputs=verify_inputs, metadata=metadata)
         for kind, model in (("dense", dense_model), ("pruned", pruned_model))
     }
     figures = {
         kind: _model_figures(model, reports[kind]) for kind, model in (("dense", dense_model), ("pruned", pruned_model))
     }
     for size in batch_sizes:
+        latency = paired_latency({kind: reports[kind].path for kind in ("dense", "pruned")}, size,
+                                 repeats=repeats, warmup=warmup, threads=threads)
         for kind in ("dense", "pruned"):
-            figures[kind]["latency_s"][str(size)] = onnx_latency(
-                reports[kind].path, size, repeats=repeats, warmup=warmup, threads=threads
-            )
+            figures[kind]["latency_s"][str(size)] = latency[kind]
     dense, pruned = figures["dense"], figures["pruned"]
     ratios = {key: pruned[key] / dense[key] for key in ("parameters", "nonzero_parameters", "onnx_bytes")}
     ratios.update({f"latency_s@{size}": pruned["latency_s"][str(size)] / dense["latency_s"][str(size)] for size in batch_sizes})
@@ -316,22 +347,45 @@ def compare_models(
         "dense": dense,
         "pruned": pruned,
         "ratio_pruned_to_dense": ratios,
+        "speedup": speedup_summary(ratios, batch_sizes),
         "checks": [
             "onnx.checker.check_model(full_check=True)",
             f"onnxruntime CPUExecutionProvider matches PyTorch within {DEFAULT_ATOL:g} at batch sizes {list(VERIFY_BATCH_SIZES)}",
         ],
         "checks_passed": True,
-        "latency": f"median of {repeats} calls after {warmup} warm-up calls, onnxruntime threads={threads or 'default'}",
+        "latency": f"median of {repeats} calls after {warmup} warm-up calls, dense and pruned calls alternating, "
+                   f"onnxruntime threads={threads or 'default'}",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         "exporter": reports["dense"].exporter,
     }
 
 
+# Below this speed-up (dense latency / pruned latency) a pruned model is not called faster: the
+# median of 50 onnxruntime calls moves by several percent between runs on a busy machine.
+MIN_SPEEDUP = 1.1
+
+
+def speedup_summary(ratios: Mapping[str, float], batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """onnxruntime speed-ups (dense latency / pruned latency) per batch size and a one-line verdict
+    that says plainly when pruning made the deployed model no faster."""
+    speedups = {str(b): 1 / ratios[f"latency_s@{b}"] for b in batch_sizes}
+    shown = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speedups.items())
+    if max(speedups.values()) < MIN_SPEEDUP:
+        verdict = (f"no speed-up in onnxruntime ({shown}): zeroed weights stay in dense tensors and are multiplied "
+                   "like any other; only removed units make the model faster (prune with --structured-only)")
+    else:
+        verdict = f"onnxruntime speed-up {shown}"
+    return {"by_batch_size": speedups, "faster": max(speedups.values()) >= MIN_SPEEDUP, "summary": verdict}
+
+
 __all__ = [
     "DEFAULT_ATOL",
+    "MIN_SPEEDUP",
     "ExportReport",
     "ExportVerificationError",
     "compare_models",
     "export_onnx",
     "onnx_latency",
+    "paired_latency",
+    "speedup_summary",
 ]

@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from anrat.data import Split
+from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
@@ -175,8 +176,8 @@ def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, k
 
 def prune(
     model: nn.Module,
-    train_data: Split,
-    val_data: Split,
+    train_data: Split | DataLoader | Dataset | tuple[Tensor, Tensor],
+    val_data: Split | DataLoader | Dataset | tuple[Tensor, Tensor],
     *,
     alpha: float = 0.05,
     method: str = "holm",
@@ -197,8 +198,12 @@ def prune(
 
     Args:
         model: a trained network (modified in place and returned in the result).
-        train_data: data the Fisher information is estimated on (the training data).
-        val_data: data the rollback rule and fine-tuning selection use.
+        train_data: data the Fisher information is estimated on (the training data): a
+            :class:`anrat.data.Split`, an ``(x, y)`` pair, a ``Dataset`` or a ``DataLoader``
+            (:func:`anrat.data.as_split`; read once into memory, moved to the model's device).
+            Inputs are used exactly as given: the model sees what it was trained on.
+        val_data: held-out data the rollback rule and fine-tuning selection use, in any of those
+            forms; not the test data, or the test error afterwards is biased.
         alpha, method: level and ``statsmodels`` multiple-testing method of the tests.
         estimator: standard-error estimator (``"kfac"``, ``"diagonal"``, ``"full"``).
         structured / unstructured: remove whole units / individual weights.
@@ -210,7 +215,9 @@ def prune(
             repeated on the refitted model rather than trusted for all weights at once). A round
             that breaks the tolerance is rolled back and retried with half the step, down to
             ``min_step``.
-        log: called with each round's record (e.g. to print or write JSONL).
+        log: called with each round's record (e.g. to print or write JSONL); a record holds
+            ``seconds_left_at_most``, the mean round time so far times the rounds still allowed
+            (the loop may stop sooner). :func:`round_line` puts a record in words.
     """
     if not 0 < alpha < 1:
         raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -221,8 +228,13 @@ def prune(
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
         raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
+    if not 0 < step <= 1 or not 0 < min_step <= step:
+        raise InputError(f"need 0 < min_step <= step <= 1, got step={step!r}, min_step={min_step!r}")
+    device = next(model.parameters()).device
+    train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     ft = fine_tune_config or FineTune()
     example_input = train_data.x[:2]
+    started = time.perf_counter()
     key = "error" if kind == "ce" else "loss"
     base_val = evaluate(model, val_data, kind)
     params_before = count_total(model)
@@ -247,7 +259,9 @@ def prune(
         fine_tune(model, train_data, val_data, ft, kind, progress=progress)
         val = evaluate(model, val_data, kind)
         record.update({"params": count_total(model), "nonzero": count_nonzero(model), f"val_{key}": val[key],
-                       "seconds": time.perf_counter() - start})
+                       f"base_val_{key}": base_val[key], "tolerance": tolerance, "max_rounds": max_rounds,
+                       "seconds": time.perf_counter() - start,
+                       "seconds_left_at_most": (time.perf_counter() - started) / r * (max_rounds - r)})
         record["step"] = step
         if val[key] > base_val[key] + tolerance:
             record["rolled_back"] = True
@@ -268,6 +282,29 @@ def prune(
                        count_total(model), count_nonzero(model))
 
 
+def round_line(record: dict[str, Any]) -> str:
+    """One plain line for a round's record of :func:`prune` (for logs and terminals alike)."""
+    of = f"/{record['max_rounds']}" if "max_rounds" in record else ""
+    parts = [f"round {record['round']}{of}: zeroed {record['weights_zeroed']:,} weights"]
+    if record.get("units_removed"):
+        parts.append("removed units " + ", ".join(f"{k}: {v}" for k, v in record["units_removed"].items()))
+    if "nonzero" in record:
+        parts.append(f"{record['nonzero']:,} nonzero of {record['params']:,} parameters")
+    key = "error" if "val_error" in record else "loss"
+    if f"val_{key}" in record:
+        value, base = record[f"val_{key}"], record.get(f"base_val_{key}")
+        fmt = (lambda v: f"{v:.2%}") if key == "error" else (lambda v: f"{v:.4g}")  # noqa: E731
+        parts.append(f"validation {key} {fmt(value)}" + (f" (unpruned {fmt(base)})" if base is not None else ""))
+    parts.append("rolled back" if record.get("rolled_back") else "kept" if "params" in record else "")
+    if record.get("stopped"):
+        parts.append(f"stopped: {record['stopped']}")
+    if "seconds" in record:
+        left = record.get("seconds_left_at_most")
+        parts.append(f"{record['seconds']:.0f} s" + (f", at most ~{left / 60:.1f} min left" if left and not
+                                                         record.get("stopped") else ""))
+    return "; ".join(p for p in parts if p)
+
+
 def prune_to_sparsity(
     model: nn.Module,
     train_data: Split,
@@ -284,6 +321,8 @@ def prune_to_sparsity(
     left without weights, and fine-tune with the same budget as :func:`prune`."""
     if not 0 <= fraction_removed < 1:
         raise InputError(f"fraction_removed must be in [0, 1), got {fraction_removed!r}")
+    device = next(model.parameters()).device
+    train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     base_val = evaluate(model, val_data, kind)
     params_before = count_total(model)
     start = time.perf_counter()

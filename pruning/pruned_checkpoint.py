@@ -28,6 +28,7 @@ from torch.nn.utils import prune
 from anrat.checkpoint import FORMAT as PLAIN_FORMAT
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
 from anrat.errors import InputError
+from anrat.input_norm import InputNorm
 from anrat.models import build_model
 from pruning.masks import permanent_copy
 from pruning.surgery import pruning_history, replay_history, widths_of
@@ -102,6 +103,7 @@ def save_pruned(
     history: list[dict[str, Any]] | None = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    input_norm: InputNorm | None = None,
 ) -> Path:
     """Write a pruned ``model`` atomically to ``path`` and return the path.
 
@@ -133,7 +135,9 @@ def save_pruned(
         _rebuild_from_factory(factory, ckpt["factory"]["kwargs"], history, state_dict)
     ckpt["metrics"] = dict(metrics or {})
     ckpt["extra"] = dict(extra or {})
-    for key in ("arch", "factory", "history", "metrics", "extra"):
+    if input_norm is not None:
+        ckpt["input_norm"] = input_norm.as_dict()
+    for key in ("arch", "factory", "history", "metrics", "extra", "input_norm"):
         if key in ckpt:
             _check_plain(ckpt[key], key)
     return save_atomic(ckpt, path)

@@ -46,6 +46,7 @@ import torch
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
+from anrat.atomic_files import write_text_atomic
 from anrat.errors import InputError
 from anrat.function_problems import PROBLEMS, FunctionProblem, make_problem
 from anrat.schedules import LambdaSchedule, ScheduleConfig
@@ -335,13 +336,6 @@ def plot_curves(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem]
     plt.close(fig)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -375,9 +369,9 @@ def run(problems: Sequence[str], methods: Sequence[str], seeds: int, steps: int,
                     "python": platform.python_version()},
         "wall_seconds": elapsed, "summary": summary, "runs": runs,
     }
-    _write_text(out_dir / "results.json", json.dumps(result, indent=1))
+    write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     table = markdown_table(summary, built)
-    _write_text(out_dir / "results.md", f"# Function fitting from {seeds} seeds, {steps} full-batch steps\n\n"
+    write_text_atomic(out_dir / "results.md", f"# Function fitting from {seeds} seeds, {steps} full-batch steps\n\n"
                 f"Command: `{command}`\n\n{table}")
     plot_errors(runs, built, methods, out_dir / "errors.png")
     plot_curves(runs, built, methods, list(range(min(seeds, 2))), out_dir / "curves.png")

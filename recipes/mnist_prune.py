@@ -26,7 +26,8 @@ checkpoint, :func:`pruning.pruned_checkpoint.load_pruned`); ``model.onnx`` (the 
 the report); ``report.md`` with ``training.png``, ``lambda.png``, ``pruning.png``, ``layers.png``.
 
 The ONNX model takes normalised images, ``x = (pixel / 255 - mean) / std`` with the mean and std
-recorded in ``metrics.json`` (``data``), of shape (N, 1, 28, 28), and returns class scores (N, 10).
+recorded in ``metrics.json`` (``data.input_norm``), in ``pruned.pt`` and in the ONNX file's
+``metadata_props``, of shape (N, 1, 28, 28), and returns class scores (N, 10).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import DataSplits, load_dataset, resolve_device
 from anrat.errors import InputError
@@ -60,7 +62,7 @@ from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import compare_models, export_onnx
 from pruning.masks import effective_parameters
-from pruning.prune import FineTune, PruneResult, prune
+from pruning.prune import FineTune, PruneResult, prune, round_line
 from pruning.pruned_checkpoint import save_pruned
 from pruning.surgery import widths_of
 
@@ -286,7 +288,7 @@ def run(cfg: RecipeConfig, command: str = PROG) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot create output folder {str(out)!r}: {exc.strerror or exc}") from None
     _check_resume(cfg, out)
-    _write_text(out / "config.json", json.dumps(config_dict(cfg), indent=2))
+    write_text_atomic(out / "config.json", json.dumps(config_dict(cfg), indent=2))
 
     # 1. train (and select on validation); the test set is evaluated once inside
     t0 = time.perf_counter()
@@ -301,27 +303,28 @@ def run(cfg: RecipeConfig, command: str = PROG) -> dict[str, Any]:
     t0 = time.perf_counter()
     pruned: PruneResult = prune(model, data.train, data.val, **cfg.prune, fine_tune_config=cfg.fine_tune,
                                 kind=cfg.run.schedule.kind, progress=cfg.run.progress and sys.stderr.isatty(),
-                                log=_log_round)
+                                log=lambda record: print(round_line(record), file=sys.stderr, flush=True))
     seconds["prune"] = time.perf_counter() - t0
     test_trained = trained["test"]
     test_pruned = evaluate(pruned.model, data.test, cfg.run.schedule.kind)
     save_pruned(pruned.model, out / "pruned.pt", arch=ckpt["arch"],
                 metrics={"val": pruned.final_val, "test": test_pruned, "base_val": pruned.base_val,
-                         "test_before_pruning": test_trained})
+                         "test_before_pruning": test_trained}, input_norm=data.input_norm)
 
     # 3. export the pruned network, check it, and time it against the dense one
     t0 = time.perf_counter()
     cpu_dense, cpu_pruned = dense.cpu().eval(), pruned.model.cpu().eval()
     example = data.test.x[:2].cpu()
     verify = data.test.x[: cfg.report.verify_images].cpu()
-    exported = export_onnx(cpu_pruned, out / "model.onnx", example, verify_inputs=verify)
+    metadata = data.input_norm.onnx_metadata(in_graph=False)
+    exported = export_onnx(cpu_pruned, out / "model.onnx", example, verify_inputs=verify, metadata=metadata)
     onnx_test = onnx_test_error(out / "model.onnx", data.test.x.cpu(), data.test.y.cpu())
     seconds["export"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = cfg.report
     comparison = compare_models(cpu_dense, cpu_pruned, example, out / "onnx", verify_inputs=verify,
                                 batch_sizes=tuple(r.latency_batch_sizes), repeats=r.latency_repeats,
-                                warmup=r.latency_warmup, threads=r.latency_threads)
+                                warmup=r.latency_warmup, threads=r.latency_threads, metadata=metadata)
     seconds["compare"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
@@ -355,25 +358,9 @@ def run(cfg: RecipeConfig, command: str = PROG) -> dict[str, Any]:
             "onnx": "model.onnx", "report": "report.md", "figures": dict(FIGURES),
         },
     }
-    _write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     write_report(metrics, out)
     return metrics
-
-
-def _log_round(record: dict[str, Any]) -> None:
-    """One line on stderr per pruning round."""
-    parts = [f"pruning round {record['round']}: zeroed {record['weights_zeroed']} weights"]
-    if record.get("units_removed"):
-        parts.append("removed units " + ", ".join(f"{k} {v}" for k, v in record["units_removed"].items()))
-    if "nonzero" in record:
-        parts.append(f"{record['nonzero']} nonzero of {record['params']} parameters")
-    if "val_error" in record:
-        parts.append(f"validation error {record['val_error']:.2%}")
-    if record.get("rolled_back"):
-        parts.append("rolled back")
-    if record.get("stopped"):
-        parts.append(f"stopped: {record['stopped']}")
-    print("; ".join(parts), file=sys.stderr, flush=True)
 
 
 def onnx_test_error(path: Path, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -405,21 +392,13 @@ def layer_counts(dense: nn.Module, pruned: nn.Module) -> dict[str, dict[str, int
 
 def _data_figures(data: DataSplits) -> dict[str, Any]:
     return {"dataset": data.name, "train": len(data.train), "val": len(data.val) if data.val is not None else 0,
-            "test": len(data.test), "mean": data.mean, "std": data.std, "input_shape": list(data.input_shape),
-            "normalisation": "x = (pixel / 255 - mean) / std"}
+            "test": len(data.test), "input_norm": data.input_norm.as_dict(), "input_shape": list(data.input_shape)}
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"device": str(device), "device_name": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -585,7 +564,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> None:
     plot_lambda(metrics, out / FIGURES["lambda"])
     plot_pruning(metrics, out / FIGURES["pruning"])
     plot_layers(metrics, out / FIGURES["layers"])
-    _write_text(out / "report.md", report_markdown(metrics))
+    write_text_atomic(out / "report.md", report_markdown(metrics))
 
 
 def report_markdown(m: dict[str, Any]) -> str:
@@ -696,8 +675,9 @@ def report_markdown(m: dict[str, Any]) -> str:
                      f"{1e3 * pruned['latency_s'][size]:.3f} | {ratio[f'latency_s@{size}']:.3f} |")
     lines += [
         "",
-        "The ONNX model takes images normalised as " + d["normalisation"] + f" with mean {d['mean']} and std "
-        f"{d['std']}, shape (N, {', '.join(map(str, d['input_shape']))}), and returns class scores.",
+        f"The ONNX model takes images normalised as {d['input_norm']['formula']} (also in its metadata_props), "
+        f"shape (N, {', '.join(map(str, d['input_shape']))}), and returns class scores; "
+        "`python -m pruning export pruned.pt --include-preprocessing` puts the normalisation into the graph.",
         "",
         "## Cost",
         "",

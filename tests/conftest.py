@@ -26,19 +26,31 @@ def anrat_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
-@pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    """The folder holding the four MNIST IDX files (``.gz`` or not): ``$ANRAT_MNIST_DIR``, else
-    ``<repo>/../shared/data/mnist``; the test is skipped when neither holds them."""
-    candidates = [Path(os.environ["ANRAT_MNIST_DIR"])] if os.environ.get("ANRAT_MNIST_DIR") else []
-    candidates.append(REPO_ROOT.parent / "shared" / "data" / "mnist")
+def _find_idx_folder(name: str, variable: str, candidates: list[Path]) -> Path:
+    if os.environ.get(variable):
+        candidates = [Path(os.environ[variable]), *candidates]
     for folder in candidates:
         if _holds_idx_files(folder):
             return folder
     pytest.skip(
-        f"MNIST not found: none of {', '.join(map(str, candidates))} holds {', '.join(IDX_FILES)} "
-        "(.gz or not); set ANRAT_MNIST_DIR to such a folder"
+        f"{name} not found: none of {', '.join(map(str, candidates))} holds {', '.join(IDX_FILES)} "
+        f"(.gz or not); set {variable} to such a folder"
     )
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder holding the four MNIST IDX files (``.gz`` or not): ``$ANRAT_MNIST_DIR``, else
+    ``<repo>/../shared/data/mnist``; the test is skipped when neither holds them."""
+    return _find_idx_folder("MNIST", "ANRAT_MNIST_DIR", [REPO_ROOT.parent / "shared" / "data" / "mnist"])
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The Fashion-MNIST IDX files: ``$ANRAT_FASHION_MNIST_DIR``, else
+    ``<repo>/../shared/data/fashion-mnist``, else Debian's ``dataset-fashion-mnist`` package."""
+    return _find_idx_folder("Fashion-MNIST", "ANRAT_FASHION_MNIST_DIR", [
+        REPO_ROOT.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")])
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import torch
 from anrat.data import IDX_FILES, DataSplits, Split, load_dataset, resolve_device
 from anrat.errors import InputError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -39,7 +38,7 @@ def _pixels(split: Split, data: DataSplits) -> torch.Tensor:
     integer grid (float32 rounding leaves about 3e-5)."""
     chunks = []
     for x in split.x.squeeze(1).split(10_000):
-        pixels = (x * data.std).add_(data.mean).mul_(255)
+        pixels = (x * data.input_norm.std[0]).add_(data.input_norm.mean[0]).mul_(255)
         rounded = pixels.round()
         assert (pixels - rounded).abs().max() < 1e-3
         chunks.append(rounded.to(torch.uint8))
@@ -167,12 +166,11 @@ def test_shuffled_batches_cover_mnist_train_once(mnist: DataSplits) -> None:
 # ---- Fashion-MNIST -------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_from_the_debian_package() -> None:
-    data = load_dataset("fashion_mnist", FASHION_MNIST_DIR, val_size=0)
+def test_fashion_mnist(fashion_mnist_dir) -> None:
+    data = load_dataset("fashion_mnist", fashion_mnist_dir, val_size=0)
     assert (data.name, data.num_classes, data.input_shape, data.val) == ("fashion_mnist", 10, (1, 28, 28), None)
     for split, prefix in ((data.train, "train"), (data.test, "t10k")):
-        images, labels = _reference(FASHION_MNIST_DIR, prefix)
+        images, labels = _reference(fashion_mnist_dir, prefix)
         assert torch.equal(_pixels(split, data), images) and torch.equal(split.y, labels)
     assert torch.equal(torch.bincount(data.train.y), torch.full((10,), 6_000))
     # Measured: mean 1e-4, std 1.00007 over the 60,000 training images.
@@ -360,3 +358,14 @@ def test_split_rejects_mismatched_lengths_and_bad_batch_size() -> None:
         Split(torch.zeros(3, 1), torch.zeros(2))
     with pytest.raises(InputError, match="batch_size"):
         next(_numbered_split().batches(0))
+
+
+def test_input_norm_none_gives_pixels_over_255(tmp_path: Path) -> None:
+    folder = _fake_mnist(tmp_path / "d")
+    raw = load_dataset("mnist", folder, val_size=0, input_norm="none")
+    images, _ = _reference(folder, "t10k")
+    assert torch.equal(raw.test.x.squeeze(1), images.float() / 255)
+    assert raw.input_norm.is_identity
+    normalised = load_dataset("mnist", folder, val_size=0)
+    # the default is the dataset's normalisation, the same numbers torchvision's Normalize gives
+    torch.testing.assert_close(normalised.test.x, (raw.test.x - 0.1307) / 0.3081)

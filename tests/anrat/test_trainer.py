@@ -145,3 +145,13 @@ def test_compiled_training_follows_eager_training(schedule):
     assert eager.history[-1]["lam"] != pytest.approx(eager.history[0]["lam"], rel=1e-2)  # lambda moved
     for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_progress_prints_one_plain_line_per_epoch_off_a_terminal(capsys):
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=784, hidden=[8], out_features=4)
+    Trainer(model, LambdaSchedule(ScheduleConfig(name="plain")), synthetic_split(200, 0), synthetic_split(100, 1),
+            TrainConfig(epochs=2, lr=0.1), progress=True).fit()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "validation error" in lines[0] and "min left" in lines[0] and "min left" not in lines[1]

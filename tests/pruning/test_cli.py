@@ -102,4 +102,107 @@ def test_model_that_does_not_fit_the_data(trained_checkpoint, tmp_path, run_cli,
     code, io = run_cli(main, ["prune", "--factory", "anrat.models:mlp",
                               "--factory-kwargs", '{"in_features": 100, "hidden": [8]}', "--weights", str(weights),
                               "--data-dir", str(mnist_dir), "--out", str(tmp_path / "o"), *SUBSETS])
-    assert code == 2 and "does not accept mnist inputs" in io.err, io.err
+    assert code == 2 and "does not accept inputs from mnist" in io.err, io.err
+
+
+# --- a user's own model on raw pixels: the input contract ------------------------------------
+USER_MODULE = '''
+from torch import nn
+
+def build(width=8):
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                         nn.Linear(width * 49, 32), nn.ReLU(), nn.Linear(32, 10))
+'''
+FASHION_SUBSETS = ["--train-subset", "3000", "--test-subset", "1000"]
+
+
+def _idx_images_over_255(path):
+    """Test images read straight from the IDX file (independent of anrat), as pixel / 255."""
+    import gzip
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28).copy()).float() / 255
+
+
+@pytest.fixture(scope="module")
+def user_model(fashion_mnist_dir, tmp_path_factory):
+    """A small CNN trained by plain PyTorch on raw [0, 1] Fashion-MNIST pixels, importable as a factory."""
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "my_cnn.py").write_text(USER_MODULE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        from my_cnn import build
+        data = load_dataset("fashion_mnist", fashion_mnist_dir, val_size=1000, input_norm="none", train_subset=3000)
+        torch.manual_seed(0)
+        model = build()
+        optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+        for epoch in range(4):
+            for x, y in data.train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(epoch)):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        torch.save(model.state_dict(), folder / "my.pt")
+        torch.save({"x": data.val.x, "y": data.val.y}, folder / "val.pt")
+        yield folder, model.eval()
+
+
+def test_a_user_model_keeps_its_input_contract(user_model, fashion_mnist_dir, tmp_path, run_cli, monkeypatch):
+    folder, model = user_model
+    monkeypatch.syspath_prepend(str(folder))
+    out = tmp_path / "pruned"
+    code, io = run_cli(main, ["prune", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"),
+                              "--dataset", "fashion_mnist", "--data-dir", str(fashion_mnist_dir),
+                              "--val-data", str(folder / "val.pt"), "--out", str(out), "--max-samples", "500",
+                              "--max-rounds", "2", "--tolerance", "0.05", "--quiet", *FASHION_SUBSETS])
+    assert code == 0, io.err
+    report = json.loads((out / "report.json").read_text())
+    # the dense error the command reports is the original model's on the inputs it was trained on
+    images = _idx_images_over_255(next(fashion_mnist_dir.glob("t10k-images-idx3-ubyte*")))[:1000]
+    labels = load_dataset("fashion_mnist", fashion_mnist_dir, val_size=0, test_subset=1000).test.y
+    with torch.no_grad():
+        independent = float((model(images).argmax(1) != labels).double().mean())
+    assert report["test_before"]["error"] == independent
+    assert report["input_norm"]["mean"] == [] and "factory" in report["input_norm"]["origin"]
+    assert report["data"]["val"].startswith("tensor file")
+    assert report["nonzero_after"] < report["params_before"]
+    # the ONNX model takes the same raw inputs and scores what the report says, and says what it takes
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    assert float((logits.argmax(1) != labels.numpy()).mean()) == pytest.approx(report["test_after"]["error"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["anrat.input_norm"])
+    assert meta["mean"] == [] and meta["in_graph"] is False
+    assert load_checkpoint(out / "pruned.pt")["input_norm"]["mean"] == []
+    # honest deployment figures are in the report and in the summary line
+    assert set(report["deployment"]["by_batch_size"]) == {"1", "256"}
+    assert report["deployment"]["summary"] in io.out
+
+
+def test_export_a_plain_state_dict_with_its_factory(user_model, tmp_path, run_cli, monkeypatch):
+    folder, model = user_model
+    monkeypatch.syspath_prepend(str(folder))
+    code, io = run_cli(main, ["export", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"),
+                              "--out", str(tmp_path / "m.onnx")])
+    assert code == 0, io.err
+    x = torch.rand(5, 1, 28, 28)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+
+
+def test_export_with_preprocessing_takes_raw_pixels(trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    code, io = run_cli(main, ["export", str(trained_checkpoint), "--out", str(tmp_path / "raw.onnx"),
+                              "--include-preprocessing", "--data-dir", str(mnist_dir)])
+    assert code == 0, io.err
+    assert "normalisation in the graph" in io.out
+    pixels = load_dataset("mnist", mnist_dir, val_size=0, test_subset=64, input_norm="none").test.x
+    model = load_pruned(trained_checkpoint).eval()
+    session = ort.InferenceSession(str(tmp_path / "raw.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model((pixels - 0.1307) / 0.3081).numpy()  # what anrat-train fed the model
+    np.testing.assert_allclose(session.run(None, {"input": pixels.numpy()})[0], expected, atol=1e-4)
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["anrat.input_norm"])
+    assert meta["in_graph"] is True and meta["mean"] == [0.1307]
+
+
+def test_a_trainer_checkpoint_records_its_normalisation(trained_checkpoint):
+    ckpt = load_checkpoint(trained_checkpoint)
+    assert ckpt["input_norm"]["mean"] == [0.1307] and ckpt["input_norm"]["std"] == [0.3081]

@@ -97,3 +97,31 @@ def test_bad_options_are_refused(trained):
         prune(clone(model), train, val, structured=False, unstructured=False)
     with pytest.raises(InputError, match="nothing to prune"):
         prune(torch.nn.Sequential(torch.nn.ReLU()), train, val)
+
+
+def test_prune_takes_the_data_users_have(trained):
+    from torch.utils.data import DataLoader, TensorDataset
+    model, train, val = trained
+    loader = DataLoader(TensorDataset(train.x, train.y), batch_size=500)
+    options = dict(max_samples=2000, tolerance=0.05, fine_tune_config=FineTune(epochs=1, lr=0.5, momentum=0.9),
+                   max_rounds=1)
+    result = prune(clone(model), loader, (val.x, val.y), **options)
+    reference = prune(clone(model), train, val, **options)
+    assert result.nonzero_after < result.params_before
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value), key
+    assert evaluate(result.model, TensorDataset(val.x, val.y)) == evaluate(result.model, val)
+    with pytest.raises(InputError, match="train_data must be an anrat.data.Split"):
+        prune(clone(model), {"x": train.x}, val)
+
+
+def test_round_records_estimate_the_time_left(trained):
+    from pruning.prune import round_line
+    model, train, val = trained
+    records = []
+    prune(clone(model), train, val, max_samples=1000, tolerance=0.05, fine_tune_config=FineTune(epochs=1),
+          max_rounds=2, log=records.append)
+    first = records[0]
+    assert first["seconds_left_at_most"] >= 0 and first["max_rounds"] == 2
+    line = round_line(first)
+    assert line.startswith("round 1/2: zeroed") and "validation error" in line and "\n" not in line
