@@ -171,7 +171,7 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
         if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
             recipe = RecipeConfig(
                 preset="benchmark", out_dir=str(folder), run=cfg, prune=prune_options(budget["prune"]),
-                fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed),
+                fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05),
                 report=ReportOptions(latency_repeats=5))
             metrics = recipe_run(recipe, command)
             info["test_error"] = metrics["test_error"]["trained"]

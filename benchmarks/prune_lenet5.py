@@ -63,7 +63,7 @@ def main() -> None:
         args.checkpoint = str(out / "train" / "model.pt")
     dense = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
     data = load_dataset("mnist", args.data_dir, val_size=10_000, seed=args.seed, device=device)
-    ft = FineTune(epochs=args.fine_tune_epochs, seed=args.seed)
+    ft = FineTune(epochs=args.fine_tune_epochs, seed=args.seed, optimizer="sgd", lr=0.05)
 
     rows = {"unpruned": {"model": dense, "val": evaluate(dense, data.val), "seconds": 0.0}}
     t = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> None:
         weights = sum(m.weight.numel() for m in dense.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
         target = min(0.999, 1 - (wald.nonzero_after - _biases(wald.model)) / weights)
         base = prune_to_sparsity(copy.deepcopy(dense), data.train, data.val, criterion=criterion,
-                                 fraction_removed=target, fine_tune_config=FineTune(epochs=ft_epochs, seed=args.seed),
+                                 fraction_removed=target, fine_tune_config=FineTune(epochs=ft_epochs, seed=args.seed, optimizer="sgd", lr=0.05),
                                  max_samples=args.obd_samples)
         rows[criterion] = {"model": base.model, "val": base.final_val, "seconds": time.perf_counter() - t}
 

@@ -151,6 +151,7 @@ def check_prune_options(args: argparse.Namespace) -> None:
         (args.fine_tune_epochs >= 0, f"--fine-tune-epochs must be >= 0, got {args.fine_tune_epochs}"),
         (args.fine_tune_lr > 0, f"--fine-tune-lr must be > 0, got {args.fine_tune_lr}"),
         (args.max_samples >= 1, f"--max-samples must be >= 1, got {args.max_samples}"),
+        (args.channel_multiple >= 1, f"--channel-multiple must be >= 1, got {args.channel_multiple}"),
     ]
     for ok, message in checks:
         if not ok:  # NaN fails every comparison, so it is refused here too
@@ -209,8 +210,10 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     result = prune(model, data.train, data.val, alpha=args.alpha, method=args.method, estimator=args.estimator,
                    max_samples=args.max_samples, structured=not args.no_structured,
                    unstructured=not args.structured_only,
-                   fine_tune_config=FineTune(epochs=args.fine_tune_epochs, lr=args.fine_tune_lr, seed=args.seed),
+                   fine_tune_config=FineTune(epochs=args.fine_tune_epochs, lr=args.fine_tune_lr, seed=args.seed,
+                                             optimizer=args.fine_tune_optimizer),
                    tolerance=args.tolerance, max_rounds=args.max_rounds, step=args.step,
+                   channel_multiple=args.channel_multiple,
                    progress=not args.quiet and sys.stderr.isatty(), log=log)
     prune_seconds = time.perf_counter() - start
     test_after = evaluate(result.model, data.test)
@@ -332,12 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
                         "faster; individual zeroed weights bring no speed-up in onnxruntime")
     g.add_argument("--no-structured", action="store_true", help="do not remove whole units")
+    g.add_argument("--channel-multiple", type=int, default=8,
+                   help="a convolution keeps a multiple of this many filters (onnxruntime's CPU convolutions run "
+                        "in blocks of 8 channels; an odd count can be slower than the unpruned layer); 1: off")
     g.add_argument("--step", type=float, default=0.5, help="largest fraction of remaining weights removed per round")
     g.add_argument("--max-rounds", type=int, default=10, help="test/prune/fine-tune rounds at most")
     g.add_argument("--tolerance", type=float, default=0.001,
                    help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)")
-    g.add_argument("--fine-tune-epochs", type=int, default=1, help="fine-tuning epochs per round")
-    g.add_argument("--fine-tune-lr", type=float, default=0.05, help="fine-tuning learning rate (SGD)")
+    g.add_argument("--fine-tune-epochs", type=int, default=FineTune.epochs, help="fine-tuning epochs per round")
+    g.add_argument("--fine-tune-lr", type=float, default=FineTune.lr, help="fine-tuning learning rate")
+    g.add_argument("--fine-tune-optimizer", default=FineTune.optimizer,
+                   help="torch.optim class name for fine-tuning (adam, sgd, adamw, ...)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the validation split")

@@ -372,7 +372,8 @@ def speedup_summary(ratios: Mapping[str, float], batch_sizes: tuple[int, ...]) -
     shown = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speedups.items())
     if max(speedups.values()) < MIN_SPEEDUP:
         verdict = (f"no speed-up in onnxruntime ({shown}): zeroed weights stay in dense tensors and are multiplied "
-                   "like any other; only removed units make the model faster (prune with --structured-only)")
+                   "like any other; a model gets faster only as whole units go (--structured-only prunes units "
+                   "alone)")
     else:
         verdict = f"onnxruntime speed-up {shown}"
     return {"by_batch_size": speedups, "faster": max(speedups.values()) >= MIN_SPEEDUP, "summary": verdict}
