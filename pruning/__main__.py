@@ -101,7 +101,10 @@ def load_model(args: argparse.Namespace, checkpoint: str | None, allow_factories
     if args.factory:
         return _factory_model(args)
     ckpt = load_checkpoint(checkpoint)
-    if isinstance(ckpt, dict) and ckpt.get("format") == PRUNED_FORMAT:
+    if not isinstance(ckpt, dict) or not ("arch" in ckpt or ckpt.get("format") == PRUNED_FORMAT):
+        raise InputError(f"{checkpoint!r} is not a checkpoint of anrat (it does not describe its network); for a "
+                         f"plain state_dict give --factory package.module:function --weights {checkpoint}")
+    if ckpt.get("format") == PRUNED_FORMAT:
         model = load_pruned(checkpoint, allow_factories=allow_factories)
     else:
         model = model_from_checkpoint(ckpt)
@@ -335,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
                         "faster; individual zeroed weights bring no speed-up in onnxruntime")
     g.add_argument("--no-structured", action="store_true", help="do not remove whole units")
-    g.add_argument("--channel-multiple", type=int, default=8,
-                   help="a convolution keeps a multiple of this many filters (onnxruntime's CPU convolutions run "
-                        "in blocks of 8 channels; an odd count can be slower than the unpruned layer); 1: off")
+    g.add_argument("--channel-multiple", type=int, default=16,
+                   help="a convolution is left with a multiple of this many filters, rounded to the nearest "
+                        "(onnxruntime's CPU convolutions work in blocks of 8 or 16 channels; other widths ran no "
+                        "faster than the unpruned layer); 1: off")
     g.add_argument("--step", type=float, default=0.5, help="largest fraction of remaining weights removed per round")
     g.add_argument("--max-rounds", type=int, default=10, help="test/prune/fine-tune rounds at most")
     g.add_argument("--tolerance", type=float, default=0.001,

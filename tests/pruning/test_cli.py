@@ -206,3 +206,10 @@ def test_export_with_preprocessing_takes_raw_pixels(trained_checkpoint, mnist_di
 def test_a_trainer_checkpoint_records_its_normalisation(trained_checkpoint):
     ckpt = load_checkpoint(trained_checkpoint)
     assert ckpt["input_norm"]["mean"] == [0.1307] and ckpt["input_norm"]["std"] == [0.3081]
+
+
+def test_a_plain_state_dict_given_as_checkpoint_points_to_factory(tmp_path, run_cli):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "sd.pt")
+    code, io = run_cli(main, ["export", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert code == 2 and len(io.err.strip().splitlines()) == 1 and "--factory" in io.err, io.err
+    assert not (tmp_path / "m.onnx").exists()

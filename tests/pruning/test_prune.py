@@ -127,17 +127,29 @@ def test_round_records_estimate_the_time_left(trained):
     assert line.startswith("round 1/2: zeroed") and "validation error" in line and "\n" not in line
 
 
-def test_convolutions_keep_a_multiple_of_channel_multiple_filters():
+def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
     from pruning.prune import _remove_units
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3),
-                                torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
-    with torch.no_grad():  # filter k has weights of size k, so the largest candidates are known
-        model[0].weight.copy_(torch.arange(32.0).reshape(32, 1, 1, 1).expand(32, 1, 3, 3) + 1)
-    candidates = torch.arange(15)  # 17 filters would be left
-    removed = _remove_units(model, {"0": candidates}, torch.rand(2, 1, 8, 8), "4", channel_multiple=8)
-    assert removed == {"0": 8} and model[0].out_channels == 24 and model[2].in_channels == 24
-    # the 7 candidates kept back are the strongest ones (filters 8..14); filters 0..7 went
-    assert model[0].weight[:7, 0, 0, 0].tolist() == [9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0]
-    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 36, 3))
-    assert _remove_units(plain, {"0": candidates}, torch.rand(2, 1, 8, 8), "3", channel_multiple=1) == {"0": 15}
+
+    def model_and_input():
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3),
+                                    torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+        with torch.no_grad():  # filter k has weights k + 1: the strongest and weakest are known
+            model[0].weight.copy_(torch.arange(32.0).reshape(32, 1, 1, 1).expand(32, 1, 3, 3) + 1)
+        return model, torch.rand(2, 1, 8, 8)
+
+    # 15 candidates would leave 17 filters: rounded down to 16, the weakest non-candidate goes too
+    model, x = model_and_input()
+    candidates = torch.arange(16, 31)  # strong filters that the tests called insignificant
+    assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=16) == {"0": 16}
+    assert model[0].out_channels == 16 and model[2].in_channels == 16
+    assert model[0].weight[:, 0, 0, 0].tolist() == [float(k) for k in range(2, 17)] + [32.0]
+    # 7 candidates would leave 25 filters: rounded up to 32, so none goes
+    model, x = model_and_input()
+    assert _remove_units(model, {"0": torch.arange(7)}, x, "4", channel_multiple=16) == {}
+    # 9 candidates with a multiple of 8: 23 rounds to 24, the strongest candidate is kept back
+    model, x = model_and_input()
+    assert _remove_units(model, {"0": torch.arange(9)}, x, "4", channel_multiple=8) == {"0": 8}
+    assert model[0].weight[0, 0, 0, 0].item() == 9.0
+    # off
+    model, x = model_and_input()
+    assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=1) == {"0": 15}
