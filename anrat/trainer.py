@@ -182,7 +182,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     elif "val_loss" in record:
         parts.append(f"validation loss {record['val_loss']:.4g}")
     left = record["seconds"] * (epochs - record["epoch"])
-    parts.append(f"{record['seconds']:.1f} s" + (f", ~{left / 60:.1f} min left" if left > 0 else ""))
+    parts.append(f"{record['seconds']:.1f} s" + ("" if left <= 0 else f", ~{left / 60:.1f} min left" if left >= 60
+                                                  else f", ~{left:.0f} s left"))
     return "; ".join(parts)
 
 

@@ -75,8 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from anrat.data import as_split
 from anrat.errors import InputError
 
 LOSSES: tuple[str, ...] = ("ce", "mse")
@@ -121,15 +123,19 @@ def bias_name(layer: str) -> str:
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` from a pair of tensors or an object with ``.x`` and ``.y`` (``anrat.data.Split``)."""
+    """``(x, y)`` from a pair of tensors, an object with ``.x`` and ``.y`` (``anrat.data.Split``), or
+    a ``Dataset`` / ``DataLoader`` (read into memory by :func:`anrat.data.as_split`)."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     elif hasattr(data, "x") and hasattr(data, "y"):
         x, y = data.x, data.y
+    elif isinstance(data, (Dataset, DataLoader)):
+        split = as_split(data)
+        x, y = split.x, split.y
     else:
         raise InputError(
-            f"data must be a pair of tensors (x, y) or an object with .x and .y like anrat.data.Split, "
-            f"got {type(data).__name__}"
+            f"data must be a pair of tensors (x, y), an object with .x and .y like anrat.data.Split, a Dataset "
+            f"or a DataLoader, got {type(data).__name__}"
         )
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise InputError(f"data x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")

@@ -338,8 +338,11 @@ def round_line(record: dict[str, Any]) -> str:
         parts.append(f"stopped: {record['stopped']}")
     if "seconds" in record:
         left = record.get("seconds_left_at_most")
-        parts.append(f"{record['seconds']:.0f} s" + (f", at most ~{left / 60:.1f} min left" if left and not
-                                                         record.get("stopped") else ""))
+        if left and not record.get("stopped"):
+            parts.append(f"{record['seconds']:.0f} s, at most ~" + (f"{left / 60:.1f} min" if left >= 60 else
+                                                                    f"{left:.0f} s") + " left")
+        else:
+            parts.append(f"{record['seconds']:.0f} s")
     return "; ".join(p for p in parts if p)
 
 

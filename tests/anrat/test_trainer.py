@@ -154,4 +154,4 @@ def test_progress_prints_one_plain_line_per_epoch_off_a_terminal(capsys):
             TrainConfig(epochs=2, lr=0.1), progress=True).fit()
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
-    assert "validation error" in lines[0] and "min left" in lines[0] and "min left" not in lines[1]
+    assert "validation error" in lines[0] and " left" in lines[0] and " left" not in lines[1]

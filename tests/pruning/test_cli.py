@@ -152,7 +152,8 @@ def test_a_user_model_keeps_its_input_contract(user_model, fashion_mnist_dir, tm
     code, io = run_cli(main, ["prune", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"),
                               "--dataset", "fashion_mnist", "--data-dir", str(fashion_mnist_dir),
                               "--val-data", str(folder / "val.pt"), "--out", str(out), "--max-samples", "500",
-                              "--max-rounds", "2", "--tolerance", "0.05", "--quiet", *FASHION_SUBSETS])
+                              "--max-rounds", "2", "--tolerance", "0.1", "--fine-tune-lr", "3e-3",
+                              "--fine-tune-epochs", "2", "--quiet", *FASHION_SUBSETS])
     assert code == 0, io.err
     report = json.loads((out / "report.json").read_text())
     # the dense error the command reports is the original model's on the inputs it was trained on

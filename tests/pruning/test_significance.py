@@ -435,7 +435,7 @@ def test_bad_models_and_data_raise_input_error(small):
     model, (x, y) = small
     with pytest.raises(InputError, match="has no nn.Linear or nn.Conv2d layer"):
         wald_test(nn.Sequential(nn.ReLU()), (x, y))
-    with pytest.raises(InputError, match=r"data must be a pair of tensors \(x, y\) or an object with .x and .y"):
+    with pytest.raises(InputError, match=r"data must be a pair of tensors \(x, y\), an object with .x and .y"):
         wald_test(model, x)
     with pytest.raises(InputError, match=r"data x must be a floating-point tensor"):
         wald_test(model, (torch.zeros(20, 4, dtype=torch.uint8), y))
@@ -457,3 +457,16 @@ def test_wrong_image_size_names_the_layer_and_the_expected_input():
     assert "the first layer 'conv1' expects input of shape (N, 1, H, W)" in message
     with pytest.raises(InputError, match=r"layer 'conv1' \(Conv2d, expects \(N, 1, H, W\)\) received \(4, 3, 28, 28\)"):
         wald_test(lenet5(), (torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)))
+
+
+def test_wald_test_takes_a_dataloader():
+    from torch.utils.data import DataLoader, TensorDataset
+    from pruning.significance import wald_test
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    a = wald_test(model, (x, y), max_samples=None)
+    b = wald_test(model, DataLoader(TensorDataset(x, y), batch_size=64), max_samples=None)
+    for key in a.z:
+        torch.testing.assert_close(a.z[key], b.z[key])
