@@ -234,6 +234,15 @@ def _to_split(images: Tensor, labels: Tensor, norm: InputNorm, device: torch.dev
     return Split(x, labels.to(device))
 
 
+def hold_out_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Validation and training indices of ``n`` samples: ``val_size`` chosen by ``torch.randperm``
+    with a CPU generator seeded with ``seed``, both sorted (each part keeps the file's order). The
+    pruning stage calls this with a training run's ``val_size`` and seed to get the very images
+    that training held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:val_size].sort().values, order[val_size:].sort().values
+
+
 def load_dataset(
     name: str = "mnist",
     data_dir: str | os.PathLike[str] | None = None,
@@ -294,8 +303,7 @@ def load_dataset(
 
     n_train = len(train_images)
     _check_count(f"val_size for {n_train} training images", val_size, 0, n_train - 1)
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+    val_index, train_index = hold_out_indices(n_train, val_size, seed)
     if train_subset is not None:
         _check_count(f"train_subset for {len(train_index)} training images", train_subset, 1, len(train_index))
         train_index = train_index[:train_subset]

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision import datasets, transforms
 
 from anrat.checkpoint import load_checkpoint
-from anrat.data import DataSplits, Split, as_split, load_dataset, resolve_device
+from anrat.data import DataSplits, Split, as_split, hold_out_indices, load_dataset, resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 
@@ -71,9 +71,8 @@ def load_image_folder(path: str | os.PathLike[str], what: str = "data", image_mo
         raise InputError(f"{what} folder {str(path)!r} is not an image folder (root/<class>/<image>): "
                          f"{str(exc).splitlines()[0]}") from None
     mode = image_mode or ("L" if _grey(folder.samples[0][0]) else "RGB")
-    to_tensor = transforms.ToTensor()
     folder.loader = lambda file: Image.open(file).convert(mode)
-    folder.transform = to_tensor
+    folder.transform = transforms.ToTensor()
     try:
         split = as_split(folder, f"{what} folder {str(path)!r}")
     except (UnidentifiedImageError, OSError) as exc:
@@ -93,15 +92,11 @@ def load_data_file(path: str | os.PathLike[str], what: str = "data", image_mode:
                      "or an image folder (root/<class>/<image>)")
 
 
-
-
 def _hold_out(split: Split, val_size: int, seed: int, what: str) -> tuple[Split, Split]:
-    """``val_size`` samples chosen by a permutation seeded with ``seed`` (as :func:`load_dataset`
-    does for IDX data); both parts keep the file's order."""
+    """``val_size`` samples held out as :func:`load_dataset` holds them out of IDX data."""
     if not 0 < val_size < len(split):
         raise InputError(f"--val-size must be from 1 to {len(split) - 1} for the {len(split)} samples of {what}, got {val_size}")
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+    val_index, train_index = hold_out_indices(len(split), val_size, seed)
     return Split(split.x[train_index], split.y[train_index]), Split(split.x[val_index], split.y[val_index])
 
 

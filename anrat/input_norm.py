@@ -124,6 +124,8 @@ class InputNorm:
         """Normalise a batch ``(N, C, ...)`` of [0, 1] pixels (a new tensor)."""
         if self.is_identity:
             return x
+        # torchvision's normalize (behind module()) needs an image (..., C, H, W); tensor files may
+        # hold (N, features) rows, so the same broadcast is written out here for any rank >= 2.
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape)

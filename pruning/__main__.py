@@ -197,12 +197,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     test_before = evaluate(model, data.test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rounds_log = out / "rounds.jsonl"
-    rounds_log.write_text("")
 
     def log(record: dict[str, Any]) -> None:
-        with rounds_log.open("a") as f:
-            f.write(json.dumps(record) + "\n")
         if not args.quiet:
             print(round_line(record), file=sys.stderr, flush=True)
 
@@ -239,6 +235,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
               **metrics, "input_norm": {**norm.as_dict(), "origin": norm_origin}, "data": data.sources,
               "deployment": sizes["speedup"], "rounds": result.rounds, "onnx": sizes, "seconds": prune_seconds,
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
+    # Written at the end, like the report: a refused or failed run leaves a folder's earlier files whole.
+    write_text_atomic(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in result.rounds))
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     print(f"removed {report['fraction_removed']:.1%} of {result.params_before:,} weights "
           f"({result.params_after:,} parameters left after unit removal); test error "

@@ -33,7 +33,7 @@ from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
 from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
-from pruning.significance import WaldResult, center_softmax_layer, wald_test
+from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
 from pruning.surgery import prune_units
 
 
@@ -60,6 +60,13 @@ class FineTune:
     seed: int = 0
     optimizer: str = "adam"
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
+
+    def train_config(self) -> TrainConfig:
+        """The trainer settings of one fine-tuning (validated: a bad optimizer or rate is refused here)."""
+        config = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=self.momentum,
+                             seed=self.seed, optimizer=self.optimizer)
+        config.validate()
+        return config
 
 
 @dataclass
@@ -177,11 +184,12 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
             idx = idx[idx != int(norms.argmax())]
         if isinstance(modules[name], _CONV_TYPES) and channel_multiple > 1:
             target = _aligned_width(width - idx.numel(), width, channel_multiple)
-            by_strength = torch.argsort(norms, descending=True)  # strongest first
-            kept = [int(i) for i in by_strength if int(i) not in set(idx.tolist())]
-            candidates = [int(i) for i in by_strength if int(i) in set(idx.tolist())]
-            kept = (kept + candidates)[:target]  # fill up with the strongest candidates, or trim the weakest
-            idx = torch.tensor(sorted(set(range(width)) - set(kept)), dtype=torch.long)
+            drop = torch.zeros(width, dtype=torch.bool)
+            drop[idx] = True
+            by_strength = torch.argsort(norms, descending=True)
+            # survivors strongest first, then candidates strongest first: the first `target` stay
+            order = torch.cat([by_strength[~drop[by_strength]], by_strength[drop[by_strength]]])
+            idx = order[target:].sort().values
         if idx.numel():
             plan[name] = idx
     if plan:
@@ -198,9 +206,7 @@ def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, k
              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
     apply_masks(model, masks)
     schedule = LambdaSchedule(replace(ft.schedule, kind=kind))
-    trainer = Trainer(model, schedule, train, val,
-                      TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, momentum=ft.momentum,
-                                  seed=ft.seed, optimizer=ft.optimizer), progress=progress)
+    trainer = Trainer(model, schedule, train, val, ft.train_config(), progress=progress)
     result = trainer.fit()
     make_permanent(model)
     return result.best_val
@@ -255,8 +261,7 @@ def prune(
             ``seconds_left_at_most``, the mean round time so far times the rounds still allowed
             (the loop may stop sooner). :func:`round_line` puts a record in words.
     """
-    if not 0 < alpha < 1:
-        raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
+    check_test_options(alpha, estimator, method)
     if not (structured or unstructured):
         raise InputError("nothing to do: both structured and unstructured pruning are off")
     if tolerance < 0 or max_rounds < 1:
@@ -271,6 +276,7 @@ def prune(
     device = next(model.parameters()).device
     train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     ft = fine_tune_config or FineTune()
+    ft.train_config()  # refuse bad fine-tuning settings now, not after the first round's tests
     example_input = train_data.x[:2]
     started = time.perf_counter()
     key = "error" if kind == "ce" else "loss"

@@ -192,7 +192,8 @@ def _identified_softmax_weights(w: Tensor) -> tuple[Tensor, Tensor]:
     return centred, free
 
 
-def _check_options(alpha: float, estimator: str, method: str, damping: float, n_fit: int | None, fisher: str) -> None:
+def check_test_options(alpha: float, estimator: str, method: str, damping: float = 1e-6, n_fit: int | None = None,
+                       fisher: str = "model") -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
     if estimator not in ESTIMATORS:
@@ -385,7 +386,7 @@ def wald_test(
         n_fit: samples the model was fitted on; default ``len(data)``.
         progress: show a tqdm progress bar.
     """
-    _check_options(alpha, estimator, method, damping, n_fit, fisher)
+    check_test_options(alpha, estimator, method, damping, n_fit, fisher)
     modules = fisher_mod.select_layers(model, layers)
     if estimator == "full":
         sizes = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in modules.items()}

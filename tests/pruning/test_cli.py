@@ -214,3 +214,16 @@ def test_a_plain_state_dict_given_as_checkpoint_points_to_factory(tmp_path, run_
     code, io = run_cli(main, ["export", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "m.onnx")])
     assert code == 2 and len(io.err.strip().splitlines()) == 1 and "--factory" in io.err, io.err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [["--method", "nosuch"], ["--fine-tune-optimizer", "nosuch"], ["--step", "-0.5"]])
+def test_a_refused_prune_leaves_the_folder_as_it_was(bad, trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    before = {name: f"earlier {name}".encode() for name in ("rounds.jsonl", "report.json", "model.onnx", "pruned.pt")}
+    for name, content in before.items():
+        (out / name).write_bytes(content)
+    code, io = run_cli(main, ["prune", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir),
+                              "--out", str(out), "--quiet", *SUBSETS, *bad])
+    assert code == 2 and len(io.err.strip().splitlines()) == 1 and "Traceback" not in io.err, io.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

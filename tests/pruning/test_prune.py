@@ -91,12 +91,17 @@ def test_baselines_reach_the_requested_sparsity(trained):
 
 def test_bad_options_are_refused(trained):
     model, train, val = trained
-    with pytest.raises(InputError, match="alpha must be in"):
+    with pytest.raises(InputError, match="alpha must be a number in"):
         prune(clone(model), train, val, alpha=1.5)
     with pytest.raises(InputError, match="nothing to do"):
         prune(clone(model), train, val, structured=False, unstructured=False)
     with pytest.raises(InputError, match="nothing to prune"):
         prune(torch.nn.Sequential(torch.nn.ReLU()), train, val)
+    # refused before any test or fine-tuning runs, not after the first round
+    with pytest.raises(InputError, match="unknown multiple-testing method"):
+        prune(clone(model), train, val, method="nosuch")
+    with pytest.raises(InputError, match="unknown optimizer"):
+        prune(clone(model), train, val, fine_tune_config=FineTune(optimizer="nosuch"))
 
 
 def test_prune_takes_the_data_users_have(trained):
