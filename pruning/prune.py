@@ -9,8 +9,9 @@ One round on a model whose weights are plain tensors (no prune hooks):
 3. **Fine-tune** under masks (``torch.nn.utils.prune``, so the pruned weights stay exactly zero)
    with the anrat trainer, selecting the best epoch on validation; then make the masks permanent.
 4. **Check** validation error against the unpruned model's: above ``tolerance`` (in error-rate
-   units, e.g. 0.001 = 0.1 percentage point) the round is rolled back and the loop stops. The loop
-   also stops when a test finds nothing more to prune, or after ``max_rounds``.
+   units, e.g. 0.001 = 0.1 percentage point) the round is rolled back and retried with half the
+   step (a kept round doubles it back); the loop stops at the smallest step, when a test finds
+   nothing more to prune, or after ``max_rounds``.
 
 The baselines (magnitude, Optimal Brain Damage) go through :func:`prune_to_sparsity`: one shot to
 a given fraction of weights removed, dead units removed the same way, and the same fine-tuning.
@@ -123,11 +124,22 @@ def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
     return masks
 
 
-def _capped_units(test: WaldResult, step: float) -> dict[str, Tensor]:
-    """Jointly insignificant units with the largest p-values, at most ``step`` of each layer."""
+def _unit_budget(width: int, step: float, block: int) -> int:
+    """How many of a layer's ``width`` units one round may remove: ``step`` of them, counted in
+    whole blocks of ``block`` units (the nearest number of blocks, ties up) for a layer wider than
+    one block. Counting a convolution's budget in blocks of ``channel_multiple`` filters keeps a
+    smaller step from proposing a part-block that alignment would round back to nothing."""
+    if block > 1 and width > block:
+        return int(step * width / block + 0.5) * block
+    return int(step * width)
+
+
+def _capped_units(test: WaldResult, step: float, blocks: dict[str, int] | None = None) -> dict[str, Tensor]:
+    """Jointly insignificant units with the largest p-values, at most ``step`` of each layer
+    (:func:`_unit_budget`; ``blocks`` maps a layer to its block size, 1 if absent)."""
     units = {}
     for layer, idx in test.redundant_units().items():
-        budget = int(step * test.unit_pvalues[layer].numel())
+        budget = _unit_budget(test.unit_pvalues[layer].numel(), step, (blocks or {}).get(layer, 1))
         if idx.numel() and budget:
             order = torch.argsort(test.unit_pvalues[layer][idx], descending=True)
             units[layer] = idx[order[:budget]]
@@ -253,7 +265,8 @@ def prune(
             errors of the survivors shrink once their redundant neighbours are gone, so tests are
             repeated on the refitted model rather than trusted for all weights at once). A round
             that breaks the tolerance is rolled back and retried with half the step, down to
-            ``min_step``.
+            ``min_step``; a kept round doubles it again, up to ``step``. A convolution's share is
+            counted in whole blocks of ``channel_multiple`` filters (:func:`_unit_budget`).
         channel_multiple: a convolution is left with a multiple of this many filters (or all it
             has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
             work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
@@ -283,6 +296,7 @@ def prune(
     base_val = evaluate(model, val_data, kind)
     params_before = count_total(model)
     rounds: list[dict[str, Any]] = []
+    max_step = step
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
         previous = copy.deepcopy(model)
@@ -290,7 +304,8 @@ def prune(
                          max_samples=max_samples, progress=progress)
         _centre_tested_softmax_layers(model, test)
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
-        units = _merge_units(_capped_units(test, step) if structured else {}, _dead_units(model, layers))
+        blocks = {n: channel_multiple for n, m in model.named_modules() if isinstance(m, _CONV_TYPES)}
+        units = _merge_units(_capped_units(test, step, blocks) if structured else {}, _dead_units(model, layers))
         removed_units = _remove_units(model, units, example_input, test.output_layer, channel_multiple)
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units}
@@ -307,7 +322,9 @@ def prune(
                        "seconds": time.perf_counter() - start,
                        "seconds_left_at_most": (time.perf_counter() - started) / r * (max_rounds - r)})
         record["step"] = step
-        if val[key] > base_val[key] + tolerance:
+        if val[key] <= base_val[key] + tolerance:
+            step = min(max_step, 2 * step)  # a kept round earns back the step a rollback halved
+        else:
             record["rolled_back"] = True
             model = previous
             if step / 2 >= min_step:  # retry with half the step

@@ -158,3 +158,26 @@ def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
     # off
     model, x = model_and_input()
     assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=1) == {"0": 15}
+
+
+def test_a_convolutions_budget_is_counted_in_whole_blocks():
+    from pruning.prune import _unit_budget
+    # 32 filters in blocks of 16: half or a quarter of them is one block, an eighth is none
+    assert [_unit_budget(32, s, 16) for s in (0.5, 0.25, 0.125)] == [16, 16, 0]
+    # blocks of 8: a quarter of 32 is one block, an eighth rounds half a block up to one
+    assert [_unit_budget(32, s, 8) for s in (0.25, 0.125, 0.0625)] == [8, 8, 0]
+    # no blocks (a Linear layer, or a conv no wider than one block): plain fraction, rounded down
+    assert [_unit_budget(128, s, 1) for s in (0.5, 0.25, 0.01)] == [64, 32, 1]
+    assert _unit_budget(16, 0.5, 16) == 8
+
+
+def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
+    model, train, val = trained
+    # without fine-tuning the widest round fails, the halved one is kept and the next is wide again
+    records = []
+    prune(clone(model), train, val, alpha=0.999, max_samples=2000, tolerance=0.005, step=0.8, min_step=0.05,
+          fine_tune_config=FineTune(epochs=0), max_rounds=6, structured=False, log=records.append)
+    steps = [(r["step"], bool(r.get("rolled_back"))) for r in records if "step" in r]
+    for (step, rolled_back), (next_step, _) in zip(steps, steps[1:]):
+        assert next_step == (step / 2 if rolled_back else min(0.8, 2 * step))
+    assert any(rb for _, rb in steps) and any(not rb for _, rb in steps)
