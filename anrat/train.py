@@ -30,6 +30,8 @@ import torch
 
 from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import save_atomic
+from anrat.cli import OneLineErrorParser, run_command
+from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import env_is_main, process_group_from_env
 from anrat.errors import InputError
@@ -135,133 +137,121 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _l2(text: str) -> tuple[str, float]:
-    layer, sep, value = text.partition("=")
+def _ints(text: str) -> list[int]:
     try:
-        if not sep:
-            raise ValueError
-        return layer, float(value)
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAYER=COEFF such as fc2=0.05, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr and exit status 2; command lines
-    report their own refusals the same way with :meth:`report`."""
+class _LayerL2(argparse.Action):
+    """``--l2 LAYER=COEFF``, repeatable, into one dict ``{layer: coeff}``."""
 
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def report(self, exc: InputError | TrainingDiverged, prog: str | None = None) -> int:
-        """One line on stderr for a refused input (exit status 2) or a diverged run (1)."""
-        if isinstance(exc, TrainingDiverged):
-            print(f"{prog or self.prog}: {exc}", file=sys.stderr)
-            return 1
-        print(f"{prog or self.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    def __call__(self, parser, namespace, text, option_string=None):  # type: ignore[override]
+        layer, sep, value = text.partition("=")
+        try:
+            if not sep or not layer:
+                raise ValueError
+            coeff = float(value)
+        except ValueError:
+            parser.error(f"argument --l2: expected LAYER=COEFF such as fc2=0.05, got {text!r}")
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), layer: coeff})
 
 
 def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
-    d, t, s = RunConfig(), TrainConfig(), ScheduleConfig()
+    """Every flag is bound to one key of :class:`RunConfig` (``anrat.config.flag``); the defaults
+    shown are that dataclass's. ``--config FILE`` and ``--set KEY=VALUE`` reach every key."""
+    d = RunConfig()
     ap = OneLineErrorParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            epilog="Options resolve as: RunConfig defaults < --config file < --set < flags.")
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset to train on")
-    g.add_argument("--data-dir", default=None,
-                   help="folder holding the four IDX files (.gz or not); default: $ANRAT_DATA_DIR")
-    g.add_argument("--download", action="store_true", help="download the dataset through torchvision if missing")
-    g.add_argument("--val-size", type=int, default=d.val_size, help="training images held out for validation (chosen by --seed)")
-    g.add_argument("--train-subset", type=int, default=None, help="train on the first N remaining training images only")
-    g.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+    flag(g, "--dataset", key="dataset", defaults=d, choices=DATASETS, help="dataset to train on")
+    flag(g, "--data-dir", key="data_dir", help="folder holding the four IDX files (.gz or not); default: $ANRAT_DATA_DIR")
+    flag(g, "--download", key="download", action="store_const", const=True,
+         help="download the dataset through torchvision if missing")
+    flag(g, "--val-size", key="val_size", defaults=d, type=int,
+         help="training images held out for validation (chosen by --seed)")
+    flag(g, "--train-subset", key="train_subset", type=int, help="train on the first N remaining training images only")
+    flag(g, "--test-subset", key="test_subset", type=int, help="evaluate on the first N test images only")
     g = ap.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(MODELS), default=d.model, help="architecture")
-    g.add_argument("--hidden", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                   help="hidden widths for --model mlp, e.g. 500,300")
+    flag(g, "--model", key="model", defaults=d, choices=sorted(MODELS), help="architecture")
+    flag(g, "--hidden", key="model_kwargs.hidden", type=_ints, help="hidden widths for --model mlp, e.g. 500,300")
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=t.epochs, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=t.batch_size, help="minibatch size")
-    g.add_argument("--lr", type=float, default=t.lr, help="learning rate of the weights")
-    g.add_argument("--lambda-lr", type=float, default=None,
-                   help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1")
-    g.add_argument("--optimizer", default=t.optimizer, help="torch.optim class name (sgd, adam, adamw, ...)")
-    g.add_argument("--momentum", type=float, default=t.momentum, help="SGD momentum (the paper: 0)")
-    g.add_argument("--l2", type=_l2, action="append", default=[], metavar="LAYER=COEFF",
-                   help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass (losses stay float32)")
-    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None, metavar="MODE",
-                   help="torch.compile the forward pass and the loss; MODE is torch.compile's mode, one of "
-                        f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
-                        "graphs). Slow first steps, fewer and fused kernels after")
-    g.add_argument("--seed", type=int, default=t.seed, help="seed of initialisation, split and shuffling")
-    g.add_argument("--grid-lr", type=_floats, default=[], help="comma-separated learning rates to grid-search")
-    g.add_argument("--grid-a", type=_floats, default=[], help="comma-separated penalty weights a to grid-search")
+    flag(g, "--epochs", key="train.epochs", defaults=d, type=int, help="training epochs")
+    flag(g, "--batch-size", key="train.batch_size", defaults=d, type=int, help="minibatch size")
+    flag(g, "--lr", key="train.lr", defaults=d, type=float, help="learning rate of the weights")
+    flag(g, "--lambda-lr", key="train.lambda_lr", type=float,
+         help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1")
+    flag(g, "--optimizer", key="train.optimizer", defaults=d, help="torch.optim class name (sgd, adam, adamw, ...)")
+    flag(g, "--momentum", key="train.momentum", defaults=d, type=float, help="SGD momentum (the paper: 0)")
+    flag(g, "--l2", key="train.l2", action=_LayerL2, metavar="LAYER=COEFF",
+         help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)")
+    flag(g, "--amp", key="train.amp", action="store_const", const=True,
+         help="bfloat16 autocast for the forward pass (losses stay float32)")
+    flag(g, "--compile", key="train.compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+         help="torch.compile the forward pass and the loss; MODE is torch.compile's mode, one of "
+              f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
+              "graphs). Slow first steps, fewer and fused kernels after")
+    flag(g, "--seed", key="train.seed", defaults=d, type=int, help="seed of initialisation, split and shuffling")
+    flag(g, "--grid-lr", key="grid_lr", type=_floats, help="comma-separated learning rates to grid-search")
+    flag(g, "--grid-a", key="grid_a", type=_floats, help="comma-separated penalty weights a to grid-search")
     g = ap.add_argument_group("lambda schedule")
-    g.add_argument("--schedule", choices=SCHEDULES, default=s.name,
-                   help="fixed: constant lambda; adaptive: ANRAT; anneal: lam0*gamma^epoch; "
-                        "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only")
-    g.add_argument("--lambda0", type=float, default=s.lam0, help="initial (or fixed) lambda, > 0")
-    g.add_argument("--p", type=float, default=s.p, help="t = lambda^p (and the Lp norm exponent for --loss lp)")
-    g.add_argument("--loss", choices=("ce", "lp"), default=s.kind, help="per-sample loss")
-    g.add_argument("--a", type=float, default=s.a, help="ANRAT penalty weight a in a*lambda^(-q), >= 0")
-    g.add_argument("--q", type=float, default=s.q, help="ANRAT penalty exponent q, > 0")
-    g.add_argument("--lambda-param", choices=("log", "softplus"), default=s.parameterization,
-                   help="ANRAT parameterisation of lambda (both keep it > 0)")
-    g.add_argument("--gamma", type=float, default=s.gamma, help="anneal: lambda factor per epoch")
-    g.add_argument("--lambda-min", type=float, default=s.lam_min, help="anneal: lower bound of lambda")
-    g.add_argument("--period", type=int, default=s.period, help="excursions: steps per cycle")
-    g.add_argument("--plain-steps", type=int, default=s.plain_steps, help="excursions: plain-loss steps per cycle")
-    g.add_argument("--normalizer", choices=("batch", "running"), default=s.normalizer,
-                   help="NRAE normaliser: per batch (paper) or running estimate across batches")
-    g.add_argument("--switch-below", type=float, default=s.switch_below,
-                   help="deconvexify (switch to the plain loss) once lambda falls below this")
-    g.add_argument("--switch-when-feasible", action="store_true",
-                   help="deconvexify once RAE at the current lambda is representable in float32")
+    flag(g, "--schedule", key="schedule.name", defaults=d, choices=SCHEDULES,
+         help="fixed: constant lambda; adaptive: ANRAT; anneal: lam0*gamma^epoch; "
+              "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only")
+    flag(g, "--lambda0", key="schedule.lam0", defaults=d, type=float, help="initial (or fixed) lambda, > 0")
+    flag(g, "--p", key="schedule.p", defaults=d, type=float, help="t = lambda^p (and the Lp norm exponent for --loss lp)")
+    flag(g, "--loss", key="schedule.kind", defaults=d, choices=("ce", "lp"), help="per-sample loss")
+    flag(g, "--a", key="schedule.a", defaults=d, type=float, help="ANRAT penalty weight a in a*lambda^(-q), >= 0")
+    flag(g, "--q", key="schedule.q", defaults=d, type=float, help="ANRAT penalty exponent q, > 0")
+    flag(g, "--lambda-param", key="schedule.parameterization", defaults=d, choices=("log", "softplus"),
+         help="ANRAT parameterisation of lambda (both keep it > 0)")
+    flag(g, "--gamma", key="schedule.gamma", defaults=d, type=float, help="anneal: lambda factor per epoch")
+    flag(g, "--lambda-min", key="schedule.lam_min", defaults=d, type=float, help="anneal: lower bound of lambda")
+    flag(g, "--period", key="schedule.period", defaults=d, type=int, help="excursions: steps per cycle")
+    flag(g, "--plain-steps", key="schedule.plain_steps", defaults=d, type=int,
+         help="excursions: plain-loss steps per cycle")
+    flag(g, "--normalizer", key="schedule.normalizer", defaults=d, choices=("batch", "running"),
+         help="NRAE normaliser: per batch (paper) or running estimate across batches")
+    flag(g, "--switch-below", key="schedule.switch_below", defaults=d, type=float,
+         help="deconvexify (switch to the plain loss) once lambda falls below this")
+    flag(g, "--switch-when-feasible", key="schedule.switch_when_feasible", action="store_const", const=True,
+         help="deconvexify once RAE at the current lambda is representable in float32")
     g = ap.add_argument_group("run")
-    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
-    g.add_argument("--out", default=d.out_dir, help="output folder")
-    g.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
-    g.add_argument("--no-progress", action="store_true", help="no progress lines (one per epoch) or bars")
+    flag(g, "--device", key="device", defaults=d, help="auto (CUDA when present), cpu, cuda, cuda:N")
+    flag(g, "--out", key="out_dir", defaults=d, help="output folder")
+    flag(g, "--no-resume", key="resume", action="store_const", const=False,
+         help="start afresh even if OUT/last.pt exists")
+    flag(g, "--no-progress", key="progress", action="store_const", const=False,
+         help="no progress lines (one per epoch) or bars")
+    add_config_arguments(g, "train.lr=0.05")
     return ap
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    model_kwargs: dict[str, Any] = {}
-    if args.hidden is not None:
-        if args.model != "mlp":
-            raise InputError("--hidden applies to --model mlp only")
-        model_kwargs["hidden"] = args.hidden
-    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_lr=args.lambda_lr,
-                        optimizer=args.optimizer, momentum=args.momentum, l2=dict(args.l2), seed=args.seed,
-                        amp=args.amp, compile=args.compile)
-    schedule = ScheduleConfig(name=args.schedule, lam0=args.lambda0, p=args.p, kind=args.loss, a=args.a, q=args.q,
-                              parameterization=args.lambda_param, gamma=args.gamma, lam_min=args.lambda_min,
-                              period=args.period, plain_steps=args.plain_steps, normalizer=args.normalizer,
-                              switch_below=args.switch_below, switch_when_feasible=args.switch_when_feasible)
-    return RunConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
-                     model_kwargs=model_kwargs, val_size=args.val_size, train_subset=args.train_subset,
-                     test_subset=args.test_subset, device=args.device, out_dir=args.out,
-                     progress=not args.no_progress, resume=not args.no_resume, train=train, schedule=schedule,
-                     grid_lr=args.grid_lr, grid_a=args.grid_a)
+    """The run's :class:`RunConfig`: defaults < ``--config`` < ``--set`` < flags, validated."""
+    cfg = resolve_from_args(RunConfig(), args)
+    if cfg.model_kwargs.get("hidden") is not None and cfg.model != "mlp":
+        raise InputError("--hidden applies to --model mlp only")
+    cfg.train.validate()
+    cfg.schedule.validate()
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    def body(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
-        cfg.train.validate()
-        cfg.schedule.validate()
         result = run(cfg)
-    except (InputError, TrainingDiverged) as exc:
-        return parser.report(exc)
-    if not env_is_main():  # under torchrun, rank 0 reports
+        if not env_is_main():  # under torchrun, rank 0 reports
+            return 0
+        sel = result["selected"]
+        err = result["test"].get("error")
+        print(f"selected epoch {sel['best_epoch']} (lr={sel['lr']:g}, a={sel['a']:g}); "
+              f"validation {sel['val']}; test error {err:.4%}" if err is not None else f"test {result['test']}")
+        print(f"wrote {Path(cfg.out_dir) / 'model.pt'}")
         return 0
-    sel = result["selected"]
-    err = result["test"].get("error")
-    print(f"selected epoch {sel['best_epoch']} (lr={sel['lr']:g}, a={sel['a']:g}); "
-          f"validation {sel['val']}; test error {err:.4%}" if err is not None else f"test {result['test']}")
-    print(f"wrote {Path(cfg.out_dir) / 'model.pt'}")
-    return 0
+
+    return run_command(build_parser(), body, argv)
 
 
 if __name__ == "__main__":

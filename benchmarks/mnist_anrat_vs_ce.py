@@ -56,12 +56,13 @@ from scipy import stats
 
 from anrat.errors import InputError
 from anrat.schedules import ScheduleConfig
-from anrat.train import OneLineErrorParser, RunConfig
+from anrat.atomic_files import write_text_atomic
+from anrat.cli import OneLineErrorParser
+from anrat.train import RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainConfig, TrainingDiverged
-from pruning.prune import FineTune
-from recipes.mnist_prune import RecipeConfig, ReportOptions, prune_options
-from recipes.mnist_prune import run as recipe_run
+from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
+from pruning.prune import FineTune, PruneConfig
 
 MODELS = ("lenet5", "convnet_dropout")
 METHODS = {"ce": "plain", "anrat": "adaptive"}
@@ -169,11 +170,11 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
     info: dict[str, Any] = {"model": model, "method": method, "seed": seed}
     try:
         if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
-            recipe = RecipeConfig(
-                preset="benchmark", out_dir=str(folder), run=cfg, prune=prune_options(budget["prune"]),
-                fine_tune=FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05),
-                report=ReportOptions(latency_repeats=5))
-            metrics = recipe_run(recipe, command)
+            fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
+            pipeline = PipelineConfig(out_dir=str(folder), run=cfg,
+                                      prune=PruneConfig(**budget["prune"], fine_tune=fine_tune),
+                                      report=ReportOptions(latency_repeats=5))
+            metrics = train_prune_export(pipeline, command, "python -m anrat.recipes.mnist_prune")
             info["test_error"] = metrics["test_error"]["trained"]
             info["pruned_test_error"] = metrics["test_error"]["pruned"]
             info["kept_fraction"] = metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"]
@@ -188,9 +189,7 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
     info["seconds"] = time.perf_counter() - started
     info["machine"] = machine_description(args.device)
     record.parent.mkdir(parents=True, exist_ok=True)
-    partial = record.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(info, indent=1))
-    partial.replace(record)  # atomic: a unit is either finished or absent
+    write_text_atomic(record, json.dumps(info, indent=1))  # a unit is either finished or absent
     test = info["test_error"]
     print(f"{model} seed {seed} {method}: test error {'diverged' if test is None else f'{100 * test:.2f}%'} "
           f"({info['seconds']:.0f} s)", file=sys.stderr, flush=True)

@@ -68,7 +68,7 @@ def main() -> None:
     rows = {"unpruned": {"model": dense, "val": evaluate(dense, data.val), "seconds": 0.0}}
     t = time.perf_counter()
     wald = prune(copy.deepcopy(dense), data.train, data.val, tolerance=args.tolerance, max_rounds=args.max_rounds,
-                 max_samples=args.max_samples, fine_tune_config=ft, log=lambda r: print(json.dumps(r), flush=True))
+                 max_samples=args.max_samples, fine_tune=ft, log=lambda r: print(json.dumps(r), flush=True))
     rows["wald (ours)"] = {"model": wald.model, "val": wald.final_val, "seconds": time.perf_counter() - t,
                            "rounds": wald.rounds}
     fraction = 1 - wald.nonzero_after / wald.params_before

@@ -28,31 +28,30 @@ refused. Bad input exits with status 2 and one line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import shutil
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from anrat.atomic_files import atomic_path, write_text_atomic
+from anrat.atomic_files import write_text_atomic
+from anrat.cli import OneLineErrorParser, run_command
+from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
 from anrat.data import DATASET_NORMS, DATASETS, load_dataset, resolve_device
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
-from anrat.train import OneLineErrorParser
 from anrat.trainer import evaluate
-from pruning.export import compare_models, export_onnx
+from pruning.export import export_onnx
 from pruning.masks import count_nonzero, count_total
-from pruning.prune import FineTune, prune, round_line
+from pruning.pipeline import ReportOptions, prune_save_export
+from pruning.prune import PruneConfig, round_line
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
-from pruning.pruned_checkpoint import import_factory, load_pruned, save_pruned
+from pruning.pruned_checkpoint import import_factory, load_pruned
 from pruning.significance import ESTIMATORS
 
 DEFAULT_VAL_SIZE = 10_000
@@ -144,23 +143,12 @@ def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
         raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
 
 
-def check_prune_options(args: argparse.Namespace) -> None:
-    """Refuse bad numbers before anything is read or written."""
-    checks = [
-        (0 < args.alpha < 1, f"--alpha must be in (0, 1), got {args.alpha}"),
-        (0 < args.step <= 1, f"--step must be in (0, 1], got {args.step}"),
-        (args.max_rounds >= 1, f"--max-rounds must be >= 1, got {args.max_rounds}"),
-        (args.tolerance >= 0, f"--tolerance must be >= 0, got {args.tolerance}"),
-        (args.fine_tune_epochs >= 0, f"--fine-tune-epochs must be >= 0, got {args.fine_tune_epochs}"),
-        (args.fine_tune_lr > 0, f"--fine-tune-lr must be > 0, got {args.fine_tune_lr}"),
-        (args.max_samples >= 1, f"--max-samples must be >= 1, got {args.max_samples}"),
-        (args.channel_multiple >= 1, f"--channel-multiple must be >= 1, got {args.channel_multiple}"),
-    ]
-    for ok, message in checks:
-        if not ok:  # NaN fails every comparison, so it is refused here too
-            raise InputError(message)
-    if args.structured_only and args.no_structured:
-        raise InputError("--structured-only and --no-structured leave nothing to prune")
+def prune_config(args: argparse.Namespace) -> PruneConfig:
+    """The pruning options: :class:`PruneConfig` defaults < ``--config`` < flags < ``--set``,
+    checked before anything is read or written."""
+    config = resolve_from_args(PruneConfig(), args, extra=[("fine_tune.seed", args.seed)])
+    config.validate()
+    return config
 
 
 def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str) -> tuple[int, int, bool]:
@@ -174,7 +162,7 @@ def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str)
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    check_prune_options(args)
+    config = prune_config(args)
     device = resolve_device(args.device)
     loaded = load_model(args, args.checkpoint)
     model = loaded.model
@@ -193,8 +181,6 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if not held_out_by_training and not args.val_data and not args.quiet:
         print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data",
               file=sys.stderr)
-    dense = copy.deepcopy(model)
-    test_before = evaluate(model, data.test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -204,43 +190,30 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.quiet:
         print(f"pruning {count_total(model):,} parameters of {loaded.source}; input normalisation: {norm.describe()} "
-              f"({norm_origin}); test error before: {test_before['error']:.2%}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    result = prune(model, data.train, data.val, alpha=args.alpha, method=args.method, estimator=args.estimator,
-                   max_samples=args.max_samples, structured=not args.no_structured,
-                   unstructured=not args.structured_only,
-                   fine_tune_config=FineTune(epochs=args.fine_tune_epochs, lr=args.fine_tune_lr, seed=args.seed,
-                                             optimizer=args.fine_tune_optimizer),
-                   tolerance=args.tolerance, max_rounds=args.max_rounds, step=args.step,
-                   channel_multiple=args.channel_multiple,
-                   progress=not args.quiet and sys.stderr.isatty(), log=log)
-    prune_seconds = time.perf_counter() - start
-    test_after = evaluate(result.model, data.test)
-    pruned = result.model.cpu()
-    dense.cpu()
-    metrics = {"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
-               "val_after": result.final_val}
-    save_pruned(pruned, out / "pruned.pt", metrics=metrics, arch=loaded.description.get("arch"),
-                factory=loaded.description.get("factory"), factory_kwargs=loaded.description.get("factory_kwargs"),
-                input_norm=norm)
-    verify = data.test.x[:256].cpu()
+              f"({norm_origin})", file=sys.stderr, flush=True)
+    test_before = evaluate(model, data.test)
+    if not args.quiet:
+        print(f"test error before pruning: {test_before['error']:.2%}", file=sys.stderr, flush=True)
     # 200 alternating calls: with 50, the batch-1 speed-up of one model moved between 0.93x and 1.46x
-    sizes = compare_models(dense, pruned, verify[:2], out / "onnx", verify_inputs=verify, repeats=200,
-                           metadata=norm.onnx_metadata(in_graph=False))
-    with atomic_path(out / "model.onnx") as tmp:
-        shutil.copyfile(out / "onnx" / "pruned.onnx", tmp)  # exported and verified just above
+    done = prune_save_export(model, data, config, out, description=loaded.description, input_norm=norm,
+                             test_before=test_before,
+                             report=ReportOptions(latency_repeats=200), progress=not args.quiet and sys.stderr.isatty(),
+                             log=log)
+    result, sizes = done.result, done.comparison
     report = {"params_before": result.params_before, "params_after": result.params_after,
               "nonzero_after": result.nonzero_after,
               "fraction_removed": 1 - result.nonzero_after / result.params_before,
-              **metrics, "input_norm": {**norm.as_dict(), "origin": norm_origin}, "data": data.sources,
-              "deployment": sizes["speedup"], "rounds": result.rounds, "onnx": sizes, "seconds": prune_seconds,
-              "options": {k: v for k, v in vars(args).items() if k != "func"}}
+              "test_before": done.test_before, "test_after": done.test_after, "val_before": result.base_val,
+              "val_after": result.final_val, "onnx_test_error": done.onnx_test_error,
+              "input_norm": {**norm.as_dict(), "origin": norm_origin}, "data": data.sources,
+              "deployment": sizes["speedup"], "rounds": result.rounds, "onnx": sizes, "seconds": done.seconds["prune"],
+              "config": asdict(config), "options": {k: v for k, v in vars(args).items() if k != "func"}}
     # Written at the end, like the report: a refused or failed run leaves a folder's earlier files whole.
     write_text_atomic(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in result.rounds))
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     print(f"removed {report['fraction_removed']:.1%} of {result.params_before:,} weights "
           f"({result.params_after:,} parameters left after unit removal); test error "
-          f"{test_before['error']:.2%} -> {test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
+          f"{done.test_before['error']:.2%} -> {done.test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
           f"{sizes['pruned']['onnx_bytes']:,} bytes; {sizes['speedup']['summary']}")
     print(f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
           f"{out / 'report.json'}")
@@ -327,28 +300,31 @@ def build_parser() -> argparse.ArgumentParser:
                         f"anrat-train held out for a checkpoint of ours, else {DEFAULT_VAL_SIZE}")
     g.add_argument("--train-subset", type=int, default=None, help="use the first N remaining training images")
     g.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
+    d = PruneConfig()
     g = p.add_argument_group("statistics")
-    g.add_argument("--alpha", type=float, default=0.05, help="level of the tests, in (0, 1)")
-    g.add_argument("--method", default="holm", help="statsmodels multipletests method: holm, bonferroni, fdr_bh, ...")
-    g.add_argument("--estimator", choices=ESTIMATORS, default="kfac", help="standard errors from the Fisher information")
-    g.add_argument("--max-samples", type=int, default=10_000, help="training samples the Fisher is estimated on")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--structured-only", "--no-unstructured", action="store_true",
-                   help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
-                        "faster; individual zeroed weights bring no speed-up in onnxruntime")
-    g.add_argument("--no-structured", action="store_true", help="do not remove whole units")
-    g.add_argument("--channel-multiple", type=int, default=16,
-                   help="a convolution is left with a multiple of this many filters, rounded to the nearest "
-                        "(onnxruntime's CPU convolutions work in blocks of 8 or 16 channels; other widths ran no "
-                        "faster than the unpruned layer); 1: off")
-    g.add_argument("--step", type=float, default=0.5, help="largest fraction of remaining weights removed per round")
-    g.add_argument("--max-rounds", type=int, default=10, help="test/prune/fine-tune rounds at most")
-    g.add_argument("--tolerance", type=float, default=0.001,
-                   help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)")
-    g.add_argument("--fine-tune-epochs", type=int, default=FineTune.epochs, help="fine-tuning epochs per round")
-    g.add_argument("--fine-tune-lr", type=float, default=FineTune.lr, help="fine-tuning learning rate")
-    g.add_argument("--fine-tune-optimizer", default=FineTune.optimizer,
-                   help="torch.optim class name for fine-tuning (adam, sgd, adamw, ...)")
+    flag(g, "--alpha", key="alpha", defaults=d, type=float, help="level of the tests, in (0, 1)")
+    flag(g, "--method", key="method", defaults=d, help="statsmodels multipletests method: holm, bonferroni, fdr_bh, ...")
+    flag(g, "--estimator", key="estimator", defaults=d, choices=ESTIMATORS,
+         help="standard errors from the Fisher information")
+    flag(g, "--max-samples", key="max_samples", defaults=d, type=int, help="training samples the Fisher is estimated on")
+    g = p.add_argument_group("pruning (pruning.prune.PruneConfig; --config and --set reach every option)")
+    flag(g, "--structured-only", "--no-unstructured", key="unstructured", action="store_const", const=False,
+         help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
+              "faster; individual zeroed weights bring no speed-up in onnxruntime")
+    flag(g, "--no-structured", key="structured", action="store_const", const=False, help="do not remove whole units")
+    flag(g, "--channel-multiple", key="channel_multiple", defaults=d, type=int,
+         help="a convolution is left with a multiple of this many filters, rounded to the nearest "
+              "(onnxruntime's CPU convolutions work in blocks of 8 or 16 channels; other widths ran no "
+              "faster than the unpruned layer); 1: off")
+    flag(g, "--step", key="step", defaults=d, type=float, help="largest fraction of remaining weights removed per round")
+    flag(g, "--max-rounds", key="max_rounds", defaults=d, type=int, help="test/prune/fine-tune rounds at most")
+    flag(g, "--tolerance", key="tolerance", defaults=d, type=float,
+         help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)")
+    flag(g, "--fine-tune-epochs", key="fine_tune.epochs", defaults=d, type=int, help="fine-tuning epochs per round")
+    flag(g, "--fine-tune-lr", key="fine_tune.lr", defaults=d, type=float, help="fine-tuning learning rate")
+    flag(g, "--fine-tune-optimizer", key="fine_tune.optimizer", defaults=d,
+         help="torch.optim class name for fine-tuning (adam, sgd, adamw, ...)")
+    add_config_arguments(g, "fine_tune.batch_size=128")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the validation split")
@@ -376,13 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    def body(args: argparse.Namespace) -> int:
         args.func(args)
-    except InputError as exc:
-        return parser.report(exc, prog=f"{parser.prog} {args.command}")
-    return 0
+        return 0
+
+    return run_command(build_parser(), body, argv, prog=lambda args: f"anrat-prune {args.command}")
 
 
 if __name__ == "__main__":

@@ -306,6 +306,17 @@ def _model_figures(model: nn.Module, report: ExportReport) -> dict[str, Any]:
     }
 
 
+def onnx_test_error(path: Path, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``(x, y)`` that the ONNX model at ``path`` misclassifies under onnxruntime (CPU)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    wrong = 0
+    for start in range(0, len(x), batch_size):
+        scores = session.run(None, {name: x[start:start + batch_size].numpy()})[0]
+        wrong += int((np.argmax(scores, axis=1) != y[start:start + batch_size].numpy()).sum())
+    return wrong / len(x)
+
+
 def compare_models(
     dense_model: nn.Module,
     pruned_model: nn.Module,

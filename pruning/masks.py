@@ -134,6 +134,22 @@ def sparsity(model: nn.Module) -> float:
     return 1.0 - count_nonzero(model) / total
 
 
+def layer_counts(dense: nn.Module, pruned: nn.Module) -> dict[str, dict[str, int]]:
+    """Per layer (weights and bias together): parameters of the dense network, parameters and
+    nonzero parameters of the pruned one."""
+    def by_layer(model: nn.Module) -> dict[str, tuple[int, int]]:
+        counts: dict[str, tuple[int, int]] = {}
+        for name, tensor in effective_parameters(model).items():
+            layer = name.rpartition(".")[0]
+            total, nonzero = counts.get(layer, (0, 0))
+            counts[layer] = (total + tensor.numel(), nonzero + int(torch.count_nonzero(tensor)))
+        return counts
+
+    before, after = by_layer(dense), by_layer(pruned)
+    return {layer: {"dense": before[layer][0], "pruned": after.get(layer, (0, 0))[0],
+                    "nonzero": after.get(layer, (0, 0))[1]} for layer in before}
+
+
 __all__ = [
     "apply_masks",
     "count_nonzero",

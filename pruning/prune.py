@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -224,26 +224,81 @@ def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, k
     return result.best_val
 
 
+@dataclass
+class PruneConfig:
+    """Every option of :func:`prune` (the pruning command's ``--config``/``--set`` keys and the
+    recipes' ``[prune]`` table).
+
+    Attributes:
+        alpha, method: level and ``statsmodels`` multiple-testing method of the tests.
+        estimator: standard-error estimator (``"kfac"``, ``"diagonal"``, ``"full"``).
+        max_samples: training samples the Fisher information is estimated on, per round (None: all).
+        structured / unstructured: remove whole units / individual weights.
+        tolerance: largest allowed rise of validation error over the unpruned model (error-rate
+            units, 0.001 = 0.1 percentage point; for regression, of the mean loss).
+        max_rounds: test / prune / fine-tune rounds at most.
+        step: at most this fraction of the remaining weights (and of each layer's units) is
+            removed per round, the least significant first (backward elimination: the standard
+            errors of the survivors shrink once their redundant neighbours are gone, so tests are
+            repeated on the refitted model rather than trusted for all weights at once). A round
+            that breaks the tolerance is rolled back and retried with half the step, down to
+            ``min_step``; a kept round doubles it again, up to ``step``. A convolution's share is
+            counted in whole blocks of ``channel_multiple`` filters (:func:`_unit_budget`).
+        channel_multiple: a convolution is left with a multiple of this many filters (or all it
+            has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
+            work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
+        fine_tune: how each round fine-tunes (:class:`FineTune`).
+    """
+
+    alpha: float = 0.05
+    method: str = "holm"
+    estimator: str = "kfac"
+    max_samples: int | None = 10_000
+    structured: bool = True
+    unstructured: bool = True
+    tolerance: float = 0.001
+    max_rounds: int = 10
+    step: float = 0.5
+    min_step: float = 0.05
+    channel_multiple: int = 16
+    fine_tune: FineTune = field(default_factory=FineTune)
+
+    def validate(self) -> None:
+        """Refuse what :func:`prune` cannot run, before any work (NaN fails every comparison)."""
+        check_test_options(self.alpha, self.estimator, self.method)
+        if not (self.structured or self.unstructured):
+            raise InputError("nothing to do: both structured and unstructured pruning are off")
+        if not (self.tolerance >= 0) or isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) \
+                or self.max_rounds < 1:
+            raise InputError(f"need tolerance >= 0 and max_rounds >= 1, got {self.tolerance!r}, {self.max_rounds!r}")
+        if not 0 < self.step <= 1 or not 0 < self.min_step <= self.step:
+            raise InputError(f"need 0 < min_step <= step <= 1, got step={self.step!r}, min_step={self.min_step!r}")
+        if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
+                or self.channel_multiple < 1:
+            raise InputError(f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
+            raise InputError(f"max_samples must be >= 1 (or None: all), got {self.max_samples!r}")
+        self.fine_tune.train_config()
+
+    def with_options(self, **options: Any) -> "PruneConfig":
+        """A copy with the named fields replaced; an unknown name is refused."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise InputError(f"unknown pruning option {unknown[0]!r}; expected one of {', '.join(names)}")
+        return replace(self, **options)
+
+
 def prune(
     model: nn.Module,
     train_data: Split | DataLoader | Dataset | tuple[Tensor, Tensor],
     val_data: Split | DataLoader | Dataset | tuple[Tensor, Tensor],
+    config: PruneConfig | None = None,
     *,
-    alpha: float = 0.05,
-    method: str = "holm",
-    estimator: str = "kfac",
-    max_samples: int | None = 10_000,
-    structured: bool = True,
-    unstructured: bool = True,
-    fine_tune_config: FineTune | None = None,
-    tolerance: float = 0.001,
-    max_rounds: int = 10,
-    step: float = 0.5,
-    min_step: float = 0.05,
-    channel_multiple: int = 16,
     kind: str = "ce",
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
 ) -> PruneResult:
     """Prune ``model`` by statistical significance, round by round (module docstring).
 
@@ -255,41 +310,25 @@ def prune(
             Inputs are used exactly as given: the model sees what it was trained on.
         val_data: held-out data the rollback rule and fine-tuning selection use, in any of those
             forms; not the test data, or the test error afterwards is biased.
-        alpha, method: level and ``statsmodels`` multiple-testing method of the tests.
-        estimator: standard-error estimator (``"kfac"``, ``"diagonal"``, ``"full"``).
-        structured / unstructured: remove whole units / individual weights.
-        tolerance: largest allowed rise of validation error over the unpruned model (error-rate
-            units; for regression, of the mean loss).
-        step: at most this fraction of the remaining weights (and of each layer's units) is
-            removed per round, the least significant first (backward elimination: the standard
-            errors of the survivors shrink once their redundant neighbours are gone, so tests are
-            repeated on the refitted model rather than trusted for all weights at once). A round
-            that breaks the tolerance is rolled back and retried with half the step, down to
-            ``min_step``; a kept round doubles it again, up to ``step``. A convolution's share is
-            counted in whole blocks of ``channel_multiple`` filters (:func:`_unit_budget`).
-        channel_multiple: a convolution is left with a multiple of this many filters (or all it
-            has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
-            work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
+        config: the options (:class:`PruneConfig`); keyword ``options`` replace its fields
+            (``prune(model, train, val, tolerance=0.002)``).
+        kind: the per-sample loss, ``"ce"`` (classification) or ``"lp"`` (regression).
         log: called with each round's record (e.g. to print or write JSONL); a record holds
             ``seconds_left_at_most``, the mean round time so far times the rounds still allowed
             (the loop may stop sooner). :func:`round_line` puts a record in words.
     """
-    check_test_options(alpha, estimator, method)
-    if not (structured or unstructured):
-        raise InputError("nothing to do: both structured and unstructured pruning are off")
-    if tolerance < 0 or max_rounds < 1:
-        raise InputError(f"need tolerance >= 0 and max_rounds >= 1, got {tolerance!r}, {max_rounds!r}")
+    config = (config or PruneConfig()).with_options(**options)
+    config.validate()
+    alpha, method, estimator, max_samples = config.alpha, config.method, config.estimator, config.max_samples
+    structured, unstructured, tolerance, max_rounds = (config.structured, config.unstructured, config.tolerance,
+                                                       config.max_rounds)
+    step, min_step, channel_multiple = config.step, config.min_step, config.channel_multiple
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
         raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
-    if not 0 < step <= 1 or not 0 < min_step <= step:
-        raise InputError(f"need 0 < min_step <= step <= 1, got step={step!r}, min_step={min_step!r}")
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise InputError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     device = next(model.parameters()).device
     train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
-    ft = fine_tune_config or FineTune()
-    ft.train_config()  # refuse bad fine-tuning settings now, not after the first round's tests
+    ft = config.fine_tune
     example_input = train_data.x[:2]
     started = time.perf_counter()
     key = "error" if kind == "ce" else "loss"

@@ -76,7 +76,7 @@ class Gadget:
 @pytest.mark.parametrize("argv, message", [
     (["prune", "--factory", "no_such_module_xyz:build", "--weights", "w.pt"], "cannot import module"),
     (["prune", "--checkpoint", "missing.pt"], "does not exist"),
-    (["prune", "--alpha", "0", "--checkpoint", "x.pt"], "--alpha must be in (0, 1)"),
+    (["prune", "--alpha", "0", "--checkpoint", "x.pt"], "alpha must be a number in (0, 1), got 0.0"),
     (["prune", "--factory", "anrat.models:mlp", "--factory-kwargs", "{bad", "--weights", "w.pt"], "not valid JSON"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, run_cli, monkeypatch):

@@ -42,7 +42,7 @@ def test_prune_removes_irrelevant_inputs_and_keeps_validation_error(trained):
     base = evaluate(model, val)["error"]
     assert base < 0.05  # the problem is learned
     result = prune(clone(model), train, val, max_samples=4000, tolerance=0.01,
-                   fine_tune_config=FineTune(epochs=2, lr=0.05), max_rounds=6)
+                   fine_tune=FineTune(epochs=2, lr=0.05), max_rounds=6)
     pruned = result.model
     assert not torch_prune.is_pruned(pruned)  # masks made permanent
     w = pruned.fc1.weight.detach()
@@ -58,7 +58,7 @@ def test_prune_removes_irrelevant_inputs_and_keeps_validation_error(trained):
 def test_fine_tuning_keeps_pruned_weights_at_zero(trained):
     model, train, val = trained
     result = prune(clone(model), train, val, max_samples=2000, tolerance=0.05,
-                   fine_tune_config=FineTune(epochs=1, lr=0.5, momentum=0.9), max_rounds=1)
+                   fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9), max_rounds=1)
     w = result.model.fc1.weight.detach()
     zero_before = (w == 0).clone()
     assert zero_before.any()
@@ -73,7 +73,7 @@ def test_a_round_that_breaks_the_tolerance_is_rolled_back(trained):
     original = clone(model)
     # no fine-tuning, every insignificant weight at once, no retry: validation must suffer
     result = prune(clone(model), train, val, alpha=0.999, max_samples=2000, tolerance=0.0, step=1.0, min_step=1.0,
-                   fine_tune_config=FineTune(epochs=0), max_rounds=3, structured=False)
+                   fine_tune=FineTune(epochs=0), max_rounds=3, structured=False)
     assert result.rounds[0]["rolled_back"] is True
     assert "tolerance" in result.rounds[0]["stopped"]
     for key, value in original.state_dict().items():
@@ -101,14 +101,14 @@ def test_bad_options_are_refused(trained):
     with pytest.raises(InputError, match="unknown multiple-testing method"):
         prune(clone(model), train, val, method="nosuch")
     with pytest.raises(InputError, match="unknown optimizer"):
-        prune(clone(model), train, val, fine_tune_config=FineTune(optimizer="nosuch"))
+        prune(clone(model), train, val, fine_tune=FineTune(optimizer="nosuch"))
 
 
 def test_prune_takes_the_data_users_have(trained):
     from torch.utils.data import DataLoader, TensorDataset
     model, train, val = trained
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=500)
-    options = dict(max_samples=2000, tolerance=0.05, fine_tune_config=FineTune(epochs=1, lr=0.5, momentum=0.9),
+    options = dict(max_samples=2000, tolerance=0.05, fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9),
                    max_rounds=1)
     result = prune(clone(model), loader, (val.x, val.y), **options)
     reference = prune(clone(model), train, val, **options)
@@ -124,7 +124,7 @@ def test_round_records_estimate_the_time_left(trained):
     from pruning.prune import round_line
     model, train, val = trained
     records = []
-    prune(clone(model), train, val, max_samples=1000, tolerance=0.05, fine_tune_config=FineTune(epochs=1),
+    prune(clone(model), train, val, max_samples=1000, tolerance=0.05, fine_tune=FineTune(epochs=1),
           max_rounds=2, log=records.append)
     first = records[0]
     assert first["seconds_left_at_most"] >= 0 and first["max_rounds"] == 2
@@ -176,7 +176,7 @@ def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
     # without fine-tuning the widest round fails, the halved one is kept and the next is wide again
     records = []
     prune(clone(model), train, val, alpha=0.999, max_samples=2000, tolerance=0.005, step=0.8, min_step=0.05,
-          fine_tune_config=FineTune(epochs=0), max_rounds=6, structured=False, log=records.append)
+          fine_tune=FineTune(epochs=0), max_rounds=6, structured=False, log=records.append)
     steps = [(r["step"], bool(r.get("rolled_back"))) for r in records if "step" in r]
     for (step, rolled_back), (next_step, _) in zip(steps, steps[1:]):
         assert next_step == (step / 2 if rolled_back else min(0.8, 2 * step))

@@ -19,7 +19,7 @@ from anrat.data import load_dataset
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
-from recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
+from anrat.recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
 
 TEST_IMAGES = 2000
 
@@ -32,7 +32,7 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
     return ["--data-dir", str(mnist_dir), "--out", str(out), "--train-subset", "3000", "--val-size", "1000",
             "--test-subset", str(TEST_IMAGES), "--epochs", "2", "--lambda0", "1", "--seed", "3",
             "--set", "run.schedule.switch_below=2.0", "--set", "prune.max_rounds=1", "--set", "prune.max_samples=500", "--set", "prune.tolerance=1.0",
-            "--set", "fine_tune.epochs=1", "--set", "report.latency_repeats=2",
+            "--set", "prune.fine_tune.epochs=1", "--set", "report.latency_repeats=2",
             "--set", "report.latency_batch_sizes=[1, 32]", "--no-progress"]
 
 
@@ -117,7 +117,7 @@ def test_config_json_repeats_the_options(tiny_run):
     assert config_dict(again) == saved == metrics["config"]
     # every option of pruning.prune.prune is recorded, not only the ones set
     assert {"alpha", "method", "estimator", "step", "min_step", "structured", "unstructured"} <= set(saved["prune"])
-    assert saved["run"]["train"]["seed"] == saved["fine_tune"]["seed"] == 3
+    assert saved["run"]["train"]["seed"] == saved["prune"]["fine_tune"]["seed"] == 3
     assert saved["run"]["schedule"]["lam0"] == 1.0 and saved["prune"]["max_rounds"] == 1
 
 

@@ -1,0 +1,57 @@
+"""How every command line of the toolkit refuses: one line on stderr, never a traceback.
+
+``python -m anrat.train``, ``python -m pruning`` and the recipes build their parsers from
+:class:`OneLineErrorParser` and run their work through :func:`run_command`:
+
+- a usage error (unknown flag, bad value) is ``PROG: error: ...`` and exit status 2;
+- an :class:`~anrat.errors.InputError` (a value, file or option the user supplied is wrong) is the
+  same line and status 2;
+- a :class:`~anrat.trainer.TrainingDiverged` (the objective became non-finite) is ``PROG: ...``
+  and status 1: the input was acceptable, the run failed.
+
+Anything else is a bug of ours and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from anrat.errors import InputError
+from anrat.trainer import TrainingDiverged
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def report(self, exc: InputError | TrainingDiverged, prog: str | None = None) -> int:
+        """Print one line for a refused input (returns 2) or a diverged run (returns 1)."""
+        return report(exc, prog or self.prog)
+
+
+def report(exc: InputError | TrainingDiverged, prog: str) -> int:
+    """One line on stderr for ``exc``; the exit status (2 refused input, 1 diverged run)."""
+    if isinstance(exc, TrainingDiverged):
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+                argv: Sequence[str] | None = None, prog: Callable[[argparse.Namespace], str] | None = None) -> int:
+    """Parse ``argv`` and run ``body(args)``; a refusal or a divergence becomes one line (module
+    docstring). ``prog`` names the command in that line (e.g. with its subcommand)."""
+    args = parser.parse_args(argv)
+    try:
+        status = body(args)
+    except (InputError, TrainingDiverged) as exc:
+        return report(exc, prog(args) if prog else parser.prog)
+    return 0 if status is None else status
+
+
+__all__ = ["OneLineErrorParser", "report", "run_command"]
