@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,13 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from anrat.data import Split
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.functional import tilted_mean
-
-if TYPE_CHECKING:
-    from anrat.data import Split
-
-# anrat.data is imported where it is used: it pulls in torchvision, and anrat.losses imports us.
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -120,8 +117,6 @@ def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
         torch.cuda.set_device(resolved)
     elif resolved.type != "cpu":
         raise InputError(f"distributed training runs on 'cpu' (gloo) or 'cuda' (nccl), got {device!r}")
-    from anrat.data import resolve_device
-
     return resolve_device(resolved)
 
 
@@ -139,8 +134,6 @@ def process_group_from_env(device: str | torch.device = "auto") -> Iterator[torc
       (``env://``), with nccl on ``cuda:LOCAL_RANK`` or gloo on the CPU, and leaves it on exit.
     - A group the caller initialised already is used as it is and left open.
     """
-    from anrat.data import resolve_device
-
     if dist.is_available() and dist.is_initialized():
         yield rank_device(device, _env_int("LOCAL_RANK", 0)) if dist.get_world_size() > 1 else resolve_device(device)
         return
@@ -283,8 +276,6 @@ def shard_batches(batches: Iterable[tuple[Tensor, Tensor]], world: World) -> Ite
 
 def shard(split: Split, world: World) -> Split:
     """This rank's contiguous part of ``split`` (views, no copy), e.g. for evaluation."""
-    from anrat.data import Split
-
     start, stop = shard_bounds(len(split), world)
     return Split(split.x[start:stop], split.y[start:stop])
 

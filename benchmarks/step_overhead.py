@@ -27,7 +27,8 @@ import torch
 
 import anrat.functional
 from anrat import ANRATLoss
-from anrat.data import Split, load_dataset, resolve_device
+from anrat.data import Split, load_dataset
+from anrat.devices import resolve_device
 from anrat.functional import per_sample_loss
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig

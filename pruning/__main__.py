@@ -42,8 +42,9 @@ from torch import nn
 
 from anrat.atomic_files import atomic_path, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
-from anrat.data import DATASET_NORMS, DATASETS, load_dataset, resolve_device
+from anrat.data import DATASET_NORMS, DATASETS, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.train import OneLineErrorParser
