@@ -1,8 +1,8 @@
 """Risk-averting losses as ``nn.Module``s, shaped like ``nn.CrossEntropyLoss``.
 
 Each module computes per-sample losses (:func:`anrat.functional.per_sample_loss`) and reduces them
-with :meth:`aggregate`; ``forward(input, target)`` is the two together. The trainer (and the
-distributed wrapper) call :meth:`aggregate` on per-sample losses directly.
+with :meth:`~BatchLoss.aggregate`; ``forward(input, target)`` is the two together. The trainer
+calls :meth:`~BatchLoss.aggregate` on per-sample losses directly.
 
 - :class:`PlainLoss`: ``mean(l)`` (the deconvexified loss; for kind="ce" it equals
   ``nn.CrossEntropyLoss``).
@@ -19,11 +19,12 @@ it is stable for every t), and weights each sample's gradient by ``exp(t * (l_i 
 a fixed dataset those weights approach the full-batch tilted weights ``softmax(t * l)`` times the
 number of batches; the value reported is ``r``.
 
-Across ranks. Under ``torch.distributed`` the trainer sets ``across_ranks = True`` on its losses:
-:meth:`aggregate` then takes this rank's shard of the per-sample losses and returns the loss of
-the global batch (all ranks' shards together), identical on every rank, with gradients that
-DDP's averaging turns into the single-process gradient (:mod:`anrat.distributed`). It is then a
-collective call: every rank aggregates at the same step.
+What the batch is. :meth:`~BatchLoss.aggregate` takes a :class:`~anrat.reductions.BatchReduction`
+that computes the means, tilted means, sums and counts the objective is made of: by default over
+the tensor given (:data:`~anrat.reductions.LOCAL_BATCH`). Under ``torch.distributed``,
+:class:`anrat.distributed.GlobalBatchLoss` wraps a loss and passes the reduction over all ranks'
+shards of the global batch, so the objective and its gradients are those of one process holding
+the whole batch; the losses themselves never communicate.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
 from anrat.functional import (KINDS, LossKind, host_array, numpy_path, per_sample_loss, scaled_weights, tilted_cpu,
                               tilted_mean, tilted_stats, working_dtype)
+from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
@@ -49,24 +50,41 @@ def _check_kind_p(kind: str, p: float) -> None:
         raise InputError(f"p must be a finite number > 0, got {p!r}")
 
 
-class PlainLoss(nn.Module):
-    """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
+class BatchLoss(nn.Module):
+    """A loss made of per-sample losses ``l_i`` (``kind``, ``p``) and an aggregate of them.
 
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
+    ``forward(input, target) = aggregate(per_sample(input, target))``.
+    """
+
+    kind: LossKind
+    p: float
+
+    def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
+        """The per-sample losses ``l_i``, shape (N,): :func:`~anrat.functional.per_sample_loss`."""
+        return per_sample_loss(input, target, self.kind, self.p)
+
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """The objective from the per-sample losses, over the batch that ``reduction`` defines."""
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(self.per_sample(input, target))
+
+
+class PlainLoss(BatchLoss):
+    """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
 
     def __init__(self, kind: LossKind = "ce", p: float = 2.0) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         self.kind, self.p = kind, float(p)
 
-    def aggregate(self, losses: Tensor) -> Tensor:
-        return global_mean(losses) if self.across_ranks else losses.mean()
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """``mean_i l_i``."""
+        return reduction.mean(losses)
 
 
-class NRAELoss(nn.Module):
+class NRAELoss(BatchLoss):
     """``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p`` (see :mod:`anrat.functional`).
 
     Args:
@@ -78,8 +96,6 @@ class NRAELoss(nn.Module):
         normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
         momentum: weight of the newest batch in the running normaliser.
     """
-
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
 
     def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
                  normalizer: str = "batch", momentum: float = 0.1) -> None:
@@ -114,22 +130,17 @@ class NRAELoss(nn.Module):
             return self.lam_tensor ** self.p
         return self._lam ** self.p
 
-    def aggregate(self, losses: Tensor) -> Tensor:
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """NRAE of the batch (``normalizer="batch"``) or the running NRAE (module docstring)."""
         if self.normalizer == "batch":
-            return self._tilted_mean(losses, self.t())
-        return self._running_aggregate(losses, self.t())
+            return reduction.tilted_mean(losses, self.t())
+        return self._running_aggregate(losses, self.t(), reduction)
 
-    def _tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
-        return global_tilted_mean(losses, t) if self.across_ranks else tilted_mean(losses, t)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
-
-    def _running_aggregate(self, losses: Tensor, t: float | Tensor) -> Tensor:
+    def _running_aggregate(self, losses: Tensor, t: float | Tensor, reduction: BatchReduction) -> Tensor:
         """Value: the updated running NRAE. Gradient: sum_i exp(t*(l_i - r)) / m * grad l_i."""
         l = losses.reshape(-1).float()
         t_detached = t.detach() if isinstance(t, Tensor) else t
-        batch = self._tilted_mean(l.detach(), t_detached)
+        batch = reduction.tilted_mean(l.detach(), t_detached)
         if self.training:
             old = self.running_nrae.to(batch)
             pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
@@ -138,9 +149,8 @@ class NRAELoss(nn.Module):
             self.running_nrae = r.detach().to(self.running_nrae)
         else:
             r = batch
-        count = global_count(l) if self.across_ranks else l.numel()
-        weights = torch.exp(t_detached * (l.detach() - r)) / count
-        surrogate = global_sum(weights * l) if self.across_ranks else (weights * l).sum()
+        weights = torch.exp(t_detached * (l.detach() - r)) / reduction.count(l)
+        surrogate = reduction.sum(weights * l)
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
@@ -207,7 +217,7 @@ def _softplus(x: float) -> float:
     return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
 
 
-class ANRATLoss(nn.Module):
+class ANRATLoss(BatchLoss):
     """Adaptive NRAE: ``nrae(l; lam) + a * lam ** (-q)`` with lambda learned by the optimizer.
 
     lambda is parameterised so that it stays strictly positive whatever the step:
@@ -225,11 +235,10 @@ class ANRATLoss(nn.Module):
 
     The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
     learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
-    Under torch.distributed, theta is not a DDP parameter: average its gradient over the ranks
+    Under torch.distributed, wrap the loss in :class:`anrat.distributed.GlobalBatchLoss`; theta is
+    not a DDP parameter: average its gradient over the ranks
     (:func:`anrat.distributed.average_gradients`) as the trainer does.
     """
-
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
 
     def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
                  kind: LossKind = "ce", parameterization: str = "log",
@@ -271,10 +280,13 @@ class ANRATLoss(nn.Module):
     def penalty(self) -> Tensor:
         return self.a * self.lambda_tensor().pow(-self.q)
 
-    def aggregate(self, losses: Tensor) -> Tensor:
-        if self.across_ranks:
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """``nrae(l; lam) + a * lam ** (-q)``; over the tensor given in one autograd node
+        (:class:`_ANRATObjective`), over another batch composed from ``reduction``'s tilted mean,
+        with the same value and gradients."""
+        if not isinstance(reduction, LocalBatch):
             lam = self.lambda_tensor()
-            return global_tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+            return reduction.tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
         l = losses if losses.dim() == 1 else losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()
@@ -282,9 +294,6 @@ class ANRATLoss(nn.Module):
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
         return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log")
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
 
     def extra_repr(self) -> str:
         return f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, parameterization={self.parameterization!r}"

@@ -29,7 +29,7 @@ from torch import nn
 
 from anrat.errors import InputError
 from anrat.functional import losses_rae_feasible
-from anrat.losses import ANRATLoss, NRAELoss, PlainLoss
+from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss
 
 SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
 
@@ -83,7 +83,7 @@ class LambdaSchedule:
         self.config = config
         c = config
         self.plain = PlainLoss(c.kind, c.p)
-        self.nrae: nn.Module | None = None
+        self.nrae: NRAELoss | ANRATLoss | None = None
         if c.name == "adaptive":
             self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization)
         elif c.name != "plain":
@@ -104,7 +104,7 @@ class LambdaSchedule:
         """Current lambda, or None once the plain loss has taken over."""
         return None if self.switched or self.nrae is None else self.nrae.lam
 
-    def criterion(self, step: int) -> nn.Module:
+    def criterion(self, step: int) -> BatchLoss:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
             return self.plain
