@@ -56,7 +56,7 @@ from torch.autograd.function import once_differentiable
 from anrat.data import Split
 from anrat.devices import resolve_device
 from anrat.errors import InputError
-from anrat.functional import tilted_mean
+from anrat.functional import TiltedBackend, tilted_mean
 from anrat.losses import BatchLoss
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -218,23 +218,24 @@ class GlobalBatch:
         total = sum_over_ranks(pair)
         return total[0] / total[1].detach()
 
-    def tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
+    def tilted_mean(self, losses: Tensor, t: float | Tensor, backend: TiltedBackend = "auto") -> Tensor:
         """NRAE ``log(mean_i exp(t * l_i)) / t`` of the global batch: ``tilted_mean(n, t, weights=m / M)``
         over the per-rank NRAEs ``n_r`` and counts ``m_r`` (module docstring); differentiable in the
-        losses and in ``t``. ``losses`` (this rank's shard) may be empty; the global batch may not."""
+        losses and in ``t``. ``losses`` (this rank's shard) may be empty; the global batch may not.
+        ``backend``: as in :func:`anrat.functional.tilted_mean`, for both levels."""
         world = current_world()
         if world is None:
-            return tilted_mean(losses, t)
+            return tilted_mean(losses, t, backend=backend)
         dtype = torch.promote_types(losses.dtype, torch.float32)
         with torch.autocast(device_type=losses.device.type, enabled=False):
             l = losses.reshape(-1).to(dtype)
             # An empty shard contributes weight 0; l.sum() (= 0) keeps it attached to the graph so
             # that DDP sees every parameter take part in the backward pass on every rank.
-            local = tilted_mean(l, t) if l.numel() else l.sum()
+            local = tilted_mean(l, t, backend=backend) if l.numel() else l.sum()
             row = torch.stack([l.new_full((), float(l.numel())), local])
             table = sum_over_ranks(F.pad(row[None], (0, 0, world.rank, world.size - world.rank - 1)))
             counts = table[:, 0].detach()
-            return tilted_mean(table[:, 1], t, weights=counts / counts.sum())
+            return tilted_mean(table[:, 1], t, weights=counts / counts.sum(), backend=backend)
 
     def sum(self, values: Tensor) -> Tensor:
         """``sum_i v_i`` over all ranks' shards, differentiable."""

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from anrat.functional import (KINDS, LossKind, host_array, numpy_path, per_sample_loss, scaled_weights, tilted_cpu,
-                              tilted_mean, tilted_stats, working_dtype)
+from anrat.functional import (KINDS, LossKind, TiltedBackend, check_backend, host_array, numpy_path, per_sample_loss,
+                              scaled_weights, tilted_cpu, tilted_mean, tilted_stats, working_dtype)
 from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
@@ -95,17 +95,21 @@ class NRAELoss(BatchLoss):
         kind: "ce" (cross-entropy from logits) or "lp".
         normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
         momentum: weight of the newest batch in the running normaliser.
+        backend: where the tilted mean is computed, NumPy on the host or torch ops
+            (:func:`anrat.functional.tilted_mean`); "auto" (default) chooses.
     """
 
     def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
-                 normalizer: str = "batch", momentum: float = 0.1) -> None:
+                 normalizer: str = "batch", momentum: float = 0.1, *, backend: TiltedBackend = "auto") -> None:
         super().__init__()
         _check_kind_p(kind, p)
+        check_backend(backend)
         if normalizer not in NORMALIZERS:
             raise InputError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
         if not 0 < momentum <= 1:
             raise InputError(f"momentum must be in (0, 1], got {momentum!r}")
         self.kind, self.p, self.normalizer, self.momentum = kind, float(p), normalizer, float(momentum)
+        self.backend = backend
         # lambda as a tensor too, read only under torch.compile: a traced float would be a constant
         # of the graph, and every new lambda (an annealing schedule) a recompilation.
         self.register_buffer("lam_tensor", torch.tensor(1.0), persistent=False)
@@ -133,19 +137,19 @@ class NRAELoss(BatchLoss):
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """NRAE of the batch (``normalizer="batch"``) or the running NRAE (module docstring)."""
         if self.normalizer == "batch":
-            return reduction.tilted_mean(losses, self.t())
+            return reduction.tilted_mean(losses, self.t(), self.backend)
         return self._running_aggregate(losses, self.t(), reduction)
 
     def _running_aggregate(self, losses: Tensor, t: float | Tensor, reduction: BatchReduction) -> Tensor:
         """Value: the updated running NRAE. Gradient: sum_i exp(t*(l_i - r)) / m * grad l_i."""
         l = losses.reshape(-1).float()
         t_detached = t.detach() if isinstance(t, Tensor) else t
-        batch = reduction.tilted_mean(l.detach(), t_detached)
+        batch = reduction.tilted_mean(l.detach(), t_detached, self.backend)
         if self.training:
             old = self.running_nrae.to(batch)
             pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
             mix = torch.tensor([1.0 - self.momentum, self.momentum], dtype=batch.dtype, device=batch.device)
-            r = tilted_mean(pair, t_detached, weights=mix)
+            r = tilted_mean(pair, t_detached, weights=mix, backend=self.backend)
             self.running_nrae = r.detach().to(self.running_nrae)
         else:
             r = batch
@@ -154,7 +158,8 @@ class NRAELoss(BatchLoss):
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
-        return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+        return (f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+                + _backend_repr(self.backend))
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -183,8 +188,8 @@ class _ANRATObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
-                log: bool) -> Tensor:  # type: ignore[override]
-        if numpy_path(losses):
+                log: bool, backend: TiltedBackend) -> Tensor:  # type: ignore[override]
+        if numpy_path(losses, backend):
             l_host = host_array(losses)  # the one wait for the device, if any
             th = min(max(theta.item(), lo), hi)
             lam = math.exp(th) if log else _softplus(th)
@@ -208,8 +213,8 @@ class _ANRATObjective(torch.autograd.Function):
         s, dloss_dtheta = ctx.stats if ctx.host else ctx.saved_tensors
         grad_theta = (grad * dloss_dtheta).to(grad.dtype) if ctx.needs_input_grad[1] else None
         if ctx.host:
-            return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None
-        return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None
+            return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None, None
+        return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None, None
 
 
 def _softplus(x: float) -> float:
@@ -235,6 +240,8 @@ class ANRATLoss(BatchLoss):
 
     The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
     learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
+    ``backend``: where the tilted mean is computed, as in :class:`NRAELoss`.
+
     Under torch.distributed, wrap the loss in :class:`anrat.distributed.GlobalBatchLoss`; theta is
     not a DDP parameter: average its gradient over the ranks
     (:func:`anrat.distributed.average_gradients`) as the trainer does.
@@ -242,9 +249,10 @@ class ANRATLoss(BatchLoss):
 
     def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
                  kind: LossKind = "ce", parameterization: str = "log",
-                 min_lambda: float = 1e-4, max_lambda: float = 1e4) -> None:
+                 min_lambda: float = 1e-4, max_lambda: float = 1e4, *, backend: TiltedBackend = "auto") -> None:
         super().__init__()
         _check_kind_p(kind, p)
+        check_backend(backend)
         if not (math.isfinite(init_lambda) and init_lambda > 0):
             raise InputError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
         if not (math.isfinite(a) and a >= 0):
@@ -257,6 +265,7 @@ class ANRATLoss(BatchLoss):
             raise InputError(f"expected 0 < min_lambda <= init_lambda <= max_lambda, got "
                              f"{min_lambda!r}, {init_lambda!r}, {max_lambda!r}")
         self.kind, self.p, self.a, self.q, self.parameterization = kind, float(p), float(a), float(q), parameterization
+        self.backend = backend
         self.theta_bounds = (self._theta_of(min_lambda), self._theta_of(max_lambda))
         self.theta = nn.Parameter(torch.tensor(self._theta_of(init_lambda), dtype=torch.float32))
 
@@ -286,14 +295,20 @@ class ANRATLoss(BatchLoss):
         with the same value and gradients."""
         if not isinstance(reduction, LocalBatch):
             lam = self.lambda_tensor()
-            return reduction.tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+            return reduction.tilted_mean(losses, lam.pow(self.p), self.backend) + self.a * lam.pow(-self.q)
         l = losses if losses.dim() == 1 else losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()
         if l.shape[0] == 0:
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
-        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log")
+        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log",
+                                     self.backend)
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, parameterization={self.parameterization!r}"
+        return (f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, "
+                f"parameterization={self.parameterization!r}" + _backend_repr(self.backend))
+
+
+def _backend_repr(backend: TiltedBackend) -> str:
+    return "" if backend == "auto" else f", backend={backend!r}"

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from anrat.functional import tilted_mean
+from anrat.functional import TiltedBackend, tilted_mean
 
 
 class BatchReduction(Protocol):
@@ -30,8 +30,9 @@ class BatchReduction(Protocol):
         """``(1/M) sum_i l_i``."""
         ...
 
-    def tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
-        """``log((1/M) sum_i exp(t * l_i)) / t``, differentiable in the losses and in a tensor ``t``."""
+    def tilted_mean(self, losses: Tensor, t: float | Tensor, backend: TiltedBackend = "auto") -> Tensor:
+        """``log((1/M) sum_i exp(t * l_i)) / t``, differentiable in the losses and in a tensor ``t``;
+        ``backend`` as in :func:`anrat.functional.tilted_mean`."""
         ...
 
     def sum(self, values: Tensor) -> Tensor:
@@ -49,8 +50,8 @@ class LocalBatch:
     def mean(self, losses: Tensor) -> Tensor:
         return losses.mean()
 
-    def tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
-        return tilted_mean(losses, t)
+    def tilted_mean(self, losses: Tensor, t: float | Tensor, backend: TiltedBackend = "auto") -> Tensor:
+        return tilted_mean(losses, t, backend=backend)
 
     def sum(self, values: Tensor) -> Tensor:
         return values.sum()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from anrat.errors import InputError
-from anrat.functional import losses_rae_feasible
+from anrat.functional import TiltedBackend, losses_rae_feasible
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss
 
 SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
@@ -76,18 +76,23 @@ class ScheduleConfig:
 
 
 class LambdaSchedule:
-    """Holds the losses of one run and decides which one each step minimises."""
+    """Holds the losses of one run and decides which one each step minimises.
 
-    def __init__(self, config: ScheduleConfig) -> None:
+    ``backend`` is where the risk-averting losses compute the tilted mean
+    (:func:`anrat.functional.tilted_mean`); it changes where the numbers are computed, not what
+    they are, so it is not part of the :class:`ScheduleConfig` that checkpoints record.
+    """
+
+    def __init__(self, config: ScheduleConfig, *, backend: TiltedBackend = "auto") -> None:
         config.validate()
         self.config = config
         c = config
         self.plain = PlainLoss(c.kind, c.p)
         self.nrae: NRAELoss | ANRATLoss | None = None
         if c.name == "adaptive":
-            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization)
+            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization, backend=backend)
         elif c.name != "plain":
-            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer)
+            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer, backend=backend)
         self.switch_epoch: int | None = 0 if c.name == "plain" else None
 
     # --- what the trainer calls -------------------------------------------------------------
