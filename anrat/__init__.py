@@ -7,7 +7,8 @@
 
 from anrat import functional
 from anrat.errors import InputError
+from anrat.functional import LossKind, TiltedBackend
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss
 
-__all__ = ["ANRATLoss", "BatchLoss", "InputError", "NRAELoss", "PlainLoss", "functional"]
+__all__ = ["ANRATLoss", "BatchLoss", "InputError", "LossKind", "NRAELoss", "PlainLoss", "TiltedBackend", "functional"]
 __version__ = "0.1.0"

@@ -41,6 +41,8 @@ class ScheduleConfig:
     name: str = "adaptive"
     lam0: float = 10.0          # initial (or fixed) lambda
     p: float = 2.0              # t = lam ** p
+    # an anrat.functional.LossKind ("ce" or "lp"), annotated str because config readers check a
+    # field's value against its annotation with isinstance, which a Literal type refuses
     kind: str = "ce"
     # adaptive (ANRAT)
     a: float = 0.01             # penalty weight in a * lam ** (-q)

@@ -44,7 +44,7 @@ from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split, as_split
 from anrat.errors import InputError
-from anrat.functional import per_sample_loss
+from anrat.functional import LossKind, per_sample_loss
 from anrat.input_norm import InputNorm
 from anrat.losses import ANRATLoss, BatchLoss
 from anrat.schedules import LambdaSchedule
@@ -130,7 +130,8 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split | Any, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split | Any, kind: LossKind = "ce", p: float = 2.0,
+             batch_size: int = 1000) -> dict[str, float]:
     """Mean per-sample loss and, for classification, the error rate (fraction misclassified).
 
     ``split`` is a :class:`Split` or any data :func:`anrat.data.as_split` takes (an ``(x, y)``
@@ -142,12 +143,12 @@ def evaluate(model: nn.Module, split: Split | Any, kind: str = "ce", p: float = 
     return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size), _classifies(kind, split))
 
 
-def _classifies(kind: str, split: Split) -> bool:
+def _classifies(kind: LossKind, split: Split) -> bool:
     return kind == "ce" or not split.y.is_floating_point()
 
 
 @torch.no_grad()
-def _evaluation_sums(model: nn.Module, split: Split, kind: str, p: float, batch_size: int) -> Tensor:
+def _evaluation_sums(model: nn.Module, split: Split, kind: LossKind, p: float, batch_size: int) -> Tensor:
     """float64 ``[sum of per-sample losses, number misclassified, number of samples]``."""
     was_training = model.training
     model.eval()
