@@ -255,7 +255,8 @@ class GlobalBatchLoss(nn.Module):
     rank, with gradients that DDP's averaging turns into the single-process gradient (module
     docstring). A collective: every rank calls it at the same step. ``loss`` (a
     :class:`~anrat.losses.BatchLoss`) is held as a submodule, so its lambda, buffers and parameters
-    are the wrapped loss's own; without a process group of more than one rank the wrapper is ``loss``.
+    are the wrapped loss's own. Without a process group of more than one rank the wrapper computes
+    what ``loss`` computes.
     """
 
     def __init__(self, loss: BatchLoss) -> None:

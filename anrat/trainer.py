@@ -19,9 +19,10 @@ epoch.
 
 Under ``torch.distributed`` (a process group of W > 1 ranks, e.g. from torchrun) the same loop
 runs data-parallel: the model is wrapped in DistributedDataParallel, every rank draws the same
-global minibatches of ``batch_size`` samples and trains on its shard of each, the losses
-(wrapped in :class:`~anrat.distributed.GlobalBatchLoss`) aggregate the global batch exactly, lambda's gradient is averaged over the ranks, validation
-sums are reduced over the ranks, and rank 0 alone writes files (see :mod:`anrat.distributed`).
+global minibatches of ``batch_size`` samples and trains on its shard of each, the losses (wrapped
+in :class:`~anrat.distributed.GlobalBatchLoss`) aggregate the global batch exactly, lambda's
+gradient is averaged over the ranks, validation sums are reduced over the ranks, and rank 0 alone
+writes files (see :mod:`anrat.distributed`).
 """
 
 from __future__ import annotations
