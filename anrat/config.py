@@ -131,13 +131,17 @@ def merge(obj: T, values: Any, where: str = "") -> T:
         if is_dataclass(current):
             changes[key] = merge(current, value, path)
         elif not type_ok(value, hints[key]):
-            raise InputError(f"option {path!r} must be of type {_type_name(hints[key])}, got {value!r}")
+            expected = _type_name(hints[key])
+            expected = expected if expected.startswith("one of") else f"of type {expected}"
+            raise InputError(f"option {path!r} must be {expected}, got {value!r}")
         else:
             changes[key] = value
     return replace(obj, **changes)  # type: ignore[type-var]
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

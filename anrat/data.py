@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from anrat.atomic_files import atomic_path
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 
@@ -123,22 +124,6 @@ class DataSplits:
     input_shape: tuple[int, ...]
     input_norm: InputNorm
     sources: dict[str, str] | None = None  # where each split came from, for reports
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name must parse and be usable here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
-    try:
-        torch.empty(0, device=resolved)
-    except (RuntimeError, AssertionError) as e:
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"device {device!r} is not available on this machine ({reason}); use 'cpu' or 'auto'") from e
-    return resolved
 
 
 def _check_count(what: str, value: int, low: int, high: int) -> None:

@@ -24,7 +24,8 @@ from torch import Tensor
 from torchvision import datasets, transforms
 
 from anrat.checkpoint import load_checkpoint
-from anrat.data import DataSplits, Split, as_split, hold_out_indices, load_dataset, resolve_device
+from anrat.data import DataSplits, Split, as_split, hold_out_indices, load_dataset
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 

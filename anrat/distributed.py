@@ -15,6 +15,13 @@ so the ranks exchange ``(m_r, n_r)`` and every rank evaluates the same weighted 
 with ``tilted_mean``'s centred expm1/log1p-or-logsumexp formulation (no textbook logsumexp at small
 t; an empty shard has weight 0).
 
+The losses. Every loss of :mod:`anrat.losses` builds its objective from a mean, a tilted mean, a
+sum and a count of its per-sample losses over "the batch" (:mod:`anrat.reductions`).
+``GlobalBatchLoss(loss)`` hands it :class:`GlobalBatch`, whose reductions run over the global
+batch: the tilted mean as above, ``mean = sum_r sum(l_r) / M``, ``sum`` and ``count`` summed over
+ranks. So the plain loss, NRAE (batch or running normaliser) and ANRAT are all exact, and the
+losses themselves hold no distributed code.
+
 Gradients. The exchange is a sum over ranks (:func:`sum_over_ranks`: each rank writes its row of
 a (W, 2) table, zeros elsewhere, and the table is all-reduced) whose backward is again a sum over
 ranks. Rank s computes its copy L_s of the global loss; backward carries dL_s/dn_r from every rank
@@ -38,7 +45,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,13 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from anrat.data import Split
+from anrat.devices import resolve_device
 from anrat.errors import InputError
-from anrat.functional import tilted_mean
-
-if TYPE_CHECKING:
-    from anrat.data import Split
-
-# anrat.data is imported where it is used: it pulls in torchvision, and anrat.losses imports us.
+from anrat.functional import TiltedBackend, tilted_mean
+from anrat.losses import BatchLoss
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -120,8 +125,6 @@ def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
         torch.cuda.set_device(resolved)
     elif resolved.type != "cpu":
         raise InputError(f"distributed training runs on 'cpu' (gloo) or 'cuda' (nccl), got {device!r}")
-    from anrat.data import resolve_device
-
     return resolve_device(resolved)
 
 
@@ -139,8 +142,6 @@ def process_group_from_env(device: str | torch.device = "auto") -> Iterator[torc
       (``env://``), with nccl on ``cuda:LOCAL_RANK`` or gloo on the CPU, and leaves it on exit.
     - A group the caller initialised already is used as it is and left open.
     """
-    from anrat.data import resolve_device
-
     if dist.is_available() and dist.is_initialized():
         yield rank_device(device, _env_int("LOCAL_RANK", 0)) if dist.get_world_size() > 1 else resolve_device(device)
         return
@@ -200,49 +201,75 @@ def max_over_ranks(tensor: Tensor) -> Tensor:
     return out
 
 
-def global_tilted_mean(losses: Tensor, t: float | Tensor) -> Tensor:
-    """NRAE ``log(mean_i exp(t * l_i)) / t`` of the global batch whose shards the ranks hold.
+class GlobalBatch:
+    """The batch is the global one: the concatenation, in rank order, of the shards that the ranks
+    of the default process group hold. A :class:`~anrat.reductions.BatchReduction` whose every
+    method is a collective (all ranks call it at the same point) and returns the same value on
+    every rank; with no process group of more than one rank, the local reductions.
 
-    ``losses`` are this rank's per-sample losses (possibly none). Every rank returns the same
-    value, ``tilted_mean(n, t, weights=m / M)`` over the per-rank NRAEs ``n_r`` and counts ``m_r``
-    (module docstring); differentiable in the losses and in ``t``. A collective: every rank of the
-    default group calls it at the same point. The global batch must not be empty.
+    Gradients flow back to every rank's own shard through :func:`sum_over_ranks` (module docstring).
     """
-    world = current_world()
-    if world is None:
-        return tilted_mean(losses, t)
-    dtype = torch.promote_types(losses.dtype, torch.float32)
-    with torch.autocast(device_type=losses.device.type, enabled=False):
-        l = losses.reshape(-1).to(dtype)
-        # An empty shard contributes weight 0; l.sum() (= 0) keeps it attached to the graph so
-        # that DDP sees every parameter take part in the backward pass on every rank.
-        local = tilted_mean(l, t) if l.numel() else l.sum()
-        row = torch.stack([l.new_full((), float(l.numel())), local])
-        table = sum_over_ranks(F.pad(row[None], (0, 0, world.rank, world.size - world.rank - 1)))
-        counts = table[:, 0].detach()
-        return tilted_mean(table[:, 1], t, weights=counts / counts.sum())
+
+    def mean(self, losses: Tensor) -> Tensor:
+        """``sum_r sum(l_r) / sum_r m_r`` (exact for unequal shards)."""
+        if current_world() is None:
+            return losses.mean()
+        pair = torch.stack([losses.sum(), losses.new_full((), float(losses.numel()))])
+        total = sum_over_ranks(pair)
+        return total[0] / total[1].detach()
+
+    def tilted_mean(self, losses: Tensor, t: float | Tensor, backend: TiltedBackend = "auto") -> Tensor:
+        """NRAE ``log(mean_i exp(t * l_i)) / t`` of the global batch: ``tilted_mean(n, t, weights=m / M)``
+        over the per-rank NRAEs ``n_r`` and counts ``m_r`` (module docstring); differentiable in the
+        losses and in ``t``. ``losses`` (this rank's shard) may be empty; the global batch may not.
+        ``backend``: as in :func:`anrat.functional.tilted_mean`, for both levels."""
+        world = current_world()
+        if world is None:
+            return tilted_mean(losses, t, backend=backend)
+        dtype = torch.promote_types(losses.dtype, torch.float32)
+        with torch.autocast(device_type=losses.device.type, enabled=False):
+            l = losses.reshape(-1).to(dtype)
+            # An empty shard contributes weight 0; l.sum() (= 0) keeps it attached to the graph so
+            # that DDP sees every parameter take part in the backward pass on every rank.
+            local = tilted_mean(l, t, backend=backend) if l.numel() else l.sum()
+            row = torch.stack([l.new_full((), float(l.numel())), local])
+            table = sum_over_ranks(F.pad(row[None], (0, 0, world.rank, world.size - world.rank - 1)))
+            counts = table[:, 0].detach()
+            return tilted_mean(table[:, 1], t, weights=counts / counts.sum(), backend=backend)
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``sum_i v_i`` over all ranks' shards, differentiable."""
+        return values.sum() if current_world() is None else sum_over_ranks(values.sum())
+
+    def count(self, values: Tensor) -> Tensor:
+        """Number of elements of ``values`` over all ranks, as a 0-d tensor of ``values``' dtype."""
+        count = values.new_full((), float(values.numel()))
+        if current_world() is not None:
+            dist.all_reduce(count)
+        return count
 
 
-def global_sum(values: Tensor) -> Tensor:
-    """``sum_i v_i`` over the global batch (all ranks' shards), differentiable; see :func:`sum_over_ranks`."""
-    return values.sum() if current_world() is None else sum_over_ranks(values.sum())
+class GlobalBatchLoss(nn.Module):
+    """``loss`` over the global batch: ``forward(input, target)`` and ``aggregate(losses)`` take this
+    rank's shard and return ``loss``'s objective on all ranks' shards together, the same on every
+    rank, with gradients that DDP's averaging turns into the single-process gradient (module
+    docstring). A collective: every rank calls it at the same step. ``loss`` (a
+    :class:`~anrat.losses.BatchLoss`) is held as a submodule, so its lambda, buffers and parameters
+    are the wrapped loss's own. Without a process group of more than one rank the wrapper computes
+    what ``loss`` computes.
+    """
 
+    def __init__(self, loss: BatchLoss) -> None:
+        super().__init__()
+        self.loss = loss
+        self.reduction = GlobalBatch()
 
-def global_count(values: Tensor) -> Tensor:
-    """Number of elements of ``values`` over all ranks, as a 0-d tensor of ``values``' dtype."""
-    count = values.new_full((), float(values.numel()))
-    if current_world() is not None:
-        dist.all_reduce(count)
-    return count
+    def aggregate(self, losses: Tensor) -> Tensor:
+        """The objective of the global batch from this rank's per-sample losses."""
+        return self.loss.aggregate(losses, self.reduction)
 
-
-def global_mean(losses: Tensor) -> Tensor:
-    """``mean(l)`` of the global batch: ``sum_r sum(l_r) / sum_r m_r`` (exact for unequal shards)."""
-    if current_world() is None:
-        return losses.mean()
-    pair = torch.stack([losses.sum(), losses.new_full((), float(losses.numel()))])
-    total = sum_over_ranks(pair)
-    return total[0] / total[1].detach()
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(self.loss.per_sample(input, target))
 
 
 def average_gradients(parameters: Iterable[Tensor]) -> None:
@@ -283,8 +310,6 @@ def shard_batches(batches: Iterable[tuple[Tensor, Tensor]], world: World) -> Ite
 
 def shard(split: Split, world: World) -> Split:
     """This rank's contiguous part of ``split`` (views, no copy), e.g. for evaluation."""
-    from anrat.data import Split
-
     start, stop = shard_bounds(len(split), world)
     return Split(split.x[start:stop], split.y[start:stop])
 
@@ -336,9 +361,8 @@ def require_agreement(value: int, what: str, device: torch.device) -> None:
 
 
 __all__ = [
-    "World", "average_gradients", "backend_for", "current_world", "data_parallel", "env_is_main",
-    "env_world_size", "gather_rng_states", "global_count", "global_mean", "global_sum",
-    "global_tilted_mean", "max_over_ranks", "process_group_from_env", "rank_device",
-    "require_agreement", "seed_rank", "set_rng_state", "shard", "shard_batches", "shard_bounds",
-    "sum_over_ranks",
+    "GlobalBatch", "GlobalBatchLoss", "World", "average_gradients", "backend_for", "current_world",
+    "data_parallel", "env_is_main", "env_world_size", "gather_rng_states", "max_over_ranks",
+    "process_group_from_env", "rank_device", "require_agreement", "seed_rank", "set_rng_state", "shard",
+    "shard_batches", "shard_bounds", "sum_over_ranks",
 ]

@@ -22,14 +22,14 @@ The scalar work is done in float64 (see :func:`tilted_stats`), outside autocast,
 is returned in the losses' dtype (float32 at least).
 
 Two implementations of that one formula: :func:`tilted_cpu` (NumPy on the host) and
-:func:`tilted_stats` (torch ops on the device); :func:`numpy_path` says which a tensor takes, and
-a test checks that they agree.
+:func:`tilted_stats` (torch ops on the device). The ``backend`` argument chooses between them
+(:data:`TiltedBackend`; :func:`numpy_path` says which one runs), and a test checks that they agree.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -39,7 +39,18 @@ from torch import Tensor
 from anrat.errors import InputError
 
 LossKind = Literal["ce", "lp"]
-KINDS: tuple[str, ...] = ("ce", "lp")
+KINDS: tuple[LossKind, ...] = get_args(LossKind)
+
+# Where the tilted mean is computed (:func:`numpy_path`): "numpy" on the host, "torch" in torch ops
+# on the tensor's device, "auto" the toolkit's choice, which is NumPy on every device. On the CPU:
+# a minibatch holds tens of losses, and each torch op costs ~10 us of dispatch against ~1 us for
+# NumPy. On accelerators, after copying the losses to the host: one small transfer and one wait per
+# step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`, which never waits on
+# the device), which made an ANRAT step of lenet5 1.55 times a cross-entropy step on an H100 (1.36
+# on the host) (docs/results.md).
+TiltedBackend = Literal["auto", "numpy", "torch"]
+TILTED_BACKENDS: tuple[TiltedBackend, ...] = get_args(TiltedBackend)
+
 
 def _check_positive(name: str, value: float | Tensor) -> None:
     if isinstance(value, Tensor):
@@ -173,28 +184,22 @@ def tilted_cpu(losses: np.ndarray, t: float, weights: np.ndarray | None = None) 
     return centre + correction / t, e, dt
 
 
-# Which implementation of the tilted mean a tensor's device takes. On the CPU, NumPy: a minibatch
-# holds tens of losses, and each torch op costs ~10 us of dispatch against ~1 us for NumPy. On
-# accelerators, by default also NumPy, after copying the losses to the host: one small transfer
-# and one wait per step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`),
-# which made an ANRAT step of lenet5 1.55 times a cross-entropy step on an H100 (1.36 on the host)
-# (docs/results.md). The torch-ops path, which never waits on the device, is taken while a CUDA
-# graph is being captured or the code is traced by torch.compile (which fuses those ops into a few
-# kernels), or everywhere with ``NUMPY_ON_ACCELERATORS = False``. Tests switch
-# ``NUMPY_ON_CPU`` off to run the torch-ops path on the CPU.
-NUMPY_ON_CPU = True
-NUMPY_ON_ACCELERATORS = True
+def check_backend(backend: str) -> None:
+    """Raise InputError unless ``backend`` is one of :data:`TILTED_BACKENDS`."""
+    if backend not in TILTED_BACKENDS:
+        raise InputError(f"unknown tilted-mean backend {backend!r}; expected one of {TILTED_BACKENDS}")
 
 
-def numpy_path(tensor: Tensor) -> bool:
-    """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu` on the host."""
-    if torch.compiler.is_compiling():
-        return False  # torch.compile traces the torch-ops path: one graph, no host copy
-    if tensor.device.type == "cpu":
-        return NUMPY_ON_CPU
-    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+def numpy_path(tensor: Tensor, backend: TiltedBackend = "auto") -> bool:
+    """Whether the tilted mean of ``tensor`` is computed by :func:`tilted_cpu` on the host.
+
+    ``backend``: ``"torch"`` never; ``"auto"`` and ``"numpy"`` always, except while torch.compile
+    traces the code (it traces the torch-ops path into a few fused kernels: one graph, no host
+    copy) or a CUDA graph is being captured (a graph cannot hold a copy to the host).
+    """
+    if backend == "torch" or torch.compiler.is_compiling():
         return False
-    return NUMPY_ON_ACCELERATORS
+    return not (tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def host_array(tensor: Tensor) -> np.ndarray:
@@ -217,8 +222,9 @@ class _TiltedMean(torch.autograd.Function):
     """Value as in :func:`tilted_mean`; gradients in closed form (the tilted weights), not op by op."""
 
     @staticmethod
-    def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None) -> Tensor:  # type: ignore[override]
-        if numpy_path(losses):
+    def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None,  # type: ignore[override]
+                backend: TiltedBackend) -> Tensor:
+        if numpy_path(losses, backend):
             value, s, dt = tilted_cpu(host_array(losses), float(t), None if weights is None else host_array(weights))
             ctx.host = True
             ctx.stats = (s, dt)
@@ -233,18 +239,22 @@ class _TiltedMean(torch.autograd.Function):
         s, dt = ctx.stats if ctx.host else ctx.saved_tensors
         grad_t = grad * dt if ctx.needs_input_grad[1] else None
         if ctx.host:
-            return scaled_weights(s, grad), grad_t, None
-        return (s * grad).to(grad.dtype), grad_t.to(grad.dtype) if grad_t is not None else None, None
+            return scaled_weights(s, grad), grad_t, None, None
+        return (s * grad).to(grad.dtype), grad_t.to(grad.dtype) if grad_t is not None else None, None, None
 
 
-def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None) -> Tensor:
+def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None, *,
+                backend: TiltedBackend = "auto") -> Tensor:
     """``(1/t) * log(sum_i w_i * exp(t * l_i))`` over a 1-D tensor, stable for any t in [1e-8, 1e8].
 
     ``weights`` are nonnegative and sum to 1 (default: uniform 1/m); this is NRAE of the losses.
     Differentiable in ``losses`` (gradient: the tilted weights ``softmax(t*l + log w)``) and in
     ``t`` when it is a tensor. Computed in float32 at least, whatever the input dtype or autocast.
+    ``backend`` chooses the implementation, NumPy on the host or torch ops (:func:`numpy_path`);
+    both compute the same formula.
     """
     _check_positive("t", t)
+    check_backend(backend)
     l = losses.reshape(-1)
     if l.dtype not in (torch.float32, torch.float64):
         l = l.float()  # bfloat16/float16 under autocast: compute in float32
@@ -257,8 +267,8 @@ def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None
     # only when it is on: entering the context costs as much as a small op.
     if torch.is_autocast_enabled(l.device.type):
         with torch.autocast(device_type=l.device.type, enabled=False):
-            return _TiltedMean.apply(l, t, w)
-    return _TiltedMean.apply(l, t, w)
+            return _TiltedMean.apply(l, t, w, backend)
+    return _TiltedMean.apply(l, t, w, backend)
 
 
 def _lam_to_t(lam: float | Tensor, p: float) -> float | Tensor:
@@ -268,15 +278,16 @@ def _lam_to_t(lam: float | Tensor, p: float) -> float | Tensor:
     return lam ** p
 
 
-def nrae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
-         **loss_kwargs) -> Tensor:
+def nrae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce", *,
+         backend: TiltedBackend = "auto", **loss_kwargs) -> Tensor:
     """Normalized risk-averting error ``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p``.
 
     Scalar tensor; finite for every t from 1e-8 to 1e8 in float32 and float64; equals mean(l) as
-    t -> 0 and max(l) as t -> inf, and never falls below mean(l). ``loss_kwargs`` go to
-    :func:`per_sample_loss` (``weight``, ``label_smoothing``).
+    t -> 0 and max(l) as t -> inf, and never falls below mean(l). ``backend``: as in
+    :func:`tilted_mean`. ``loss_kwargs`` go to :func:`per_sample_loss` (``weight``,
+    ``label_smoothing``).
     """
-    return tilted_mean(per_sample_loss(input, target, kind, p, **loss_kwargs), _lam_to_t(lam, p))
+    return tilted_mean(per_sample_loss(input, target, kind, p, **loss_kwargs), _lam_to_t(lam, p), backend=backend)
 
 
 def rae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
@@ -310,4 +321,5 @@ def losses_rae_feasible(max_loss: float | Tensor, lam: float | Tensor, p: float,
     return bool(t * float(max_loss) < math.log(torch.finfo(dtype).max))
 
 
-__all__ = ["KINDS", "losses_rae_feasible", "nrae", "per_sample_loss", "rae", "rae_feasible", "tilted_mean"]
+__all__ = ["KINDS", "TILTED_BACKENDS", "LossKind", "TiltedBackend", "losses_rae_feasible", "nrae", "per_sample_loss",
+           "rae", "rae_feasible", "tilted_mean"]

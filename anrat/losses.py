@@ -1,8 +1,8 @@
 """Risk-averting losses as ``nn.Module``s, shaped like ``nn.CrossEntropyLoss``.
 
 Each module computes per-sample losses (:func:`anrat.functional.per_sample_loss`) and reduces them
-with :meth:`aggregate`; ``forward(input, target)`` is the two together. The trainer (and the
-distributed wrapper) call :meth:`aggregate` on per-sample losses directly.
+with :meth:`~BatchLoss.aggregate`; ``forward(input, target)`` is the two together. The trainer
+calls :meth:`~BatchLoss.aggregate` on per-sample losses directly.
 
 - :class:`PlainLoss`: ``mean(l)`` (the deconvexified loss; for kind="ce" it equals
   ``nn.CrossEntropyLoss``).
@@ -19,11 +19,12 @@ it is stable for every t), and weights each sample's gradient by ``exp(t * (l_i 
 a fixed dataset those weights approach the full-batch tilted weights ``softmax(t * l)`` times the
 number of batches; the value reported is ``r``.
 
-Across ranks. Under ``torch.distributed`` the trainer sets ``across_ranks = True`` on its losses:
-:meth:`aggregate` then takes this rank's shard of the per-sample losses and returns the loss of
-the global batch (all ranks' shards together), identical on every rank, with gradients that
-DDP's averaging turns into the single-process gradient (:mod:`anrat.distributed`). It is then a
-collective call: every rank aggregates at the same step.
+What the batch is. :meth:`~BatchLoss.aggregate` takes a :class:`~anrat.reductions.BatchReduction`
+that computes the means, tilted means, sums and counts the objective is made of: by default over
+the tensor given (:data:`~anrat.reductions.LOCAL_BATCH`). Under ``torch.distributed``,
+:class:`anrat.distributed.GlobalBatchLoss` wraps a loss and passes the reduction over all ranks'
+shards of the global batch, so the objective and its gradients are those of one process holding
+the whole batch; the losses themselves never communicate.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from anrat.distributed import global_count, global_mean, global_sum, global_tilted_mean
 from anrat.errors import InputError
-from anrat.functional import (KINDS, LossKind, host_array, numpy_path, per_sample_loss, scaled_weights, tilted_cpu,
-                              tilted_mean, tilted_stats, working_dtype)
+from anrat.functional import (KINDS, LossKind, TiltedBackend, check_backend, host_array, numpy_path, per_sample_loss,
+                              scaled_weights, tilted_cpu, tilted_mean, tilted_stats, working_dtype)
+from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
@@ -49,24 +50,41 @@ def _check_kind_p(kind: str, p: float) -> None:
         raise InputError(f"p must be a finite number > 0, got {p!r}")
 
 
-class PlainLoss(nn.Module):
-    """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
+class BatchLoss(nn.Module):
+    """A loss made of per-sample losses ``l_i`` (``kind``, ``p``) and an aggregate of them.
 
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
+    ``forward(input, target) = aggregate(per_sample(input, target))``.
+    """
+
+    kind: LossKind
+    p: float
+
+    def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
+        """The per-sample losses ``l_i``, shape (N,): :func:`~anrat.functional.per_sample_loss`."""
+        return per_sample_loss(input, target, self.kind, self.p)
+
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """The objective from the per-sample losses, over the batch that ``reduction`` defines."""
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.aggregate(self.per_sample(input, target))
+
+
+class PlainLoss(BatchLoss):
+    """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
 
     def __init__(self, kind: LossKind = "ce", p: float = 2.0) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         self.kind, self.p = kind, float(p)
 
-    def aggregate(self, losses: Tensor) -> Tensor:
-        return global_mean(losses) if self.across_ranks else losses.mean()
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """``mean_i l_i``."""
+        return reduction.mean(losses)
 
 
-class NRAELoss(nn.Module):
+class NRAELoss(BatchLoss):
     """``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p`` (see :mod:`anrat.functional`).
 
     Args:
@@ -77,19 +95,21 @@ class NRAELoss(nn.Module):
         kind: "ce" (cross-entropy from logits) or "lp".
         normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
         momentum: weight of the newest batch in the running normaliser.
+        backend: where the tilted mean is computed, NumPy on the host or torch ops
+            (:func:`anrat.functional.tilted_mean`); "auto" (default) chooses.
     """
 
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
-
     def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
-                 normalizer: str = "batch", momentum: float = 0.1) -> None:
+                 normalizer: str = "batch", momentum: float = 0.1, *, backend: TiltedBackend = "auto") -> None:
         super().__init__()
         _check_kind_p(kind, p)
+        check_backend(backend)
         if normalizer not in NORMALIZERS:
             raise InputError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
         if not 0 < momentum <= 1:
             raise InputError(f"momentum must be in (0, 1], got {momentum!r}")
         self.kind, self.p, self.normalizer, self.momentum = kind, float(p), normalizer, float(momentum)
+        self.backend = backend
         # lambda as a tensor too, read only under torch.compile: a traced float would be a constant
         # of the graph, and every new lambda (an annealing schedule) a recompilation.
         self.register_buffer("lam_tensor", torch.tensor(1.0), persistent=False)
@@ -114,37 +134,32 @@ class NRAELoss(nn.Module):
             return self.lam_tensor ** self.p
         return self._lam ** self.p
 
-    def aggregate(self, losses: Tensor) -> Tensor:
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """NRAE of the batch (``normalizer="batch"``) or the running NRAE (module docstring)."""
         if self.normalizer == "batch":
-            return self._tilted_mean(losses, self.t())
-        return self._running_aggregate(losses, self.t())
+            return reduction.tilted_mean(losses, self.t(), self.backend)
+        return self._running_aggregate(losses, self.t(), reduction)
 
-    def _tilted_mean(self, losses: Tensor, t: float | Tensor) -> Tensor:
-        return global_tilted_mean(losses, t) if self.across_ranks else tilted_mean(losses, t)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
-
-    def _running_aggregate(self, losses: Tensor, t: float | Tensor) -> Tensor:
+    def _running_aggregate(self, losses: Tensor, t: float | Tensor, reduction: BatchReduction) -> Tensor:
         """Value: the updated running NRAE. Gradient: sum_i exp(t*(l_i - r)) / m * grad l_i."""
         l = losses.reshape(-1).float()
         t_detached = t.detach() if isinstance(t, Tensor) else t
-        batch = self._tilted_mean(l.detach(), t_detached)
+        batch = reduction.tilted_mean(l.detach(), t_detached, self.backend)
         if self.training:
             old = self.running_nrae.to(batch)
             pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
             mix = torch.tensor([1.0 - self.momentum, self.momentum], dtype=batch.dtype, device=batch.device)
-            r = tilted_mean(pair, t_detached, weights=mix)
+            r = tilted_mean(pair, t_detached, weights=mix, backend=self.backend)
             self.running_nrae = r.detach().to(self.running_nrae)
         else:
             r = batch
-        count = global_count(l) if self.across_ranks else l.numel()
-        weights = torch.exp(t_detached * (l.detach() - r)) / count
-        surrogate = global_sum(weights * l) if self.across_ranks else (weights * l).sum()
+        weights = torch.exp(t_detached * (l.detach() - r)) / reduction.count(l)
+        surrogate = reduction.sum(weights * l)
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
-        return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+        return (f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+                + _backend_repr(self.backend))
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -173,8 +188,8 @@ class _ANRATObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
-                log: bool) -> Tensor:  # type: ignore[override]
-        if numpy_path(losses):
+                log: bool, backend: TiltedBackend) -> Tensor:  # type: ignore[override]
+        if numpy_path(losses, backend):
             l_host = host_array(losses)  # the one wait for the device, if any
             th = min(max(theta.item(), lo), hi)
             lam = math.exp(th) if log else _softplus(th)
@@ -198,8 +213,8 @@ class _ANRATObjective(torch.autograd.Function):
         s, dloss_dtheta = ctx.stats if ctx.host else ctx.saved_tensors
         grad_theta = (grad * dloss_dtheta).to(grad.dtype) if ctx.needs_input_grad[1] else None
         if ctx.host:
-            return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None
-        return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None
+            return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None, None
+        return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None, None
 
 
 def _softplus(x: float) -> float:
@@ -207,7 +222,7 @@ def _softplus(x: float) -> float:
     return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
 
 
-class ANRATLoss(nn.Module):
+class ANRATLoss(BatchLoss):
     """Adaptive NRAE: ``nrae(l; lam) + a * lam ** (-q)`` with lambda learned by the optimizer.
 
     lambda is parameterised so that it stays strictly positive whatever the step:
@@ -225,17 +240,19 @@ class ANRATLoss(nn.Module):
 
     The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
     learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
-    Under torch.distributed, theta is not a DDP parameter: average its gradient over the ranks
+    ``backend``: where the tilted mean is computed, as in :class:`NRAELoss`.
+
+    Under torch.distributed, wrap the loss in :class:`anrat.distributed.GlobalBatchLoss`; theta is
+    not a DDP parameter: average its gradient over the ranks
     (:func:`anrat.distributed.average_gradients`) as the trainer does.
     """
 
-    across_ranks = False  # aggregate the global batch over torch.distributed ranks (module docstring)
-
     def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
                  kind: LossKind = "ce", parameterization: str = "log",
-                 min_lambda: float = 1e-4, max_lambda: float = 1e4) -> None:
+                 min_lambda: float = 1e-4, max_lambda: float = 1e4, *, backend: TiltedBackend = "auto") -> None:
         super().__init__()
         _check_kind_p(kind, p)
+        check_backend(backend)
         if not (math.isfinite(init_lambda) and init_lambda > 0):
             raise InputError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
         if not (math.isfinite(a) and a >= 0):
@@ -248,6 +265,7 @@ class ANRATLoss(nn.Module):
             raise InputError(f"expected 0 < min_lambda <= init_lambda <= max_lambda, got "
                              f"{min_lambda!r}, {init_lambda!r}, {max_lambda!r}")
         self.kind, self.p, self.a, self.q, self.parameterization = kind, float(p), float(a), float(q), parameterization
+        self.backend = backend
         self.theta_bounds = (self._theta_of(min_lambda), self._theta_of(max_lambda))
         self.theta = nn.Parameter(torch.tensor(self._theta_of(init_lambda), dtype=torch.float32))
 
@@ -271,20 +289,26 @@ class ANRATLoss(nn.Module):
     def penalty(self) -> Tensor:
         return self.a * self.lambda_tensor().pow(-self.q)
 
-    def aggregate(self, losses: Tensor) -> Tensor:
-        if self.across_ranks:
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """``nrae(l; lam) + a * lam ** (-q)``; over the tensor given in one autograd node
+        (:class:`_ANRATObjective`), over another batch composed from ``reduction``'s tilted mean,
+        with the same value and gradients."""
+        if not isinstance(reduction, LocalBatch):
             lam = self.lambda_tensor()
-            return global_tilted_mean(losses, lam.pow(self.p)) + self.a * lam.pow(-self.q)
+            return reduction.tilted_mean(losses, lam.pow(self.p), self.backend) + self.a * lam.pow(-self.q)
         l = losses if losses.dim() == 1 else losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()
         if l.shape[0] == 0:
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
-        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log")
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self.aggregate(per_sample_loss(input, target, self.kind, self.p))
+        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log",
+                                     self.backend)
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, parameterization={self.parameterization!r}"
+        return (f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, "
+                f"parameterization={self.parameterization!r}" + _backend_repr(self.backend))
+
+
+def _backend_repr(backend: TiltedBackend) -> str:
+    return "" if backend == "auto" else f", backend={backend!r}"

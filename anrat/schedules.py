@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from anrat.errors import InputError
-from anrat.functional import losses_rae_feasible
-from anrat.losses import ANRATLoss, NRAELoss, PlainLoss
+from anrat.functional import LossKind, TiltedBackend, losses_rae_feasible
+from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss
 
 SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
 
@@ -41,7 +41,7 @@ class ScheduleConfig:
     name: str = "adaptive"
     lam0: float = 10.0          # initial (or fixed) lambda
     p: float = 2.0              # t = lam ** p
-    kind: str = "ce"
+    kind: LossKind = "ce"       # the per-sample loss: cross-entropy or the Lp error
     # adaptive (ANRAT)
     a: float = 0.01             # penalty weight in a * lam ** (-q)
     q: float = 1.0
@@ -76,18 +76,23 @@ class ScheduleConfig:
 
 
 class LambdaSchedule:
-    """Holds the losses of one run and decides which one each step minimises."""
+    """Holds the losses of one run and decides which one each step minimises.
 
-    def __init__(self, config: ScheduleConfig) -> None:
+    ``backend`` is where the risk-averting losses compute the tilted mean
+    (:func:`anrat.functional.tilted_mean`); it changes where the numbers are computed, not what
+    they are, so it is not part of the :class:`ScheduleConfig` that checkpoints record.
+    """
+
+    def __init__(self, config: ScheduleConfig, *, backend: TiltedBackend = "auto") -> None:
         config.validate()
         self.config = config
         c = config
         self.plain = PlainLoss(c.kind, c.p)
-        self.nrae: nn.Module | None = None
+        self.nrae: NRAELoss | ANRATLoss | None = None
         if c.name == "adaptive":
-            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization)
+            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization, backend=backend)
         elif c.name != "plain":
-            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer)
+            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer, backend=backend)
         self.switch_epoch: int | None = 0 if c.name == "plain" else None
 
     # --- what the trainer calls -------------------------------------------------------------
@@ -104,7 +109,7 @@ class LambdaSchedule:
         """Current lambda, or None once the plain loss has taken over."""
         return None if self.switched or self.nrae is None else self.nrae.lam
 
-    def criterion(self, step: int) -> nn.Module:
+    def criterion(self, step: int) -> BatchLoss:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
             return self.plain

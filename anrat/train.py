@@ -35,6 +35,7 @@ from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import env_is_main, process_group_from_env
 from anrat.errors import InputError
+from anrat.functional import KINDS
 from anrat.models import MODELS, build_model
 from anrat.schedules import SCHEDULES, LambdaSchedule, ScheduleConfig
 from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged
@@ -201,7 +202,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
               "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only")
     flag(g, "--lambda0", key="schedule.lam0", defaults=d, type=float, help="initial (or fixed) lambda, > 0")
     flag(g, "--p", key="schedule.p", defaults=d, type=float, help="t = lambda^p (and the Lp norm exponent for --loss lp)")
-    flag(g, "--loss", key="schedule.kind", defaults=d, choices=("ce", "lp"), help="per-sample loss")
+    flag(g, "--loss", key="schedule.kind", defaults=d, choices=KINDS, help="per-sample loss")
     flag(g, "--a", key="schedule.a", defaults=d, type=float, help="ANRAT penalty weight a in a*lambda^(-q), >= 0")
     flag(g, "--q", key="schedule.q", defaults=d, type=float, help="ANRAT penalty exponent q, > 0")
     flag(g, "--lambda-param", key="schedule.parameterization", defaults=d, choices=("log", "softplus"),

@@ -19,9 +19,10 @@ epoch.
 
 Under ``torch.distributed`` (a process group of W > 1 ranks, e.g. from torchrun) the same loop
 runs data-parallel: the model is wrapped in DistributedDataParallel, every rank draws the same
-global minibatches of ``batch_size`` samples and trains on its shard of each, the losses
-aggregate the global batch exactly, lambda's gradient is averaged over the ranks, validation
-sums are reduced over the ranks, and rank 0 alone writes files (see :mod:`anrat.distributed`).
+global minibatches of ``batch_size`` samples and trains on its shard of each, the losses (wrapped
+in :class:`~anrat.distributed.GlobalBatchLoss`) aggregate the global batch exactly, lambda's
+gradient is averaged over the ranks, validation sums are reduced over the ranks, and rank 0 alone
+writes files (see :mod:`anrat.distributed`).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split, as_split
 from anrat.errors import InputError
-from anrat.functional import per_sample_loss
+from anrat.functional import LossKind, per_sample_loss
 from anrat.input_norm import InputNorm
-from anrat.losses import ANRATLoss
+from anrat.losses import ANRATLoss, BatchLoss
 from anrat.schedules import LambdaSchedule
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -130,7 +131,8 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split | Any, kind: str = "ce", p: float = 2.0, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split | Any, kind: LossKind = "ce", p: float = 2.0,
+             batch_size: int = 1000) -> dict[str, float]:
     """Mean per-sample loss and, for classification, the error rate (fraction misclassified).
 
     ``split`` is a :class:`Split` or any data :func:`anrat.data.as_split` takes (an ``(x, y)``
@@ -142,12 +144,12 @@ def evaluate(model: nn.Module, split: Split | Any, kind: str = "ce", p: float = 
     return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size), _classifies(kind, split))
 
 
-def _classifies(kind: str, split: Split) -> bool:
+def _classifies(kind: LossKind, split: Split) -> bool:
     return kind == "ce" or not split.y.is_floating_point()
 
 
 @torch.no_grad()
-def _evaluation_sums(model: nn.Module, split: Split, kind: str, p: float, batch_size: int) -> Tensor:
+def _evaluation_sums(model: nn.Module, split: Split, kind: LossKind, p: float, batch_size: int) -> Tensor:
     """float64 ``[sum of per-sample losses, number misclassified, number of samples]``."""
     was_training = model.training
     model.eval()
@@ -233,13 +235,14 @@ class Trainer:
         device = train.x.device
         if schedule.nrae is not None:
             schedule.nrae.to(device)
-        # The module the training step calls: DDP(model) under torch.distributed, else the model.
+        # The modules the training step calls: under torch.distributed DDP(model) and each loss
+        # wrapped to aggregate the global batch, else the model and the schedule's losses.
         self.step_model = model
+        self.global_losses: dict[BatchLoss, distributed.GlobalBatchLoss] = {}
         if self.world is not None:
             self.step_model = distributed.data_parallel(model)
-            for loss in (schedule.plain, schedule.nrae):
-                if loss is not None:
-                    loss.across_ranks = True
+            self.global_losses = {loss: distributed.GlobalBatchLoss(loss)
+                                  for loss in (schedule.plain, schedule.nrae) if loss is not None}
             distributed.seed_rank(config.seed, self.world)  # dropout masks differ between ranks
         # Forward pass and loss: what each step calls, compiled with torch.compile when asked.
         self.objective = self._objective
@@ -258,7 +261,12 @@ class Trainer:
         self.best_state: dict[str, Tensor] | None = None
 
     # --- one epoch ---------------------------------------------------------------------------
-    def _objective(self, x: Tensor, y: Tensor, criterion: nn.Module) -> tuple[Tensor, Tensor]:
+    def criterion(self) -> BatchLoss | distributed.GlobalBatchLoss:
+        """The loss this step minimises: the schedule's, over the global batch under torch.distributed."""
+        loss = self.schedule.criterion(self.step)
+        return loss if self.world is None else self.global_losses[loss]
+
+    def _objective(self, x: Tensor, y: Tensor, criterion: BatchLoss | distributed.GlobalBatchLoss) -> tuple[Tensor, Tensor]:
         """The criterion's objective on a batch, and the per-sample losses it aggregates."""
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
             out = self.step_model(x)
@@ -282,7 +290,7 @@ class Trainer:
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress_bar, leave=False)
         seen = 0
         for i, (x, y) in enumerate(bar):
-            objective, losses = self.objective(x, y, schedule.criterion(self.step))
+            objective, losses = self.objective(x, y, self.criterion())
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if self.world is not None:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
-from anrat.data import load_dataset, resolve_device
+from anrat.data import load_dataset
+from anrat.devices import resolve_device
 from anrat.schedules import ScheduleConfig
 from anrat.train import RunConfig, run
 from anrat.trainer import TrainConfig, evaluate

@@ -25,10 +25,10 @@ import time
 
 import torch
 
-import anrat.functional
 from anrat import ANRATLoss
-from anrat.data import Split, load_dataset, resolve_device
-from anrat.functional import per_sample_loss
+from anrat.data import Split, load_dataset
+from anrat.devices import resolve_device
+from anrat.functional import TiltedBackend, per_sample_loss
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer
@@ -48,15 +48,16 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def make_side(loss: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compile_mode: str | None):
-    """``(objective, optimizer)`` of one side: cross-entropy ("ce") or ANRAT ("anrat") on ``model``,
-    the forward pass and loss compiled in ``compile_mode`` unless it is None."""
+def make_side(loss: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compile_mode: str | None,
+              backend: TiltedBackend):
+    """``(objective, optimizer)`` of one side: cross-entropy ("ce") or ANRAT ("anrat", its tilted mean
+    on ``backend``) on ``model``, the forward pass and loss compiled in ``compile_mode`` unless it is None."""
     if loss == "ce":
         ce = torch.nn.CrossEntropyLoss()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         objective = lambda: ce(model(x), y)  # noqa: E731
     else:
-        anrat = ANRATLoss(init_lambda=10.0).to(x.device)
+        anrat = ANRATLoss(init_lambda=10.0, backend=backend).to(x.device)
         optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
                                     lr=0.01)
         objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
@@ -75,7 +76,7 @@ def twin_models(name: str, model_kwargs: dict, n: int, device: torch.device) -> 
 
 
 def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
-                   compile_mode: str | None) -> dict:
+                   compile_mode: str | None, backend: TiltedBackend) -> dict:
     """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
     per-round ratios (each round times every side back to back, so a slow spell of the machine
     enters both terms of a ratio), with its quartiles."""
@@ -85,7 +86,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
         plan += [("ce compiled", "ce", compile_mode), ("anrat compiled", "anrat", compile_mode)]
     sides = {}
     for (side, loss, mode), model in zip(plan, twin_models(name, model_kwargs, len(plan), device)):
-        objective, optimizer = make_side(loss, model, x, y, mode)
+        objective, optimizer = make_side(loss, model, x, y, mode, backend)
 
         def step(objective=objective, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
@@ -115,12 +116,13 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
 PHASES = ("zero_grad", "forward + loss", "backward", "optimizer step")
 
 
-def phase_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
+def phase_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, steps: int,
+                    backend: TiltedBackend) -> dict:
     """Eager seconds of each phase of a step (median over ``steps`` steps, the two sides alternating
     step by step): where ANRAT's extra time goes."""
     device = x.device
     models = twin_models(name, model_kwargs, 2, device)
-    sides = {loss: make_side(loss, model, x, y, None) for loss, model in zip(("ce", "anrat"), models)}
+    sides = {loss: make_side(loss, model, x, y, None, backend) for loss, model in zip(("ce", "anrat"), models)}
     times = {loss: {phase: [] for phase in PHASES} for loss in sides}
     for i in range(steps + 20):  # the first 20 steps warm up
         for loss, (objective, optimizer) in sides.items():
@@ -152,15 +154,15 @@ def bare_epoch(model, anrat, optimizer, split: Split, batch_size: int, generator
         optimizer.step()
 
 
-def epoch_benchmark(train: Split, batch_size: int, rounds: int) -> dict:
+def epoch_benchmark(train: Split, batch_size: int, rounds: int, backend: TiltedBackend) -> dict:
     device = train.x.device
     torch.manual_seed(0)
     model_bare = build_model("lenet5").to(device)
-    anrat = ANRATLoss(init_lambda=10.0).to(device)
+    anrat = ANRATLoss(init_lambda=10.0, backend=backend).to(device)
     opt = torch.optim.SGD([{"params": model_bare.parameters()}, {"params": anrat.parameters(), "lr": 0.01}], lr=0.1)
     gen = torch.Generator().manual_seed(0)
     model_tr = build_model("lenet5").to(device)
-    trainer = Trainer(model_tr, LambdaSchedule(ScheduleConfig(name="adaptive")), train, None,
+    trainer = Trainer(model_tr, LambdaSchedule(ScheduleConfig(name="adaptive"), backend=backend), train, None,
                       TrainConfig(batch_size=batch_size, lr=0.1, lambda_lr=0.01), progress=False)
     t_bare, t_tr = [], []
     for _ in range(rounds):
@@ -193,10 +195,11 @@ def main() -> None:
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
     ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
                     help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
-                         "(default), or torch ops on the device (anrat.functional.NUMPY_ON_ACCELERATORS)")
+                         "(default), or torch ops on the device (the losses' backend='torch')")
     args = ap.parse_args()
-    anrat.functional.NUMPY_ON_ACCELERATORS = args.accelerator_path == "host"
     device = resolve_device(args.device)
+    # On the CPU the tilted mean is NumPy's either way: it is on the host already.
+    backend: TiltedBackend = "torch" if args.accelerator_path == "device" and device.type != "cpu" else "auto"
     print(f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
           f"threads {torch.get_num_threads()}; batch {args.batch_size}"
           + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else "")
@@ -210,7 +213,7 @@ def main() -> None:
     print(f"{'model':<22}{'mode':<28}{'CE':>11}{'ANRAT':>11}{'ratio':>8}  quartiles")
     for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
         label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
-        for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile).items():
+        for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile, backend).items():
             print(f"{label:<22}{mode:<28}{r['den_s']:>11.6f}{r['num_s']:>11.6f}{r['ratio']:>8.3f}"
                   f"  [{r['q1']:.3f}, {r['q3']:.3f}]")
     if args.phases:
@@ -218,14 +221,14 @@ def main() -> None:
         print(f"{'model':<22}{'phase':<18}{'CE':>10}{'ANRAT':>10}{'extra':>10}")
         for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
             label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
-            r = phase_benchmark(name, kwargs, x, y, args.phases)
+            r = phase_benchmark(name, kwargs, x, y, args.phases, backend)
             for phase in PHASES:
                 ce_us, an_us = r["ce"][phase] * 1e6, r["anrat"][phase] * 1e6
                 print(f"{label:<22}{phase:<18}{ce_us:>10.1f}{an_us:>10.1f}{an_us - ce_us:>10.1f}")
     if args.epoch_rounds < 1:
         return
     data = load_dataset("mnist", args.data_dir, device=device)
-    r = epoch_benchmark(data.train, args.batch_size, args.epoch_rounds)
+    r = epoch_benchmark(data.train, args.batch_size, args.epoch_rounds, backend)
     print(f"\none epoch of MNIST ({r['samples']} images), lenet5 + ANRAT, seconds (median):")
     print(f"{'bare loop':<22}{r['bare_s']:>12.3f}\n{'Trainer':<22}{r['trainer_s']:>12.3f}\n{'ratio':<22}{r['ratio']:>12.3f}")
 

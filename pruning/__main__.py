@@ -41,8 +41,9 @@ from anrat.atomic_files import write_text_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
-from anrat.data import DATASET_NORMS, DATASETS, load_dataset, resolve_device
+from anrat.data import DATASET_NORMS, DATASETS, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate

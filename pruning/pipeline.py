@@ -27,7 +27,8 @@ from torch import nn
 from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.config import flatten
-from anrat.data import DataSplits, load_dataset, resolve_device
+from anrat.data import DataSplits, load_dataset
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.train import RunConfig

@@ -50,7 +50,7 @@ from anrat.atomic_files import write_text_atomic
 from anrat.errors import InputError
 from anrat.function_problems import PROBLEMS, FunctionProblem, make_problem
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.train import OneLineErrorParser
+from anrat.cli import OneLineErrorParser
 from anrat.trainer import TrainConfig, Trainer, TrainingDiverged
 
 METHODS = ("mse", "nrae", "anrat", "deconvex")

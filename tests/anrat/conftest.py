@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import anrat.functional
+from anrat.functional import TiltedBackend
 
 
-@pytest.fixture(params=["numpy", "torch-ops"])
-def tilted_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on both implementations of the tilted mean: the CPU's NumPy path and, on CPU
-    tensors here, the torch-ops path that accelerators take."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(anrat.functional, "NUMPY_ON_CPU", False)
+@pytest.fixture(params=["numpy", "torch"])
+def tilted_backend(request: pytest.FixtureRequest) -> TiltedBackend:
+    """Run a test on both implementations of the tilted mean: NumPy on the host (what "auto"
+    takes) and torch ops (here on CPU tensors), passed as ``backend=``."""
     return request.param

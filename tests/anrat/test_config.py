@@ -44,7 +44,7 @@ def test_values_resolve_in_order_defaults_file_flags_set(tmp_path):
 @pytest.mark.parametrize("values, message", [
     ({"sead": 1}, "unknown option 'sead'; expected one of seed, limit, inner"),
     ({"inner": {"lr": "fast"}}, "option 'inner.lr' must be of type float, got 'fast'"),
-    ({"inner": {"name": "c"}}, "option 'inner.name' must be of type"),
+    ({"inner": {"name": "c"}}, "option 'inner.name' must be one of 'a', 'b', got 'c'"),
     ({"inner": {"sizes": [1, "x"]}}, "option 'inner.sizes' must be of type"),
     ({"seed": True}, "option 'seed' must be of type int"),
     ({"inner": 3}, "inner must be a table of options, got 3"),

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from anrat.data import IDX_FILES, DataSplits, Split, load_dataset, resolve_device
+from anrat.data import IDX_FILES, DataSplits, Split, load_dataset
+from anrat.devices import resolve_device
 from anrat.errors import InputError
 
 
@@ -297,17 +298,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
         load_dataset(data_dir=folder, **{"val_size": 10, **kwargs})
 
 
-# ---- devices and batches -------------------------------------------------------------------------
-
-
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(InputError, match="not available"):
-        resolve_device("cuda:99")
-    if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="not available"):
-            resolve_device("cuda")
+# ---- device and batches --------------------------------------------------------------------------
 
 
 def test_load_on_auto_device(tmp_path: Path) -> None:

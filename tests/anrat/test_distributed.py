@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from anrat import ANRATLoss, NRAELoss, PlainLoss
 from anrat.checkpoint import load_checkpoint
 from anrat.data import Split
-from anrat.distributed import World, average_gradients, current_world, shard_batches, shard_bounds
+from anrat.distributed import GlobalBatchLoss, World, average_gradients, current_world, shard_batches, shard_bounds
 from anrat.functional import per_sample_loss, tilted_mean
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
@@ -112,20 +112,22 @@ def run_steps(case: dict[str, Any], world: World | None) -> dict[str, Any]:
     """SGD on BATCH_SIZES global batches: objective, lambda and gradients per step, final weights.
 
     With ``world`` the model is DDP-wrapped, each rank takes its shard of every batch and the
-    loss aggregates across ranks (unless the case is naive); without it, the whole batch."""
+    loss is wrapped in GlobalBatchLoss (unless the case is naive); without it, the whole batch."""
     dtype = case.get("dtype", torch.float64)
     model = _tiny_mlp(dtype)
     loss = _make_loss(case).to(dtype)
     optimizer = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
     batches = _global_batches(dtype)[:case.get("steps")]
     step_model: torch.nn.Module = model
+    criterion: torch.nn.Module = loss
     if world is not None:
         step_model = torch.nn.parallel.DistributedDataParallel(model)
-        loss.across_ranks = not case.get("naive", False)
+        if not case.get("naive", False):
+            criterion = GlobalBatchLoss(loss)
         batches = list(shard_batches(batches, world))
     record: dict[str, Any] = {"objective": [], "lam": [], "grads": [], "own_theta_grads": []}
     for x, y in batches:
-        objective = loss.aggregate(per_sample_loss(step_model(x), y))
+        objective = criterion(step_model(x), y)
         optimizer.zero_grad()
         objective.backward()
         if isinstance(loss, ANRATLoss):  # this rank's theta gradient, before averaging
@@ -214,6 +216,27 @@ def test_float32_at_tiny_t_keeps_the_stable_formulation(ddp_runs):
     textbook_error = abs(textbook - reference["objective"][0]) / reference["objective"][0]
     print(f"textbook float32 NRAE at t=1e-6 is off by {textbook_error:.1%}")
     assert textbook_error > 0.01
+
+
+@pytest.mark.parametrize("name", ["anrat lam=3", "nrae lam=4", "nrae lam=2 running", "plain"])
+def test_global_batch_loss_without_a_process_group_is_the_loss(name):
+    """In one process the global batch is the local one: the wrapper's value and gradients (ANRAT's
+    composed from the reduction's tilted mean, not its fused node) are the loss's own."""
+    x, y = _global_batches(torch.float64)[0]
+    records = []
+    for wrap in (False, True):
+        model, loss = _tiny_mlp(torch.float64), _make_loss(LOSS_CASES[name]).double()
+        criterion = GlobalBatchLoss(loss) if wrap else loss
+        for _ in range(2):  # the running normaliser's second step starts from its buffer
+            value = criterion(model(x), y)
+            grads = torch.autograd.grad(value, [*model.parameters(), *loss.parameters()])
+        records.append((value, grads, dict(loss.named_buffers())))
+    (value, grads, buffers), (wrapped_value, wrapped_grads, wrapped_buffers) = records
+    torch.testing.assert_close(wrapped_value, value, rtol=1e-12, atol=0)
+    for got, want in zip(wrapped_grads, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    for buffer, want in buffers.items():
+        torch.testing.assert_close(wrapped_buffers[buffer], want, rtol=1e-12, atol=0, equal_nan=True)
 
 
 def test_shards_concatenate_to_the_global_batches():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from anrat.errors import InputError
-from anrat.functional import nrae, per_sample_loss, rae, rae_feasible, tilted_cpu, tilted_mean, tilted_stats
+from anrat.functional import (KINDS, TILTED_BACKENDS, nrae, numpy_path, per_sample_loss, rae, rae_feasible, tilted_cpu,
+                              tilted_mean, tilted_stats)
 
 T_GRID = [10.0 ** e for e in range(-8, 9)]  # t = lam ** p from 1e-8 to 1e8
 
@@ -29,12 +30,12 @@ def ce_batch(dtype, n=256, c=10, scale=3.0, seed=0):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtype, tol, tilted_path):
+def test_nrae_matches_high_precision_reference_for_t_from_1e_minus_8_to_1e8(dtype, tol, tilted_backend):
     logits, target = ce_batch(dtype)
     losses = per_sample_loss(logits, target, "ce")
     p = 2.0
     for t in T_GRID:
-        value = nrae(logits, target, lam=t ** (1 / p), p=p, kind="ce")
+        value = nrae(logits, target, lam=t ** (1 / p), p=p, kind="ce", backend=tilted_backend)
         ref = reference_tilted_mean(losses, t)
         assert torch.isfinite(value)
         assert abs(value.item() - ref) <= tol * abs(ref), (t, value.item(), ref)
@@ -59,6 +60,24 @@ def test_numpy_and_torch_ops_paths_agree_on_value_weights_and_t_gradient(dtype):
         assert tilted_cpu(losses.numpy(), 1e-8, None if w is None else w.numpy())[2] == pytest.approx(var / 2, rel=1e-5)
 
 
+def test_backend_chooses_the_implementation():
+    """"auto" is NumPy on the host (today's choice on every device), "torch" the torch ops; both
+    give the same value and gradient, and anything else is refused."""
+    assert TILTED_BACKENDS == ("auto", "numpy", "torch") and KINDS == ("ce", "lp")
+    losses = per_sample_loss(*ce_batch(torch.float64), "ce")
+    assert [numpy_path(losses, b) for b in TILTED_BACKENDS] == [True, True, False]
+    results = []
+    for backend in TILTED_BACKENDS:
+        l = losses.clone().requires_grad_()
+        value = tilted_mean(l, 0.7, backend=backend)
+        results.append((value, *torch.autograd.grad(value, l)))
+    for value, grad in results[1:]:
+        torch.testing.assert_close(value, results[0][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-10, atol=1e-15)
+    with pytest.raises(InputError, match="unknown tilted-mean backend 'gpu'; expected one of"):
+        tilted_mean(losses, 0.7, backend="gpu")
+
+
 def test_textbook_logsumexp_would_fail_in_float32_at_small_t():
     """The reason for the centred formulation: the naive one is off by far more than 1e-4 here."""
     logits, target = ce_batch(torch.float32)
@@ -71,11 +90,11 @@ def test_textbook_logsumexp_would_fail_in_float32_at_small_t():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nrae_finite_with_logits_of_magnitude_1e3(dtype, tilted_path):
+def test_nrae_finite_with_logits_of_magnitude_1e3(dtype, tilted_backend):
     logits, target = ce_batch(dtype, scale=1e3)
     for t in T_GRID:
         x = logits.clone().requires_grad_(True)
-        value = nrae(x, target, lam=t ** 0.5, p=2.0)
+        value = nrae(x, target, lam=t ** 0.5, p=2.0, backend=tilted_backend)
         value.backward()
         assert torch.isfinite(value), t
         assert torch.isfinite(x.grad).all(), t
@@ -84,39 +103,39 @@ def test_nrae_finite_with_logits_of_magnitude_1e3(dtype, tilted_path):
         assert value.item() <= losses.max().item() * (1 + 1e-6)
 
 
-def test_limits_mean_at_small_t_max_at_large_t_and_monotone(tilted_path):
+def test_limits_mean_at_small_t_max_at_large_t_and_monotone(tilted_backend):
     logits, target = ce_batch(torch.float32)
     losses = per_sample_loss(logits, target)
-    assert tilted_mean(losses, 1e-8).item() == pytest.approx(losses.mean().item(), rel=1e-6)
-    assert tilted_mean(losses, 1e8).item() == pytest.approx(losses.max().item(), rel=1e-6)
-    values = [tilted_mean(losses, t).item() for t in T_GRID]
+    assert tilted_mean(losses, 1e-8, backend=tilted_backend).item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert tilted_mean(losses, 1e8, backend=tilted_backend).item() == pytest.approx(losses.max().item(), rel=1e-6)
+    values = [tilted_mean(losses, t, backend=tilted_backend).item() for t in T_GRID]
     assert all(b >= a * (1 - 1e-6) for a, b in zip(values, values[1:]))
     assert min(values) >= losses.mean().item() * (1 - 1e-7)
 
 
-def test_gradient_is_the_tilted_softmax_weights(tilted_path):
+def test_gradient_is_the_tilted_softmax_weights(tilted_backend):
     losses = torch.rand(50, dtype=torch.float64, requires_grad=True)
     for t in (1e-6, 0.3, 5.0, 1e4):
-        (g,) = torch.autograd.grad(tilted_mean(losses, t), losses)
+        (g,) = torch.autograd.grad(tilted_mean(losses, t, backend=tilted_backend), losses)
         torch.testing.assert_close(g, torch.softmax(t * losses.detach(), 0), rtol=1e-9, atol=1e-12)
 
 
-def test_weighted_tilted_mean_matches_definition(tilted_path):
+def test_weighted_tilted_mean_matches_definition(tilted_backend):
     l = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
     w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
     for t in (1e-7, 0.5, 30.0):
         expected = math.log(sum(wi * math.exp(t * li) for wi, li in zip(w.tolist(), l.tolist()))) / t
-        assert tilted_mean(l, t, weights=w).item() == pytest.approx(expected, rel=1e-9)
+        assert tilted_mean(l, t, weights=w, backend=tilted_backend).item() == pytest.approx(expected, rel=1e-9)
 
 
-def test_zero_weight_entries_change_nothing_even_when_largest(tilted_path):
+def test_zero_weight_entries_change_nothing_even_when_largest(tilted_backend):
     """A weight-0 entry (an empty shard under torch.distributed) neither shifts nor underflows the rest."""
     l = torch.tensor([0.5, 2.0, 1e4], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
     for t in (1e-8, 0.5, 30.0, 1e4):
-        value = tilted_mean(l, t, weights=w)
+        value = tilted_mean(l, t, weights=w, backend=tilted_backend)
         (g,) = torch.autograd.grad(value, l)
-        expected = tilted_mean(l.detach()[:2], t)
+        expected = tilted_mean(l.detach()[:2], t, backend=tilted_backend)
         assert value.item() == pytest.approx(expected.item(), rel=1e-9), t
         assert g[2].item() == 0.0 and g[:2].sum().item() == pytest.approx(1.0)
 
@@ -162,14 +181,14 @@ def test_ce_matches_cross_entropy_loss_options():
         F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none"))
 
 
-def test_autocast_keeps_the_loss_in_float32(tilted_path):
+def test_autocast_keeps_the_loss_in_float32(tilted_backend):
     layer = torch.nn.Linear(20, 10)
     x = torch.randn(128, 20)
     target = torch.randint(0, 10, (128,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = layer(x)
         assert logits.dtype == torch.bfloat16
-        values = [nrae(logits, target, lam=t ** 0.5) for t in T_GRID]
+        values = [nrae(logits, target, lam=t ** 0.5, backend=tilted_backend) for t in T_GRID]
     losses = per_sample_loss(logits.float(), target)
     for t, v in zip(T_GRID, values):
         assert v.dtype == torch.float32

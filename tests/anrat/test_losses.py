@@ -15,28 +15,29 @@ def batch(n=128, c=10, seed=0, dtype=torch.float32):
     return (torch.randn(n, c, generator=g) * 2).to(dtype), torch.randint(0, c, (n,), generator=g)
 
 
-def test_modules_are_twins_of_the_functions(tilted_path):
+def test_modules_are_twins_of_the_functions(tilted_backend):
     logits, target = batch()
     assert PlainLoss()(logits, target).item() == pytest.approx(
         torch.nn.CrossEntropyLoss()(logits, target).item(), rel=1e-6)
     for lam in (0.01, 1.0, 30.0):
-        assert NRAELoss(lam, p=2.0)(logits, target).item() == pytest.approx(
-            nrae(logits, target, lam, p=2.0).item(), rel=1e-6)
-    anrat = ANRATLoss(init_lambda=3.0, p=2.0, a=0.1, q=1.0)
+        assert NRAELoss(lam, p=2.0, backend=tilted_backend)(logits, target).item() == pytest.approx(
+            nrae(logits, target, lam, p=2.0, backend=tilted_backend).item(), rel=1e-6)
+    anrat = ANRATLoss(init_lambda=3.0, p=2.0, a=0.1, q=1.0, backend=tilted_backend)
     assert anrat.lam == pytest.approx(3.0, rel=1e-6)
-    assert anrat(logits, target).item() == pytest.approx(nrae(logits, target, 3.0).item() + 0.1 / 3.0, rel=1e-5)
+    assert anrat(logits, target).item() == pytest.approx(
+        nrae(logits, target, 3.0, backend=tilted_backend).item() + 0.1 / 3.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("parameterization", ["log", "softplus"])
 @pytest.mark.parametrize("lam, p, a, q", [(0.3, 2.0, 0.01, 1.0), (3.0, 2.0, 0.5, 2.0), (10.0, 1.0, 1.0, 1.0)])
-def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q, tilted_path):
+def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q, tilted_backend):
     logits, target = batch(dtype=torch.float64)
-    loss = ANRATLoss(init_lambda=lam, p=p, a=a, q=q, parameterization=parameterization)
+    loss = ANRATLoss(init_lambda=lam, p=p, a=a, q=q, parameterization=parameterization, backend=tilted_backend)
     lam_t = loss.lambda_tensor()
     lam_t.retain_grad()
     # d loss / d lambda through autograd ...
     losses = per_sample_loss(logits, target)
-    value = tilted_mean(losses, lam_t.pow(p)) + a * lam_t.pow(-q)
+    value = tilted_mean(losses, lam_t.pow(p), backend=tilted_backend) + a * lam_t.pow(-q)
     value.backward()
     # ... against (p / lam) * (sum_i w_i l_i - nrae) - a q lam^(-q-1), w = softmax(t l)
     lam_v = lam_t.item()
@@ -55,9 +56,9 @@ def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q,
 
 @pytest.mark.parametrize("parameterization", ["log", "softplus"])
 @pytest.mark.parametrize("lr", [1e6, 1e12, -1e12])
-def test_lambda_stays_positive_and_finite_under_a_huge_step(parameterization, lr, tilted_path):
+def test_lambda_stays_positive_and_finite_under_a_huge_step(parameterization, lr, tilted_backend):
     logits, target = batch()
-    loss = ANRATLoss(init_lambda=10.0, parameterization=parameterization)
+    loss = ANRATLoss(init_lambda=10.0, parameterization=parameterization, backend=tilted_backend)
     opt = torch.optim.SGD(loss.parameters(), lr=abs(lr), maximize=lr < 0)
     for _ in range(3):
         opt.zero_grad()
@@ -96,6 +97,10 @@ def test_bad_arguments_are_refused_with_clear_messages():
         NRAELoss(lam=-2.0)
     with pytest.raises(InputError, match="unknown normalizer"):
         NRAELoss(normalizer="global")
+    with pytest.raises(InputError, match="unknown tilted-mean backend 'cuda'"):
+        NRAELoss(backend="cuda")
+    with pytest.raises(InputError, match="unknown tilted-mean backend 'cuda'"):
+        ANRATLoss(backend="cuda")
     loss = NRAELoss(lam=1.0)
     with pytest.raises(InputError):
         loss.lam = 0.0
