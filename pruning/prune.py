@@ -32,6 +32,7 @@ from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
+from pruning.flat import flatten, unflatten
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
 from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
 from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
@@ -105,23 +106,15 @@ def _centre_tested_softmax_layers(model: nn.Module, test: WaldResult) -> None:
 def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
     """Keep-masks that prune the insignificant weights with the largest p-values, at most a
     fraction ``step`` of the weights still nonzero (over all tested layers)."""
-    names = list(test.significant)
-    pvals = torch.cat([test.pvalues[n].flatten() for n in names])
-    candidate = ~torch.cat([test.significant[n].flatten() for n in names])
-    alive = torch.cat([(test.z[n] != 0).flatten() for n in names])  # z = 0 <=> w = 0 (already pruned)
-    candidate &= alive
+    pvals = flatten(test.pvalues)
+    alive = flatten({n: z != 0 for n, z in test.z.items()})  # z = 0 <=> w = 0 (already pruned)
+    candidate = ~flatten(test.significant) & alive
     budget = min(int(candidate.sum()), int(step * int(alive.sum())))
     drop = torch.zeros_like(candidate)
     if budget > 0:
         order = torch.argsort(torch.where(candidate, pvals, torch.full_like(pvals, -1.0)), descending=True)
         drop[order[:budget]] = True
-    keep = ~drop
-    masks, offset = {}, 0
-    for n in names:
-        size = test.significant[n].numel()
-        masks[n] = keep[offset:offset + size].reshape(test.significant[n].shape)
-        offset += size
-    return masks
+    return unflatten(~drop, test.significant)
 
 
 def _unit_budget(width: int, step: float, block: int) -> int:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from anrat.errors import InputError
 from pruning import fisher as fisher_mod
 from pruning.fisher import weight_name
+from pruning.flat import flatten, unflatten
 
 SCOPES: tuple[str, ...] = ("global", "layer")
 
@@ -88,13 +89,9 @@ def masks_at_sparsity(scores: dict[str, Tensor], sparsity: float, scope: str = "
 
     if scope == "layer":
         return {name: keep_mask(score.reshape(-1)).reshape(score.shape) for name, score in scores.items()}
-    flat = torch.cat([score.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for score in scores.values()])
-    keep = keep_mask(flat)
-    masks, start = {}, 0
-    for name, score in scores.items():
-        masks[name] = keep[start : start + score.numel()].reshape(score.shape).to(score.device)
-        start += score.numel()
-    return masks
+    ranked = {name: score.detach().to(device="cpu", dtype=torch.float64) for name, score in scores.items()}
+    masks = unflatten(keep_mask(flatten(ranked)), ranked)
+    return {name: mask.to(scores[name].device) for name, mask in masks.items()}
 
 
 __all__ = ["magnitude_scores", "masks_at_sparsity", "obd_scores"]

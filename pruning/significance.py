@@ -97,7 +97,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from scipy import stats
 from statsmodels.stats.multitest import multipletests, multitest_alias
@@ -106,6 +105,7 @@ from torch import Tensor, nn
 from anrat.errors import InputError
 from pruning import fisher as fisher_mod
 from pruning.fisher import FisherData, KroneckerFactors, weight_name
+from pruning.flat import flatten, unflatten
 
 ESTIMATORS: tuple[str, ...] = ("kfac", "full", "diagonal")
 # A dense block of 4096^2 float64 is 128 MiB; larger layers need "kfac" or "diagonal".
@@ -336,13 +336,8 @@ def _diagonal_layer(w: Tensor, diag: Tensor, n: int, damping: float, free: Tenso
 
 def _correct(pvalues: dict[str, Tensor], alpha: float, method: str) -> dict[str, Tensor]:
     """multipletests over all entries of ``pvalues`` as one family; bool rejections per key."""
-    flat = np.concatenate([p.reshape(-1).numpy() for p in pvalues.values()])
-    reject = torch.from_numpy(multipletests(flat, alpha=alpha, method=method)[0].astype(bool))
-    out, start = {}, 0
-    for key, p in pvalues.items():
-        out[key] = reject[start : start + p.numel()].reshape(p.shape)
-        start += p.numel()
-    return out
+    reject = multipletests(flatten(pvalues).numpy(), alpha=alpha, method=method)[0]
+    return unflatten(torch.from_numpy(reject.astype(bool)), pvalues)
 
 
 def wald_test(
