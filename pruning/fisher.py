@@ -66,7 +66,6 @@ estimated (dropout off, batch-norm statistics fixed, samples independent) and re
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -80,10 +79,10 @@ from tqdm.auto import tqdm
 
 from anrat.data import as_split
 from anrat.errors import InputError
+from pruning.layers import bias_name, eval_mode, output_layer, weight_name
 
 LOSSES: tuple[str, ...] = ("ce", "mse")
 FISHERS: tuple[str, ...] = ("model", "empirical")
-TESTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 # Upper bound on one chunk of per-sample gradients (chunk * cotangents * parameters * item size).
 # The per-sample-gradient estimators split each batch into chunks no larger than this, which keeps
@@ -92,34 +91,6 @@ GRAD_MEMORY_BYTES = 256 * 2**20
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
-
-
-def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
-    """The modules to test, by name: every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in
-    ``named_modules`` order) or the ones named in ``layers``."""
-    available = {name: module for name, module in model.named_modules() if isinstance(module, TESTABLE_TYPES)}
-    if not available:
-        raise InputError(
-            f"model {type(model).__name__} has no nn.Linear or nn.Conv2d layer; only their weights can be tested"
-        )
-    if layers is None:
-        return available
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise InputError(f"layers is empty; name at least one of {list(available)} or pass None for all")
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise InputError(f"unknown or untestable layer name(s) {unknown}; testable layers are {list(available)}")
-    return {name: available[name] for name in dict.fromkeys(names)}
-
-
-def weight_name(layer: str) -> str:
-    """Parameter name of a layer's weight as in ``model.named_parameters()``."""
-    return f"{layer}.weight" if layer else "weight"
-
-
-def bias_name(layer: str) -> str:
-    return f"{layer}.bias" if layer else "bias"
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
@@ -155,18 +126,6 @@ def _positive_int(name: str, value: int | None, allow_none: bool) -> None:
         raise InputError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block and restore each one's flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for parameter in model.parameters():
         if parameter.is_floating_point():
@@ -182,11 +141,10 @@ def _expected_input(module: nn.Module) -> str:
     return f"what {type(module).__name__} accepts"
 
 
-def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward ``x`` once (no grad), returning the outputs and each module's output; a shape
-    mismatch becomes an InputError naming the layer that failed and the input the model expects."""
+def _probe_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """Forward ``x`` once (no grad), returning the outputs; a shape mismatch becomes an
+    InputError naming the layer that failed and the input the model expects."""
     entered: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    outputs: dict[str, Tensor] = {}
     handles = []
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
@@ -196,11 +154,7 @@ def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tenso
             shape = tuple(inputs[0].shape) if inputs and isinstance(inputs[0], Tensor) else ()
             entered.append((name, mod, shape))
 
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any, name: str = name) -> None:
-            if isinstance(output, Tensor):
-                outputs[name] = output
-
-        handles += [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]
+        handles.append(module.register_forward_pre_hook(pre_hook))
     try:
         with torch.no_grad():
             z = model(x)
@@ -222,7 +176,7 @@ def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tenso
     if not isinstance(z, Tensor) or z.ndim != 2:
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise InputError(f"the model must return a (N, K) tensor of outputs, got {shape}")
-    return z, outputs
+    return z
 
 
 # ---- the likelihood -------------------------------------------------------------------------------
@@ -301,7 +255,8 @@ def prepare(
 
     When ``data`` holds more than ``max_samples`` samples, ``max_samples`` of them are drawn
     without replacement by a CPU generator seeded with ``seed`` (None: use all). For ``"mse"`` the
-    noise variance sigma^2 is estimated here on the samples drawn.
+    noise variance sigma^2 is estimated here on the samples drawn. ``output_layer`` is the one of
+    ``layers`` that :func:`pruning.layers.output_layer` finds, if any.
     """
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
@@ -310,8 +265,9 @@ def prepare(
     x, y = as_tensors(data)
     device, dtype = model_device_dtype(model)
     n_data = x.shape[0]
+    probe = x[:batch_size].to(device=device, dtype=dtype)
     with eval_mode(model):
-        z, outputs = _probe_forward(model, x[:batch_size].to(device=device, dtype=dtype))
+        z = _probe_forward(model, probe)
     num_outputs = z.shape[1]
     kind = "gaussian" if loss == "mse" else ("sigmoid" if num_outputs == 1 else "softmax")
     y = _check_targets(y, kind, num_outputs, n_data)
@@ -319,15 +275,12 @@ def prepare(
         generator = torch.Generator().manual_seed(seed)
         index = torch.randperm(n_data, generator=generator)[:max_samples].to(x.device)
         x, y = x[index], y[index]
-    output_layer = None
-    for name in layers or {}:
-        out = outputs.get(name)
-        if out is not None and out.shape == z.shape and out.data_ptr() == z.data_ptr():
-            output_layer = name
+    produced_by = output_layer(model, probe)
+    tested_output = produced_by if produced_by in (layers or {}) else None
     sigma2 = None
     if kind == "gaussian":
         sigma2 = _residual_variance(model, x, y, batch_size, device, dtype)
-    return FisherData(x, y, n_data, Likelihood(kind, num_outputs, sigma2), output_layer)
+    return FisherData(x, y, n_data, Likelihood(kind, num_outputs, sigma2), tested_output)
 
 
 def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
@@ -595,5 +548,4 @@ __all__ = [
     "layer_input_patches",
     "per_sample_grads",
     "prepare",
-    "select_layers",
 ]

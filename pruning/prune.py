@@ -33,13 +33,12 @@ from anrat.errors import InputError
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.flat import flatten, unflatten
+from pruning.layers import is_convolution, output_layer, prunable_layers, weight_name
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
 from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
 from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
 from pruning.surgery import prune_units
 
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # anrat's per-sample loss kind -> the likelihood the Fisher information is taken of
 WALD_LOSS = {"ce": "ce", "lp": "mse"}
@@ -187,7 +186,7 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
         norms = modules[name].weight.detach().reshape(width, -1).abs().sum(dim=1).cpu()
         if idx.numel() >= width:  # keep the strongest unit rather than cut the network in two
             idx = idx[idx != int(norms.argmax())]
-        if isinstance(modules[name], _CONV_TYPES) and channel_multiple > 1:
+        if is_convolution(modules[name]) and channel_multiple > 1:
             target = _aligned_width(width - idx.numel(), width, channel_multiple)
             drop = torch.zeros(width, dtype=torch.bool)
             drop[idx] = True
@@ -204,11 +203,11 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
 
 def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce",
               progress: bool = False) -> dict[str, float] | None:
-    """Fine-tune under masks: pruned weights are zero-masked by ``torch.nn.utils.prune`` hooks."""
+    """Fine-tune under masks: the zero weights of the prunable layers are held at zero by
+    ``torch.nn.utils.prune`` hooks."""
     if ft.epochs == 0:
         return None
-    masks = {f"{name}.weight": (m.weight != 0) for name, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    masks = {weight_name(name): (m.weight != 0) for name, m in prunable_layers(model).items()}
     apply_masks(model, masks)
     schedule = LambdaSchedule(replace(ft.schedule, kind=kind))
     trainer = Trainer(model, schedule, train, val, ft.train_config(), progress=progress)
@@ -272,7 +271,7 @@ def prune(
         raise InputError("nothing to do: both structured and unstructured pruning are off")
     if tolerance < 0 or max_rounds < 1:
         raise InputError(f"need tolerance >= 0 and max_rounds >= 1, got {tolerance!r}, {max_rounds!r}")
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = list(prunable_layers(model))
     if not layers:
         raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
     if not 0 < step <= 1 or not 0 < min_step <= step:
@@ -297,10 +296,10 @@ def prune(
                          max_samples=max_samples, progress=progress)
         _centre_tested_softmax_layers(model, test)
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
-        blocks = {n: channel_multiple for n, m in model.named_modules() if isinstance(m, _CONV_TYPES)}
+        blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
         units = _merge_units(_capped_units(test, step, blocks) if structured else {}, _dead_units(model, layers))
         removed_units = _remove_units(model, units, example_input, test.output_layer, channel_multiple)
-        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = list(prunable_layers(model))
         record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units}
         if zeroed == 0 and not removed_units:
             record.update({"stopped": "nothing insignificant left", "seconds": time.perf_counter() - start})
@@ -396,7 +395,7 @@ def prune_to_sparsity(
     total = sum(s.numel() for s in scores.values())
     zeroed = _zero_(model, masks_at_sparsity(scores, fraction_removed))
     layers = list({name.rsplit(".", 1)[0] for name in scores})
-    output = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    output = output_layer(model, train_data.x[:2])
     removed_units = _remove_units(model, _dead_units(model, layers), train_data.x[:2], output)
     fine_tune(model, train_data, val_data, fine_tune_config or FineTune(), kind)
     val = evaluate(model, val_data, kind)

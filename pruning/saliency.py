@@ -24,15 +24,15 @@ from torch import Tensor, nn
 
 from anrat.errors import InputError
 from pruning import fisher as fisher_mod
-from pruning.fisher import weight_name
 from pruning.flat import flatten, unflatten
+from pruning.layers import select_layers, weight_name
 
 SCOPES: tuple[str, ...] = ("global", "layer")
 
 
 def magnitude_scores(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
     """|w| for the weights of the tested layers (default every ``nn.Linear`` and ``nn.Conv2d``)."""
-    modules = fisher_mod.select_layers(model, layers)
+    modules = select_layers(model, layers)
     return {weight_name(name): module.weight.detach().to(device="cpu", dtype=torch.float64).abs() for name, module in modules.items()}
 
 
@@ -55,7 +55,7 @@ def obd_scores(
     Cost: per-sample gradients of all tested weights, O(N K P) time for K outputs (one backward
     pass per output per sample with the model Fisher, one with ``fisher="empirical"``).
     """
-    modules = fisher_mod.select_layers(model, layers)
+    modules = select_layers(model, layers)
     fd = fisher_mod.prepare(model, data, loss=loss, layers=modules, max_samples=max_samples, batch_size=batch_size, seed=seed)
     names = [weight_name(name) for name in modules]
     diagonal = fisher_mod.diagonal_fisher(model, fd, names, fisher=fisher, batch_size=batch_size, progress=progress)

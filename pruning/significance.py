@@ -104,8 +104,9 @@ from torch import Tensor, nn
 
 from anrat.errors import InputError
 from pruning import fisher as fisher_mod
-from pruning.fisher import FisherData, KroneckerFactors, weight_name
+from pruning.fisher import FisherData, KroneckerFactors
 from pruning.flat import flatten, unflatten
+from pruning.layers import select_layers, weight_name
 
 ESTIMATORS: tuple[str, ...] = ("kfac", "full", "diagonal")
 # A dense block of 4096^2 float64 is 128 MiB; larger layers need "kfac" or "diagonal".
@@ -382,7 +383,7 @@ def wald_test(
         progress: show a tqdm progress bar.
     """
     check_test_options(alpha, estimator, method, damping, n_fit, fisher)
-    modules = fisher_mod.select_layers(model, layers)
+    modules = select_layers(model, layers)
     if estimator == "full":
         sizes = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in modules.items()}
         too_big = {name: size for name, size in sizes.items() if size > DENSE_MAX_PARAMS}

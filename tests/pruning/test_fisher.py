@@ -18,8 +18,8 @@ from pruning.fisher import (
     layer_input_patches,
     per_sample_grads,
     prepare,
-    select_layers,
 )
+from pruning.layers import select_layers
 
 
 def tiny_convnet(num_classes: int = 3) -> nn.Sequential:
