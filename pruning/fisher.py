@@ -2,13 +2,15 @@
 
 Likelihoods (``loss``)
 ----------------------
-The network maps an input x to outputs z = f(x; theta) of shape (N, K). The per-sample negative
-log-likelihood l(theta; x, y) is
+``loss`` is anrat's loss kind (:data:`anrat.functional.LossKind`, what the network was trained
+with); :meth:`Likelihood.of` derives the likelihood from it. The network maps an input x to
+outputs z = f(x; theta) of shape (N, K). The per-sample negative log-likelihood l(theta; x, y) is
 
 - ``"ce"``, K >= 2: softmax cross-entropy, l = -log pi_y with pi = softmax(z), y a class index;
 - ``"ce"``, K == 1: logistic cross-entropy, l = -y log p - (1 - y) log(1 - p), p = sigmoid(z),
   y in [0, 1] (0/1 labels or probabilities);
-- ``"mse"``: Gaussian regression y ~ N(z, sigma^2 I), l = ||y - z||^2 / (2 sigma^2) + const, with
+- ``"lp"``: Gaussian regression y ~ N(z, sigma^2 I), l = ||y - z||^2 / (2 sigma^2) + const (the
+  likelihood behind the p = 2 loss; ``"mse"``, this module's earlier name, is read as ``"lp"``), with
   sigma^2 the maximum-likelihood residual mean square mean_{i,k} (y_ik - z_ik)^2 over the samples
   used (no degrees-of-freedom correction: standard errors are sqrt((n - p) / n) times those of an
   OLS table that divides the residual sum of squares by n - p).
@@ -67,7 +69,7 @@ estimated (dropout off, batch-norm statistics fixed, samples independent) and re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -79,10 +81,12 @@ from tqdm.auto import tqdm
 
 from anrat.data import as_split
 from anrat.errors import InputError
+from anrat.functional import KINDS, LossKind
 from pruning.layers import bias_name, eval_mode, output_layer, weight_name
 
-LOSSES: tuple[str, ...] = ("ce", "mse")
 FISHERS: tuple[str, ...] = ("model", "empirical")
+# The loss name this module took for "lp" before the pruning API spoke anrat's loss kinds.
+_LOSS_ALIASES: dict[str, LossKind] = {"mse": "lp"}
 
 # Upper bound on one chunk of per-sample gradients (chunk * cotangents * parameters * item size).
 # The per-sample-gradient estimators split each batch into chunks no larger than this, which keeps
@@ -182,14 +186,30 @@ def _probe_forward(model: nn.Module, x: Tensor) -> Tensor:
 # ---- the likelihood -------------------------------------------------------------------------------
 
 
+def _loss_kind(loss: str) -> LossKind:
+    """anrat's loss kind named by ``loss`` (``"mse"`` is read as ``"lp"``)."""
+    kind = _LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+    if kind not in KINDS:
+        raise InputError(f"unknown loss {loss!r}; expected one of {list(KINDS)} (anrat's loss kinds)")
+    return kind
+
+
 @dataclass(frozen=True)
 class Likelihood:
-    """The output distribution behind ``loss``: ``kind`` is "softmax", "sigmoid" or "gaussian";
-    ``sigma2`` the Gaussian noise variance (maximum-likelihood estimate), else None."""
+    """The output distribution behind a loss kind (an implementation detail of the Fisher
+    estimate): ``kind`` is "softmax", "sigmoid" or "gaussian"; ``sigma2`` the Gaussian noise
+    variance (maximum-likelihood estimate), else None."""
 
     kind: str
     num_outputs: int
     sigma2: float | None = None
+
+    @classmethod
+    def of(cls, loss: LossKind, num_outputs: int, sigma2: float | None = None) -> Likelihood:
+        """The likelihood of a network with ``num_outputs`` outputs trained with anrat's loss
+        kind ``loss``: "ce" is softmax (K >= 2) or sigmoid (K = 1), "lp" Gaussian."""
+        kind = "gaussian" if loss == "lp" else ("sigmoid" if num_outputs == 1 else "softmax")
+        return cls(kind, num_outputs, sigma2)
 
     def num_cotangents(self, fisher: str) -> int:
         return 1 if fisher == "empirical" or self.kind == "sigmoid" else self.num_outputs
@@ -245,21 +265,21 @@ def prepare(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
+    loss: LossKind = "ce",
     layers: Mapping[str, nn.Module] | None = None,
     max_samples: int | None = 10_000,
     batch_size: int = 256,
     seed: int = 0,
 ) -> FisherData:
-    """Check ``data`` against ``model`` and ``loss`` and draw the samples for the Fisher estimate.
+    """Check ``data`` against ``model`` and ``loss`` (anrat's loss kind, "ce" or "lp") and draw
+    the samples for the Fisher estimate.
 
     When ``data`` holds more than ``max_samples`` samples, ``max_samples`` of them are drawn
-    without replacement by a CPU generator seeded with ``seed`` (None: use all). For ``"mse"`` the
+    without replacement by a CPU generator seeded with ``seed`` (None: use all). For ``"lp"`` the
     noise variance sigma^2 is estimated here on the samples drawn. ``output_layer`` is the one of
     ``layers`` that :func:`pruning.layers.output_layer` finds, if any.
     """
-    if loss not in LOSSES:
-        raise InputError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
+    loss = _loss_kind(loss)
     _positive_int("max_samples", max_samples, allow_none=True)
     _positive_int("batch_size", batch_size, allow_none=False)
     x, y = as_tensors(data)
@@ -268,19 +288,17 @@ def prepare(
     probe = x[:batch_size].to(device=device, dtype=dtype)
     with eval_mode(model):
         z = _probe_forward(model, probe)
-    num_outputs = z.shape[1]
-    kind = "gaussian" if loss == "mse" else ("sigmoid" if num_outputs == 1 else "softmax")
-    y = _check_targets(y, kind, num_outputs, n_data)
+    likelihood = Likelihood.of(loss, z.shape[1])
+    y = _check_targets(y, likelihood.kind, likelihood.num_outputs, n_data)
     if max_samples is not None and n_data > max_samples:
         generator = torch.Generator().manual_seed(seed)
         index = torch.randperm(n_data, generator=generator)[:max_samples].to(x.device)
         x, y = x[index], y[index]
     produced_by = output_layer(model, probe)
     tested_output = produced_by if produced_by in (layers or {}) else None
-    sigma2 = None
-    if kind == "gaussian":
-        sigma2 = _residual_variance(model, x, y, batch_size, device, dtype)
-    return FisherData(x, y, n_data, Likelihood(kind, num_outputs, sigma2), tested_output)
+    if likelihood.kind == "gaussian":
+        likelihood = replace(likelihood, sigma2=_residual_variance(model, x, y, batch_size, device, dtype))
+    return FisherData(x, y, n_data, likelihood, tested_output)
 
 
 def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
@@ -301,9 +319,9 @@ def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
             raise InputError("loss 'ce' with one output (binary logistic) needs targets y in [0, 1]")
         return y
     if y.shape != (n, num_outputs) and not (num_outputs == 1 and y.shape == (n,)):
-        raise InputError(f"loss 'mse' needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}")
+        raise InputError(f"loss 'lp' (Gaussian) needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}")
     if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
-        raise InputError("loss 'mse' needs finite floating-point targets y")
+        raise InputError("loss 'lp' (Gaussian) needs finite floating-point targets y")
     return y.reshape(n, num_outputs)
 
 
@@ -316,7 +334,7 @@ def _residual_variance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, 
             total += residual.square().sum()
     sigma2 = float(total) / y.numel()
     if not sigma2 > 0 or not math.isfinite(sigma2):
-        raise InputError(f"loss 'mse': the residual variance is {sigma2}; the Gaussian likelihood needs residuals that are not all zero")
+        raise InputError(f"loss 'lp' (Gaussian): the residual variance is {sigma2}; the Gaussian likelihood needs residuals that are not all zero")
     return sigma2
 
 
@@ -539,8 +557,6 @@ __all__ = [
     "FISHERS",
     "FisherData",
     "KroneckerFactors",
-    "LOSSES",
-    "Likelihood",
     "as_tensors",
     "dense_fisher",
     "diagonal_fisher",

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anrat.data import Split, as_split
 from anrat.errors import InputError
+from anrat.functional import LossKind
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.flat import flatten, unflatten
@@ -39,9 +40,6 @@ from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
 from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
 from pruning.surgery import prune_units
 
-
-# anrat's per-sample loss kind -> the likelihood the Fisher information is taken of
-WALD_LOSS = {"ce": "ce", "lp": "mse"}
 
 
 @dataclass
@@ -201,7 +199,7 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
     return {name: int(idx.numel()) for name, idx in plan.items()}
 
 
-def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce",
+def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: LossKind = "ce",
               progress: bool = False) -> dict[str, float] | None:
     """Fine-tune under masks: the zero weights of the prunable layers are held at zero by
     ``torch.nn.utils.prune`` hooks."""
@@ -233,7 +231,7 @@ def prune(
     step: float = 0.5,
     min_step: float = 0.05,
     channel_multiple: int = 16,
-    kind: str = "ce",
+    kind: LossKind = "ce",
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> PruneResult:
@@ -292,7 +290,7 @@ def prune(
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
         previous = copy.deepcopy(model)
-        test = wald_test(model, train_data, loss=WALD_LOSS[kind], estimator=estimator, alpha=alpha, method=method,
+        test = wald_test(model, train_data, loss=kind, estimator=estimator, alpha=alpha, method=method,
                          max_samples=max_samples, progress=progress)
         _centre_tested_softmax_layers(model, test)
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
@@ -369,7 +367,7 @@ def prune_to_sparsity(
     criterion: str,
     fraction_removed: float,
     fine_tune_config: FineTune | None = None,
-    kind: str = "ce",
+    kind: LossKind = "ce",
     max_samples: int | None = 10_000,
 ) -> PruneResult:
     """Baseline: remove ``fraction_removed`` of the Linear/Conv weights by ``criterion``
@@ -385,9 +383,9 @@ def prune_to_sparsity(
     if criterion == "magnitude":
         scores = magnitude_scores(model)
     elif criterion == "obd":
-        scores = obd_scores(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
+        scores = obd_scores(model, train_data, loss=kind, max_samples=max_samples)
     elif criterion == "wald":
-        test = wald_test(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
+        test = wald_test(model, train_data, loss=kind, max_samples=max_samples)
         _centre_tested_softmax_layers(model, test)
         scores = test.scores()
     else:

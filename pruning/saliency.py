@@ -10,7 +10,7 @@ important weight. The three methods are brought to the same sparsity by
   increase of the mean training loss when w_j is set to zero, with the diagonal of the Hessian
   approximated by the diagonal of the Fisher (:func:`pruning.fisher.diagonal_fisher`; for
   cross-entropy the model Fisher is the Gauss-Newton matrix, the usual OBD approximation; for
-  ``"mse"`` it is the Gauss-Newton matrix divided by sigma^2, which rescales every score alike);
+  ``"lp"`` it is the Gauss-Newton matrix divided by sigma^2, which rescales every score alike);
 - Wald: |z_j| (:meth:`pruning.significance.WaldResult.scores`).
 """
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from anrat.errors import InputError
+from anrat.functional import LossKind
 from pruning import fisher as fisher_mod
 from pruning.flat import flatten, unflatten
 from pruning.layers import select_layers, weight_name
@@ -40,7 +41,7 @@ def obd_scores(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
+    loss: LossKind = "ce",
     fisher: str = "model",
     layers: Sequence[str] | None = None,
     max_samples: int | None = 10_000,

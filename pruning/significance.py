@@ -7,8 +7,9 @@ H0: w_j = 0 is tested with the Wald statistic
 
     z_j = w_j / se_j,   se_j = sqrt([F^-1]_jj / n),   p_j = 2 * scipy.stats.norm.sf(|z_j|),
 
-where F is the per-sample Fisher information of the likelihood behind ``loss`` estimated on the
-training data (:mod:`pruning.fisher`; default: the model Fisher) and n the number of samples the
+where F is the per-sample Fisher information of the likelihood behind ``loss`` (anrat's loss kind:
+"ce" softmax or logistic, "lp" Gaussian; :mod:`pruning.fisher`) estimated on the
+training data (default: the model Fisher) and n the number of samples the
 model was fitted on (``n_fit``; default: all samples in ``data``, even when the Fisher itself is
 estimated on a subsample of ``max_samples``). That is, Var(w_hat) = F^-1 / n. ``norm.sf`` keeps
 small p-values accurate where ``1 - cdf`` would round to 0.
@@ -44,7 +45,7 @@ used.
   LeNet-5 (fc1 has 400,000 weights but factors of 801^2 and 500^2). It is the default because it
   scales to such layers, where ``"full"`` cannot, and unlike ``"diagonal"`` it accounts for the
   correlations among a layer's inputs and among its outputs. It is exact when the output-side
-  factor does not vary with the input, e.g. a single Linear layer with Gaussian (mse) loss or a
+  factor does not vary with the input, e.g. a single Linear layer with Gaussian ("lp") loss or a
   logistic layer whose predictions do not depend on x, and an approximation otherwise.
 - ``"full"``: the dense per-layer Fisher over (weight, bias), inverted exactly (a Cholesky
   factorisation). For a model that is a single Linear layer this reproduces the maximum-likelihood
@@ -103,6 +104,7 @@ from statsmodels.stats.multitest import multipletests, multitest_alias
 from torch import Tensor, nn
 
 from anrat.errors import InputError
+from anrat.functional import LossKind
 from pruning import fisher as fisher_mod
 from pruning.fisher import FisherData, KroneckerFactors
 from pruning.flat import flatten, unflatten
@@ -345,7 +347,7 @@ def wald_test(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
+    loss: LossKind = "ce",
     estimator: str = "kfac",
     fisher: str = "model",
     layers: Sequence[str] | None = None,
@@ -365,8 +367,9 @@ def wald_test(
         model: the trained network; its parameters are not changed (it is put in eval mode while
             the Fisher is estimated and restored afterwards).
         data: the training data, ``(x, y)`` tensors or an object with ``.x`` and ``.y``.
-        loss: ``"ce"`` (class indices for K >= 2 outputs; one output is binary logistic with 0/1
-            targets) or ``"mse"`` (Gaussian regression).
+        loss: anrat's loss kind the model was trained with: ``"ce"`` (class indices for K >= 2
+            outputs; one output is binary logistic with 0/1 targets) or ``"lp"`` (Gaussian
+            regression; ``"mse"`` is accepted as another name for it).
         estimator: ``"kfac"``, ``"full"`` or ``"diagonal"``.
         fisher: ``"model"`` (expected over y ~ the model) or ``"empirical"`` (observed y).
         layers: module names to test; default every ``nn.Linear`` and ``nn.Conv2d``.
