@@ -40,7 +40,8 @@ empirical Fisher one.
 
 Estimators
 ----------
-All three are block-diagonal across layers (cross-layer correlations are ignored); parameters of
+The computations behind the estimator objects of :mod:`pruning.estimators`. All three are
+block-diagonal across layers (cross-layer correlations are ignored); parameters of
 layers not tested are held at their fitted values.
 
 - :func:`diagonal_fisher`: F_jj for every tested parameter, from per-sample gradients
@@ -60,6 +61,8 @@ layers not tested are held at their fitted values.
   dimensions (N, ..., in) each position counts as a location, as for Conv2d. It needs no
   per-sample parameter gradients: one forward and K backward passes to the layer outputs per
   batch, then time O(N sum_l T_l (d_in,l^2 + K d_out,l^2)) and memory O(sum_l d_in,l^2 + d_out,l^2).
+  It covers Linear layers and Conv2d layers with groups=1 and zero, numeric padding
+  (:meth:`pruning.estimators.KfacEstimator.check_layers` refuses the others).
 
 Gradients and forward passes run on the model's device in the model's dtype; the sums are
 accumulated in float64 (the products for KFAC's A are formed in float64) and returned on the CPU. The model is put in eval mode while the Fisher is
@@ -445,17 +448,6 @@ class KroneckerFactors:
     has_bias: bool
 
 
-def check_kfac_layer(name: str, module: nn.Module) -> None:
-    """KFC as implemented covers Conv2d with groups=1, zero padding and numeric padding."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise InputError(f"estimator 'kfac' supports Conv2d with groups=1; layer {name!r} has groups={module.groups} (use 'diagonal')")
-        if module.padding_mode != "zeros":
-            raise InputError(f"estimator 'kfac' supports zero padding; layer {name!r} has padding_mode={module.padding_mode!r} (use 'diagonal')")
-        if isinstance(module.padding, str) and module.padding != "valid":
-            raise InputError(f"estimator 'kfac' needs numeric padding; layer {name!r} has padding={module.padding!r} (use 'diagonal')")
-
-
 def layer_input_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     """The layer's input as (B, T, d_in) locations x features, extended by a column of ones when
     the layer has a bias: Linear (B, ..., in) -> T = prod(...); Conv2d (B, C, H, W) -> the
@@ -492,15 +484,14 @@ def kfac_factors(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, KroneckerFactors]:
-    """KFAC/KFC factors A and G of each layer (module docstring), estimated on the samples of ``fd``.
+    """KFAC/KFC factors A and G of each layer (module docstring), estimated on the samples of ``fd``;
+    the layers must pass :meth:`pruning.estimators.KfacEstimator.check_layers`.
 
     The gradients g w.r.t. layer outputs come from one batched backward pass per cotangent: the
     model treats samples independently in eval mode, so the gradient of sum_i <v_im, z_i> w.r.t.
     the output of sample i is that sample's own gradient.
     """
     _check_fisher(fisher)
-    for name, module in layers.items():
-        check_kfac_layer(name, module)
     device, dtype = model_device_dtype(model)
     m = fd.likelihood.num_cotangents(fisher)
     A: dict[str, Tensor] = {}
