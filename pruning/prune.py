@@ -13,8 +13,9 @@ One round on a model whose weights are plain tensors (no prune hooks):
    step (a kept round doubles it back); the loop stops at the smallest step, when a test finds
    nothing more to prune, or after ``max_rounds``.
 
-The baselines (magnitude, Optimal Brain Damage) go through :func:`prune_to_sparsity`: one shot to
-a given fraction of weights removed, dead units removed the same way, and the same fine-tuning.
+The baselines (magnitude, Optimal Brain Damage; :mod:`pruning.importance`) go through
+:func:`prune_to_sparsity`: one shot to a given fraction of weights removed, dead units removed the
+same way, and the same fine-tuning.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from anrat.functional import LossKind
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.flat import flatten, unflatten
+from pruning.importance import Importance, make_importance
 from pruning.layers import is_convolution, output_layer, prunable_layers, weight_name
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
-from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
-from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
+from pruning.saliency import masks_at_sparsity
+from pruning.significance import WaldResult, check_test_options, wald_test
 from pruning.surgery import prune_units
-
 
 
 @dataclass
@@ -90,14 +91,6 @@ def _zero_(model: nn.Module, keep: dict[str, Tensor]) -> int:
             removed += int(((w != 0) & ~mask).sum())
             w.mul_(mask)
     return removed
-
-
-def _centre_tested_softmax_layers(model: nn.Module, test: WaldResult) -> None:
-    """Put softmax output layers in the sum-to-zero form their weights were tested in (same
-    predictions), so that the weights zeroed are the ones whose H0 was not rejected."""
-    modules = dict(model.named_modules())
-    for name in test.centered:
-        center_softmax_layer(modules[name])
 
 
 def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
@@ -292,7 +285,7 @@ def prune(
         previous = copy.deepcopy(model)
         test = wald_test(model, train_data, loss=kind, estimator=estimator, alpha=alpha, method=method,
                          max_samples=max_samples, progress=progress)
-        _centre_tested_softmax_layers(model, test)
+        test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
         blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
         units = _merge_units(_capped_units(test, step, blocks) if structured else {}, _dead_units(model, layers))
@@ -364,32 +357,29 @@ def prune_to_sparsity(
     train_data: Split,
     val_data: Split,
     *,
-    criterion: str,
+    criterion: str | Importance,
     fraction_removed: float,
     fine_tune_config: FineTune | None = None,
     kind: LossKind = "ce",
     max_samples: int | None = 10_000,
 ) -> PruneResult:
-    """Baseline: remove ``fraction_removed`` of the Linear/Conv weights by ``criterion``
-    (``"magnitude"`` |w|, ``"obd"`` 0.5*F_jj*w^2 or ``"wald"`` |z|) in one shot, remove the units
-    left without weights, and fine-tune with the same budget as :func:`prune`."""
+    """Baseline: remove ``fraction_removed`` of the prunable layers' weights, the least important
+    by ``criterion`` first, in one shot, remove the units left without weights, and fine-tune with
+    the same budget as :func:`prune`.
+
+    ``criterion`` is an :class:`pruning.importance.Importance` or its name: ``"magnitude"`` |w|,
+    ``"obd"`` 0.5*F_jj*w^2 or ``"wald"`` |z|, built with ``loss=kind`` and ``max_samples`` (an
+    object keeps its own options).
+    """
     if not 0 <= fraction_removed < 1:
         raise InputError(f"fraction_removed must be in [0, 1), got {fraction_removed!r}")
+    scorer = make_importance(criterion, loss=kind, max_samples=max_samples)
     device = next(model.parameters()).device
     train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     base_val = evaluate(model, val_data, kind)
     params_before = count_total(model)
     start = time.perf_counter()
-    if criterion == "magnitude":
-        scores = magnitude_scores(model)
-    elif criterion == "obd":
-        scores = obd_scores(model, train_data, loss=kind, max_samples=max_samples)
-    elif criterion == "wald":
-        test = wald_test(model, train_data, loss=kind, max_samples=max_samples)
-        _centre_tested_softmax_layers(model, test)
-        scores = test.scores()
-    else:
-        raise InputError(f"unknown pruning criterion {criterion!r}; expected 'magnitude', 'obd' or 'wald'")
+    scores = scorer(model, train_data)
     total = sum(s.numel() for s in scores.values())
     zeroed = _zero_(model, masks_at_sparsity(scores, fraction_removed))
     layers = list({name.rsplit(".", 1)[0] for name in scores})
@@ -397,7 +387,7 @@ def prune_to_sparsity(
     removed_units = _remove_units(model, _dead_units(model, layers), train_data.x[:2], output)
     fine_tune(model, train_data, val_data, fine_tune_config or FineTune(), kind)
     val = evaluate(model, val_data, kind)
-    record = {"criterion": criterion, "weights_zeroed": zeroed, "weights_scored": total,
+    record = {"criterion": scorer.name, "weights_zeroed": zeroed, "weights_scored": total,
               "units_removed": removed_units, "params": count_total(model), "nonzero": count_nonzero(model),
               "val": val, "seconds": time.perf_counter() - start}
     return PruneResult(model, [record], base_val, val, params_before, count_total(model), count_nonzero(model))

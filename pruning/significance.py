@@ -170,6 +170,14 @@ class WaldResult:
         """|z| per weight: a ranking score for :func:`pruning.saliency.masks_at_sparsity`."""
         return {name: z.abs() for name, z in self.z.items()}
 
+    def center_layers(self, model: nn.Module) -> None:
+        """Put the ``centered`` layers of ``model`` (the tested model) in the sum-to-zero form
+        their weights were tested in, in place (:func:`center_softmax_layer`; same predictions),
+        so that masks and scores refer to the weights the model holds."""
+        modules = dict(model.named_modules())
+        for name in self.centered:
+            center_softmax_layer(modules[name])
+
 
 def center_softmax_layer(layer: nn.Linear) -> None:
     """Shift a softmax output layer to the form :func:`wald_test` tests, in place: every column
