@@ -49,7 +49,7 @@ class FisherEstimator(ABC):
     name: ClassVar[str]
 
     def check_layers(self, layers: Mapping[str, nn.Module]) -> None:
-        """Refuse (:class:`InputError`) tested layers this estimator cannot handle; every one by default."""
+        """Refuse (:class:`InputError`) tested layers this estimator cannot handle (by default it handles all)."""
 
     @abstractmethod
     def estimate(
