@@ -1,19 +1,36 @@
 """The networks the toolkit trains, built by name from plain arguments.
 
 A model is described by ``(name, kwargs)`` with JSON-able kwargs, so a checkpoint can rebuild it
-without pickled code. Structured pruning changes the widths; the pruned checkpoint stores the new
-widths and :func:`build_model` rebuilds the smaller network from them.
+without pickled code. Structured pruning changes the widths; each model's width rule
+(:data:`WIDTH_RULES`, next to its builder) reads the new widths off the pruned network as keyword
+arguments, the pruned checkpoint stores them and :func:`build_model` rebuilds the smaller network.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
-
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
 from anrat.errors import InputError
+
+
+#: Reads the width keyword arguments of a registered model off a (pruned) network of that model.
+WidthRule = Callable[[nn.Module], dict[str, Any]]
+
+
+def _layer_units(model: nn.Module, arch: str, layers: Mapping[str, type[nn.Module]]) -> dict[str, int]:
+    """``{name: units}`` of the named layers (out_channels of a Conv2d, out_features of a Linear),
+    each checked to be of the given type."""
+    modules = dict(model.named_modules())
+    widths = {}
+    for name, kind in layers.items():
+        layer = modules.get(name)
+        if not isinstance(layer, kind):
+            raise InputError(f"model has no layer {name!r}, so it is not a {arch}")
+        widths[name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return widths
 
 
 def _conv_out(size: int, kernel: int) -> int:
@@ -58,6 +75,11 @@ def lenet5(
     return _two_conv_net(conv1, conv2, fc1, num_classes, in_channels, image_size, dropout=None)
 
 
+def lenet5_widths(model: nn.Module) -> dict[str, int]:
+    """Width arguments of a (pruned) :func:`lenet5`: ``{"conv1": filters, "conv2": filters, "fc1": units}``."""
+    return _layer_units(model, "lenet5", {"conv1": nn.Conv2d, "conv2": nn.Conv2d, "fc1": nn.Linear})
+
+
 def convnet_dropout(
     conv1: int = 32,
     conv2: int = 32,
@@ -69,6 +91,11 @@ def convnet_dropout(
 ) -> nn.Sequential:
     """The original ANRAT code's ConvNet: 32 and 32 5x5 filters, 256 hidden units, dropout 0.5."""
     return _two_conv_net(conv1, conv2, fc1, num_classes, in_channels, image_size, dropout=dropout)
+
+
+def convnet_dropout_widths(model: nn.Module) -> dict[str, int]:
+    """Width arguments of a (pruned) :func:`convnet_dropout`: as :func:`lenet5_widths`."""
+    return _layer_units(model, "convnet_dropout", {"conv1": nn.Conv2d, "conv2": nn.Conv2d, "fc1": nn.Linear})
 
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -95,10 +122,26 @@ def mlp(
     return nn.Sequential(layers)
 
 
+def mlp_widths(model: nn.Module) -> dict[str, list[int]]:
+    """Width arguments of a (pruned) :func:`mlp`: ``{"hidden": [units of each hidden layer]}``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InputError("model has no Linear layers, so it is not an mlp")
+    return {"hidden": [m.out_features for m in linears[:-1]]}
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "convnet_dropout": convnet_dropout,
     "mlp": mlp,
+}
+
+#: Each registered model's width rule: merged into its kwargs, the widths read off a pruned
+#: network rebuild it with :func:`build_model`.
+WIDTH_RULES: dict[str, WidthRule] = {
+    "lenet5": lenet5_widths,
+    "convnet_dropout": convnet_dropout_widths,
+    "mlp": mlp_widths,
 }
 
 
@@ -117,28 +160,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def output_layer_name(model: nn.Module) -> str:
-    """Name of the last Linear layer, the one the paper's L2 prior ("softmax layer") applies to."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise InputError("model has no Linear layer")
-    return names[-1]
-
-
-def num_outputs(model: nn.Module) -> int:
-    layer = dict(model.named_modules())[output_layer_name(model)]
-    assert isinstance(layer, nn.Linear)
-    return layer.out_features
-
-
 __all__ = [
     "MODELS",
+    "WIDTH_RULES",
+    "WidthRule",
     "build_model",
     "convnet_dropout",
+    "convnet_dropout_widths",
     "count_parameters",
     "lenet5",
+    "lenet5_widths",
     "mlp",
-    "num_outputs",
-    "output_layer_name",
+    "mlp_widths",
 ]
 

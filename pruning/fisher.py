@@ -2,13 +2,15 @@
 
 Likelihoods (``loss``)
 ----------------------
-The network maps an input x to outputs z = f(x; theta) of shape (N, K). The per-sample negative
-log-likelihood l(theta; x, y) is
+``loss`` is anrat's loss kind (:data:`anrat.functional.LossKind`, what the network was trained
+with); :meth:`Likelihood.of` derives the likelihood from it. The network maps an input x to
+outputs z = f(x; theta) of shape (N, K). The per-sample negative log-likelihood l(theta; x, y) is
 
 - ``"ce"``, K >= 2: softmax cross-entropy, l = -log pi_y with pi = softmax(z), y a class index;
 - ``"ce"``, K == 1: logistic cross-entropy, l = -y log p - (1 - y) log(1 - p), p = sigmoid(z),
   y in [0, 1] (0/1 labels or probabilities);
-- ``"mse"``: Gaussian regression y ~ N(z, sigma^2 I), l = ||y - z||^2 / (2 sigma^2) + const, with
+- ``"lp"``: Gaussian regression y ~ N(z, sigma^2 I), l = ||y - z||^2 / (2 sigma^2) + const (the
+  likelihood behind the p = 2 loss; ``"mse"``, this module's earlier name, is read as ``"lp"``), with
   sigma^2 the maximum-likelihood residual mean square mean_{i,k} (y_ik - z_ik)^2 over the samples
   used (no degrees-of-freedom correction: standard errors are sqrt((n - p) / n) times those of an
   OLS table that divides the residual sum of squares by n - p).
@@ -38,7 +40,8 @@ empirical Fisher one.
 
 Estimators
 ----------
-All three are block-diagonal across layers (cross-layer correlations are ignored); parameters of
+The computations behind the estimator objects of :mod:`pruning.estimators`. All three are
+block-diagonal across layers (cross-layer correlations are ignored); parameters of
 layers not tested are held at their fitted values.
 
 - :func:`diagonal_fisher`: F_jj for every tested parameter, from per-sample gradients
@@ -58,6 +61,8 @@ layers not tested are held at their fitted values.
   dimensions (N, ..., in) each position counts as a location, as for Conv2d. It needs no
   per-sample parameter gradients: one forward and K backward passes to the layer outputs per
   batch, then time O(N sum_l T_l (d_in,l^2 + K d_out,l^2)) and memory O(sum_l d_in,l^2 + d_out,l^2).
+  It covers Linear layers and Conv2d layers with groups=1 and zero, numeric padding
+  (:meth:`pruning.estimators.KfacEstimator.check_layers` refuses the others).
 
 Gradients and forward passes run on the model's device in the model's dtype; the sums are
 accumulated in float64 (the products for KFAC's A are formed in float64) and returned on the CPU. The model is put in eval mode while the Fisher is
@@ -66,9 +71,8 @@ estimated (dropout off, batch-norm statistics fixed, samples independent) and re
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -80,10 +84,12 @@ from tqdm.auto import tqdm
 
 from anrat.data import as_split
 from anrat.errors import InputError
+from anrat.functional import KINDS, LossKind
+from pruning.layers import bias_name, eval_mode, output_layer, weight_name
 
-LOSSES: tuple[str, ...] = ("ce", "mse")
 FISHERS: tuple[str, ...] = ("model", "empirical")
-TESTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+# The loss name this module took for "lp" before the pruning API spoke anrat's loss kinds.
+_LOSS_ALIASES: dict[str, LossKind] = {"mse": "lp"}
 
 # Upper bound on one chunk of per-sample gradients (chunk * cotangents * parameters * item size).
 # The per-sample-gradient estimators split each batch into chunks no larger than this, which keeps
@@ -92,34 +98,6 @@ GRAD_MEMORY_BYTES = 256 * 2**20
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
-
-
-def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
-    """The modules to test, by name: every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in
-    ``named_modules`` order) or the ones named in ``layers``."""
-    available = {name: module for name, module in model.named_modules() if isinstance(module, TESTABLE_TYPES)}
-    if not available:
-        raise InputError(
-            f"model {type(model).__name__} has no nn.Linear or nn.Conv2d layer; only their weights can be tested"
-        )
-    if layers is None:
-        return available
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise InputError(f"layers is empty; name at least one of {list(available)} or pass None for all")
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise InputError(f"unknown or untestable layer name(s) {unknown}; testable layers are {list(available)}")
-    return {name: available[name] for name in dict.fromkeys(names)}
-
-
-def weight_name(layer: str) -> str:
-    """Parameter name of a layer's weight as in ``model.named_parameters()``."""
-    return f"{layer}.weight" if layer else "weight"
-
-
-def bias_name(layer: str) -> str:
-    return f"{layer}.bias" if layer else "bias"
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
@@ -155,18 +133,6 @@ def _positive_int(name: str, value: int | None, allow_none: bool) -> None:
         raise InputError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block and restore each one's flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for parameter in model.parameters():
         if parameter.is_floating_point():
@@ -182,11 +148,10 @@ def _expected_input(module: nn.Module) -> str:
     return f"what {type(module).__name__} accepts"
 
 
-def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward ``x`` once (no grad), returning the outputs and each module's output; a shape
-    mismatch becomes an InputError naming the layer that failed and the input the model expects."""
+def _probe_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """Forward ``x`` once (no grad), returning the outputs; a shape mismatch becomes an
+    InputError naming the layer that failed and the input the model expects."""
     entered: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    outputs: dict[str, Tensor] = {}
     handles = []
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
@@ -196,11 +161,7 @@ def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tenso
             shape = tuple(inputs[0].shape) if inputs and isinstance(inputs[0], Tensor) else ()
             entered.append((name, mod, shape))
 
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any, name: str = name) -> None:
-            if isinstance(output, Tensor):
-                outputs[name] = output
-
-        handles += [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]
+        handles.append(module.register_forward_pre_hook(pre_hook))
     try:
         with torch.no_grad():
             z = model(x)
@@ -222,20 +183,36 @@ def _probe_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tenso
     if not isinstance(z, Tensor) or z.ndim != 2:
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise InputError(f"the model must return a (N, K) tensor of outputs, got {shape}")
-    return z, outputs
+    return z
 
 
 # ---- the likelihood -------------------------------------------------------------------------------
 
 
+def _loss_kind(loss: str) -> LossKind:
+    """anrat's loss kind named by ``loss`` (``"mse"`` is read as ``"lp"``)."""
+    kind = _LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+    if kind not in KINDS:
+        raise InputError(f"unknown loss {loss!r}; expected one of {list(KINDS)} (anrat's loss kinds)")
+    return kind
+
+
 @dataclass(frozen=True)
 class Likelihood:
-    """The output distribution behind ``loss``: ``kind`` is "softmax", "sigmoid" or "gaussian";
-    ``sigma2`` the Gaussian noise variance (maximum-likelihood estimate), else None."""
+    """The output distribution behind a loss kind (an implementation detail of the Fisher
+    estimate): ``kind`` is "softmax", "sigmoid" or "gaussian"; ``sigma2`` the Gaussian noise
+    variance (maximum-likelihood estimate), else None."""
 
     kind: str
     num_outputs: int
     sigma2: float | None = None
+
+    @classmethod
+    def of(cls, loss: LossKind, num_outputs: int, sigma2: float | None = None) -> Likelihood:
+        """The likelihood of a network with ``num_outputs`` outputs trained with anrat's loss
+        kind ``loss``: "ce" is softmax (K >= 2) or sigmoid (K = 1), "lp" Gaussian."""
+        kind = "gaussian" if loss == "lp" else ("sigmoid" if num_outputs == 1 else "softmax")
+        return cls(kind, num_outputs, sigma2)
 
     def num_cotangents(self, fisher: str) -> int:
         return 1 if fisher == "empirical" or self.kind == "sigmoid" else self.num_outputs
@@ -291,43 +268,40 @@ def prepare(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
+    loss: LossKind = "ce",
     layers: Mapping[str, nn.Module] | None = None,
     max_samples: int | None = 10_000,
     batch_size: int = 256,
     seed: int = 0,
 ) -> FisherData:
-    """Check ``data`` against ``model`` and ``loss`` and draw the samples for the Fisher estimate.
+    """Check ``data`` against ``model`` and ``loss`` (anrat's loss kind, "ce" or "lp") and draw
+    the samples for the Fisher estimate.
 
     When ``data`` holds more than ``max_samples`` samples, ``max_samples`` of them are drawn
-    without replacement by a CPU generator seeded with ``seed`` (None: use all). For ``"mse"`` the
-    noise variance sigma^2 is estimated here on the samples drawn.
+    without replacement by a CPU generator seeded with ``seed`` (None: use all). For ``"lp"`` the
+    noise variance sigma^2 is estimated here on the samples drawn. ``output_layer`` is the one of
+    ``layers`` that :func:`pruning.layers.output_layer` finds, if any.
     """
-    if loss not in LOSSES:
-        raise InputError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
+    loss = _loss_kind(loss)
     _positive_int("max_samples", max_samples, allow_none=True)
     _positive_int("batch_size", batch_size, allow_none=False)
     x, y = as_tensors(data)
     device, dtype = model_device_dtype(model)
     n_data = x.shape[0]
+    probe = x[:batch_size].to(device=device, dtype=dtype)
     with eval_mode(model):
-        z, outputs = _probe_forward(model, x[:batch_size].to(device=device, dtype=dtype))
-    num_outputs = z.shape[1]
-    kind = "gaussian" if loss == "mse" else ("sigmoid" if num_outputs == 1 else "softmax")
-    y = _check_targets(y, kind, num_outputs, n_data)
+        z = _probe_forward(model, probe)
+    likelihood = Likelihood.of(loss, z.shape[1])
+    y = _check_targets(y, likelihood.kind, likelihood.num_outputs, n_data)
     if max_samples is not None and n_data > max_samples:
         generator = torch.Generator().manual_seed(seed)
         index = torch.randperm(n_data, generator=generator)[:max_samples].to(x.device)
         x, y = x[index], y[index]
-    output_layer = None
-    for name in layers or {}:
-        out = outputs.get(name)
-        if out is not None and out.shape == z.shape and out.data_ptr() == z.data_ptr():
-            output_layer = name
-    sigma2 = None
-    if kind == "gaussian":
-        sigma2 = _residual_variance(model, x, y, batch_size, device, dtype)
-    return FisherData(x, y, n_data, Likelihood(kind, num_outputs, sigma2), output_layer)
+    produced_by = output_layer(model, probe)
+    tested_output = produced_by if produced_by in (layers or {}) else None
+    if likelihood.kind == "gaussian":
+        likelihood = replace(likelihood, sigma2=_residual_variance(model, x, y, batch_size, device, dtype))
+    return FisherData(x, y, n_data, likelihood, tested_output)
 
 
 def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
@@ -348,9 +322,9 @@ def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
             raise InputError("loss 'ce' with one output (binary logistic) needs targets y in [0, 1]")
         return y
     if y.shape != (n, num_outputs) and not (num_outputs == 1 and y.shape == (n,)):
-        raise InputError(f"loss 'mse' needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}")
+        raise InputError(f"loss 'lp' (Gaussian) needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}")
     if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
-        raise InputError("loss 'mse' needs finite floating-point targets y")
+        raise InputError("loss 'lp' (Gaussian) needs finite floating-point targets y")
     return y.reshape(n, num_outputs)
 
 
@@ -363,7 +337,7 @@ def _residual_variance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, 
             total += residual.square().sum()
     sigma2 = float(total) / y.numel()
     if not sigma2 > 0 or not math.isfinite(sigma2):
-        raise InputError(f"loss 'mse': the residual variance is {sigma2}; the Gaussian likelihood needs residuals that are not all zero")
+        raise InputError(f"loss 'lp' (Gaussian): the residual variance is {sigma2}; the Gaussian likelihood needs residuals that are not all zero")
     return sigma2
 
 
@@ -474,17 +448,6 @@ class KroneckerFactors:
     has_bias: bool
 
 
-def check_kfac_layer(name: str, module: nn.Module) -> None:
-    """KFC as implemented covers Conv2d with groups=1, zero padding and numeric padding."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise InputError(f"estimator 'kfac' supports Conv2d with groups=1; layer {name!r} has groups={module.groups} (use 'diagonal')")
-        if module.padding_mode != "zeros":
-            raise InputError(f"estimator 'kfac' supports zero padding; layer {name!r} has padding_mode={module.padding_mode!r} (use 'diagonal')")
-        if isinstance(module.padding, str) and module.padding != "valid":
-            raise InputError(f"estimator 'kfac' needs numeric padding; layer {name!r} has padding={module.padding!r} (use 'diagonal')")
-
-
 def layer_input_patches(module: nn.Module, inputs: Tensor) -> Tensor:
     """The layer's input as (B, T, d_in) locations x features, extended by a column of ones when
     the layer has a bias: Linear (B, ..., in) -> T = prod(...); Conv2d (B, C, H, W) -> the
@@ -521,15 +484,14 @@ def kfac_factors(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, KroneckerFactors]:
-    """KFAC/KFC factors A and G of each layer (module docstring), estimated on the samples of ``fd``.
+    """KFAC/KFC factors A and G of each layer (module docstring), estimated on the samples of ``fd``;
+    the layers must pass :meth:`pruning.estimators.KfacEstimator.check_layers`.
 
     The gradients g w.r.t. layer outputs come from one batched backward pass per cotangent: the
     model treats samples independently in eval mode, so the gradient of sum_i <v_im, z_i> w.r.t.
     the output of sample i is that sample's own gradient.
     """
     _check_fisher(fisher)
-    for name, module in layers.items():
-        check_kfac_layer(name, module)
     device, dtype = model_device_dtype(model)
     m = fd.likelihood.num_cotangents(fisher)
     A: dict[str, Tensor] = {}
@@ -586,8 +548,6 @@ __all__ = [
     "FISHERS",
     "FisherData",
     "KroneckerFactors",
-    "LOSSES",
-    "Likelihood",
     "as_tensors",
     "dense_fisher",
     "diagonal_fisher",
@@ -595,5 +555,4 @@ __all__ = [
     "layer_input_patches",
     "per_sample_grads",
     "prepare",
-    "select_layers",
 ]

@@ -13,8 +13,9 @@ One round on a model whose weights are plain tensors (no prune hooks):
    step (a kept round doubles it back); the loop stops at the smallest step, when a test finds
    nothing more to prune, or after ``max_rounds``.
 
-The baselines (magnitude, Optimal Brain Damage) go through :func:`prune_to_sparsity`: one shot to
-a given fraction of weights removed, dead units removed the same way, and the same fine-tuning.
+The baselines (magnitude, Optimal Brain Damage; :mod:`pruning.importance`) go through
+:func:`prune_to_sparsity`: one shot to a given fraction of weights removed, dead units removed the
+same way, and the same fine-tuning.
 """
 
 from __future__ import annotations
@@ -30,18 +31,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from anrat.data import Split, as_split
 from anrat.errors import InputError
+from anrat.functional import LossKind
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
+from pruning.flat import flatten, unflatten
+from pruning.importance import Importance, make_importance
+from pruning.layers import is_convolution, output_layer, prunable_layers, weight_name
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
-from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
-from pruning.significance import WaldResult, center_softmax_layer, check_test_options, wald_test
+from pruning.saliency import masks_at_sparsity
+from pruning.significance import WaldResult, check_test_options, wald_test
 from pruning.surgery import prune_units
-
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-# anrat's per-sample loss kind -> the likelihood the Fisher information is taken of
-WALD_LOSS = {"ce": "ce", "lp": "mse"}
 
 
 @dataclass
@@ -94,34 +93,18 @@ def _zero_(model: nn.Module, keep: dict[str, Tensor]) -> int:
     return removed
 
 
-def _centre_tested_softmax_layers(model: nn.Module, test: WaldResult) -> None:
-    """Put softmax output layers in the sum-to-zero form their weights were tested in (same
-    predictions), so that the weights zeroed are the ones whose H0 was not rejected."""
-    modules = dict(model.named_modules())
-    for name in test.centered:
-        center_softmax_layer(modules[name])
-
-
 def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
     """Keep-masks that prune the insignificant weights with the largest p-values, at most a
     fraction ``step`` of the weights still nonzero (over all tested layers)."""
-    names = list(test.significant)
-    pvals = torch.cat([test.pvalues[n].flatten() for n in names])
-    candidate = ~torch.cat([test.significant[n].flatten() for n in names])
-    alive = torch.cat([(test.z[n] != 0).flatten() for n in names])  # z = 0 <=> w = 0 (already pruned)
-    candidate &= alive
+    pvals = flatten(test.pvalues)
+    alive = flatten({n: z != 0 for n, z in test.z.items()})  # z = 0 <=> w = 0 (already pruned)
+    candidate = ~flatten(test.significant) & alive
     budget = min(int(candidate.sum()), int(step * int(alive.sum())))
     drop = torch.zeros_like(candidate)
     if budget > 0:
         order = torch.argsort(torch.where(candidate, pvals, torch.full_like(pvals, -1.0)), descending=True)
         drop[order[:budget]] = True
-    keep = ~drop
-    masks, offset = {}, 0
-    for n in names:
-        size = test.significant[n].numel()
-        masks[n] = keep[offset:offset + size].reshape(test.significant[n].shape)
-        offset += size
-    return masks
+    return unflatten(~drop, test.significant)
 
 
 def _unit_budget(width: int, step: float, block: int) -> int:
@@ -194,7 +177,7 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
         norms = modules[name].weight.detach().reshape(width, -1).abs().sum(dim=1).cpu()
         if idx.numel() >= width:  # keep the strongest unit rather than cut the network in two
             idx = idx[idx != int(norms.argmax())]
-        if isinstance(modules[name], _CONV_TYPES) and channel_multiple > 1:
+        if is_convolution(modules[name]) and channel_multiple > 1:
             target = _aligned_width(width - idx.numel(), width, channel_multiple)
             drop = torch.zeros(width, dtype=torch.bool)
             drop[idx] = True
@@ -209,13 +192,13 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
     return {name: int(idx.numel()) for name, idx in plan.items()}
 
 
-def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: str = "ce",
+def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: LossKind = "ce",
               progress: bool = False) -> dict[str, float] | None:
-    """Fine-tune under masks: pruned weights are zero-masked by ``torch.nn.utils.prune`` hooks."""
+    """Fine-tune under masks: the zero weights of the prunable layers are held at zero by
+    ``torch.nn.utils.prune`` hooks."""
     if ft.epochs == 0:
         return None
-    masks = {f"{name}.weight": (m.weight != 0) for name, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    masks = {weight_name(name): (m.weight != 0) for name, m in prunable_layers(model).items()}
     apply_masks(model, masks)
     schedule = LambdaSchedule(replace(ft.schedule, kind=kind))
     trainer = Trainer(model, schedule, train, val, ft.train_config(), progress=progress)
@@ -295,7 +278,7 @@ def prune(
     val_data: Split | DataLoader | Dataset | tuple[Tensor, Tensor],
     config: PruneConfig | None = None,
     *,
-    kind: str = "ce",
+    kind: LossKind = "ce",
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
@@ -323,7 +306,7 @@ def prune(
     structured, unstructured, tolerance, max_rounds = (config.structured, config.unstructured, config.tolerance,
                                                        config.max_rounds)
     step, min_step, channel_multiple = config.step, config.min_step, config.channel_multiple
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = list(prunable_layers(model))
     if not layers:
         raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
     device = next(model.parameters()).device
@@ -339,14 +322,14 @@ def prune(
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
         previous = copy.deepcopy(model)
-        test = wald_test(model, train_data, loss=WALD_LOSS[kind], estimator=estimator, alpha=alpha, method=method,
+        test = wald_test(model, train_data, loss=kind, estimator=estimator, alpha=alpha, method=method,
                          max_samples=max_samples, progress=progress)
-        _centre_tested_softmax_layers(model, test)
+        test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
-        blocks = {n: channel_multiple for n, m in model.named_modules() if isinstance(m, _CONV_TYPES)}
+        blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
         units = _merge_units(_capped_units(test, step, blocks) if structured else {}, _dead_units(model, layers))
         removed_units = _remove_units(model, units, example_input, test.output_layer, channel_multiple)
-        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = list(prunable_layers(model))
         record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units}
         if zeroed == 0 and not removed_units:
             record.update({"stopped": "nothing insignificant left", "seconds": time.perf_counter() - start})
@@ -413,40 +396,37 @@ def prune_to_sparsity(
     train_data: Split,
     val_data: Split,
     *,
-    criterion: str,
+    criterion: str | Importance,
     fraction_removed: float,
     fine_tune_config: FineTune | None = None,
-    kind: str = "ce",
+    kind: LossKind = "ce",
     max_samples: int | None = 10_000,
 ) -> PruneResult:
-    """Baseline: remove ``fraction_removed`` of the Linear/Conv weights by ``criterion``
-    (``"magnitude"`` |w|, ``"obd"`` 0.5*F_jj*w^2 or ``"wald"`` |z|) in one shot, remove the units
-    left without weights, and fine-tune with the same budget as :func:`prune`."""
+    """Baseline: remove ``fraction_removed`` of the prunable layers' weights, the least important
+    by ``criterion`` first, in one shot, remove the units left without weights, and fine-tune with
+    the same budget as :func:`prune`.
+
+    ``criterion`` is an :class:`pruning.importance.Importance` or its name: ``"magnitude"`` |w|,
+    ``"obd"`` 0.5*F_jj*w^2 or ``"wald"`` |z|, built with ``loss=kind`` and ``max_samples`` (an
+    object keeps its own options).
+    """
     if not 0 <= fraction_removed < 1:
         raise InputError(f"fraction_removed must be in [0, 1), got {fraction_removed!r}")
+    scorer = make_importance(criterion, loss=kind, max_samples=max_samples)
     device = next(model.parameters()).device
     train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     base_val = evaluate(model, val_data, kind)
     params_before = count_total(model)
     start = time.perf_counter()
-    if criterion == "magnitude":
-        scores = magnitude_scores(model)
-    elif criterion == "obd":
-        scores = obd_scores(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
-    elif criterion == "wald":
-        test = wald_test(model, train_data, loss=WALD_LOSS[kind], max_samples=max_samples)
-        _centre_tested_softmax_layers(model, test)
-        scores = test.scores()
-    else:
-        raise InputError(f"unknown pruning criterion {criterion!r}; expected 'magnitude', 'obd' or 'wald'")
+    scores = scorer(model, train_data)
     total = sum(s.numel() for s in scores.values())
     zeroed = _zero_(model, masks_at_sparsity(scores, fraction_removed))
     layers = list({name.rsplit(".", 1)[0] for name in scores})
-    output = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    output = output_layer(model, train_data.x[:2])
     removed_units = _remove_units(model, _dead_units(model, layers), train_data.x[:2], output)
     fine_tune(model, train_data, val_data, fine_tune_config or FineTune(), kind)
     val = evaluate(model, val_data, kind)
-    record = {"criterion": criterion, "weights_zeroed": zeroed, "weights_scored": total,
+    record = {"criterion": scorer.name, "weights_zeroed": zeroed, "weights_scored": total,
               "units_removed": removed_units, "params": count_total(model), "nonzero": count_nonzero(model),
               "val": val, "seconds": time.perf_counter() - start}
     return PruneResult(model, [record], base_val, val, params_before, count_total(model), count_nonzero(model))

@@ -1,17 +1,11 @@
-"""Baseline pruning scores behind the same interface as the Wald test, and masks at a target sparsity.
+"""Masks at a target sparsity from per-weight scores, and the baseline scores as functions.
 
 Scores are per weight, keyed by parameter name as in ``model.named_parameters()``
-(``"fc1.weight"``), float64 tensors of the weight's shape on the CPU; a higher score means a more
-important weight. The three methods are brought to the same sparsity by
-:func:`masks_at_sparsity`:
-
-- magnitude: |w_j|;
-- Optimal Brain Damage (LeCun, Denker & Solla 1990): 0.5 * H_jj * w_j^2, the second-order
-  increase of the mean training loss when w_j is set to zero, with the diagonal of the Hessian
-  approximated by the diagonal of the Fisher (:func:`pruning.fisher.diagonal_fisher`; for
-  cross-entropy the model Fisher is the Gauss-Newton matrix, the usual OBD approximation; for
-  ``"mse"`` it is the Gauss-Newton matrix divided by sigma^2, which rescales every score alike);
-- Wald: |z_j| (:meth:`pruning.significance.WaldResult.scores`).
+(``"fc1.weight"``), tensors of the weight's shape; a higher score means a more important weight.
+They come from an importance criterion of :mod:`pruning.importance` (magnitude, Optimal Brain
+Damage, Wald); :func:`magnitude_scores` and :func:`obd_scores` are the functional forms of the
+first two, and :meth:`pruning.significance.WaldResult.scores` gives the Wald scores of a test.
+:func:`masks_at_sparsity` brings any of them to the same sparsity.
 """
 
 from __future__ import annotations
@@ -23,23 +17,24 @@ import torch
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from pruning import fisher as fisher_mod
-from pruning.fisher import weight_name
+from anrat.functional import LossKind
+from pruning.flat import flatten, unflatten
+from pruning.importance import MagnitudeImportance, OBDImportance
 
 SCOPES: tuple[str, ...] = ("global", "layer")
 
 
 def magnitude_scores(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """|w| for the weights of the tested layers (default every ``nn.Linear`` and ``nn.Conv2d``)."""
-    modules = fisher_mod.select_layers(model, layers)
-    return {weight_name(name): module.weight.detach().to(device="cpu", dtype=torch.float64).abs() for name, module in modules.items()}
+    """|w| for the weights of the tested layers (default every ``nn.Linear`` and ``nn.Conv2d``):
+    :class:`pruning.importance.MagnitudeImportance` as a function."""
+    return MagnitudeImportance(layers)(model)
 
 
 def obd_scores(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
+    loss: LossKind = "ce",
     fisher: str = "model",
     layers: Sequence[str] | None = None,
     max_samples: int | None = 10_000,
@@ -49,17 +44,11 @@ def obd_scores(
 ) -> dict[str, Tensor]:
     """Optimal Brain Damage saliencies 0.5 * F_jj * w_j^2, F the per-sample Fisher (the Hessian
     of the mean loss in the Gauss-Newton approximation) estimated on at most ``max_samples`` of
-    ``data``; arguments as for :func:`pruning.significance.wald_test`.
-
-    Cost: per-sample gradients of all tested weights, O(N K P) time for K outputs (one backward
-    pass per output per sample with the model Fisher, one with ``fisher="empirical"``).
+    ``data``: :class:`pruning.importance.OBDImportance` as a function; arguments as for
+    :func:`pruning.significance.wald_test`.
     """
-    modules = fisher_mod.select_layers(model, layers)
-    fd = fisher_mod.prepare(model, data, loss=loss, layers=modules, max_samples=max_samples, batch_size=batch_size, seed=seed)
-    names = [weight_name(name) for name in modules]
-    diagonal = fisher_mod.diagonal_fisher(model, fd, names, fisher=fisher, batch_size=batch_size, progress=progress)
-    params = dict(model.named_parameters())
-    return {name: 0.5 * diagonal[name] * params[name].detach().to(device="cpu", dtype=torch.float64).square() for name in names}
+    return OBDImportance(loss=loss, fisher=fisher, layers=layers, max_samples=max_samples, batch_size=batch_size,
+                         seed=seed, progress=progress)(model, data)
 
 
 def masks_at_sparsity(scores: dict[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
@@ -88,13 +77,9 @@ def masks_at_sparsity(scores: dict[str, Tensor], sparsity: float, scope: str = "
 
     if scope == "layer":
         return {name: keep_mask(score.reshape(-1)).reshape(score.shape) for name, score in scores.items()}
-    flat = torch.cat([score.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for score in scores.values()])
-    keep = keep_mask(flat)
-    masks, start = {}, 0
-    for name, score in scores.items():
-        masks[name] = keep[start : start + score.numel()].reshape(score.shape).to(score.device)
-        start += score.numel()
-    return masks
+    ranked = {name: score.detach().to(device="cpu", dtype=torch.float64) for name, score in scores.items()}
+    masks = unflatten(keep_mask(flatten(ranked)), ranked)
+    return {name: mask.to(scores[name].device) for name, mask in masks.items()}
 
 
 __all__ = ["magnitude_scores", "masks_at_sparsity", "obd_scores"]

@@ -7,8 +7,9 @@ H0: w_j = 0 is tested with the Wald statistic
 
     z_j = w_j / se_j,   se_j = sqrt([F^-1]_jj / n),   p_j = 2 * scipy.stats.norm.sf(|z_j|),
 
-where F is the per-sample Fisher information of the likelihood behind ``loss`` estimated on the
-training data (:mod:`pruning.fisher`; default: the model Fisher) and n the number of samples the
+where F is the per-sample Fisher information of the likelihood behind ``loss`` (anrat's loss kind:
+"ce" softmax or logistic, "lp" Gaussian; :mod:`pruning.fisher`) estimated on the
+training data (default: the model Fisher) and n the number of samples the
 model was fitted on (``n_fit``; default: all samples in ``data``, even when the Fisher itself is
 estimated on a subsample of ``max_samples``). That is, Var(w_hat) = F^-1 / n. ``norm.sf`` keeps
 small p-values accurate where ``1 - cdf`` would round to 0.
@@ -29,6 +30,7 @@ Holm, which controls the family-wise error rate at ``alpha``). A weight or unit 
 
 Estimators of the covariance (``estimator``)
 --------------------------------------------
+Each is an object of :mod:`pruning.estimators` (``estimator`` takes its name or the object).
 All are block-diagonal across layers: each layer's block is inverted on its own (cross-layer
 correlations are ignored; this also keeps the tests well posed under the rescaling symmetry of
 ReLU networks, whose null directions of the Fisher span two layers). P_l is a layer's parameter
@@ -44,7 +46,7 @@ used.
   LeNet-5 (fc1 has 400,000 weights but factors of 801^2 and 500^2). It is the default because it
   scales to such layers, where ``"full"`` cannot, and unlike ``"diagonal"`` it accounts for the
   correlations among a layer's inputs and among its outputs. It is exact when the output-side
-  factor does not vary with the input, e.g. a single Linear layer with Gaussian (mse) loss or a
+  factor does not vary with the input, e.g. a single Linear layer with Gaussian ("lp") loss or a
   logistic layer whose predictions do not depend on x, and an approximation otherwise.
 - ``"full"``: the dense per-layer Fisher over (weight, bias), inverted exactly (a Cholesky
   factorisation). For a model that is a single Linear layer this reproduces the maximum-likelihood
@@ -97,19 +99,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from scipy import stats
 from statsmodels.stats.multitest import multipletests, multitest_alias
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from pruning import fisher as fisher_mod
-from pruning.fisher import FisherData, KroneckerFactors, weight_name
-
-ESTIMATORS: tuple[str, ...] = ("kfac", "full", "diagonal")
-# A dense block of 4096^2 float64 is 128 MiB; larger layers need "kfac" or "diagonal".
-DENSE_MAX_PARAMS = 4096
+from anrat.functional import LossKind
+from pruning.estimators import DENSE_MAX_PARAMS, ESTIMATORS, FisherEstimator, LayerTests, fisher_estimator
+from pruning.fisher import FISHERS, FisherData, prepare
+from pruning.flat import flatten, unflatten
+from pruning.layers import select_layers, weight_name
 # statsmodels' Hommel procedure takes O(m^2) time (2.4 s for 20,000 p-values, ~20 min for LeNet-5).
 HOMMEL_MAX_TESTS = 20_000
 
@@ -170,6 +170,14 @@ class WaldResult:
         """|z| per weight: a ranking score for :func:`pruning.saliency.masks_at_sparsity`."""
         return {name: z.abs() for name, z in self.z.items()}
 
+    def center_layers(self, model: nn.Module) -> None:
+        """Put the ``centered`` layers of ``model`` (the tested model) in the sum-to-zero form
+        their weights were tested in, in place (:func:`center_softmax_layer`; same predictions),
+        so that masks and scores refer to the weights the model holds."""
+        modules = dict(model.named_modules())
+        for name in self.centered:
+            center_softmax_layer(modules[name])
+
 
 def center_softmax_layer(layer: nn.Linear) -> None:
     """Shift a softmax output layer to the form :func:`wald_test` tests, in place: every column
@@ -192,12 +200,12 @@ def _identified_softmax_weights(w: Tensor) -> tuple[Tensor, Tensor]:
     return centred, free
 
 
-def check_test_options(alpha: float, estimator: str, method: str, damping: float = 1e-6, n_fit: int | None = None,
-                       fisher: str = "model") -> None:
+def check_test_options(alpha: float, estimator: str | FisherEstimator, method: str, damping: float = 1e-6,
+                       n_fit: int | None = None, fisher: str = "model") -> None:
+    """Refuse (:class:`InputError`) options of :func:`wald_test` that are not valid, before any work."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
-    if estimator not in ESTIMATORS:
-        raise InputError(f"unknown estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
+    fisher_estimator(estimator)
     if method not in multitest_alias:
         raise InputError(
             f"unknown multiple-testing method {method!r}; expected a statsmodels multipletests method such as "
@@ -207,150 +215,22 @@ def check_test_options(alpha: float, estimator: str, method: str, damping: float
         raise InputError(f"damping must be a finite number >= 0, got {damping!r}")
     if n_fit is not None and (isinstance(n_fit, bool) or not isinstance(n_fit, int) or n_fit < 1):
         raise InputError(f"n_fit must be a positive integer or None, got {n_fit!r}")
-    if fisher not in fisher_mod.FISHERS:
-        raise InputError(f"unknown fisher {fisher!r}; expected one of {list(fisher_mod.FISHERS)}")
-
-
-def _damped_inverse(M: Tensor, damping: float, what: str, null: Tensor | None = None) -> Tensor | None:
-    """(M + lambda I)^-1, lambda = damping * mean(diag M), in float64. With ``null`` (orthonormal
-    columns spanning a known null space of M) the inverse is taken on the orthogonal complement
-    and is zero on span(null): the damped Moore-Penrose pseudo-inverse. None when M is zero."""
-    M = M.to(torch.float64)
-    scale = float(M.diagonal().mean())
-    if not scale > 0:
-        return None
-    eye = torch.eye(M.shape[0], dtype=M.dtype)
-    target = (M + M.T) / 2
-    projector = None
-    if null is not None:
-        projector = eye - null @ null.T
-        # Block-diagonal in (complement, null): inverting it inverts the complement block exactly.
-        target = projector @ target @ projector + scale * (null @ null.T)
-    factor, info = torch.linalg.cholesky_ex(target + damping * scale * eye)
-    if int(info) == 0:
-        # (L L^T)^-1 = L^-T L^-1; torch.cholesky_inverse is ~20x slower than this on the CPU.
-        factor_inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
-        inverse = factor_inverse.T @ factor_inverse
-    else:
-        # Sums of float32 products can leave a positive semi-definite M with eigenvalues slightly
-        # below zero, more than the damping covers: project onto the PSD cone, then damp.
-        eigenvalues, eigenvectors = torch.linalg.eigh(target)
-        eigenvalues = eigenvalues.clamp_min(0) + damping * scale
-        if not bool((eigenvalues > 0).all()):
-            raise InputError(f"the Fisher information of {what} is singular; use damping > 0 (e.g. 1e-6)")
-        inverse = (eigenvectors / eigenvalues) @ eigenvectors.T
-    return projector @ inverse @ projector if projector is not None else inverse
-
-
-def _softmax_null_dense(num_classes: int, fan_in: int, has_bias: bool) -> Tensor:
-    """Orthonormal basis of the shift directions of a softmax layer in ``[W.flatten(), b]`` order."""
-    size = num_classes * fan_in + (num_classes if has_bias else 0)
-    null = torch.zeros(size, fan_in + int(has_bias), dtype=torch.float64)
-    rows = torch.arange(num_classes)
-    for j in range(fan_in):
-        null[rows * fan_in + j, j] = 1.0
-    if has_bias:
-        null[num_classes * fan_in + rows, fan_in] = 1.0
-    return null / math.sqrt(num_classes)
-
-
-def _uninformative(w: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.full_like(w, math.inf), torch.zeros(w.shape[0], dtype=torch.float64)
-
-
-def _kfac_layer(w: Tensor, factors: KroneckerFactors, n: int, damping: float, name: str, free: Tensor | None) -> tuple[Tensor, Tensor]:
-    """se (weight shape) and unit chi-squares from the Kronecker factors (module docstring);
-    ``free`` marks the shift-invariant columns of a softmax layer (None for other layers)."""
-    a_inv = _damped_inverse(factors.A, damping, f"layer {name!r} (KFAC factor A)")
-    classes = factors.G.shape[0]
-    null = torch.ones(classes, 1, dtype=torch.float64) / math.sqrt(classes) if free is not None else None
-    g_inv = _damped_inverse(factors.G, damping, f"layer {name!r} (KFAC factor G)", null)
-    if a_inv is None or g_inv is None:
-        return _uninformative(w)
-    rows = w.reshape(w.shape[0], -1)
-    fan_in = rows.shape[1]
-    a_inv_w = a_inv[:fan_in, :fan_in]
-    g_var = g_inv.diagonal()[:, None].expand(classes, fan_in).clone()
-    if free is not None and not bool(free.all()):
-        # Columns identified by their zeros: [(G_SS)^-1]_kk over the non-zero classes S.
-        patterns, which = torch.unique((rows != 0).T[~free], dim=0, return_inverse=True)
-        columns = torch.nonzero(~free).flatten()
-        for index, kept in enumerate(patterns):
-            sub = _damped_inverse(factors.G[kept][:, kept], damping, f"layer {name!r} (KFAC factor G)")
-            block = torch.full((classes,), math.inf, dtype=torch.float64)
-            if sub is not None:
-                block[kept] = sub.diagonal()
-            g_var[:, columns[which == index]] = block[:, None]
-    se = (g_var * a_inv_w.diagonal() / n).sqrt().reshape(w.shape)
-    # Unit i: Cov = [G^-1]_ii [A^-1]_ww / n, so chi2_i = n w_i^T ([A^-1]_ww)^-1 w_i / [G^-1]_ii.
-    quad = (rows * torch.linalg.solve(a_inv_w, rows.T).T).sum(dim=1)
-    return se, n * quad / g_inv.diagonal()
-
-
-def _dense_layer(w: Tensor, block: Tensor, n: int, damping: float, name: str, has_bias: bool, free: Tensor | None) -> tuple[Tensor, Tensor]:
-    """se and unit chi-squares from the dense block over [W.flatten(), b] (module docstring)."""
-    rows = w.reshape(w.shape[0], -1)
-    out, fan_in = rows.shape
-    size = out * fan_in
-    kept = torch.ones(block.shape[0], dtype=torch.bool)
-    null = None
-    if free is not None:
-        kept[:size] = (rows != 0).reshape(-1) | free.repeat(out)  # zeros of identified columns are fixed
-        null = _softmax_null_dense(out, fan_in, has_bias)[kept][:, torch.cat([free, torch.ones(int(has_bias), dtype=torch.bool)])]
-        null = null if null.shape[1] else None
-    inverse = _damped_inverse(block[kept][:, kept], damping, f"layer {name!r}", null)
-    if inverse is None:
-        return _uninformative(w)
-    kept_w = kept[:size]
-    cov = torch.zeros(size, size, dtype=torch.float64)
-    cov[kept_w.nonzero(), kept_w.nonzero().T] = inverse[: int(kept_w.sum()), : int(kept_w.sum())] / n
-    variance = cov.diagonal().clone()
-    variance[~kept_w] = math.inf
-    se = variance.sqrt().reshape(w.shape)
-    if bool(kept_w.all()):
-        unit_blocks = cov.reshape(out, fan_in, out, fan_in).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-        chi2 = (rows * torch.linalg.solve(unit_blocks, rows.unsqueeze(-1)).squeeze(-1)).sum(dim=1)
-    else:  # rows with fixed zeros: the quadratic form over their remaining weights
-        chi2 = torch.zeros(out, dtype=torch.float64)
-        for r in range(out):
-            index = torch.nonzero(kept_w[r * fan_in : (r + 1) * fan_in]).flatten()
-            if index.numel():
-                sub = cov[r * fan_in + index][:, r * fan_in + index]
-                chi2[r] = rows[r, index] @ torch.linalg.solve(sub, rows[r, index])
-    return se, chi2
-
-
-def _diagonal_layer(w: Tensor, diag: Tensor, n: int, damping: float, free: Tensor | None) -> tuple[Tensor, Tensor]:
-    scale = float(diag.mean())
-    if not scale > 0:
-        return _uninformative(w)
-    inverse = 1.0 / (diag + damping * scale)
-    if free is not None:
-        # Free softmax columns: pseudo-inverse of diag(f_1j..f_Kj) on the sum-to-zero subspace,
-        # 1/f_kj - (1/f_kj)^2 / sum_k' 1/f_k'j.
-        projected = torch.nan_to_num(inverse - inverse.square() / inverse.sum(dim=0, keepdim=True), nan=math.inf)
-        inverse = torch.where(free, projected, torch.where(w != 0, inverse, math.inf))
-    se = (inverse / n).sqrt()
-    return se, (w / se).square().reshape(w.shape[0], -1).sum(dim=1)
+    if fisher not in FISHERS:
+        raise InputError(f"unknown fisher {fisher!r}; expected one of {list(FISHERS)}")
 
 
 def _correct(pvalues: dict[str, Tensor], alpha: float, method: str) -> dict[str, Tensor]:
     """multipletests over all entries of ``pvalues`` as one family; bool rejections per key."""
-    flat = np.concatenate([p.reshape(-1).numpy() for p in pvalues.values()])
-    reject = torch.from_numpy(multipletests(flat, alpha=alpha, method=method)[0].astype(bool))
-    out, start = {}, 0
-    for key, p in pvalues.items():
-        out[key] = reject[start : start + p.numel()].reshape(p.shape)
-        start += p.numel()
-    return out
+    reject = multipletests(flatten(pvalues).numpy(), alpha=alpha, method=method)[0]
+    return unflatten(torch.from_numpy(reject.astype(bool)), pvalues)
 
 
 def wald_test(
     model: nn.Module,
     data: Any,
     *,
-    loss: str = "ce",
-    estimator: str = "kfac",
+    loss: LossKind = "ce",
+    estimator: str | FisherEstimator = "kfac",
     fisher: str = "model",
     layers: Sequence[str] | None = None,
     alpha: float = 0.05,
@@ -369,9 +249,11 @@ def wald_test(
         model: the trained network; its parameters are not changed (it is put in eval mode while
             the Fisher is estimated and restored afterwards).
         data: the training data, ``(x, y)`` tensors or an object with ``.x`` and ``.y``.
-        loss: ``"ce"`` (class indices for K >= 2 outputs; one output is binary logistic with 0/1
-            targets) or ``"mse"`` (Gaussian regression).
-        estimator: ``"kfac"``, ``"full"`` or ``"diagonal"``.
+        loss: anrat's loss kind the model was trained with: ``"ce"`` (class indices for K >= 2
+            outputs; one output is binary logistic with 0/1 targets) or ``"lp"`` (Gaussian
+            regression; ``"mse"`` is accepted as another name for it).
+        estimator: ``"kfac"``, ``"full"`` or ``"diagonal"``, or an estimator object
+            (:mod:`pruning.estimators`).
         fisher: ``"model"`` (expected over y ~ the model) or ``"empirical"`` (observed y).
         layers: module names to test; default every ``nn.Linear`` and ``nn.Conv2d``.
         alpha: family-wise level (or false discovery rate for the ``fdr_*`` methods), in (0, 1).
@@ -387,25 +269,16 @@ def wald_test(
         progress: show a tqdm progress bar.
     """
     check_test_options(alpha, estimator, method, damping, n_fit, fisher)
-    modules = fisher_mod.select_layers(model, layers)
-    if estimator == "full":
-        sizes = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in modules.items()}
-        too_big = {name: size for name, size in sizes.items() if size > DENSE_MAX_PARAMS}
-        if too_big:
-            raise InputError(
-                f"estimator 'full' inverts a dense Fisher block per layer and is limited to {DENSE_MAX_PARAMS} "
-                f"parameters per layer; too large: {too_big}. Use estimator 'kfac' or 'diagonal', or restrict layers"
-            )
-    if estimator == "kfac":
-        for name, module in modules.items():
-            fisher_mod.check_kfac_layer(name, module)
+    strategy = fisher_estimator(estimator)
+    modules = select_layers(model, layers)
+    strategy.check_layers(modules)
     n_tests = sum(module.weight.numel() for module in modules.values())
     if multitest_alias[method] == "ho" and n_tests > HOMMEL_MAX_TESTS:
         raise InputError(
             f"method {method!r} takes O(m^2) time and is limited to {HOMMEL_MAX_TESTS} tests; "
             f"these layers have {n_tests} weights (use 'holm' or 'fdr_bh')"
         )
-    fd: FisherData = fisher_mod.prepare(
+    fd: FisherData = prepare(
         model, data, loss=loss, layers=modules, max_samples=max_samples, batch_size=batch_size, seed=seed
     )
     n = n_fit if n_fit is not None else fd.n_data
@@ -417,21 +290,11 @@ def wald_test(
         if name == softmax_layer:
             weights[name], free[name] = _identified_softmax_weights(weights[name])
 
-    options = dict(fisher=fisher, batch_size=batch_size, progress=progress)
-    tests: dict[str, tuple[Tensor, Tensor]] = {}
-    if estimator == "kfac":
-        factors = fisher_mod.kfac_factors(model, fd, modules, **options)
-        for name in modules:
-            tests[name] = _kfac_layer(weights[name], factors[name], n, damping, name, free[name])
-    elif estimator == "full":
-        blocks = fisher_mod.dense_fisher(model, fd, modules, **options)
-        for name, module in modules.items():
-            has_bias = module.bias is not None
-            tests[name] = _dense_layer(weights[name], blocks[name], n, damping, name, has_bias, free[name])
-    else:
-        diagonals = fisher_mod.diagonal_fisher(model, fd, [weight_name(name) for name in modules], **options)
-        for name in modules:
-            tests[name] = _diagonal_layer(weights[name], diagonals[weight_name(name)], n, damping, free[name])
+    estimates = strategy.estimate(model, fd, modules, fisher=fisher, batch_size=batch_size, progress=progress)
+    tests: dict[str, LayerTests] = {
+        name: strategy.layer_tests(name, weights[name], estimates[name], n=n, damping=damping, free=free[name])
+        for name in modules
+    }
 
     z, se, pvalues, unit_chi2, unit_df, unit_pvalues = {}, {}, {}, {}, {}, {}
     for name, (layer_se, chi2) in tests.items():
@@ -451,7 +314,7 @@ def wald_test(
         unit_df=unit_df,
         unit_pvalues=unit_pvalues,
         unit_significant=_correct(unit_pvalues, alpha, method),
-        estimator=estimator,
+        estimator=strategy.name,
         method=method,
         alpha=float(alpha),
         n=n,
@@ -463,4 +326,4 @@ def wald_test(
     )
 
 
-__all__ = ["DENSE_MAX_PARAMS", "ESTIMATORS", "WaldResult", "center_softmax_layer", "wald_test"]
+__all__ = ["DENSE_MAX_PARAMS", "ESTIMATORS", "WaldResult", "center_softmax_layer", "check_test_options", "wald_test"]

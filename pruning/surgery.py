@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from anrat.errors import InputError
+from anrat.models import WIDTH_RULES
+from pruning.layers import is_convolution, num_units
 
 #: Attribute of a model where :func:`prune_units` appends what it removed (see :func:`pruning_history`).
 HISTORY_ATTR = "anrat_pruning_history"
@@ -30,16 +32,12 @@ ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _out_pruning_fn(name: str, module: nn.Module) -> Any:
-    """torch-pruning's function that removes output units of ``module``."""
+    """torch-pruning's function that removes output units of a prunable ``module``."""
     if isinstance(module, nn.Linear):
         return tp.prune_linear_out_channels
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if is_convolution(module):
         return tp.prune_conv_out_channels
-    raise InputError(f"module {name!r} is a {type(module).__name__}; only Linear and Conv layers have units to remove")
-
-
-def _num_units(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    raise InputError(f"module {name!r} is a {type(module).__name__}; only Linear and Conv2d layers have units to remove")
 
 
 def _unit_list(name: str, units: Any, num_units: int) -> list[int]:
@@ -141,7 +139,7 @@ def prune_units(model: nn.Module, units: Mapping[str, Any], example_inputs: Exam
         if name not in modules:
             raise InputError(f"model has no module {name!r}")
         _out_pruning_fn(name, modules[name])  # refuses layers without units
-        requests[name] = _unit_list(name, idxs, _num_units(modules[name]))
+        requests[name] = _unit_list(name, idxs, num_units(modules[name]))
     requests = {name: idxs for name, idxs in requests.items() if idxs}
     if not requests:
         return model
@@ -178,32 +176,17 @@ def replay_history(model: nn.Module, history: Sequence[Mapping[str, Any]]) -> nn
     return model
 
 
-_WIDTH_LAYERS = {"lenet5": ("conv1", "conv2", "fc1"), "convnet_dropout": ("conv1", "conv2", "fc1")}
-
-
 def widths_of(model: nn.Module, arch_name: str) -> dict[str, Any]:
-    """Width keyword arguments of a registered architecture, read off a (pruned) model.
-
-    ``lenet5`` and ``convnet_dropout``: ``{"conv1": out channels, "conv2": out channels,
-    "fc1": hidden units}``; ``mlp``: ``{"hidden": [units of each hidden layer]}``. Merged into
-    the original ``arch["kwargs"]``, they let :func:`anrat.models.build_model` rebuild the smaller
-    network.
+    """Width keyword arguments of a registered architecture, read off a (pruned) model by the
+    architecture's rule in :data:`anrat.models.WIDTH_RULES` (e.g. ``lenet5``: ``{"conv1": out
+    channels, "conv2": out channels, "fc1": hidden units}``; ``mlp``: ``{"hidden": [units of each
+    hidden layer]}``). Merged into the original ``arch["kwargs"]``, they let
+    :func:`anrat.models.build_model` rebuild the smaller network.
     """
-    modules = dict(model.named_modules())
-    if arch_name == "mlp":
-        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise InputError("model has no Linear layers, so it is not an mlp")
-        return {"hidden": [m.out_features for m in linears[:-1]]}
-    if arch_name not in _WIDTH_LAYERS:
-        raise InputError(f"no width rule for architecture {arch_name!r}; expected one of {sorted([*_WIDTH_LAYERS, 'mlp'])}")
-    widths = {}
-    for name in _WIDTH_LAYERS[arch_name]:
-        layer = modules.get(name)
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise InputError(f"model has no layer {name!r}, so it is not a {arch_name}")
-        widths[name] = _num_units(layer)
-    return widths
+    rule = WIDTH_RULES.get(arch_name)
+    if rule is None:
+        raise InputError(f"no width rule for architecture {arch_name!r}; expected one of {sorted(WIDTH_RULES)}")
+    return rule(model)
 
 
 __all__ = [

@@ -18,8 +18,8 @@ from pruning.fisher import (
     layer_input_patches,
     per_sample_grads,
     prepare,
-    select_layers,
 )
+from pruning.layers import select_layers
 
 
 def tiny_convnet(num_classes: int = 3) -> nn.Sequential:
@@ -131,7 +131,7 @@ def test_gaussian_likelihood_uses_the_ml_residual_variance():
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(3, 4), act=nn.Tanh(), fc2=nn.Linear(4, 2))).double()
     x = torch.randn(10, 3, dtype=torch.float64)
     y = torch.randn(10, 2, dtype=torch.float64)
-    fd = prepare(model, (x, y), loss="mse", layers=select_layers(model), max_samples=None)
+    fd = prepare(model, (x, y), loss="lp", layers=select_layers(model), max_samples=None)
     with torch.no_grad():
         sigma2 = float(((model(x) - y) ** 2).mean())
     assert fd.likelihood.sigma2 == pytest.approx(sigma2, rel=1e-12)
@@ -237,7 +237,7 @@ def test_kfac_is_the_dense_fisher_of_a_linear_gaussian_layer():
     x = torch.randn(50, 3, dtype=torch.float64)
     y = x @ torch.randn(3, 2, dtype=torch.float64) + 0.1 * torch.randn(50, 2, dtype=torch.float64)
     layers = select_layers(model)
-    fd = prepare(model, (x, y), loss="mse", layers=layers, max_samples=None)
+    fd = prepare(model, (x, y), loss="lp", layers=layers, max_samples=None)
     factors = kfac_factors(model, fd, layers)["out"]
     dense = dense_fisher(model, fd, layers)["out"]  # order [W.flatten(), b]
     # G (x) A is in the row-major order of [W | b]; permute the dense block to that order.
@@ -272,4 +272,4 @@ def test_prepare_rejects_bad_targets():
     with pytest.raises(InputError, match="one target per input"):
         prepare(model, (x, y[:5]), layers=select_layers(model))
     with pytest.raises(InputError, match=r"y of shape \(6, 3\)"):
-        prepare(model, (x, torch.randn(6)), loss="mse", layers=select_layers(model))
+        prepare(model, (x, torch.randn(6)), loss="lp", layers=select_layers(model))

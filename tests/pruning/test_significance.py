@@ -118,7 +118,7 @@ def test_kfac_and_full_reproduce_statsmodels_ols_up_to_the_variance_convention()
     model = linear_model(res.params[None, 1:], res.params[:1])
     expected = res.tvalues[1:] * math.sqrt(n / (n - d - 1))
     for estimator in ("full", "kfac"):
-        result = wald_test(model, (torch.tensor(X), torch.tensor(y[:, None])), loss="mse", estimator=estimator, max_samples=None, damping=0.0)
+        result = wald_test(model, (torch.tensor(X), torch.tensor(y[:, None])), loss="lp", estimator=estimator, max_samples=None, damping=0.0)
         np.testing.assert_allclose(result.z["out.weight"].numpy().ravel(), expected, rtol=1e-10)
 
 
@@ -298,7 +298,7 @@ def test_hidden_layer_keeps_exactly_the_true_connections(two_unit_network, estim
     """Each hidden unit keeps the connections of its true input combination ({0, 1} and {0, 2},
     in some order) and drops every other one, including all seven irrelevant inputs."""
     model, X, y = two_unit_network
-    result = wald_test(model, (X, y), loss="mse", estimator=estimator)
+    result = wald_test(model, (X, y), loss="lp", estimator=estimator)
     keep = result.masks()["fc1.weight"]
     assert not bool(keep[:, 3:].any())
     rows = sorted(tuple(row) for row in keep[:, :3].int().tolist())
@@ -317,11 +317,15 @@ def test_a_noise_output_of_a_linear_regression_is_a_redundant_unit():
     solution = torch.linalg.lstsq(torch.cat([X, torch.ones(1000, 1, dtype=torch.float64)], 1), Y).solution
     model = linear_model(solution[:10].T.numpy(), solution[10].numpy())
     for estimator in ESTIMATORS:
-        result = wald_test(model, (X, Y), loss="mse", estimator=estimator)
+        result = wald_test(model, (X, Y), loss="lp", estimator=estimator)
         assert result.unit_significant["out"].tolist() == [True, True, False]
         assert result.redundant_units(include_output=True)["out"].tolist() == [2]
         assert result.redundant_units() == {}
         assert result.masks()["out.weight"][2].sum() == 0
+    # "mse", the name the pruning API used before it took anrat's loss kinds, still means "lp"
+    earlier = wald_test(model, (X, Y), loss="mse", estimator=estimator)
+    assert torch.equal(earlier.pvalues["out.weight"], result.pvalues["out.weight"])
+    assert torch.equal(earlier.unit_chi2["out"], result.unit_chi2["out"])
 
 
 # ---- conventions and options ---------------------------------------------------------------------------
@@ -348,7 +352,7 @@ def test_corrections_are_statsmodels_multipletests_over_all_weights(two_unit_net
     names = ("fc1.weight", "fc2.weight")
     sets = {}
     for method in ("bonferroni", "holm", "fdr_bh"):
-        result = wald_test(model, (X, y), loss="mse", method=method, alpha=0.1)
+        result = wald_test(model, (X, y), loss="lp", method=method, alpha=0.1)
         raw = np.concatenate([result.pvalues[name].numpy().ravel() for name in names])
         expected = multipletests(raw, alpha=0.1, method=method)[0]
         got = np.concatenate([result.significant[name].numpy().ravel() for name in names])
@@ -417,7 +421,7 @@ def small():
         (dict(layers=["fc9"]), r"unknown or untestable layer name\(s\) \['fc9'\]; testable layers are \['fc1', 'fc2'\]"),
         (dict(layers=["act1"]), r"untestable layer name\(s\) \['act1'\]"),
         (dict(layers=[]), r"layers is empty"),
-        (dict(loss="nll"), r"unknown loss 'nll'; expected one of \['ce', 'mse'\]"),
+        (dict(loss="nll"), r"unknown loss 'nll'; expected one of \['ce', 'lp'\]"),
         (dict(fisher="observed"), r"unknown fisher 'observed'"),
         (dict(damping=-1.0), r"damping must be a finite number >= 0"),
         (dict(n_fit=0), r"n_fit must be a positive integer or None"),

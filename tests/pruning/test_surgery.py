@@ -162,6 +162,15 @@ def test_masked_and_coupled_requests_are_refused():
     assert residual.a.out_channels == residual.b.out_channels == residual.head.in_features == 6
 
 
+def test_every_registered_model_has_a_width_rule_that_rebuilds_it():
+    from anrat.models import MODELS, WIDTH_RULES
+
+    assert set(WIDTH_RULES) == set(MODELS)
+    for name in MODELS:
+        model = build_model(name)
+        build_model(name, **widths_of(model, name)).load_state_dict(model.state_dict())
+
+
 def test_widths_of_rejects_unknown_architectures():
     with pytest.raises(InputError, match="no width rule for architecture 'resnet'"):
         widths_of(lenet5(), "resnet")
