@@ -72,7 +72,6 @@ def main() -> None:
                  max_samples=args.max_samples, fine_tune=ft, log=lambda r: print(json.dumps(r), flush=True))
     rows["wald (ours)"] = {"model": wald.model, "val": wald.final_val, "seconds": time.perf_counter() - t,
                            "rounds": wald.rounds}
-    fraction = 1 - wald.nonzero_after / wald.params_before
     ft_epochs = ft.epochs * sum(1 for r in wald.rounds if "params" in r)  # rounds that fine-tuned
     for criterion in ("magnitude", "obd"):
         t = time.perf_counter()

@@ -48,7 +48,7 @@ class FisherEstimator(ABC):
     #: The name ``wald_test(estimator=...)`` and the command line take.
     name: ClassVar[str]
 
-    def check_layers(self, layers: Mapping[str, nn.Module]) -> None:
+    def check_layers(self, layers: Mapping[str, nn.Module]) -> None:  # noqa: B027 (a no-op unless overridden)
         """Refuse (:class:`InputError`) tested layers this estimator cannot handle (by default it handles all)."""
 
     @abstractmethod

@@ -245,7 +245,7 @@ def test_shards_concatenate_to_the_global_batches():
     whole = list(split.batches(6, shuffle=True, generator=g[0]))
     parts = [list(shard_batches(split.batches(6, shuffle=True, generator=g[r + 1]), World(r, WORLD_SIZE)))
              for r in range(WORLD_SIZE)]
-    for i, (x, y) in enumerate(whole):
+    for i, (_, y) in enumerate(whole):
         assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
         assert [len(p[i][1]) for p in parts] == [len(y) - len(y) // 2, len(y) // 2]
     assert [shard_bounds(5, World(r, 3)) for r in range(3)] == [(0, 2), (2, 4), (4, 5)]

@@ -61,7 +61,7 @@ def test_per_sample_grads_equal_a_loop_of_autograd_gradients():
     batched = per_sample_grads(model, x, v, names)
     for i in range(5):
         for m in range(4):
-            expected = loop_grads(model, x[i], lambda z: (z * v[i, m]).sum(), names)
+            expected = loop_grads(model, x[i], lambda z, i=i, m=m: (z * v[i, m]).sum(), names)
             for name in names:
                 assert batched[name].shape == (5, 4) + expected[name].shape
                 torch.testing.assert_close(batched[name][i, m], expected[name], rtol=1e-10, atol=1e-12)
@@ -86,9 +86,9 @@ def reference_diagonal(model, x, y, kind: str, fisher: str, names, sigma2: float
             p = float(torch.sigmoid(z[0]))
             bce = lambda out, t: F.binary_cross_entropy_with_logits(out, torch.tensor([t], dtype=out.dtype))
             if fisher == "empirical":
-                outcomes = [(1.0, lambda out, i=i: bce(out, float(y[i])))]
+                outcomes = [(1.0, lambda out, i=i, bce=bce: bce(out, float(y[i])))]
             else:
-                outcomes = [(p, lambda out: bce(out, 1.0)), (1 - p, lambda out: bce(out, 0.0))]
+                outcomes = [(p, lambda out, bce=bce: bce(out, 1.0)), (1 - p, lambda out, bce=bce: bce(out, 0.0))]
         else:
             assert fisher == "empirical"
             outcomes = [(1.0, lambda out, i=i: ((out - y[i]) ** 2).sum() / (2 * sigma2))]

@@ -129,7 +129,7 @@ def test_kfac_and_full_reproduce_statsmodels_ols_up_to_the_variance_convention()
 def mnlogit_fit():
     """3-class data and statsmodels' MNLogit MLE (class 0 is its reference, coefficients 0)."""
     rng = np.random.default_rng(2)
-    n, d, K = 1500, 3, 3
+    n, d = 1500, 3
     X = rng.normal(size=(n, d))
     logits = X @ np.array([[0.0, 1.0, 0.5], [0.0, -0.5, 0.0], [0.0, 0.0, -1.0]])
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
