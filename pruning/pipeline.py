@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from anrat.atomic_files import write_text_atomic
+from anrat.atomic_files import make_output_folder, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.config import flatten
 from anrat.data import DataSplits, load_dataset
@@ -72,8 +72,7 @@ class PipelineConfig:
         if self.run.val_size < 1:
             raise InputError("the pipeline needs a validation split (val_size >= 1): selection and the pruning "
                              "rollback use it")
-        self.run.train.validate()
-        self.run.schedule.validate()
+        self.run.validate()
         self.prune.validate()
         self.report.validate()
 
@@ -170,11 +169,7 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     data = load_dataset(cfg.run.dataset, cfg.run.data_dir, val_size=cfg.run.val_size, seed=cfg.run.train.seed,
                         device=device, download=cfg.run.download, train_subset=cfg.run.train_subset,
                         test_subset=cfg.run.test_subset)
-    out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {str(out)!r}: {exc.strerror or exc}") from None
+    out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
     config_record = record if record is not None else asdict(cfg)
     write_text_atomic(out / "config.json", json.dumps(config_record, indent=2))
