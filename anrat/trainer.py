@@ -321,7 +321,8 @@ class Trainer:
         if not torch.isfinite(objective_sum):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
-                f"(lr={c.lr:g}); lower the learning rate. The last good state is in last.pt")
+                f"(lr={c.lr:g}); lower the learning rate"
+                + (f". The last good state is in {self.out_dir / 'last.pt'}" if self.out_dir is not None else ""))
         record = {
             "epoch": self.epoch + 1,
             "criterion": "plain" if schedule.switched else schedule.config.name,

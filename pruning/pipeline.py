@@ -33,7 +33,7 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.train import RunConfig
 from anrat.train import run as train_run
-from anrat.trainer import evaluate
+from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import ExportReport, compare_models, export_onnx, onnx_test_error
 from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
@@ -109,7 +109,11 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
     dense = copy.deepcopy(model).cpu().eval()
     test_before = test_before if test_before is not None else evaluate(model, data.test, kind)
     t0 = time.perf_counter()
-    result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
+    try:
+        result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written "
+                               f"to {out}") from None
     seconds["prune"] = time.perf_counter() - t0
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
@@ -180,9 +184,12 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     ckpt = load_checkpoint(Path(cfg.run.out_dir) / "model.pt")
     model = model_from_checkpoint(ckpt).to(device)
     kind = cfg.run.schedule.kind
-    done = prune_save_export(model, data, cfg.prune, out, kind=kind, description={"arch": ckpt["arch"]},
-                             input_norm=data.input_norm, report=cfg.report, progress=progress,
-                             log=(lambda record: log(round_line(record))) if log else None)
+    try:
+        done = prune_save_export(model, data, cfg.prune, out, kind=kind, description={"arch": ckpt["arch"]},
+                                 input_norm=data.input_norm, report=cfg.report, progress=progress,
+                                 log=(lambda record: log(round_line(record))) if log else None)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{exc}; the trained model is in {Path(cfg.run.out_dir) / 'model.pt'}") from None
     seconds = {"train": train_seconds, **done.seconds, "total": time.perf_counter() - started}
     arch_name, pruned = ckpt["arch"]["name"], done.model
     test_trained = trained["test"]

@@ -261,3 +261,81 @@ def test_refused_with_one_line_and_nothing_lost(command, argv, message, inputs, 
     code, lines = refuse(MAINS[command], argv, capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert snapshot(out) == before
+
+
+# --- a folder holding a started training ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_folder(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    argv = [a.format(**inputs) for a in TRAIN] + ["--out", str(out), "--lr", "0.05"]
+    assert train_main(argv) == 0
+    return out
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "lenet5"], "holds a mlp run, not lenet5; pass --no-resume"),
+    (["--hidden", "8", "--lr", "0.2"], "train.lr: 0.05 there, 0.2 now"),
+    (["--hidden", "8", "--lr", "0.05", "--loss", "lp"], "schedule.kind"),
+], ids=["other-model", "other-lr", "other-loss"])
+def test_resuming_with_other_options_is_refused(argv, message, trained_folder, inputs, tmp_path, capsys):
+    out = copy_folder(trained_folder, tmp_path / "run")
+    before = snapshot(out)
+    base = [a.format(**inputs) for a in TRAIN if a not in ("--hidden", "8")]
+    code, lines = refuse(train_main, base + argv + ["--out", str(out)], capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert snapshot(out) == before
+
+
+def test_no_resume_starts_afresh_and_a_resume_removes_stale_temporaries(trained_folder, inputs, tmp_path, capsys):
+    out = copy_folder(trained_folder, tmp_path / "run")
+    stale = [out / ".last.pt.k1ll3d.tmp", out / ".model.pt.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    argv = [a.format(**inputs) for a in TRAIN] + ["--out", str(out), "--lr", "0.05", "--epochs", "2"]
+    assert train_main(argv) == 0  # a resume with more epochs continues the run
+    assert not any(path.exists() for path in stale)
+    assert train_main(argv[:-4] + ["--lr", "0.2", "--no-resume"]) == 0
+    assert json.loads((out / "result.json").read_text())["config"]["train"]["lr"] == 0.2
+
+
+# --- runs that start correctly and then fail ---------------------------------------------------
+def test_fine_tuning_that_diverges_exits_1_and_keeps_earlier_results(inputs, tmp_path, capsys):
+    out = earlier_results(tmp_path / "out")
+    before = snapshot(out)
+    argv = [a.format(**inputs) for a in PRUNE] + ["--out", str(out), "--fine-tune-optimizer", "sgd",
+                                                  "--fine-tune-lr", "1e30", "--alpha", "0.5",
+                                                  "--set", "fine_tune.batch_size=4"]
+    code, lines = refuse(prune_main, argv, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "fine-tuning diverged" in lines[0] and f"nothing was written to {out}" in lines[0], lines
+    assert snapshot(out) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command, argv", [("train", TRAIN), ("prune", PRUNE), ("export", EXPORT)])
+def test_a_read_only_output_folder_is_refused(command, argv, inputs, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        target = locked / ("m.onnx" if command == "export" else "run")
+        code, lines = refuse(MAINS[command], [a.format(**inputs) for a in argv] + ["--out", str(target)], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and len(lines) == 1 and str(locked) in lines[0], lines
+
+
+def test_the_command_line_itself_prints_no_traceback(inputs, tmp_path):
+    """One real process (the rows above call ``main`` in-process): one line, status 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pruning", "prune", "--checkpoint", inputs["text"], "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "is not a checkpoint" in proc.stderr
