@@ -41,7 +41,7 @@ from anrat.atomic_files import check_output_file, make_output_folder, write_text
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
-from anrat.data import DATASET_NORMS, DATASETS, load_dataset
+from anrat.data import DATASET_NORMS, DATASETS, DataSplits, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
 from anrat.errors import InputError
@@ -142,8 +142,9 @@ def resolve_input_norm(args: argparse.Namespace, loaded: LoadedModel, dataset: s
                      "--input-norm none, dataset or MEAN,STD")
 
 
-def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
-    """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback."""
+def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> int:
+    """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback;
+    returns the number of class scores the model gives."""
     model.eval()
     try:
         with torch.no_grad():
@@ -154,6 +155,18 @@ def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
+    return out.shape[1]
+
+
+def check_labels(classes: int, data: DataSplits) -> None:
+    """Refuse class labels the model has no output for (they would fail deep inside the loss)."""
+    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if split is None or split.y.is_floating_point() or not len(split):
+            continue
+        low, high = int(split.y.min()), int(split.y.max())
+        if low < 0 or high >= classes:
+            raise InputError(f"{data.sources.get(name, name)} holds class labels {low}..{high}, but the model has "
+                             f"{classes} outputs; expected labels 0..{classes - 1}")
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -190,7 +203,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         data.sources["val"] = (f"the {val_size} training images {loaded.source} held out for validation "
                                f"(seed {split_seed})")
     model.to(device)
-    check_fits(model, data.train.x, f"inputs from {data.sources['train']}")
+    check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
     if not held_out_by_training and not args.val_data and not args.quiet:
         print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data",
               file=sys.stderr)

@@ -92,11 +92,21 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "empty.pt").write_bytes(b"")
     (root / "text.pt").write_text("these are my notes, not a checkpoint\n")
     (root / "a_file").write_text("x")
+    (root / "bad.toml").write_text("[run\nlr = = 1\n")
+    full = (root / "weights.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(full[: len(full) // 2])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 1, 28, 28, generator=g)
+    torch.save({"x": x, "y": torch.arange(40) % 13}, root / "labels13.pt")
+    torch.save({"x": x.clone().fill_(float("nan")), "y": torch.arange(40) % 10}, root / "nan_inputs.pt")
+    torch.save({"x": x, "y": torch.arange(40) % 10}, root / "good_data.pt")
     paths = {"data": data, "ckpt": mlp_checkpoint(root / "model.pt"),
              "nan_ckpt": mlp_checkpoint(root / "nan.pt", float("nan")),
              "inf_ckpt": mlp_checkpoint(root / "inf.pt", float("inf")),
              "weights": weights, "seq_weights": seq_weights, "empty": root / "empty.pt", "text": root / "text.pt",
-             "a_file": root / "a_file", "root": root}
+             "a_file": root / "a_file", "root": root, "bad_toml": root / "bad.toml",
+             "truncated": root / "truncated.pt", "labels13": root / "labels13.pt",
+             "nan_inputs": root / "nan_inputs.pt", "good_data": root / "good_data.pt"}
     # broken datasets, one defect each
     for name, damage in {
         "idx_corrupt": lambda f: (f / "train-labels-idx1-ubyte").write_bytes(b"not an IDX file at all"),
@@ -214,6 +224,18 @@ CASES = [
     ("prune", FACTORY + ["--factory", "user_models:needs"], "user_models:needs"),
     ("prune", FACTORY + ["--factory", "user_models:build", "--factory-kwargs", '{{"nosuch": 1}}'], "user_models:build"),
     ("prune", FACTORY + ["--factory", "user_models:number"], "user_models:number"),
+    ("prune", PRUNE + ["--checkpoint", "{truncated}"], "truncated"),
+    ("prune", PRUNE + ["--checkpoint", "{root}"], "does not exist"),
+    ("prune", PRUNE + ["--train-data", "{labels13}", "--test-data", "{good_data}"], "class labels 0..12"),
+    ("prune", PRUNE + ["--train-data", "{nan_inputs}", "--test-data", "{good_data}"], "not finite"),
+    ("prune", PRUNE + ["--train-data", "{good_data}", "--test-data", "{root}/missing.pt"], "missing.pt"),
+    ("prune", PRUNE + ["--input-norm", "abc"], "--input-norm"),
+    ("prune", PRUNE + ["--input-norm", "0.5,0"], "std"),
+    ("prune", PRUNE + ["--input-norm", "nan,1"], "finite"),
+    ("prune", FACTORY + ["--factory", "user_models:build", "--factory-kwargs", "[1]"], "JSON object"),
+    ("prune", FACTORY + ["--factory", "user_models"], "package.module:function"),
+    ("prune", PRUNE + ["--config", "{bad_toml}"], "bad.toml"),
+    ("prune", PRUNE + ["--set", "step=abc"], "step"),
     # pruning prune: output
     ("prune", PRUNE + ["--out", "{a_file}"], "a_file"),
     ("prune", PRUNE + ["--out", "{a_file}/run"], "a_file"),
@@ -227,7 +249,15 @@ CASES = [
     ("export", ["export", "--factory", "raises_at_import:build", "--weights", "{weights}"], "raises_at_import"),
     ("export", EXPORT + ["--out", "{out}"], "folder"),
     ("export", EXPORT + ["--out", "{a_file}/m.onnx"], "a_file"),
+    ("export", ["export", "--factory", "user_models:build"], "--weights"),
+    ("export", EXPORT + ["--test-data", "{root}/missing.pt"], "missing.pt"),
+    ("export", EXPORT + ["--input-norm", "0.5,-1"], "std"),
     # the recipe
+    ("recipe", RECIPE + ["--config", "{bad_toml}"], "bad.toml"),
+    ("recipe", RECIPE + ["--config", "{root}/missing.toml"], "missing.toml"),
+    ("recipe", RECIPE + ["--set", "prune.fine_tune.lr=inf"], "lr must be a finite number > 0"),
+    ("recipe", RECIPE + ["--set", "run.nosuch=1"], "nosuch"),
+    ("recipe", RECIPE + ["--set", "run.val_size=0"], "val_size"),
     ("recipe", RECIPE + ["--set", "prune.alpha=0"], "alpha"),
     ("recipe", RECIPE + ["--set", "prune.step=nan"], "step"),
     ("recipe", RECIPE + ["--set", "prune.max_rounds=0"], "max_rounds"),
