@@ -98,7 +98,8 @@ def check_resume(cfg: RunConfig, out_dir: Path) -> None:
         raise InputError(f"{out_dir} holds a {saved.get('model')} run, not {cfg.model}; pass --no-resume to start "
                          "it afresh or choose another --out")
     old, new = flatten(saved), flatten(asdict(cfg))
-    differing = sorted(k for k in set(old) | set(new) if k not in RESUMABLE and old.get(k) != new.get(k))
+    # keys the saved run lacks are options added since: they cannot differ from what it did
+    differing = sorted(k for k in old if k not in RESUMABLE and old[k] != new.get(k))
     if differing:
         key = differing[0]
         raise InputError(f"{out_dir} holds a training started with other options ({key}: {old.get(key)!r} there, "

@@ -117,10 +117,6 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
     seconds["prune"] = time.perf_counter() - t0
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
-    save_pruned(pruned, out / "pruned.pt", arch=description.get("arch"), factory=description.get("factory"),
-                factory_kwargs=description.get("factory_kwargs"), input_norm=input_norm,
-                metrics={"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
-                         "val_after": result.final_val})
     t0 = time.perf_counter()
     x_test, y_test = data.test.x.cpu(), data.test.y.cpu()
     verify = x_test[: report.verify_images]
@@ -133,6 +129,11 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
                                 batch_sizes=tuple(report.latency_batch_sizes), repeats=report.latency_repeats,
                                 warmup=report.latency_warmup, threads=report.latency_threads, metadata=metadata)
     seconds["compare"] = time.perf_counter() - t0
+    # Saved last: an export that fails its verification leaves an earlier pruned.pt in place.
+    save_pruned(pruned, out / "pruned.pt", arch=description.get("arch"), factory=description.get("factory"),
+                factory_kwargs=description.get("factory_kwargs"), input_norm=input_norm,
+                metrics={"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
+                         "val_after": result.final_val})
     return PrunedModel(result, dense, test_before, test_after, onnx_error, exported, comparison, seconds)
 
 
