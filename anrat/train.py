@@ -72,6 +72,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
+        hidden = self.model_kwargs.get("hidden")
+        if hidden is not None and (not isinstance(hidden, list) or not hidden
+                                   or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden)):
+            raise InputError(f"hidden widths must be integers >= 1, such as [500, 300]; got {hidden!r}")
         if any(not (math.isfinite(lr) and lr > 0) for lr in self.grid_lr):
             raise InputError(f"grid_lr must hold finite numbers > 0, got {self.grid_lr}")
         if any(not (math.isfinite(a) and a >= 0) for a in self.grid_a):

@@ -78,8 +78,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 0:
             raise InputError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr",) + (("lambda_lr",) if self.lambda_lr is not None else ()):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
