@@ -14,7 +14,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from anrat.errors import InputError
 
 
 def _umask() -> int:
@@ -24,13 +26,17 @@ def _umask() -> int:
     return mask
 
 
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception, the file
     written there is synced, given the umask's permissions and renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,4 +56,50 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_path", "write_text_atomic"]
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left beside ``folder/NAME`` when a writer was
+    killed mid-write (a kill skips its clean-up); return the paths removed. Only the folder's one
+    writer may call this, before it writes: it cannot tell a leftover from a write in progress."""
+    folder, removed = Path(folder), []
+    for name in names:
+        for tmp in folder.glob(f"{_temporary_prefix(name)}*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def make_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Create the folder ``path`` (and its parents) or refuse it in one line (a file is in the way,
+    no permission)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is an existing file, not a folder; choose another")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {what} {str(path)!r}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {what} {str(path)!r}: permission denied")
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output file") -> Path:
+    """Refuse, before any work, an output file that cannot be written: ``path`` is a folder, or its
+    folder cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is an existing folder; give a file name such as "
+                         f"{str(path / 'model.onnx')!r}")
+    folder = path.parent
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot write {what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"cannot write {what} {str(path)!r}: {str(parent)!r} is not writable")
+            break
+    return path
+
+
+__all__ = ["atomic_path", "check_output_file", "make_output_folder", "remove_stale_temporaries", "write_text_atomic"]

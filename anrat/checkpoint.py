@@ -46,17 +46,38 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {str(path)!r} does not exist")
+    _check_torch_file(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise InputError(f"cannot read checkpoint {str(path)!r}: it is corrupt ({_first_line(exc)})") from None
         raise InputError(
             f"refusing {str(path)!r}: it holds pickled Python objects, not only tensors and plain "
             "data, and loading it could run code. Save a state_dict (or one of our checkpoints) "
-            f"instead. ({str(exc).splitlines()[0]})"
+            f"instead. ({_first_line(exc)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        # torch's unpickler reports a damaged file with whatever error the bytes lead it to
+        raise InputError(f"cannot read checkpoint {str(path)!r}: it is truncated or corrupt "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "no detail")
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file ``torch.save`` cannot have written (a zip archive, or a pickle in the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise InputError(f"checkpoint {str(path)!r} is empty (0 bytes); was its writing interrupted?")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive, this file "
+                         f"starts with {head!r}")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:

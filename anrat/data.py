@@ -332,7 +332,16 @@ def as_split(data: Any, what: str = "data", device: str | torch.device | None = 
                          f"{tuple(split.x.shape)}")
     if not split.x.is_floating_point():
         raise InputError(f"{what} inputs must be floating point (e.g. pixel / 255), got {split.x.dtype}")
+    if not isinstance(data, Split):  # a Split was checked when it was made
+        _check_finite(split, what)
     return split.to(device) if device is not None and split.x.device != torch.device(device) else split
+
+
+def _check_finite(split: Split, what: str) -> None:
+    """Refuse NaN or infinite inputs (or float targets): no model can be trained or tested on them."""
+    for name, tensor in (("inputs", split.x), ("targets", split.y)):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{what} {name} are not finite: they hold NaN or infinite values")
 
 
 def _collect(loader: DataLoader, what: str) -> Split:

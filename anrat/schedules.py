@@ -71,7 +71,7 @@ class ScheduleConfig:
             raise InputError(f"gamma (anneal factor per epoch) must be in (0, 1], got {self.gamma!r}")
         if self.period < 1 or not 0 <= self.plain_steps < self.period:
             raise InputError(f"excursions need period >= 1 and 0 <= plain_steps < period, got {self.period}, {self.plain_steps}")
-        if self.switch_below < 0:
+        if not self.switch_below >= 0:  # NaN included
             raise InputError(f"switch_below must be >= 0, got {self.switch_below!r}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,8 +29,9 @@ from typing import Any, Sequence
 
 import torch
 
-from anrat.atomic_files import write_text_atomic
-from anrat.checkpoint import save_atomic
+from anrat.atomic_files import make_output_folder, remove_stale_temporaries, write_text_atomic
+from anrat.checkpoint import load_checkpoint, save_atomic
+from anrat.config import flatten
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
@@ -62,6 +64,51 @@ class RunConfig:
     grid_lr: list[float] = field(default_factory=list)
     grid_a: list[float] = field(default_factory=list)
 
+    def validate(self) -> None:
+        """Refuse what :func:`run` cannot run, before anything is read or written."""
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
+            raise InputError(f"val_size must be an integer >= 0, got {self.val_size!r}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
+        hidden = self.model_kwargs.get("hidden")
+        if hidden is not None and (not isinstance(hidden, list) or not hidden
+                                   or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden)):
+            raise InputError(f"hidden widths must be integers >= 1, such as [500, 300]; got {hidden!r}")
+        if any(not (math.isfinite(lr) and lr > 0) for lr in self.grid_lr):
+            raise InputError(f"grid_lr must hold finite numbers > 0, got {self.grid_lr}")
+        if any(not (math.isfinite(a) and a >= 0) for a in self.grid_a):
+            raise InputError(f"grid_a must hold finite numbers >= 0, got {self.grid_a}")
+        self.train.validate()
+        self.schedule.validate()
+
+
+# Options a resumed run may change: where and how it runs, and how long (more epochs continue it).
+RESUMABLE = ("progress", "resume", "out_dir", "device", "download", "data_dir", "grid_lr", "grid_a",
+             "train.epochs", "train.compile")
+
+
+def check_resume(cfg: RunConfig, out_dir: Path) -> None:
+    """Refuse to resume the training in ``out_dir`` (its ``last.pt``) with other options than it
+    was started with: the run would go on with the old ones while its files recorded the new."""
+    last = out_dir / "last.pt"
+    if not (cfg.resume and last.is_file()):
+        return
+    saved = load_checkpoint(last).get("run_config") or {}
+    if not isinstance(saved, dict) or not saved:
+        return
+    if saved.get("model") != cfg.model:
+        raise InputError(f"{out_dir} holds a {saved.get('model')} run, not {cfg.model}; pass --no-resume to start "
+                         "it afresh or choose another --out")
+    old, new = flatten(saved), flatten(asdict(cfg))
+    # keys the saved run lacks are options added since: they cannot differ from what it did
+    differing = sorted(k for k in old if k not in RESUMABLE and old[k] != new.get(k))
+    if differing:
+        key = differing[0]
+        raise InputError(f"{out_dir} holds a training started with other options ({key}: {old.get(key)!r} there, "
+                         f"{new.get(key)!r} now); pass --no-resume to start it afresh or choose another --out")
+
 
 def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer, dict[str, Any]]:
     """Train one configuration; return the trainer (best weights loaded) and its summary."""
@@ -83,8 +130,7 @@ def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train (or grid-search), test the selected model once, and write ``model.pt`` and ``result.json``."""
-    cfg.train.validate()
-    cfg.schedule.validate()
+    cfg.validate()
     with process_group_from_env(cfg.device) as device:  # joins torchrun's group when WORLD_SIZE > 1
         return _run(cfg, device)
 
@@ -92,16 +138,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, seed=cfg.train.seed, device=device,
                         download=cfg.download, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     grid = list(itertools.product(cfg.grid_lr or [cfg.train.lr], cfg.grid_a or [cfg.schedule.a]))
     if len(grid) > 1 and data.val is None:
         raise InputError("a grid search needs a validation split (--val-size > 0)")
+    out = make_output_folder(cfg.out_dir)
+    trial_cfgs = [(replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a)),
+                   out if len(grid) == 1 else out / "grid" / f"lr={lr:g}_a={a:g}") for lr, a in grid]
+    for trial_cfg, trial_dir in trial_cfgs:
+        check_resume(trial_cfg, trial_dir)
+    if env_is_main():
+        remove_stale_temporaries(out, ("model.pt", "result.json"))
     best: tuple[Trainer, dict[str, Any]] | None = None
     trials = []
-    for lr, a in grid:
-        trial_cfg = replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a))
-        trial_dir = out if len(grid) == 1 else out / "grid" / f"lr={lr:g}_a={a:g}"
+    for trial_cfg, trial_dir in trial_cfgs:
+        lr, a = trial_cfg.train.lr, trial_cfg.schedule.a
         try:
             trainer, summary = train_once(trial_cfg, data, trial_dir)
         except TrainingDiverged as exc:
@@ -234,8 +284,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = resolve_from_args(RunConfig(), args)
     if cfg.model_kwargs.get("hidden") is not None and cfg.model != "mlp":
         raise InputError("--hidden applies to --model mlp only")
-    cfg.train.validate()
-    cfg.schedule.validate()
+    cfg.validate()
     return cfg
 
 

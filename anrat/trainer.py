@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from anrat import distributed
-from anrat.atomic_files import write_text_atomic
+from anrat.atomic_files import remove_stale_temporaries, write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split, as_split
 from anrat.errors import InputError
@@ -78,13 +78,16 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 0:
             raise InputError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr",) + (("lambda_lr",) if self.lambda_lr is not None else ()):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}")
-        if not hasattr(torch.optim, self.optimizer) and self.optimizer.lower() not in _OPTIMIZER_NAMES:
+        if not (math.isfinite(self.momentum) and self.momentum >= 0):
+            raise InputError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
+        if self.optimizer.lower() not in _OPTIMIZER_NAMES:
             raise InputError(f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise InputError(f"unknown compile mode {self.compile!r}; expected one of {COMPILE_MODES}")
@@ -97,9 +100,13 @@ class TrainConfig:
         return self.lambda_lr if self.lambda_lr is not None else self.lr * 0.1
 
 
+# The files a trainer writes into its out_dir (atomically, so a killed run may leave temporaries).
+WRITTEN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
 _OPTIMIZER_NAMES = {name.lower(): name for name in dir(torch.optim)
                     if isinstance(getattr(torch.optim, name), type)
-                    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)}
+                    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+                    and getattr(torch.optim, name) is not torch.optim.Optimizer}  # the base class optimises nothing
 
 
 def param_groups(model: nn.Module, schedule: LambdaSchedule, config: TrainConfig) -> list[dict[str, Any]]:
@@ -315,7 +322,8 @@ class Trainer:
         if not torch.isfinite(objective_sum):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
-                f"(lr={c.lr:g}); lower the learning rate. The last good state is in last.pt")
+                f"(lr={c.lr:g}); lower the learning rate"
+                + (f". The last good state is in {self.out_dir / 'last.pt'}" if self.out_dir is not None else ""))
         record = {
             "epoch": self.epoch + 1,
             "criterion": "plain" if schedule.switched else schedule.config.name,
@@ -345,6 +353,8 @@ class Trainer:
     def fit(self, epochs: int | None = None, resume: bool = True) -> TrainResult:
         """Train until ``epochs`` (default ``config.epochs``) epochs are complete, then load the best."""
         epochs = self.config.epochs if epochs is None else epochs
+        if self.out_dir is not None and self.writes_files:
+            remove_stale_temporaries(self.out_dir, WRITTEN_FILES)
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
         if self.world is not None:

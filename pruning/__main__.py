@@ -37,11 +37,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from anrat.atomic_files import write_text_atomic
+from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
-from anrat.data import DATASET_NORMS, DATASETS, load_dataset
+from anrat.data import DATASET_NORMS, DATASETS, DataSplits, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
 from anrat.errors import InputError
@@ -52,7 +52,7 @@ from pruning.masks import count_nonzero, count_total
 from pruning.pipeline import ReportOptions, prune_save_export
 from pruning.prune import PruneConfig, round_line
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
-from pruning.pruned_checkpoint import import_factory, load_pruned
+from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.significance import ESTIMATORS
 
 DEFAULT_VAL_SIZE = 10_000
@@ -79,7 +79,7 @@ def _factory_model(args: argparse.Namespace) -> LoadedModel:
         raise InputError(f"--factory-kwargs is not valid JSON: {exc}") from None
     if not isinstance(factory_kwargs, dict):
         raise InputError(f"--factory-kwargs must be a JSON object, got {args.factory_kwargs!r}")
-    model = import_factory(args.factory)(**factory_kwargs)
+    model = build_from_factory(args.factory, factory_kwargs)
     weights = load_checkpoint(args.weights)
     state = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
     try:
@@ -98,8 +98,20 @@ def load_model(args: argparse.Namespace, checkpoint: str | None, allow_factories
     if bool(checkpoint) == bool(args.factory):
         raise InputError("give either a checkpoint (model.pt of anrat-train, pruned.pt of anrat-prune) or --factory "
                          "with --weights")
-    if args.factory:
-        return _factory_model(args)
+    loaded = _factory_model(args) if args.factory else _checkpoint_model(checkpoint, allow_factories)
+    check_finite(loaded.model, loaded.source)
+    return loaded
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model with NaN or infinite weights: it cannot be evaluated, tested or exported."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"the weights of {source} are not finite ({name} holds NaN or infinite values); "
+                             "give a checkpoint of a run that did not diverge")
+
+
+def _checkpoint_model(checkpoint: str, allow_factories: Sequence[str]) -> LoadedModel:
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt, dict) or not ("arch" in ckpt or ckpt.get("format") == PRUNED_FORMAT):
         raise InputError(f"{checkpoint!r} is not a checkpoint of anrat (it does not describe its network); for a "
@@ -130,8 +142,9 @@ def resolve_input_norm(args: argparse.Namespace, loaded: LoadedModel, dataset: s
                      "--input-norm none, dataset or MEAN,STD")
 
 
-def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
-    """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback."""
+def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> int:
+    """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback;
+    returns the number of class scores the model gives."""
     model.eval()
     try:
         with torch.no_grad():
@@ -142,6 +155,18 @@ def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> None:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
+    return out.shape[1]
+
+
+def check_labels(classes: int, data: DataSplits) -> None:
+    """Refuse class labels the model has no output for (they would fail deep inside the loss)."""
+    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if split is None or split.y.is_floating_point() or not len(split):
+            continue
+        low, high = int(split.y.min()), int(split.y.max())
+        if low < 0 or high >= classes:
+            raise InputError(f"{data.sources.get(name, name)} holds class labels {low}..{high}, but the model has "
+                             f"{classes} outputs; expected labels 0..{classes - 1}")
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -178,12 +203,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         data.sources["val"] = (f"the {val_size} training images {loaded.source} held out for validation "
                                f"(seed {split_seed})")
     model.to(device)
-    check_fits(model, data.train.x, f"inputs from {data.sources['train']}")
+    check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
     if not held_out_by_training and not args.val_data and not args.quiet:
         print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data",
               file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(args.out)
 
     def log(record: dict[str, Any]) -> None:
         if not args.quiet:
@@ -222,6 +246,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    check_output_file(args.out, "--out")
     loaded = load_model(args, args.checkpoint, allow_factories=args.allow_factory or ())
     model = loaded.model.eval()
     norm, norm_origin = resolve_input_norm(args, loaded, args.dataset)

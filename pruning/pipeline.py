@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from anrat.atomic_files import write_text_atomic
+from anrat.atomic_files import make_output_folder, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.config import flatten
 from anrat.data import DataSplits, load_dataset
@@ -33,7 +33,7 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.train import RunConfig
 from anrat.train import run as train_run
-from anrat.trainer import evaluate
+from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import ExportReport, compare_models, export_onnx, onnx_test_error
 from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
@@ -72,8 +72,7 @@ class PipelineConfig:
         if self.run.val_size < 1:
             raise InputError("the pipeline needs a validation split (val_size >= 1): selection and the pruning "
                              "rollback use it")
-        self.run.train.validate()
-        self.run.schedule.validate()
+        self.run.validate()
         self.prune.validate()
         self.report.validate()
 
@@ -110,14 +109,14 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
     dense = copy.deepcopy(model).cpu().eval()
     test_before = test_before if test_before is not None else evaluate(model, data.test, kind)
     t0 = time.perf_counter()
-    result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
+    try:
+        result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written "
+                               f"to {out}") from None
     seconds["prune"] = time.perf_counter() - t0
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
-    save_pruned(pruned, out / "pruned.pt", arch=description.get("arch"), factory=description.get("factory"),
-                factory_kwargs=description.get("factory_kwargs"), input_norm=input_norm,
-                metrics={"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
-                         "val_after": result.final_val})
     t0 = time.perf_counter()
     x_test, y_test = data.test.x.cpu(), data.test.y.cpu()
     verify = x_test[: report.verify_images]
@@ -130,6 +129,11 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
                                 batch_sizes=tuple(report.latency_batch_sizes), repeats=report.latency_repeats,
                                 warmup=report.latency_warmup, threads=report.latency_threads, metadata=metadata)
     seconds["compare"] = time.perf_counter() - t0
+    # Saved last: an export that fails its verification leaves an earlier pruned.pt in place.
+    save_pruned(pruned, out / "pruned.pt", arch=description.get("arch"), factory=description.get("factory"),
+                factory_kwargs=description.get("factory_kwargs"), input_norm=input_norm,
+                metrics={"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
+                         "val_after": result.final_val})
     return PrunedModel(result, dense, test_before, test_after, onnx_error, exported, comparison, seconds)
 
 
@@ -170,11 +174,7 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     data = load_dataset(cfg.run.dataset, cfg.run.data_dir, val_size=cfg.run.val_size, seed=cfg.run.train.seed,
                         device=device, download=cfg.run.download, train_subset=cfg.run.train_subset,
                         test_subset=cfg.run.test_subset)
-    out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {str(out)!r}: {exc.strerror or exc}") from None
+    out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
     config_record = record if record is not None else asdict(cfg)
     write_text_atomic(out / "config.json", json.dumps(config_record, indent=2))
@@ -185,9 +185,12 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     ckpt = load_checkpoint(Path(cfg.run.out_dir) / "model.pt")
     model = model_from_checkpoint(ckpt).to(device)
     kind = cfg.run.schedule.kind
-    done = prune_save_export(model, data, cfg.prune, out, kind=kind, description={"arch": ckpt["arch"]},
-                             input_norm=data.input_norm, report=cfg.report, progress=progress,
-                             log=(lambda record: log(round_line(record))) if log else None)
+    try:
+        done = prune_save_export(model, data, cfg.prune, out, kind=kind, description={"arch": ckpt["arch"]},
+                                 input_norm=data.input_norm, report=cfg.report, progress=progress,
+                                 log=(lambda record: log(round_line(record))) if log else None)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{exc}; the trained model is in {Path(cfg.run.out_dir) / 'model.pt'}") from None
     seconds = {"train": train_seconds, **done.seconds, "total": time.perf_counter() - started}
     arch_name, pruned = ckpt["arch"]["name"], done.model
     test_trained = trained["test"]

@@ -62,10 +62,12 @@ class FineTune:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
 
     def train_config(self) -> TrainConfig:
-        """The trainer settings of one fine-tuning (validated: a bad optimizer or rate is refused here)."""
+        """The trainer settings of one fine-tuning (validated with the schedule: a bad optimizer, rate
+        or lambda is refused here)."""
         config = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=self.momentum,
                              seed=self.seed, optimizer=self.optimizer)
         config.validate()
+        self.schedule.validate()
         return config
 
 

@@ -45,6 +45,9 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(f"cannot import module {module_name!r} for model factory {target!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while importing: report it as theirs
+        raise InputError(f"importing module {module_name!r} of model factory {target!r} failed: "
+                         f"{_describe(exc)}") from None
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             raise InputError(f"module {module_name!r} has no attribute {attr_path!r} (model factory {target!r})")
@@ -52,6 +55,24 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
     if not callable(obj):
         raise InputError(f"model factory {target!r} is a {type(obj).__name__}, not a callable")
     return obj
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def build_from_factory(target: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Import the factory ``target`` and call it with ``kwargs``; any failure of that user code, or
+    a result that is not an ``nn.Module``, is an :class:`InputError` naming the factory."""
+    factory = import_factory(target)
+    try:
+        model = factory(**dict(kwargs or {}))
+    except Exception as exc:  # user code: whatever it raises is a problem of its input, not ours
+        raise InputError(f"model factory {target!r} failed with kwargs {dict(kwargs or {})}: {_describe(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model factory {target!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
@@ -88,7 +109,7 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], desc
 def _rebuild_from_factory(
     target: str, kwargs: Mapping[str, Any], history: list[dict[str, Any]], state_dict: Mapping[str, torch.Tensor]
 ) -> nn.Module:
-    model = import_factory(target)(**kwargs)
+    model = build_from_factory(target, kwargs)
     replay_history(model, history)
     return _load_weights(model, state_dict, f"factory {target!r} and its pruning history")
 
@@ -173,4 +194,4 @@ def load_pruned(
     return _rebuild_from_factory(target, factory.get("kwargs", {}), list(ckpt.get("history", [])), ckpt["state_dict"])
 
 
-__all__ = ["FORMAT", "import_factory", "load_pruned", "save_pruned"]
+__all__ = ["FORMAT", "build_from_factory", "import_factory", "load_pruned", "save_pruned"]

@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from anrat.atomic_files import atomic_path, write_text_atomic
+from anrat.atomic_files import atomic_path, remove_stale_temporaries, write_text_atomic
 from anrat.checkpoint import save_atomic
 
 
@@ -30,3 +30,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_stale_temporaries_of_the_named_files_only_are_removed(tmp_path):
+    left = [tmp_path / ".last.pt.x1y2.tmp", tmp_path / ".best.pt.z3.tmp"]
+    kept = [tmp_path / "last.pt", tmp_path / ".notes.txt.a1.tmp", tmp_path / "other.tmp"]
+    for path in left + kept:
+        path.write_text("x")
+    assert sorted(remove_stale_temporaries(tmp_path, ("last.pt", "best.pt"))) == sorted(left)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
