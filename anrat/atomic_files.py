@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from anrat.errors import InputError
 
@@ -89,8 +89,9 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
     folder cannot be created or written."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{what} {str(path)!r} is an existing folder; give a file name such as "
-                         f"{str(path / 'model.onnx')!r}")
+        raise InputError(
+            f"{what} {str(path)!r} is an existing folder; give a file name such as {str(path / 'model.onnx')!r}"
+        )
     folder = path.parent
     for parent in (folder, *folder.parents):
         if parent.exists():

@@ -59,8 +59,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         # torch's unpickler reports a damaged file with whatever error the bytes lead it to
-        raise InputError(f"cannot read checkpoint {str(path)!r}: it is truncated or corrupt "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+        raise InputError(
+            f"cannot read checkpoint {str(path)!r}: it is truncated or corrupt "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     return obj
 
 
@@ -76,8 +78,9 @@ def _check_torch_file(path: Path) -> None:
     if not head:
         raise InputError(f"checkpoint {str(path)!r} is empty (0 bytes); was its writing interrupted?")
     if head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise InputError(f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive, this file "
-                         f"starts with {head!r}")
+        raise InputError(
+            f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive, this file starts with {head!r}"
+        )
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from anrat.errors import InputError
 from anrat.trainer import TrainingDiverged
@@ -42,8 +42,12 @@ def report(exc: InputError | TrainingDiverged, prog: str) -> int:
     return 2
 
 
-def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
-                argv: Sequence[str] | None = None, prog: Callable[[argparse.Namespace], str] | None = None) -> int:
+def run_command(
+    parser: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+    prog: Callable[[argparse.Namespace], str] | None = None,
+) -> int:
     """Parse ``argv`` and run ``body(args)``; a refusal or a divergence becomes one line (module
     docstring). ``prog`` names the command in that line (e.g. with its subcommand)."""
     args = parser.parse_args(argv)

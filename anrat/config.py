@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
+
+import tomllib
 
 from anrat.errors import InputError
 
@@ -145,8 +147,12 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def resolve(defaults: T, file: str | os.PathLike[str] | dict[str, Any] | None = None,
-            flags: Iterable[tuple[str, Any]] = (), sets: Iterable[tuple[str, Any]] = ()) -> T:
+def resolve(
+    defaults: T,
+    file: str | os.PathLike[str] | dict[str, Any] | None = None,
+    flags: Iterable[tuple[str, Any]] = (),
+    sets: Iterable[tuple[str, Any]] = (),
+) -> T:
     """``defaults`` overridden by a config file (path or its dict), then flag pairs, then ``--set``
     pairs (dotted key, value), in that order (module docstring)."""
     values = dict(file) if isinstance(file, dict) else read_config_file(file) if file is not None else {}
@@ -171,8 +177,14 @@ def default_of(obj: Any, dotted: str) -> Any:
 _FLAG_PREFIX = "config:"  # argparse dests of flags bound to dotted keys (see flag)
 
 
-def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, key: str,
-         defaults: Any = None, help: str = "", **kwargs: Any) -> argparse.Action:
+def flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *names: str,
+    key: str,
+    defaults: Any = None,
+    help: str = "",
+    **kwargs: Any,
+) -> argparse.Action:
     """Add a flag bound to the dotted ``key``: it is absent from the parsed arguments unless given
     (so the file and ``--set`` values stand), and its help shows the default read off ``defaults``
     (a dataclass instance) when one is given."""
@@ -185,17 +197,27 @@ def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str,
 
 def flag_values(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The (dotted key, value) pairs of the :func:`flag` flags given on the command line."""
-    return [(dest[len(_FLAG_PREFIX):], value) for dest, value in vars(args).items() if dest.startswith(_FLAG_PREFIX)]
+    return [(dest[len(_FLAG_PREFIX) :], value) for dest, value in vars(args).items() if dest.startswith(_FLAG_PREFIX)]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, example: str) -> None:
     """``--config FILE`` and ``--set KEY=VALUE`` (repeatable); ``example`` is a dotted key for the help."""
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="options from a TOML file (a table per nested object) or the config.json of an "
-                             "earlier run; flags and --set override it")
-    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="set any option by its dotted key, value in TOML syntax; overrides the flags; repeatable "
-                             f"(e.g. --set {example})")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="options from a TOML file (a table per nested object) or the config.json of an "
+        "earlier run; flags and --set override it",
+    )
+    parser.add_argument(
+        "--set",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any option by its dotted key, value in TOML syntax; overrides the flags; repeatable "
+        f"(e.g. --set {example})",
+    )
 
 
 def resolve_from_args(defaults: T, args: argparse.Namespace, extra: Sequence[tuple[str, Any]] = ()) -> T:
@@ -204,5 +226,18 @@ def resolve_from_args(defaults: T, args: argparse.Namespace, extra: Sequence[tup
     return resolve(defaults, getattr(args, "config", None), [*extra, *flag_values(args)], getattr(args, "set", ()))
 
 
-__all__ = ["add_config_arguments", "as_dict", "default_of", "flag", "flag_values", "flatten", "merge",
-           "parse_setting", "read_config_file", "resolve", "resolve_from_args", "set_dotted", "type_ok"]
+__all__ = [
+    "add_config_arguments",
+    "as_dict",
+    "default_of",
+    "flag",
+    "flag_values",
+    "flatten",
+    "merge",
+    "parse_setting",
+    "read_config_file",
+    "resolve",
+    "resolve_from_args",
+    "set_dotted",
+    "type_ok",
+]

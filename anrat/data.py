@@ -25,9 +25,10 @@ import os
 import shutil
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
-            raise InputError(f"Split needs as many targets as inputs, got {self.x.shape[0]} inputs and {self.y.shape[0]} targets")
+            raise InputError(
+                f"Split needs as many targets as inputs, got {self.x.shape[0]} inputs and {self.y.shape[0]} targets"
+            )
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -161,8 +164,15 @@ def _find_sources(name: str, folder: Path, origin: str) -> dict[str, Path]:
     """The four source files by their uncompressed name, in ``folder`` or in a subfolder named
     after the dataset (``mnist/``, ``fashion-mnist/``) or laid out for torchvision (``MNIST/raw/``)."""
     if not folder.is_dir():
-        raise InputError(f"{name} data folder {folder} (from {origin}) does not exist or is not a folder; {_HOW_TO_PROVIDE}")
-    for candidate in (folder, folder / name, folder / name.replace("_", "-"), folder / _SPECS[name][0].__name__ / "raw"):
+        raise InputError(
+            f"{name} data folder {folder} (from {origin}) does not exist or is not a folder; {_HOW_TO_PROVIDE}"
+        )
+    for candidate in (
+        folder,
+        folder / name,
+        folder / name.replace("_", "-"),
+        folder / _SPECS[name][0].__name__ / "raw",
+    ):
         # The uncompressed file wins over its .gz when both are there (later keys overwrite).
         found = {n: p for n in IDX_FILES for p in (candidate / f"{n}.gz", candidate / n) if p.is_file()}
         if found:
@@ -170,7 +180,9 @@ def _find_sources(name: str, folder: Path, origin: str) -> dict[str, Path]:
             break
     missing = [n for n in IDX_FILES if n not in found]
     if missing:
-        raise InputError(f"{name} data folder {folder} has no {', no '.join(f'{n}[.gz]' for n in missing)}; {_HOW_TO_PROVIDE}")
+        raise InputError(
+            f"{name} data folder {folder} has no {', no '.join(f'{n}[.gz]' for n in missing)}; {_HOW_TO_PROVIDE}"
+        )
     return found
 
 
@@ -190,7 +202,7 @@ def _fill_cache(name: str, sources: dict[str, Path], cache_root: Path) -> Path:
             with atomic_path(target) as tmp:  # a crash never leaves a half-written file in the cache
                 with open(source, "rb") as f:
                     compressed = source.suffix == ".gz" or f.read(2) == b"\x1f\x8b"  # gzip magic
-                with (gzip.open(source) if compressed else open(source, "rb")) as src, open(tmp, "wb") as out:
+                with gzip.open(source) if compressed else open(source, "rb") as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 _check_idx(Path(tmp), source, IDX_FILES[file_name])
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -274,17 +286,24 @@ def load_dataset(
     elif download:
         root = cache_root
     else:
-        raise InputError(f"no {name} data given and download=False: {_HOW_TO_PROVIDE}, or pass download=True (--download on the command line) on a machine with internet")
+        raise InputError(
+            f"no {name} data given and download=False: {_HOW_TO_PROVIDE}, or pass download=True (--download on the "
+            f"command line) on a machine with internet"
+        )
 
     (train_images, train_labels), (test_images, test_labels) = (_read(name, root, t, download) for t in (True, False))
     num_classes = len(dataset_cls.classes)
     for images, labels, kind in ((train_images, train_labels, "train"), (test_images, test_labels, "t10k")):
         if len(images) != len(labels):
-            raise InputError(f"{name}: {kind}-images holds {len(images)} images but {kind}-labels holds {len(labels)} labels")
+            raise InputError(
+                f"{name}: {kind}-images holds {len(images)} images but {kind}-labels holds {len(labels)} labels"
+            )
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
             raise InputError(f"{name}: {kind}-labels holds labels outside 0..{num_classes - 1}")
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise InputError(f"{name}: training images are {tuple(train_images.shape[1:])}, test images {tuple(test_images.shape[1:])}")
+        raise InputError(
+            f"{name}: training images are {tuple(train_images.shape[1:])}, test images {tuple(test_images.shape[1:])}"
+        )
 
     n_train = len(train_images)
     _check_count(f"val_size for {n_train} training images", val_size, 0, n_train - 1)
@@ -325,11 +344,15 @@ def as_split(data: Any, what: str = "data", device: str | torch.device | None = 
     elif isinstance(data, Dataset):
         split = _collect(DataLoader(data, batch_size=1024, shuffle=False), what)
     else:
-        raise InputError(f"{what} must be an anrat.data.Split, an (x, y) pair of tensors, a torch Dataset of "
-                         f"(input, target) items or a DataLoader over them; got {type(data).__name__}")
+        raise InputError(
+            f"{what} must be an anrat.data.Split, an (x, y) pair of tensors, a torch Dataset of "
+            f"(input, target) items or a DataLoader over them; got {type(data).__name__}"
+        )
     if split.x.dim() < 2 or len(split) == 0:
-        raise InputError(f"{what} must hold at least one sample with a batch dimension first; inputs have shape "
-                         f"{tuple(split.x.shape)}")
+        raise InputError(
+            f"{what} must hold at least one sample with a batch dimension first; inputs have shape "
+            f"{tuple(split.x.shape)}"
+        )
     if not split.x.is_floating_point():
         raise InputError(f"{what} inputs must be floating point (e.g. pixel / 255), got {split.x.dtype}")
     if not isinstance(data, Split):  # a Split was checked when it was made
@@ -349,17 +372,23 @@ def _collect(loader: DataLoader, what: str) -> Split:
     try:
         for item in loader:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise InputError(f"{what}: each batch must be an (inputs, targets) pair, got {type(item).__name__}"
-                                 f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}")
+                raise InputError(
+                    f"{what}: each batch must be an (inputs, targets) pair, got {type(item).__name__}"
+                    f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}"
+                )
             x, y = item
             if not isinstance(x, Tensor):
-                raise InputError(f"{what}: inputs are {type(x).__name__}, not tensors; give the dataset a "
-                                 "transform such as torchvision.transforms.ToTensor()")
+                raise InputError(
+                    f"{what}: inputs are {type(x).__name__}, not tensors; give the dataset a "
+                    "transform such as torchvision.transforms.ToTensor()"
+                )
             xs.append(x)
             ys.append(torch.as_tensor(y))
     except TypeError as exc:  # default_collate refuses PIL images and ragged items with a TypeError
-        raise InputError(f"{what} could not be batched ({str(exc).splitlines()[0]}); items must be (tensor, target) "
-                         "pairs of one shape, e.g. a torchvision dataset with transform=ToTensor()") from None
+        raise InputError(
+            f"{what} could not be batched ({str(exc).splitlines()[0]}); items must be (tensor, target) "
+            "pairs of one shape, e.g. a torchvision dataset with transform=ToTensor()"
+        ) from None
     if not xs:
         raise InputError(f"{what} is empty")
     return Split(torch.cat(xs), torch.cat(ys))

@@ -47,8 +47,9 @@ def load_tensor_file(path: str | os.PathLike[str], what: str = "data") -> FileDa
     obj = load_checkpoint(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("x"), Tensor) or not isinstance(obj.get("y"), Tensor):
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise InputError(f"{what} file {str(path)!r} must hold a dict with tensors 'x' (inputs) and 'y' (targets); "
-                         f"it holds {keys}")
+        raise InputError(
+            f"{what} file {str(path)!r} must hold a dict with tensors 'x' (inputs) and 'y' (targets); it holds {keys}"
+        )
     x, y = obj["x"], obj["y"]
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
@@ -69,16 +70,18 @@ def load_image_folder(path: str | os.PathLike[str], what: str = "data", image_mo
     try:
         folder = datasets.ImageFolder(str(path))
     except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"{what} folder {str(path)!r} is not an image folder (root/<class>/<image>): "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise InputError(
+            f"{what} folder {str(path)!r} is not an image folder (root/<class>/<image>): {str(exc).splitlines()[0]}"
+        ) from None
     mode = image_mode or ("L" if _grey(folder.samples[0][0]) else "RGB")
     folder.loader = lambda file: Image.open(file).convert(mode)
     folder.transform = transforms.ToTensor()
     try:
         split = as_split(folder, f"{what} folder {str(path)!r}")
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{what} folder {str(path)!r} holds a file that is not a readable image: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise InputError(
+            f"{what} folder {str(path)!r} holds a file that is not a readable image: {str(exc).splitlines()[0]}"
+        ) from None
     return FileData(split, list(folder.classes), f"image folder {path} ({mode})")
 
 
@@ -89,14 +92,18 @@ def load_data_file(path: str | os.PathLike[str], what: str = "data", image_mode:
         return load_image_folder(p, what, image_mode)
     if p.is_file():
         return load_tensor_file(p, what)
-    raise InputError(f"{what} {str(path)!r} does not exist: expected a tensor file (.pt with 'x' and 'y') "
-                     "or an image folder (root/<class>/<image>)")
+    raise InputError(
+        f"{what} {str(path)!r} does not exist: expected a tensor file (.pt with 'x' and 'y') "
+        "or an image folder (root/<class>/<image>)"
+    )
 
 
 def _hold_out(split: Split, val_size: int, seed: int, what: str) -> tuple[Split, Split]:
     """``val_size`` samples held out as :func:`load_dataset` holds them out of IDX data."""
     if not 0 < val_size < len(split):
-        raise InputError(f"--val-size must be from 1 to {len(split) - 1} for the {len(split)} samples of {what}, got {val_size}")
+        raise InputError(
+            f"--val-size must be from 1 to {len(split) - 1} for the {len(split)} samples of {what}, got {val_size}"
+        )
     val_index, train_index = hold_out_indices(len(split), val_size, seed)
     return Split(split.x[train_index], split.y[train_index]), Split(split.x[val_index], split.y[val_index])
 
@@ -134,14 +141,20 @@ def load_splits(
     and the fine-tuning select on validation data, and a test figure selected on is no longer an
     unbiased estimate. ``sources`` of the result says where each split came from.
     """
-    if val_data is not None and (str(val_data) == "test" or (
-            test_data is not None and Path(val_data).expanduser().resolve() == Path(test_data).expanduser().resolve())):
-        raise InputError("the test split cannot serve as validation data: pruning rolls back and selects epochs on "
-                         "the validation data, so a test error measured on the same images would be biased; give "
-                         "held-out images that are neither training nor test data")
+    if val_data is not None and (
+        str(val_data) == "test"
+        or (test_data is not None and Path(val_data).expanduser().resolve() == Path(test_data).expanduser().resolve())
+    ):
+        raise InputError(
+            "the test split cannot serve as validation data: pruning rolls back and selects epochs on "
+            "the validation data, so a test error measured on the same images would be biased; give "
+            "held-out images that are neither training nor test data"
+        )
     device = resolve_device(device)
-    files = {name: load_data_file(path, f"--{name}-data", image_mode) if path is not None else None
-             for name, path in (("train", train_data), ("val", val_data), ("test", test_data))}
+    files = {
+        name: load_data_file(path, f"--{name}-data", image_mode) if path is not None else None
+        for name, path in (("train", train_data), ("val", val_data), ("test", test_data))
+    }
     named = None
     if files["train"] is None or files["test"] is None:
         named = load_dataset(dataset or "mnist", data_dir, val_size=0, seed=seed, input_norm=InputNorm.none())
@@ -158,18 +171,30 @@ def load_splits(
         val = files["val"].split
     else:
         train, val = _hold_out(train, val_size, seed, "the training data")
-        sources["val"] = (f"{val_size} samples held out of the training data (seed {seed}); the model must not "
-                          "have been trained on them")
+        sources["val"] = (
+            f"{val_size} samples held out of the training data (seed {seed}); the model must not "
+            "have been trained on them"
+        )
     train, test = _first(train, train_subset, "--train-subset"), _first(test, test_subset, "--test-subset")
     shapes = {name: tuple(s.x.shape[1:]) for name, s in (("train", train), ("val", val), ("test", test))}
     if len(set(shapes.values())) != 1:
         raise InputError(f"the splits' inputs differ in shape: {shapes}")
-    num_classes = len(classes[0]) if classes else (named.num_classes if named is not None else
-                                                   int(max(int(s.y.max()) for s in (train, val, test))) + 1)
+    num_classes = (
+        len(classes[0])
+        if classes
+        else (named.num_classes if named is not None else int(max(int(s.y.max()) for s in (train, val, test))) + 1)
+    )
     normalise = lambda s: Split(input_norm.apply(s.x).to(device), s.y.to(device))  # noqa: E731
-    return DataSplits(train=normalise(train), val=normalise(val), test=normalise(test),
-                      name=named.name if named is not None else "files", num_classes=num_classes,
-                      input_shape=shapes["train"], input_norm=input_norm, sources=sources)
+    return DataSplits(
+        train=normalise(train),
+        val=normalise(val),
+        test=normalise(test),
+        name=named.name if named is not None else "files",
+        num_classes=num_classes,
+        input_shape=shapes["train"],
+        input_norm=input_norm,
+        sources=sources,
+    )
 
 
 __all__ = ["IMAGE_MODES", "FileData", "load_data_file", "load_image_folder", "load_splits", "load_tensor_file"]

@@ -43,9 +43,9 @@ See docs/distributed.md for launch commands and what is and is not exact.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,11 +116,15 @@ def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
         raise InputError(f"unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'") from e
     if resolved.type == "cuda":
         if resolved.index is not None:
-            raise InputError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda or auto, not {device!r}")
+            raise InputError(
+                f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda or auto, not {device!r}"
+            )
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise InputError(f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s); "
-                             f"start at most {count} processes per node (--nproc_per_node)")
+            raise InputError(
+                f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s); "
+                f"start at most {count} processes per node (--nproc_per_node)"
+            )
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
     elif resolved.type != "cpu":
@@ -153,8 +157,10 @@ def process_group_from_env(device: str | torch.device = "auto") -> Iterator[torc
         raise InputError(f"WORLD_SIZE={size} but this PyTorch build has no torch.distributed")
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
-        raise InputError(f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun "
-                         "(torchrun --standalone --nproc_per_node=N -m anrat.train ...)")
+        raise InputError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun "
+            "(torchrun --standalone --nproc_per_node=N -m anrat.train ...)"
+        )
     resolved = rank_device(device, _env_int("LOCAL_RANK", 0))
     backend = backend_for(resolved)
     dist.init_process_group(backend, device_id=resolved if resolved.type == "cuda" else None)
@@ -361,8 +367,24 @@ def require_agreement(value: int, what: str, device: torch.device) -> None:
 
 
 __all__ = [
-    "GlobalBatch", "GlobalBatchLoss", "World", "average_gradients", "backend_for", "current_world",
-    "data_parallel", "env_is_main", "env_world_size", "gather_rng_states", "max_over_ranks",
-    "process_group_from_env", "rank_device", "require_agreement", "seed_rank", "set_rng_state", "shard",
-    "shard_batches", "shard_bounds", "sum_over_ranks",
+    "GlobalBatch",
+    "GlobalBatchLoss",
+    "World",
+    "average_gradients",
+    "backend_for",
+    "current_world",
+    "data_parallel",
+    "env_is_main",
+    "env_world_size",
+    "gather_rng_states",
+    "max_over_ranks",
+    "process_group_from_env",
+    "rank_device",
+    "require_agreement",
+    "seed_rank",
+    "set_rng_state",
+    "shard",
+    "shard_batches",
+    "shard_bounds",
+    "sum_over_ranks",
 ]

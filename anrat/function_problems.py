@@ -49,8 +49,9 @@ poor minima.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -101,9 +102,16 @@ class FunctionProblem:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description (no tensors)."""
-        return {"name": self.name, "description": self.description, "arch": self.arch,
-                "threshold": self.threshold, "global_minimum": self.global_minimum, "seed": self.seed,
-                "num_samples": len(self.train), "params": self.params}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "arch": self.arch,
+            "threshold": self.threshold,
+            "global_minimum": self.global_minimum,
+            "seed": self.seed,
+            "num_samples": len(self.train),
+            "params": self.params,
+        }
 
 
 def _check_int(what: str, value: int, low: int, high: int) -> None:
@@ -117,19 +125,40 @@ def _standardise(y: Tensor) -> tuple[Tensor, float, float]:
     return (y - mean) / std, mean, std
 
 
-def _two_layer_problem(name: str, description: str, x: Tensor, y: Tensor, activation: str,
-                       weights: tuple[Tensor, Tensor, Tensor, Tensor], seed: int,
-                       params: dict[str, Any]) -> FunctionProblem:
+def _two_layer_problem(
+    name: str,
+    description: str,
+    x: Tensor,
+    y: Tensor,
+    activation: str,
+    weights: tuple[Tensor, Tensor, Tensor, Tensor],
+    seed: int,
+    params: dict[str, Any],
+) -> FunctionProblem:
     """A problem fitted by ``mlp(d, (hidden,), 1, activation)`` with reference weights
     ``weights = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)`` (float64, stored as float32)."""
     w1, b1, w2, b2 = weights
-    state = {"fc1.weight": w1.float(), "fc1.bias": b1.float(),
-             "fc2.weight": w2.reshape(1, -1).float(), "fc2.bias": b2.reshape(1).float()}
-    arch = {"name": "mlp", "kwargs": {"in_features": x.shape[1], "hidden": [w1.shape[0]], "out_features": 1,
-                                      "activation": activation}}
-    return FunctionProblem(name=name, description=description, train=Split(x.float(), y.float()), arch=arch,
-                           threshold=SUCCESS_THRESHOLD, global_minimum=0.0, reference_state=state, seed=seed,
-                           params=params)
+    state = {
+        "fc1.weight": w1.float(),
+        "fc1.bias": b1.float(),
+        "fc2.weight": w2.reshape(1, -1).float(),
+        "fc2.bias": b2.reshape(1).float(),
+    }
+    arch = {
+        "name": "mlp",
+        "kwargs": {"in_features": x.shape[1], "hidden": [w1.shape[0]], "out_features": 1, "activation": activation},
+    }
+    return FunctionProblem(
+        name=name,
+        description=description,
+        train=Split(x.float(), y.float()),
+        arch=arch,
+        threshold=SUCCESS_THRESHOLD,
+        global_minimum=0.0,
+        reference_state=state,
+        seed=seed,
+        params=params,
+    )
 
 
 def student_teacher(seed: int = 0, dim: int = 4, num_samples: int = 1000) -> FunctionProblem:
@@ -150,11 +179,22 @@ def student_teacher(seed: int = 0, dim: int = 4, num_samples: int = 1000) -> Fun
     x = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
     raw = torch.relu(x @ w1.T).sum(dim=1, keepdim=True)
     y, mean, std = _standardise(raw)
-    weights = (w1, torch.zeros(dim, dtype=torch.float64), torch.full((dim,), 1.0 / std, dtype=torch.float64),
-               torch.tensor(-mean / std, dtype=torch.float64))
+    weights = (
+        w1,
+        torch.zeros(dim, dtype=torch.float64),
+        torch.full((dim,), 1.0 / std, dtype=torch.float64),
+        torch.tensor(-mean / std, dtype=torch.float64),
+    )
     return _two_layer_problem(
-        "teacher", f"student-teacher, ReLU {dim}-{dim}-1, orthonormal teacher (Safran & Shamir), {num_samples} Gaussian inputs",
-        x, y, "relu", weights, seed, {"dim": dim, "num_samples": num_samples})
+        "teacher",
+        f"student-teacher, ReLU {dim}-{dim}-1, orthonormal teacher (Safran & Shamir), {num_samples} Gaussian inputs",
+        x,
+        y,
+        "relu",
+        weights,
+        seed,
+        {"dim": dim, "num_samples": num_samples},
+    )
 
 
 def oscillating_wave(seed: int = 0, hidden: int = 8, num_samples: int = 256, sharpness: float = 2.0) -> FunctionProblem:
@@ -182,11 +222,22 @@ def oscillating_wave(seed: int = 0, hidden: int = 8, num_samples: int = 256, sha
     x = torch.rand(num_samples, 1, generator=g, dtype=torch.float64) * 2 - 1
     raw = (signs * torch.tanh(beta * (x - centres))).sum(dim=1, keepdim=True)
     y, mean, std = _standardise(raw)
-    weights = (torch.full((hidden, 1), beta, dtype=torch.float64), -beta * centres, signs / std,
-               torch.tensor(-mean / std, dtype=torch.float64))
+    weights = (
+        torch.full((hidden, 1), beta, dtype=torch.float64),
+        -beta * centres,
+        signs / std,
+        torch.tensor(-mean / std, dtype=torch.float64),
+    )
     return _two_layer_problem(
-        "wave", f"1-D square wave, {hidden // 2} periods on [-1, 1], tanh 1-{hidden}-1, {num_samples} points",
-        x, y, "tanh", weights, seed, {"hidden": hidden, "num_samples": num_samples, "sharpness": sharpness})
+        "wave",
+        f"1-D square wave, {hidden // 2} periods on [-1, 1], tanh 1-{hidden}-1, {num_samples} points",
+        x,
+        y,
+        "tanh",
+        weights,
+        seed,
+        {"hidden": hidden, "num_samples": num_samples, "sharpness": sharpness},
+    )
 
 
 def parity(seed: int = 0, bits: int = 6, gain: float = 40.0) -> FunctionProblem:
@@ -210,10 +261,22 @@ def parity(seed: int = 0, bits: int = 6, gain: float = 40.0) -> FunctionProblem:
     s = x.sum(dim=1, keepdim=True)
     y = 2 * torch.remainder(s, 2) - 1
     k = torch.arange(1, bits + 1, dtype=torch.float64)
-    weights = (torch.full((bits, bits), gain, dtype=torch.float64), -gain * (k - 0.5), (-1.0) ** (k + 1),
-               torch.tensor(float(bits % 2) - 1.0, dtype=torch.float64))
-    return _two_layer_problem("parity", f"{bits}-bit parity, all {2**bits} patterns, tanh {bits}-{bits}-1",
-                              x, y, "tanh", weights, seed, {"bits": bits, "gain": gain})
+    weights = (
+        torch.full((bits, bits), gain, dtype=torch.float64),
+        -gain * (k - 0.5),
+        (-1.0) ** (k + 1),
+        torch.tensor(float(bits % 2) - 1.0, dtype=torch.float64),
+    )
+    return _two_layer_problem(
+        "parity",
+        f"{bits}-bit parity, all {2**bits} patterns, tanh {bits}-{bits}-1",
+        x,
+        y,
+        "tanh",
+        weights,
+        seed,
+        {"bits": bits, "gain": gain},
+    )
 
 
 PROBLEMS: dict[str, Callable[..., FunctionProblem]] = {
@@ -233,5 +296,12 @@ def make_problem(name: str, seed: int = 0, **kwargs: Any) -> FunctionProblem:
         raise InputError(f"bad arguments for problem {name!r}: {exc}") from None
 
 
-__all__ = ["PROBLEMS", "SUCCESS_THRESHOLD", "FunctionProblem", "make_problem", "oscillating_wave", "parity",
-           "student_teacher"]
+__all__ = [
+    "PROBLEMS",
+    "SUCCESS_THRESHOLD",
+    "FunctionProblem",
+    "make_problem",
+    "oscillating_wave",
+    "parity",
+    "student_teacher",
+]

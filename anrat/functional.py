@@ -61,8 +61,14 @@ def _check_positive(name: str, value: float | Tensor) -> None:
         raise InputError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def per_sample_loss(input: Tensor, target: Tensor, kind: LossKind = "ce", p: float = 2.0,
-                    weight: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+def per_sample_loss(
+    input: Tensor,
+    target: Tensor,
+    kind: LossKind = "ce",
+    p: float = 2.0,
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """Per-sample losses ``l_i`` of shape (N,), in float32 (or float64 for float64 input).
 
     kind="ce": softmax cross-entropy from logits ``input`` (N, C) or (N, C, d1, ...) with class
@@ -78,8 +84,8 @@ def per_sample_loss(input: Tensor, target: Tensor, kind: LossKind = "ce", p: flo
         raise InputError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
     if input.dim() == 0 or input.shape[0] != target.shape[0]:
         raise InputError(
-            f"input and target must have the same batch size, got shapes {tuple(input.shape)} "
-            f"and {tuple(target.shape)}")
+            f"input and target must have the same batch size, got shapes {tuple(input.shape)} and {tuple(target.shape)}"
+        )
     x = input if input.dtype == torch.float64 else input.float()
     if kind == "ce":
         if x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1):
@@ -92,8 +98,10 @@ def per_sample_loss(input: Tensor, target: Tensor, kind: LossKind = "ce", p: flo
             y = target.long()
         else:
             raise InputError(
-                f"kind='ce' expects class-index targets (int64) of shape {tuple(input.shape[:1]) + tuple(input.shape[2:])} "
-                f"or class probabilities of shape {tuple(input.shape)}, got {target.dtype} {tuple(target.shape)}")
+                f"kind='ce' expects class-index targets (int64) of shape "
+                f"{tuple(input.shape[:1]) + tuple(input.shape[2:])} "
+                f"or class probabilities of shape {tuple(input.shape)}, got {target.dtype} {tuple(target.shape)}"
+            )
         w = None if weight is None else weight.to(x.dtype)
         losses = F.cross_entropy(x, y, weight=w, reduction="none", label_smoothing=label_smoothing)
         return _sum_per_sample(losses)
@@ -126,8 +134,9 @@ def working_dtype(losses: Tensor) -> torch.dtype:
     return torch.float32 if losses.device.type == "mps" else torch.float64
 
 
-def tilted_stats(losses: Tensor, t: float | Tensor, weights: Tensor | None = None, need_t: bool = True
-                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+def tilted_stats(
+    losses: Tensor, t: float | Tensor, weights: Tensor | None = None, need_t: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The tilted mean in torch ops with its gradients in closed form: ``(value, s, dvalue_dt)``
     (``dvalue_dt`` None unless ``need_t``).
 
@@ -222,8 +231,13 @@ class _TiltedMean(torch.autograd.Function):
     """Value as in :func:`tilted_mean`; gradients in closed form (the tilted weights), not op by op."""
 
     @staticmethod
-    def forward(ctx, losses: Tensor, t: float | Tensor, weights: Tensor | None,  # type: ignore[override]
-                backend: TiltedBackend) -> Tensor:
+    def forward(
+        ctx,
+        losses: Tensor,
+        t: float | Tensor,
+        weights: Tensor | None,  # type: ignore[override]
+        backend: TiltedBackend,
+    ) -> Tensor:
         if numpy_path(losses, backend):
             value, s, dt = tilted_cpu(host_array(losses), float(t), None if weights is None else host_array(weights))
             ctx.host = True
@@ -243,8 +257,9 @@ class _TiltedMean(torch.autograd.Function):
         return (s * grad).to(grad.dtype), grad_t.to(grad.dtype) if grad_t is not None else None, None, None
 
 
-def tilted_mean(losses: Tensor, t: float | Tensor, weights: Tensor | None = None, *,
-                backend: TiltedBackend = "auto") -> Tensor:
+def tilted_mean(
+    losses: Tensor, t: float | Tensor, weights: Tensor | None = None, *, backend: TiltedBackend = "auto"
+) -> Tensor:
     """``(1/t) * log(sum_i w_i * exp(t * l_i))`` over a 1-D tensor, stable for any t in [1e-8, 1e8].
 
     ``weights`` are nonnegative and sum to 1 (default: uniform 1/m); this is NRAE of the losses.
@@ -275,11 +290,19 @@ def _lam_to_t(lam: float | Tensor, p: float) -> float | Tensor:
     _check_positive("lam", lam)
     if not (math.isfinite(p) and p > 0):
         raise InputError(f"p must be a finite number > 0, got {p!r}")
-    return lam ** p
+    return lam**p
 
 
-def nrae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce", *,
-         backend: TiltedBackend = "auto", **loss_kwargs) -> Tensor:
+def nrae(
+    input: Tensor,
+    target: Tensor,
+    lam: float | Tensor,
+    p: float = 2.0,
+    kind: LossKind = "ce",
+    *,
+    backend: TiltedBackend = "auto",
+    **loss_kwargs,
+) -> Tensor:
     """Normalized risk-averting error ``log(mean_i exp(t * l_i)) / t`` with ``t = lam ** p``.
 
     Scalar tensor; finite for every t from 1e-8 to 1e8 in float32 and float64; equals mean(l) as
@@ -290,8 +313,9 @@ def nrae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kin
     return tilted_mean(per_sample_loss(input, target, kind, p, **loss_kwargs), _lam_to_t(lam, p), backend=backend)
 
 
-def rae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
-        **loss_kwargs) -> Tensor:
+def rae(
+    input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce", **loss_kwargs
+) -> Tensor:
     """Risk-averting error ``mean_i exp(t * l_i)``, ``t = lam ** p``.
 
     Overflows to inf once ``t * max(l)`` exceeds log of the dtype's largest value (about 88.7 in
@@ -302,8 +326,15 @@ def rae(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind
     return torch.exp(t * losses).mean()
 
 
-def rae_feasible(input: Tensor, target: Tensor, lam: float | Tensor, p: float = 2.0, kind: LossKind = "ce",
-                 dtype: torch.dtype | None = None, **loss_kwargs) -> bool:
+def rae_feasible(
+    input: Tensor,
+    target: Tensor,
+    lam: float | Tensor,
+    p: float = 2.0,
+    kind: LossKind = "ce",
+    dtype: torch.dtype | None = None,
+    **loss_kwargs,
+) -> bool:
     """Whether RAE at this lambda is representable (finite) in ``dtype`` (default: input's dtype).
 
     RAE is finite iff ``t * max(l) < log(finfo(dtype).max)``. Used to decide when the trainer may
@@ -321,5 +352,15 @@ def losses_rae_feasible(max_loss: float | Tensor, lam: float | Tensor, p: float,
     return bool(t * float(max_loss) < math.log(torch.finfo(dtype).max))
 
 
-__all__ = ["KINDS", "TILTED_BACKENDS", "LossKind", "TiltedBackend", "losses_rae_feasible", "nrae", "per_sample_loss",
-           "rae", "rae_feasible", "tilted_mean"]
+__all__ = [
+    "KINDS",
+    "TILTED_BACKENDS",
+    "LossKind",
+    "TiltedBackend",
+    "losses_rae_feasible",
+    "nrae",
+    "per_sample_loss",
+    "rae",
+    "rae_feasible",
+    "tilted_mean",
+]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,9 @@ class InputNorm:
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std):
-            raise InputError(f"input normalisation needs as many means as stds, got {len(self.mean)} and {len(self.std)}")
+            raise InputError(
+                f"input normalisation needs as many means as stds, got {len(self.mean)} and {len(self.std)}"
+            )
         for value in (*self.mean, *self.std):
             if not math.isfinite(value):
                 raise InputError(f"input normalisation values must be finite numbers, got {value!r}")
@@ -86,9 +89,14 @@ class InputNorm:
     @classmethod
     def from_dict(cls, record: Mapping[str, Any] | None, where: str) -> InputNorm:
         """Read back :meth:`as_dict` (from a checkpoint or ONNX metadata)."""
-        if not isinstance(record, Mapping) or not isinstance(record.get("mean"), (list, tuple)) \
-                or not isinstance(record.get("std"), (list, tuple)):
-            raise InputError(f"{where} holds no readable input normalisation (expected mean and std lists), got {record!r}")
+        if (
+            not isinstance(record, Mapping)
+            or not isinstance(record.get("mean"), (list, tuple))
+            or not isinstance(record.get("std"), (list, tuple))
+        ):
+            raise InputError(
+                f"{where} holds no readable input normalisation (expected mean and std lists), got {record!r}"
+            )
         return cls(tuple(float(v) for v in record["mean"]), tuple(float(v) for v in record["std"]))
 
     @property
@@ -130,8 +138,10 @@ class InputNorm:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape)
         if x.dim() < 2 or mean.numel() not in (1, x.shape[1]):
-            raise InputError(f"input normalisation has {mean.numel()} channels; inputs of shape {tuple(x.shape)} have "
-                             f"{x.shape[1] if x.dim() > 1 else 'no'} channels")
+            raise InputError(
+                f"input normalisation has {mean.numel()} channels; inputs of shape {tuple(x.shape)} have "
+                f"{x.shape[1] if x.dim() > 1 else 'no'} channels"
+            )
         return (x - mean) / std
 
 

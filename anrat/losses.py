@@ -35,8 +35,20 @@ import torch
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from anrat.functional import (KINDS, LossKind, TiltedBackend, check_backend, host_array, numpy_path, per_sample_loss,
-                              scaled_weights, tilted_cpu, tilted_mean, tilted_stats, working_dtype)
+from anrat.functional import (
+    KINDS,
+    LossKind,
+    TiltedBackend,
+    check_backend,
+    host_array,
+    numpy_path,
+    per_sample_loss,
+    scaled_weights,
+    tilted_cpu,
+    tilted_mean,
+    tilted_stats,
+    working_dtype,
+)
 from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
@@ -99,8 +111,16 @@ class NRAELoss(BatchLoss):
             (:func:`anrat.functional.tilted_mean`); "auto" (default) chooses.
     """
 
-    def __init__(self, lam: float = 10.0, p: float = 2.0, kind: LossKind = "ce",
-                 normalizer: str = "batch", momentum: float = 0.1, *, backend: TiltedBackend = "auto") -> None:
+    def __init__(
+        self,
+        lam: float = 10.0,
+        p: float = 2.0,
+        kind: LossKind = "ce",
+        normalizer: str = "batch",
+        momentum: float = 0.1,
+        *,
+        backend: TiltedBackend = "auto",
+    ) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         check_backend(backend)
@@ -131,8 +151,8 @@ class NRAELoss(BatchLoss):
 
     def t(self) -> float | Tensor:
         if torch.compiler.is_compiling():
-            return self.lam_tensor ** self.p
-        return self._lam ** self.p
+            return self.lam_tensor**self.p
+        return self._lam**self.p
 
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """NRAE of the batch (``normalizer="batch"``) or the running NRAE (module docstring)."""
@@ -158,8 +178,9 @@ class NRAELoss(BatchLoss):
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
-        return (f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
-                + _backend_repr(self.backend))
+        return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}" + _backend_repr(
+            self.backend
+        )
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -187,18 +208,28 @@ class _ANRATObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, losses: Tensor, theta: Tensor, lo: float, hi: float, p: float, a: float, q: float,
-                log: bool, backend: TiltedBackend) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx,
+        losses: Tensor,
+        theta: Tensor,
+        lo: float,
+        hi: float,
+        p: float,
+        a: float,
+        q: float,
+        log: bool,
+        backend: TiltedBackend,
+    ) -> Tensor:  # type: ignore[override]
         if numpy_path(losses, backend):
             l_host = host_array(losses)  # the one wait for the device, if any
             th = min(max(theta.item(), lo), hi)
             lam = math.exp(th) if log else _softplus(th)
-            t = lam ** p
+            t = lam**p
             value, s, dnrae_dt = tilted_cpu(l_host, t)
             dlam_dtheta = lam if log else 1.0 / (1.0 + math.exp(-th))
             ctx.host = True
             ctx.stats = (s, (p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
-            return torch.full((), value + a * lam ** -q, dtype=losses.dtype, device=losses.device)
+            return torch.full((), value + a * lam**-q, dtype=losses.dtype, device=losses.device)
         th = theta.clamp(lo, hi).to(working_dtype(losses))
         lam = th.exp() if log else nn.functional.softplus(th)
         t = lam.pow(p)
@@ -247,9 +278,19 @@ class ANRATLoss(BatchLoss):
     (:func:`anrat.distributed.average_gradients`) as the trainer does.
     """
 
-    def __init__(self, init_lambda: float = 10.0, p: float = 2.0, a: float = 0.01, q: float = 1.0,
-                 kind: LossKind = "ce", parameterization: str = "log",
-                 min_lambda: float = 1e-4, max_lambda: float = 1e4, *, backend: TiltedBackend = "auto") -> None:
+    def __init__(
+        self,
+        init_lambda: float = 10.0,
+        p: float = 2.0,
+        a: float = 0.01,
+        q: float = 1.0,
+        kind: LossKind = "ce",
+        parameterization: str = "log",
+        min_lambda: float = 1e-4,
+        max_lambda: float = 1e4,
+        *,
+        backend: TiltedBackend = "auto",
+    ) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         check_backend(backend)
@@ -260,10 +301,14 @@ class ANRATLoss(BatchLoss):
         if not (math.isfinite(q) and q > 0):
             raise InputError(f"q (penalty exponent) must be > 0, got {q!r}")
         if parameterization not in LAMBDA_PARAMETERIZATIONS:
-            raise InputError(f"unknown lambda parameterization {parameterization!r}; expected one of {LAMBDA_PARAMETERIZATIONS}")
+            raise InputError(
+                f"unknown lambda parameterization {parameterization!r}; expected one of {LAMBDA_PARAMETERIZATIONS}"
+            )
         if not 0 < min_lambda <= init_lambda <= max_lambda < math.inf:
-            raise InputError(f"expected 0 < min_lambda <= init_lambda <= max_lambda, got "
-                             f"{min_lambda!r}, {init_lambda!r}, {max_lambda!r}")
+            raise InputError(
+                f"expected 0 < min_lambda <= init_lambda <= max_lambda, got "
+                f"{min_lambda!r}, {init_lambda!r}, {max_lambda!r}"
+            )
         self.kind, self.p, self.a, self.q, self.parameterization = kind, float(p), float(a), float(q), parameterization
         self.backend = backend
         self.theta_bounds = (self._theta_of(min_lambda), self._theta_of(max_lambda))
@@ -302,12 +347,15 @@ class ANRATLoss(BatchLoss):
         if l.shape[0] == 0:
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
-        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log",
-                                     self.backend)
+        return _ANRATObjective.apply(
+            l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log", self.backend
+        )
 
     def extra_repr(self) -> str:
-        return (f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, "
-                f"parameterization={self.parameterization!r}" + _backend_repr(self.backend))
+        return (
+            f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, "
+            f"parameterization={self.parameterization!r}" + _backend_repr(self.backend)
+        )
 
 
 def _backend_repr(backend: TiltedBackend) -> str:

@@ -9,12 +9,12 @@ arguments, the pruned checkpoint stores them and :func:`build_model` rebuilds th
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from anrat.errors import InputError
-
 
 #: Reads the width keyword arguments of a registered model off a (pruned) network of that model.
 WidthRule = Callable[[nn.Module], dict[str, Any]]
@@ -38,8 +38,9 @@ def _conv_out(size: int, kernel: int) -> int:
     return (size - kernel + 1) // 2
 
 
-def _two_conv_net(conv1: int, conv2: int, fc1: int, num_classes: int, in_channels: int, image_size: int,
-                  dropout: float | None) -> nn.Sequential:
+def _two_conv_net(
+    conv1: int, conv2: int, fc1: int, num_classes: int, in_channels: int, image_size: int, dropout: float | None
+) -> nn.Sequential:
     """conv 5x5 -> pool 2 -> ReLU -> conv 5x5 -> pool 2 -> ReLU -> Linear -> ReLU [-> Dropout] -> Linear."""
     side = _conv_out(_conv_out(image_size, 5), 5)
     layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -173,4 +174,3 @@ __all__ = [
     "mlp",
     "mlp_widths",
 ]
-

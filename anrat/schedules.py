@@ -39,11 +39,11 @@ class ScheduleConfig:
     """Everything that defines a schedule (stored in checkpoints and run configs)."""
 
     name: str = "adaptive"
-    lam0: float = 10.0          # initial (or fixed) lambda
-    p: float = 2.0              # t = lam ** p
-    kind: LossKind = "ce"       # the per-sample loss: cross-entropy or the Lp error
+    lam0: float = 10.0  # initial (or fixed) lambda
+    p: float = 2.0  # t = lam ** p
+    kind: LossKind = "ce"  # the per-sample loss: cross-entropy or the Lp error
     # adaptive (ANRAT)
-    a: float = 0.01             # penalty weight in a * lam ** (-q)
+    a: float = 0.01  # penalty weight in a * lam ** (-q)
     q: float = 1.0
     parameterization: str = "log"
     # anneal
@@ -55,7 +55,7 @@ class ScheduleConfig:
     # NRAE normaliser for fixed/anneal/excursions: "batch" (paper) or "running"
     normalizer: str = "batch"
     # deconvexification
-    switch_below: float = 0.0   # switch to the plain loss once lambda < this (0: never by value)
+    switch_below: float = 0.0  # switch to the plain loss once lambda < this (0: never by value)
     switch_when_feasible: bool = False
 
     def validate(self) -> None:
@@ -70,7 +70,9 @@ class ScheduleConfig:
         if self.gamma > 1:
             raise InputError(f"gamma (anneal factor per epoch) must be in (0, 1], got {self.gamma!r}")
         if self.period < 1 or not 0 <= self.plain_steps < self.period:
-            raise InputError(f"excursions need period >= 1 and 0 <= plain_steps < period, got {self.period}, {self.plain_steps}")
+            raise InputError(
+                f"excursions need period >= 1 and 0 <= plain_steps < period, got {self.period}, {self.plain_steps}"
+            )
         if not self.switch_below >= 0:  # NaN included
             raise InputError(f"switch_below must be >= 0, got {self.switch_below!r}")
 
@@ -113,7 +115,10 @@ class LambdaSchedule:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
             return self.plain
-        if self.config.name == "excursions" and step % self.config.period >= self.config.period - self.config.plain_steps:
+        if (
+            self.config.name == "excursions"
+            and step % self.config.period >= self.config.period - self.config.plain_steps
+        ):
             return self.plain
         return self.nrae
 
@@ -125,8 +130,11 @@ class LambdaSchedule:
         if c.name == "anneal":
             self.nrae.lam = max(c.lam_min, c.lam0 * c.gamma ** (epoch + 1))
         lam = self.nrae.lam
-        if lam < c.switch_below or (c.switch_when_feasible and math.isfinite(max_loss)
-                                    and losses_rae_feasible(max_loss, lam, c.p, torch.float32)):
+        if lam < c.switch_below or (
+            c.switch_when_feasible
+            and math.isfinite(max_loss)
+            and losses_rae_feasible(max_loss, lam, c.p, torch.float32)
+        ):
             self.switch_epoch = epoch + 1  # epochs trained before the switch = 0-based index of the first plain epoch
 
     # --- checkpointing -----------------------------------------------------------------------

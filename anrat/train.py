@@ -23,17 +23,17 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from anrat.atomic_files import make_output_folder, remove_stale_temporaries, write_text_atomic
 from anrat.checkpoint import load_checkpoint, save_atomic
-from anrat.config import flatten
 from anrat.cli import OneLineErrorParser, run_command
-from anrat.config import add_config_arguments, flag, resolve_from_args
+from anrat.config import add_config_arguments, flag, flatten, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import env_is_main, process_group_from_env
 from anrat.errors import InputError
@@ -73,8 +73,11 @@ class RunConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
         hidden = self.model_kwargs.get("hidden")
-        if hidden is not None and (not isinstance(hidden, list) or not hidden
-                                   or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden)):
+        if hidden is not None and (
+            not isinstance(hidden, list)
+            or not hidden
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden)
+        ):
             raise InputError(f"hidden widths must be integers >= 1, such as [500, 300]; got {hidden!r}")
         if any(not (math.isfinite(lr) and lr > 0) for lr in self.grid_lr):
             raise InputError(f"grid_lr must hold finite numbers > 0, got {self.grid_lr}")
@@ -85,8 +88,18 @@ class RunConfig:
 
 
 # Options a resumed run may change: where and how it runs, and how long (more epochs continue it).
-RESUMABLE = ("progress", "resume", "out_dir", "device", "download", "data_dir", "grid_lr", "grid_a",
-             "train.epochs", "train.compile")
+RESUMABLE = (
+    "progress",
+    "resume",
+    "out_dir",
+    "device",
+    "download",
+    "data_dir",
+    "grid_lr",
+    "grid_a",
+    "train.epochs",
+    "train.compile",
+)
 
 
 def check_resume(cfg: RunConfig, out_dir: Path) -> None:
@@ -99,15 +112,19 @@ def check_resume(cfg: RunConfig, out_dir: Path) -> None:
     if not isinstance(saved, dict) or not saved:
         return
     if saved.get("model") != cfg.model:
-        raise InputError(f"{out_dir} holds a {saved.get('model')} run, not {cfg.model}; pass --no-resume to start "
-                         "it afresh or choose another --out")
+        raise InputError(
+            f"{out_dir} holds a {saved.get('model')} run, not {cfg.model}; pass --no-resume to start "
+            "it afresh or choose another --out"
+        )
     old, new = flatten(saved), flatten(asdict(cfg))
     # keys the saved run lacks are options added since: they cannot differ from what it did
     differing = sorted(k for k in old if k not in RESUMABLE and old[k] != new.get(k))
     if differing:
         key = differing[0]
-        raise InputError(f"{out_dir} holds a training started with other options ({key}: {old.get(key)!r} there, "
-                         f"{new.get(key)!r} now); pass --no-resume to start it afresh or choose another --out")
+        raise InputError(
+            f"{out_dir} holds a training started with other options ({key}: {old.get(key)!r} there, "
+            f"{new.get(key)!r} now); pass --no-resume to start it afresh or choose another --out"
+        )
 
 
 def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer, dict[str, Any]]:
@@ -119,12 +136,27 @@ def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer
     kwargs.setdefault("num_classes" if cfg.model != "mlp" else "out_features", data.num_classes)
     model = build_model(cfg.model, **kwargs).to(data.train.x.device)
     schedule = LambdaSchedule(replace(cfg.schedule))
-    trainer = Trainer(model, schedule, data.train, data.val, cfg.train, out_dir=out_dir,
-                      arch={"name": cfg.model, "kwargs": kwargs}, progress=cfg.progress,
-                      run_config=asdict(cfg), input_norm=data.input_norm)
+    trainer = Trainer(
+        model,
+        schedule,
+        data.train,
+        data.val,
+        cfg.train,
+        out_dir=out_dir,
+        arch={"name": cfg.model, "kwargs": kwargs},
+        progress=cfg.progress,
+        run_config=asdict(cfg),
+        input_norm=data.input_norm,
+    )
     result = trainer.fit(resume=cfg.resume)
-    summary = {"best_epoch": result.best_epoch, "val": result.best_val, "switch_epoch": result.switch_epoch,
-               "lr": cfg.train.lr, "a": cfg.schedule.a, "out_dir": str(out_dir)}
+    summary = {
+        "best_epoch": result.best_epoch,
+        "val": result.best_val,
+        "switch_epoch": result.switch_epoch,
+        "lr": cfg.train.lr,
+        "a": cfg.schedule.a,
+        "out_dir": str(out_dir),
+    }
     return trainer, summary
 
 
@@ -136,14 +168,27 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
-    data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, seed=cfg.train.seed, device=device,
-                        download=cfg.download, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+    data = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        seed=cfg.train.seed,
+        device=device,
+        download=cfg.download,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+    )
     grid = list(itertools.product(cfg.grid_lr or [cfg.train.lr], cfg.grid_a or [cfg.schedule.a]))
     if len(grid) > 1 and data.val is None:
         raise InputError("a grid search needs a validation split (--val-size > 0)")
     out = make_output_folder(cfg.out_dir)
-    trial_cfgs = [(replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a)),
-                   out if len(grid) == 1 else out / "grid" / f"lr={lr:g}_a={a:g}") for lr, a in grid]
+    trial_cfgs = [
+        (
+            replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a)),
+            out if len(grid) == 1 else out / "grid" / f"lr={lr:g}_a={a:g}",
+        )
+        for lr, a in grid
+    ]
     for trial_cfg, trial_dir in trial_cfgs:
         check_resume(trial_cfg, trial_dir)
     if env_is_main():
@@ -166,11 +211,21 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         raise TrainingDiverged("every configuration of the grid diverged; lower the learning rates")
     trainer, summary = best
     test = trainer.evaluate(data.test)
-    result = {"selected": summary, "test": test, "trials": trials, "history": trainer.history,
-              "device": str(device), "config": asdict(cfg)}
+    result = {
+        "selected": summary,
+        "test": test,
+        "trials": trials,
+        "history": trainer.history,
+        "device": str(device),
+        "config": asdict(cfg),
+    }
     if trainer.writes_files:  # rank 0 under torch.distributed
-        save_atomic(trainer.model_checkpoint(metrics={"val": summary["val"], "test": test,
-                                                       "best_epoch": summary["best_epoch"]}), out / "model.pt")
+        save_atomic(
+            trainer.model_checkpoint(
+                metrics={"val": summary["val"], "test": test, "best_epoch": summary["best_epoch"]}
+            ),
+            out / "model.pt",
+        )
         write_text_atomic(out / "result.json", json.dumps(result, indent=2))
     return result
 
@@ -213,15 +268,32 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     """Every flag is bound to one key of :class:`RunConfig` (``anrat.config.flag``); the defaults
     shown are that dataclass's. ``--config FILE`` and ``--set KEY=VALUE`` reach every key."""
     d = RunConfig()
-    ap = OneLineErrorParser(prog=prog, description=__doc__.split("\n\n")[0],
-                            epilog="Options resolve as: RunConfig defaults < --config file < --set < flags.")
+    ap = OneLineErrorParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog="Options resolve as: RunConfig defaults < --config file < --set < flags.",
+    )
     g = ap.add_argument_group("data")
     flag(g, "--dataset", key="dataset", defaults=d, choices=DATASETS, help="dataset to train on")
-    flag(g, "--data-dir", key="data_dir", help="folder holding the four IDX files (.gz or not); default: $ANRAT_DATA_DIR")
-    flag(g, "--download", key="download", action="store_const", const=True,
-         help="download the dataset through torchvision if missing")
-    flag(g, "--val-size", key="val_size", defaults=d, type=int,
-         help="training images held out for validation (chosen by --seed)")
+    flag(
+        g, "--data-dir", key="data_dir", help="folder holding the four IDX files (.gz or not); default: $ANRAT_DATA_DIR"
+    )
+    flag(
+        g,
+        "--download",
+        key="download",
+        action="store_const",
+        const=True,
+        help="download the dataset through torchvision if missing",
+    )
+    flag(
+        g,
+        "--val-size",
+        key="val_size",
+        defaults=d,
+        type=int,
+        help="training images held out for validation (chosen by --seed)",
+    )
     flag(g, "--train-subset", key="train_subset", type=int, help="train on the first N remaining training images only")
     flag(g, "--test-subset", key="test_subset", type=int, help="evaluate on the first N test images only")
     g = ap.add_argument_group("model")
@@ -231,50 +303,125 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     flag(g, "--epochs", key="train.epochs", defaults=d, type=int, help="training epochs")
     flag(g, "--batch-size", key="train.batch_size", defaults=d, type=int, help="minibatch size")
     flag(g, "--lr", key="train.lr", defaults=d, type=float, help="learning rate of the weights")
-    flag(g, "--lambda-lr", key="train.lambda_lr", type=float,
-         help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1")
+    flag(
+        g,
+        "--lambda-lr",
+        key="train.lambda_lr",
+        type=float,
+        help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1",
+    )
     flag(g, "--optimizer", key="train.optimizer", defaults=d, help="torch.optim class name (sgd, adam, adamw, ...)")
     flag(g, "--momentum", key="train.momentum", defaults=d, type=float, help="SGD momentum (the paper: 0)")
-    flag(g, "--l2", key="train.l2", action=_LayerL2, metavar="LAYER=COEFF",
-         help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)")
-    flag(g, "--amp", key="train.amp", action="store_const", const=True,
-         help="bfloat16 autocast for the forward pass (losses stay float32)")
-    flag(g, "--compile", key="train.compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-         help="torch.compile the forward pass and the loss; MODE is torch.compile's mode, one of "
-              f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
-              "graphs). Slow first steps, fewer and fused kernels after")
+    flag(
+        g,
+        "--l2",
+        key="train.l2",
+        action=_LayerL2,
+        metavar="LAYER=COEFF",
+        help="weight decay on one layer's weight, repeatable (the paper: fc2=0.05)",
+    )
+    flag(
+        g,
+        "--amp",
+        key="train.amp",
+        action="store_const",
+        const=True,
+        help="bfloat16 autocast for the forward pass (losses stay float32)",
+    )
+    flag(
+        g,
+        "--compile",
+        key="train.compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the forward pass and the loss; MODE is torch.compile's mode, one of "
+        f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
+        "graphs). Slow first steps, fewer and fused kernels after",
+    )
     flag(g, "--seed", key="train.seed", defaults=d, type=int, help="seed of initialisation, split and shuffling")
     flag(g, "--grid-lr", key="grid_lr", type=_floats, help="comma-separated learning rates to grid-search")
     flag(g, "--grid-a", key="grid_a", type=_floats, help="comma-separated penalty weights a to grid-search")
     g = ap.add_argument_group("lambda schedule")
-    flag(g, "--schedule", key="schedule.name", defaults=d, choices=SCHEDULES,
-         help="fixed: constant lambda; adaptive: ANRAT; anneal: lam0*gamma^epoch; "
-              "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only")
+    flag(
+        g,
+        "--schedule",
+        key="schedule.name",
+        defaults=d,
+        choices=SCHEDULES,
+        help="fixed: constant lambda; adaptive: ANRAT; anneal: lam0*gamma^epoch; "
+        "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only",
+    )
     flag(g, "--lambda0", key="schedule.lam0", defaults=d, type=float, help="initial (or fixed) lambda, > 0")
-    flag(g, "--p", key="schedule.p", defaults=d, type=float, help="t = lambda^p (and the Lp norm exponent for --loss lp)")
+    flag(
+        g, "--p", key="schedule.p", defaults=d, type=float, help="t = lambda^p (and the Lp norm exponent for --loss lp)"
+    )
     flag(g, "--loss", key="schedule.kind", defaults=d, choices=KINDS, help="per-sample loss")
     flag(g, "--a", key="schedule.a", defaults=d, type=float, help="ANRAT penalty weight a in a*lambda^(-q), >= 0")
     flag(g, "--q", key="schedule.q", defaults=d, type=float, help="ANRAT penalty exponent q, > 0")
-    flag(g, "--lambda-param", key="schedule.parameterization", defaults=d, choices=("log", "softplus"),
-         help="ANRAT parameterisation of lambda (both keep it > 0)")
+    flag(
+        g,
+        "--lambda-param",
+        key="schedule.parameterization",
+        defaults=d,
+        choices=("log", "softplus"),
+        help="ANRAT parameterisation of lambda (both keep it > 0)",
+    )
     flag(g, "--gamma", key="schedule.gamma", defaults=d, type=float, help="anneal: lambda factor per epoch")
     flag(g, "--lambda-min", key="schedule.lam_min", defaults=d, type=float, help="anneal: lower bound of lambda")
     flag(g, "--period", key="schedule.period", defaults=d, type=int, help="excursions: steps per cycle")
-    flag(g, "--plain-steps", key="schedule.plain_steps", defaults=d, type=int,
-         help="excursions: plain-loss steps per cycle")
-    flag(g, "--normalizer", key="schedule.normalizer", defaults=d, choices=("batch", "running"),
-         help="NRAE normaliser: per batch (paper) or running estimate across batches")
-    flag(g, "--switch-below", key="schedule.switch_below", defaults=d, type=float,
-         help="deconvexify (switch to the plain loss) once lambda falls below this")
-    flag(g, "--switch-when-feasible", key="schedule.switch_when_feasible", action="store_const", const=True,
-         help="deconvexify once RAE at the current lambda is representable in float32")
+    flag(
+        g,
+        "--plain-steps",
+        key="schedule.plain_steps",
+        defaults=d,
+        type=int,
+        help="excursions: plain-loss steps per cycle",
+    )
+    flag(
+        g,
+        "--normalizer",
+        key="schedule.normalizer",
+        defaults=d,
+        choices=("batch", "running"),
+        help="NRAE normaliser: per batch (paper) or running estimate across batches",
+    )
+    flag(
+        g,
+        "--switch-below",
+        key="schedule.switch_below",
+        defaults=d,
+        type=float,
+        help="deconvexify (switch to the plain loss) once lambda falls below this",
+    )
+    flag(
+        g,
+        "--switch-when-feasible",
+        key="schedule.switch_when_feasible",
+        action="store_const",
+        const=True,
+        help="deconvexify once RAE at the current lambda is representable in float32",
+    )
     g = ap.add_argument_group("run")
     flag(g, "--device", key="device", defaults=d, help="auto (CUDA when present), cpu, cuda, cuda:N")
     flag(g, "--out", key="out_dir", defaults=d, help="output folder")
-    flag(g, "--no-resume", key="resume", action="store_const", const=False,
-         help="start afresh even if OUT/last.pt exists")
-    flag(g, "--no-progress", key="progress", action="store_const", const=False,
-         help="no progress lines (one per epoch) or bars")
+    flag(
+        g,
+        "--no-resume",
+        key="resume",
+        action="store_const",
+        const=False,
+        help="start afresh even if OUT/last.pt exists",
+    )
+    flag(
+        g,
+        "--no-progress",
+        key="progress",
+        action="store_const",
+        const=False,
+        help="no progress lines (one per epoch) or bars",
+    )
     add_config_arguments(g, "train.lr=0.05")
     return ap
 
@@ -296,8 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         sel = result["selected"]
         err = result["test"].get("error")
-        print(f"selected epoch {sel['best_epoch']} (lr={sel['lr']:g}, a={sel['a']:g}); "
-              f"validation {sel['val']}; test error {err:.4%}" if err is not None else f"test {result['test']}")
+        print(
+            f"selected epoch {sel['best_epoch']} (lr={sel['lr']:g}, a={sel['a']:g}); "
+            f"validation {sel['val']}; test error {err:.4%}"
+            if err is not None
+            else f"test {result['test']}"
+        )
         print(f"wrote {Path(cfg.out_dir) / 'model.pt'}")
         return 0
 

@@ -32,9 +32,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,11 +66,11 @@ class TrainConfig:
     lr: float = 0.1
     # Learning rate of lambda's parameter theta (ANRAT). None: lr * 0.1; see docs/method.md.
     lambda_lr: float | None = None
-    optimizer: str = "sgd"          # any class name in torch.optim; the paper uses plain SGD
-    momentum: float = 0.0           # SGD only
+    optimizer: str = "sgd"  # any class name in torch.optim; the paper uses plain SGD
+    momentum: float = 0.0  # SGD only
     l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
     seed: int = 0
-    amp: bool = False               # bfloat16 autocast for the forward pass; losses stay float32
+    amp: bool = False  # bfloat16 autocast for the forward pass; losses stay float32
     # torch.compile mode for the forward pass and the loss (None: eager); see docs/usage.md
     compile: str | None = None
     lam_samples_per_epoch: int = 20
@@ -88,7 +89,9 @@ class TrainConfig:
         if not (math.isfinite(self.momentum) and self.momentum >= 0):
             raise InputError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
         if self.optimizer.lower() not in _OPTIMIZER_NAMES:
-            raise InputError(f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'")
+            raise InputError(
+                f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'"
+            )
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise InputError(f"unknown compile mode {self.compile!r}; expected one of {COMPILE_MODES}")
         for layer, coeff in self.l2.items():
@@ -103,10 +106,13 @@ class TrainConfig:
 # The files a trainer writes into its out_dir (atomically, so a killed run may leave temporaries).
 WRITTEN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
-_OPTIMIZER_NAMES = {name.lower(): name for name in dir(torch.optim)
-                    if isinstance(getattr(torch.optim, name), type)
-                    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
-                    and getattr(torch.optim, name) is not torch.optim.Optimizer}  # the base class optimises nothing
+_OPTIMIZER_NAMES = {
+    name.lower(): name
+    for name in dir(torch.optim)
+    if isinstance(getattr(torch.optim, name), type)
+    and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+    and getattr(torch.optim, name) is not torch.optim.Optimizer
+}  # the base class optimises nothing
 
 
 def param_groups(model: nn.Module, schedule: LambdaSchedule, config: TrainConfig) -> list[dict[str, Any]]:
@@ -118,13 +124,20 @@ def param_groups(model: nn.Module, schedule: LambdaSchedule, config: TrainConfig
     decayed = {id(modules[name].weight): coeff for name, coeff in config.l2.items()}
     groups: list[dict[str, Any]] = []
     for coeff in sorted(set(decayed.values())):
-        groups.append({"params": [p for p in model.parameters() if decayed.get(id(p)) == coeff],
-                       "weight_decay": coeff, "name": f"l2={coeff:g}"})
-    groups.append({"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0,
-                   "name": "weights"})
+        groups.append(
+            {
+                "params": [p for p in model.parameters() if decayed.get(id(p)) == coeff],
+                "weight_decay": coeff,
+                "name": f"l2={coeff:g}",
+            }
+        )
+    groups.append(
+        {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0, "name": "weights"}
+    )
     if schedule.parameters():
-        groups.append({"params": schedule.parameters(), "lr": config.effective_lambda_lr, "weight_decay": 0.0,
-                       "name": "lambda"})
+        groups.append(
+            {"params": schedule.parameters(), "lr": config.effective_lambda_lr, "weight_decay": 0.0, "name": "lambda"}
+        )
     return groups
 
 
@@ -138,8 +151,9 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split | Any, kind: LossKind = "ce", p: float = 2.0,
-             batch_size: int = 1000) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split | Any, kind: LossKind = "ce", p: float = 2.0, batch_size: int = 1000
+) -> dict[str, float]:
     """Mean per-sample loss and, for classification, the error rate (fraction misclassified).
 
     ``split`` is a :class:`Split` or any data :func:`anrat.data.as_split` takes (an ``(x, y)``
@@ -170,7 +184,9 @@ def _evaluation_sums(model: nn.Module, split: Split, kind: LossKind, p: float, b
             pred = (out.reshape(-1) > 0).long() if out.dim() == 1 or out.shape[1] == 1 else out.argmax(dim=1)
             wrong += (pred != y.reshape(pred.shape).long()).sum()
     model.train(was_training)
-    return torch.stack([loss_sum, wrong.double(), torch.tensor(float(len(split)), dtype=torch.float64, device=loss_sum.device)])
+    return torch.stack(
+        [loss_sum, wrong.double(), torch.tensor(float(len(split)), dtype=torch.float64, device=loss_sum.device)]
+    )
 
 
 def _evaluation_result(sums: Tensor, classify: bool) -> dict[str, float]:
@@ -191,8 +207,10 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     elif "val_loss" in record:
         parts.append(f"validation loss {record['val_loss']:.4g}")
     left = record["seconds"] * (epochs - record["epoch"])
-    parts.append(f"{record['seconds']:.1f} s" + ("" if left <= 0 else f", ~{left / 60:.1f} min left" if left >= 60
-                                                  else f", ~{left:.0f} s left"))
+    parts.append(
+        f"{record['seconds']:.1f} s"
+        + ("" if left <= 0 else f", ~{left / 60:.1f} min left" if left >= 60 else f", ~{left:.0f} s left")
+    )
     return "; ".join(parts)
 
 
@@ -202,7 +220,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
-    best_epoch: int                 # 1-based epoch whose weights were selected (0: the initial model)
+    best_epoch: int  # 1-based epoch whose weights were selected (0: the initial model)
     best_val: dict[str, float] | None
     history: list[dict[str, Any]]
     switch_epoch: int | None
@@ -227,10 +245,20 @@ class Trainer:
             that later stages feed the model the same way.
     """
 
-    def __init__(self, model: nn.Module, schedule: LambdaSchedule, train: Split, val: Split | None,
-                 config: TrainConfig, out_dir: str | Path | None = None, arch: dict[str, Any] | None = None,
-                 optimizer_factory: OptimizerFactory | None = None, progress: bool = True,
-                 run_config: dict[str, Any] | None = None, input_norm: InputNorm | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: LambdaSchedule,
+        train: Split,
+        val: Split | None,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        arch: dict[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        progress: bool = True,
+        run_config: dict[str, Any] | None = None,
+        input_norm: InputNorm | None = None,
+    ) -> None:
         config.validate()
         self.model, self.schedule, self.train_split, self.val_split = model, schedule, train, val
         self.config, self.arch, self.run_config, self.input_norm = config, arch, run_config or {}, input_norm
@@ -248,8 +276,9 @@ class Trainer:
         self.global_losses: dict[BatchLoss, distributed.GlobalBatchLoss] = {}
         if self.world is not None:
             self.step_model = distributed.data_parallel(model)
-            self.global_losses = {loss: distributed.GlobalBatchLoss(loss)
-                                  for loss in (schedule.plain, schedule.nrae) if loss is not None}
+            self.global_losses = {
+                loss: distributed.GlobalBatchLoss(loss) for loss in (schedule.plain, schedule.nrae) if loss is not None
+            }
             distributed.seed_rank(config.seed, self.world)  # dropout masks differ between ranks
         # Forward pass and loss: what each step calls, compiled with torch.compile when asked.
         self.objective = self._objective
@@ -260,8 +289,8 @@ class Trainer:
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.epoch = 0   # epochs completed
-        self.step = 0    # optimizer steps taken
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
         self.best_val: dict[str, float] | None = None
@@ -273,7 +302,9 @@ class Trainer:
         loss = self.schedule.criterion(self.step)
         return loss if self.world is None else self.global_losses[loss]
 
-    def _objective(self, x: Tensor, y: Tensor, criterion: BatchLoss | distributed.GlobalBatchLoss) -> tuple[Tensor, Tensor]:
+    def _objective(
+        self, x: Tensor, y: Tensor, criterion: BatchLoss | distributed.GlobalBatchLoss
+    ) -> tuple[Tensor, Tensor]:
         """The criterion's objective on a batch, and the per-sample losses it aggregates."""
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
             out = self.step_model(x)
@@ -316,14 +347,16 @@ class Trainer:
                 lam_trace.append((self.step, lam))
         bar.close()
         if self.world is not None:  # the objective is already the global one on every rank
-            loss_sum, seen = distributed.sum_over_ranks(torch.stack([loss_sum.double(), torch.tensor(
-                float(seen), dtype=torch.float64, device=device)])).tolist()
+            loss_sum, seen = distributed.sum_over_ranks(
+                torch.stack([loss_sum.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            ).tolist()
             max_loss = distributed.max_over_ranks(max_loss)
         if not torch.isfinite(objective_sum):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
                 f"(lr={c.lr:g}); lower the learning rate"
-                + (f". The last good state is in {self.out_dir / 'last.pt'}" if self.out_dir is not None else ""))
+                + (f". The last good state is in {self.out_dir / 'last.pt'}" if self.out_dir is not None else "")
+            )
         record = {
             "epoch": self.epoch + 1,
             "criterion": "plain" if schedule.switched else schedule.config.name,
@@ -358,8 +391,11 @@ class Trainer:
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
         if self.world is not None:
-            distributed.require_agreement(self.epoch, "the epoch to resume from (is OUT one folder shared by "
-                                          "all nodes?)", self.train_split.x.device)
+            distributed.require_agreement(
+                self.epoch,
+                "the epoch to resume from (is OUT one folder shared by all nodes?)",
+                self.train_split.x.device,
+            )
         self._rewrite_metrics()  # metrics.jsonl agrees with the history we start from
         if self.best_state is None and self.val_split is not None and self.epoch == 0:
             self._consider(0, self.evaluate(self.val_split))
@@ -413,19 +449,21 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.model_checkpoint()
-        state.update({
-            "optimizer": self.optimizer.state_dict(),
-            "schedule_state": self.schedule.state_dict(),
-            "step": self.step,
-            "history": self.history,
-            "best_val": self.best_val,
-            "best_state": {k: v.cpu() for k, v in self.best_state.items()} if self.best_state else None,
-            "rng": {
-                "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-        })
+        state.update(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "schedule_state": self.schedule.state_dict(),
+                "step": self.step,
+                "history": self.history,
+                "best_val": self.best_val,
+                "best_state": {k: v.cpu() for k, v in self.best_state.items()} if self.best_state else None,
+                "rng": {
+                    "generator": self.generator.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+            }
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -469,4 +507,3 @@ class Trainer:
         if self.out_dir is not None and self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-

@@ -48,16 +48,17 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from scipy import stats
 
-from anrat.errors import InputError
-from anrat.schedules import ScheduleConfig
 from anrat.atomic_files import write_text_atomic
 from anrat.cli import OneLineErrorParser
+from anrat.errors import InputError
+from anrat.schedules import ScheduleConfig
 from anrat.train import RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainConfig, TrainingDiverged
@@ -66,20 +67,40 @@ from pruning.prune import FineTune, PruneConfig
 
 MODELS = ("lenet5", "convnet_dropout")
 METHODS = {"ce": "plain", "anrat": "adaptive"}
-DEFAULT = {"seeds": 5, "train_subset": 20_000, "epochs": 5, "grid_lr": [0.1, 0.03],
-           "prune": {"max_rounds": 2, "max_samples": 1000, "tolerance": 0.002}, "fine_tune_epochs": 1}
-FULL = {"seeds": 10, "train_subset": None, "epochs": 100, "grid_lr": [1.0, 0.5, 0.1, 0.03],
-        "prune": {"max_rounds": 10, "max_samples": 10_000, "tolerance": 0.001}, "fine_tune_epochs": 2}
+DEFAULT = {
+    "seeds": 5,
+    "train_subset": 20_000,
+    "epochs": 5,
+    "grid_lr": [0.1, 0.03],
+    "prune": {"max_rounds": 2, "max_samples": 1000, "tolerance": 0.002},
+    "fine_tune_epochs": 1,
+}
+FULL = {
+    "seeds": 10,
+    "train_subset": None,
+    "epochs": 100,
+    "grid_lr": [1.0, 0.5, 0.1, 0.03],
+    "prune": {"max_rounds": 10, "max_samples": 10_000, "tolerance": 0.001},
+    "fine_tune_epochs": 2,
+}
 
 
-def run_config(model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace,
-               out: Path) -> RunConfig:
+def run_config(
+    model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace, out: Path
+) -> RunConfig:
     """The training of one (model, method, seed); everything but the schedule is shared by the methods."""
     return RunConfig(
-        dataset="mnist", data_dir=args.data_dir, model=model, val_size=10_000, train_subset=budget["train_subset"],
-        device=args.device, out_dir=str(out), progress=not args.no_progress,
-        train=TrainConfig(epochs=budget["epochs"], lr=budget["grid_lr"][0], optimizer="sgd", momentum=0.0,
-                          l2={"fc2": 0.05}, seed=seed),
+        dataset="mnist",
+        data_dir=args.data_dir,
+        model=model,
+        val_size=10_000,
+        train_subset=budget["train_subset"],
+        device=args.device,
+        out_dir=str(out),
+        progress=not args.no_progress,
+        train=TrainConfig(
+            epochs=budget["epochs"], lr=budget["grid_lr"][0], optimizer="sgd", momentum=0.0, l2={"fc2": 0.05}, seed=seed
+        ),
         schedule=ScheduleConfig(name=METHODS[method], lam0=10.0, a=args.a),
         grid_lr=list(budget["grid_lr"]) if len(budget["grid_lr"]) > 1 else [],
     )
@@ -88,10 +109,16 @@ def run_config(model: str, method: str, seed: int, budget: dict[str, Any], args:
 def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Paired comparison of a - b: mean, sample sd, ttest_rel and wilcoxon p-values (None where undefined)."""
     diffs = [x - y for x, y in zip(a, b)]
-    result: dict[str, Any] = {"n": len(diffs), "mean_diff": statistics.fmean(diffs) if diffs else None,
-                              "sd_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
-                              "better": sum(d < 0 for d in diffs), "worse": sum(d > 0 for d in diffs),
-                              "tied": sum(d == 0 for d in diffs), "ttest_p": None, "wilcoxon_p": None}
+    result: dict[str, Any] = {
+        "n": len(diffs),
+        "mean_diff": statistics.fmean(diffs) if diffs else None,
+        "sd_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
+        "better": sum(d < 0 for d in diffs),
+        "worse": sum(d > 0 for d in diffs),
+        "tied": sum(d == 0 for d in diffs),
+        "ttest_p": None,
+        "wilcoxon_p": None,
+    }
     if len(diffs) > 1 and any(d != 0 for d in diffs):
         t = stats.ttest_rel(a, b)
         result["ttest_p"] = None if math.isnan(t.pvalue) else float(t.pvalue)
@@ -114,22 +141,31 @@ def _diff_row(label: str, comparison: dict[str, Any]) -> str:
     c = comparison
     mean = "-" if c["mean_diff"] is None else f"{100 * c['mean_diff']:+.3f}"
     sd = "-" if c["sd_diff"] is None else f"{100 * c['sd_diff']:.3f}"
-    return (f"| {label} | {mean} | {sd} | {c['better']} / {c['worse']} / {c['tied']} | {_p(c['ttest_p'])} "
-            f"| {_p(c['wilcoxon_p'])} |")
+    return (
+        f"| {label} | {mean} | {sd} | {c['better']} / {c['worse']} / {c['tied']} | {_p(c['ttest_p'])} "
+        f"| {_p(c['wilcoxon_p'])} |"
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| model | method | seeds | test error (mean ± sd, points) | mean / CE's mean | diverged |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | seeds | test error (mean ± sd, points) | mean / CE's mean | diverged |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, r in results["models"].items():
         ce = [e for e in r["test_error"]["ce"] if e is not None]
         for method in METHODS:
             errors = [e for e in r["test_error"][method] if e is not None]
             ratio = f"{statistics.fmean(errors) / statistics.fmean(ce):.3f}" if errors and ce and any(ce) else "-"
-            lines.append(f"| {model} | {method.upper()} | {len(errors)} | {_mean_sd(errors)} | {ratio} | "
-                         f"{sum(e is None for e in r['test_error'][method])} |")
-    lines += ["", "| paired difference | mean (points) | sd (points) | seeds lower / higher / tied | ttest_rel p "
-                  "| wilcoxon p |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {model} | {method.upper()} | {len(errors)} | {_mean_sd(errors)} | {ratio} | "
+                f"{sum(e is None for e in r['test_error'][method])} |"
+            )
+    lines += [
+        "",
+        "| paired difference | mean (points) | sd (points) | seeds lower / higher / tied | ttest_rel p | wilcoxon p |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, r in results["models"].items():
         lines.append(_diff_row(f"{model}: ANRAT - CE", r["anrat_minus_ce"]))
     for model, r in results["models"].items():
@@ -137,12 +173,17 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(_diff_row(f"{model}: ANRAT pruned - unpruned", r["pruning"]["after_minus_before"]))
     pruned = [(m, r["pruning"]) for m, r in results["models"].items() if "pruning" in r]
     if pruned:
-        lines += ["", "| model | test error before pruning | after pruning | parameters kept (nonzero / dense) |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | test error before pruning | after pruning | parameters kept (nonzero / dense) |",
+            "|---|---|---|---|",
+        ]
         for model, p in pruned:
             kept = p["kept_fraction"]
-            lines.append(f"| {model} | {_mean_sd(p['before'])} | {_mean_sd(p['after'])} | "
-                         f"{100 * statistics.fmean(kept):.1f}% (range {100 * min(kept):.1f}-{100 * max(kept):.1f}%) |")
+            lines.append(
+                f"| {model} | {_mean_sd(p['before'])} | {_mean_sd(p['after'])} | "
+                f"{100 * statistics.fmean(kept):.1f}% (range {100 * min(kept):.1f}-{100 * max(kept):.1f}%) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -151,8 +192,9 @@ def unit_record(out: str | Path, model: str, method: str, seed: int) -> Path:
     return Path(out) / "units" / f"{model}_{method}_seed{seed}.json"
 
 
-def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace,
-             command: str) -> dict[str, Any]:
+def run_unit(
+    model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace, command: str
+) -> dict[str, Any]:
     """Train one (model, method, seed) and, for ANRAT, prune it; the figures go to ``OUT/units/*.json``.
 
     A finished unit is read back instead of run again, so an interrupted benchmark resumes and
@@ -171,9 +213,12 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
     try:
         if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
             fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
-            pipeline = PipelineConfig(out_dir=str(folder), run=cfg,
-                                      prune=PruneConfig(**budget["prune"], fine_tune=fine_tune),
-                                      report=ReportOptions(latency_repeats=5))
+            pipeline = PipelineConfig(
+                out_dir=str(folder),
+                run=cfg,
+                prune=PruneConfig(**budget["prune"], fine_tune=fine_tune),
+                report=ReportOptions(latency_repeats=5),
+            )
             metrics = train_prune_export(pipeline, command, "python -m anrat.recipes.mnist_prune")
             info["test_error"] = metrics["test_error"]["trained"]
             info["pruned_test_error"] = metrics["test_error"]["pruned"]
@@ -191,8 +236,12 @@ def run_unit(model: str, method: str, seed: int, budget: dict[str, Any], args: a
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(info, indent=1))  # a unit is either finished or absent
     test = info["test_error"]
-    print(f"{model} seed {seed} {method}: test error {'diverged' if test is None else f'{100 * test:.2f}%'} "
-          f"({info['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"{model} seed {seed} {method}: test error {'diverged' if test is None else f'{100 * test:.2f}%'} "
+        f"({info['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return info
 
 
@@ -205,8 +254,9 @@ def validation_error(unit: dict[str, Any]) -> float:
     return val.get("error", math.inf)
 
 
-def collect(args: argparse.Namespace, budget: dict[str, Any], units: dict[tuple[str, str, int], dict[str, Any]]
-            ) -> dict[str, Any]:
+def collect(
+    args: argparse.Namespace, budget: dict[str, Any], units: dict[tuple[str, str, int], dict[str, Any]]
+) -> dict[str, Any]:
     """The table's figures from the finished units; a seed missing a method is left out of the pairs."""
     results: dict[str, Any] = {"budget": budget, "a": args.a, "models": {}}
     for model in args.models:
@@ -227,11 +277,18 @@ def collect(args: argparse.Namespace, budget: dict[str, Any], units: dict[tuple[
                 prune_before.append(found["anrat"]["test_error"])
                 prune_after.append(found["anrat"]["pruned_test_error"])
                 kept.append(found["anrat"]["kept_fraction"])
-        entry: dict[str, Any] = {"test_error": errors, "seeds": seeds_info,
-                                 "anrat_minus_ce": paired([a for a, _ in pairs], [c for _, c in pairs])}
+        entry: dict[str, Any] = {
+            "test_error": errors,
+            "seeds": seeds_info,
+            "anrat_minus_ce": paired([a for a, _ in pairs], [c for _, c in pairs]),
+        }
         if prune_before:
-            entry["pruning"] = {"before": prune_before, "after": prune_after, "kept_fraction": kept,
-                                "after_minus_before": paired(prune_after, prune_before)}
+            entry["pruning"] = {
+                "before": prune_before,
+                "after": prune_after,
+                "kept_fraction": kept,
+                "after_minus_before": paired(prune_after, prune_before),
+            }
         results["models"][model] = entry
     return results
 
@@ -264,14 +321,23 @@ def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) ->
     for unit in units.values():
         if "machine" in unit and unit["machine"] not in machines:
             machines.append(unit["machine"])
-    results.update(command=command, wall_seconds=time.perf_counter() - started, units_finished=len(units),
-                   units_planned=len(todo), machine=machines)
+    results.update(
+        command=command,
+        wall_seconds=time.perf_counter() - started,
+        units_finished=len(units),
+        units_planned=len(todo),
+        machine=machines,
+    )
     return results
 
 
 def machine_description(device: str) -> dict[str, Any]:
-    machine: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "torch": torch.__version__, "device": device}
+    machine: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": device,
+    }
     if torch.cuda.is_available() and device != "cpu":
         machine["gpu"] = torch.cuda.get_device_name()
     return machine
@@ -281,26 +347,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = OneLineErrorParser(prog="python benchmarks/mnist_anrat_vs_ce.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files; default: $ANRAT_DATA_DIR")
     ap.add_argument("--out", default="runs/bench_mnist", help="folder for the runs and results")
-    ap.add_argument("--full", action="store_true", help="the paper's budget (10 seeds, 50k images, 100 epochs, "
-                                                         "lr grid {1, 0.5, 0.1, 0.03}); a GPU is recommended")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="the paper's budget (10 seeds, 50k images, 100 epochs, lr grid {1, 0.5, 0.1, 0.03}); a GPU is recommended",
+    )
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; 10 with --full)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 5; 100 with --full)")
-    ap.add_argument("--train-subset", type=int, default=None,
-                    help="training images after the validation split (default 20000; all with --full)")
-    ap.add_argument("--grid-lr", default=None, help="comma-separated learning rates (default 0.1,0.03; 1,0.5,0.1,0.03 with --full)")
+    ap.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="training images after the validation split (default 20000; all with --full)",
+    )
+    ap.add_argument(
+        "--grid-lr", default=None, help="comma-separated learning rates (default 0.1,0.03; 1,0.5,0.1,0.03 with --full)"
+    )
     ap.add_argument("--a", type=float, default=0.01, help="ANRAT's penalty weight a (fixed: the same trials for both)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--no-prune", action="store_true", help="skip pruning the ANRAT models")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="trainings run at once in separate processes (on a GPU, several keep it busy; default 1)")
-    ap.add_argument("--collect", action="store_true",
-                    help="train nothing: tabulate the units already finished under --out")
-    ap.add_argument("--select-from", default=None, metavar="DIR,DIR,...",
-                    help="train nothing: from these benchmark folders (runs with the same seeds and budget but "
-                         "different --grid-lr), take for each model, method and seed the unit with the lowest "
-                         "validation error, as a grid over their learning rates would, and tabulate into --out")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings run at once in separate processes (on a GPU, several keep it busy; default 1)",
+    )
+    ap.add_argument(
+        "--collect", action="store_true", help="train nothing: tabulate the units already finished under --out"
+    )
+    ap.add_argument(
+        "--select-from",
+        default=None,
+        metavar="DIR,DIR,...",
+        help="train nothing: from these benchmark folders (runs with the same seeds and budget but "
+        "different --grid-lr), take for each model, method and seed the unit with the lowest "
+        "validation error, as a grid over their learning rates would, and tabulate into --out",
+    )
     args = ap.parse_args(argv)
     budget = json.loads(json.dumps(FULL if args.full else DEFAULT))
     try:
@@ -334,13 +418,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(f"# MNIST: ANRAT against cross-entropy\n\nCommand: `{command}`\n\n"
-                                    f"Budget: {json.dumps(budget)}\n\nMachine: {json.dumps(results['machine'])}\n\n"
-                                    f"Units finished: {results['units_finished']} of {results['units_planned']}\n\n"
-                                    f"{table}")
+    (out / "results.md").write_text(
+        f"# MNIST: ANRAT against cross-entropy\n\nCommand: `{command}`\n\n"
+        f"Budget: {json.dumps(budget)}\n\nMachine: {json.dumps(results['machine'])}\n\n"
+        f"Units finished: {results['units_finished']} of {results['units_planned']}\n\n"
+        f"{table}"
+    )
     print(table, end="")
-    print(f"budget {json.dumps(budget)}; {results['units_finished']} of {results['units_planned']} units; "
-          f"{results['wall_seconds']:.0f} s; wrote {out.resolve()}")
+    print(
+        f"budget {json.dumps(budget)}; {results['units_finished']} of {results['units_planned']} units; "
+        f"{results['wall_seconds']:.0f} s; wrote {out.resolve()}"
+    )
     return 0
 
 

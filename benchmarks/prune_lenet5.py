@@ -46,8 +46,12 @@ def main() -> None:
     ap.add_argument("--fine-tune-epochs", type=int, default=1, help="fine-tuning epochs per round")
     ap.add_argument("--max-rounds", type=int, default=8, help="pruning rounds at most")
     ap.add_argument("--max-samples", type=int, default=10_000, help="samples for the Fisher information (KFAC)")
-    ap.add_argument("--obd-samples", type=int, default=1_000,
-                    help="samples for OBD's diagonal Fisher (per-sample gradients: ~0.1 CPU-s each for lenet5)")
+    ap.add_argument(
+        "--obd-samples",
+        type=int,
+        default=1_000,
+        help="samples for OBD's diagonal Fisher (per-sample gradients: ~0.1 CPU-s each for lenet5)",
+    )
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="seed of training, split and fine-tuning")
     args = ap.parse_args()
@@ -57,9 +61,15 @@ def main() -> None:
     started = time.perf_counter()
 
     if args.checkpoint is None:
-        cfg = RunConfig(data_dir=args.data_dir, model="lenet5", device=str(device), out_dir=str(out / "train"),
-                        progress=False, train=TrainConfig(epochs=args.epochs, lr=0.1, seed=args.seed),
-                        schedule=ScheduleConfig(name="adaptive", lam0=10.0))
+        cfg = RunConfig(
+            data_dir=args.data_dir,
+            model="lenet5",
+            device=str(device),
+            out_dir=str(out / "train"),
+            progress=False,
+            train=TrainConfig(epochs=args.epochs, lr=0.1, seed=args.seed),
+            schedule=ScheduleConfig(name="adaptive", lam0=10.0),
+        )
         run(cfg)
         args.checkpoint = str(out / "train" / "model.pt")
     dense = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
@@ -68,19 +78,37 @@ def main() -> None:
 
     rows = {"unpruned": {"model": dense, "val": evaluate(dense, data.val), "seconds": 0.0}}
     t = time.perf_counter()
-    wald = prune(copy.deepcopy(dense), data.train, data.val, tolerance=args.tolerance, max_rounds=args.max_rounds,
-                 max_samples=args.max_samples, fine_tune=ft, log=lambda r: print(json.dumps(r), flush=True))
-    rows["wald (ours)"] = {"model": wald.model, "val": wald.final_val, "seconds": time.perf_counter() - t,
-                           "rounds": wald.rounds}
+    wald = prune(
+        copy.deepcopy(dense),
+        data.train,
+        data.val,
+        tolerance=args.tolerance,
+        max_rounds=args.max_rounds,
+        max_samples=args.max_samples,
+        fine_tune=ft,
+        log=lambda r: print(json.dumps(r), flush=True),
+    )
+    rows["wald (ours)"] = {
+        "model": wald.model,
+        "val": wald.final_val,
+        "seconds": time.perf_counter() - t,
+        "rounds": wald.rounds,
+    }
     ft_epochs = ft.epochs * sum(1 for r in wald.rounds if "params" in r)  # rounds that fine-tuned
     for criterion in ("magnitude", "obd"):
         t = time.perf_counter()
         # the same fraction of the tested weights: Linear/Conv weights, biases not counted
         weights = sum(m.weight.numel() for m in dense.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
         target = min(0.999, 1 - (wald.nonzero_after - _biases(wald.model)) / weights)
-        base = prune_to_sparsity(copy.deepcopy(dense), data.train, data.val, criterion=criterion,
-                                 fraction_removed=target, fine_tune_config=FineTune(epochs=ft_epochs, seed=args.seed, optimizer="sgd", lr=0.05),
-                                 max_samples=args.obd_samples)
+        base = prune_to_sparsity(
+            copy.deepcopy(dense),
+            data.train,
+            data.val,
+            criterion=criterion,
+            fraction_removed=target,
+            fine_tune_config=FineTune(epochs=ft_epochs, seed=args.seed, optimizer="sgd", lr=0.05),
+            max_samples=args.obd_samples,
+        )
         rows[criterion] = {"model": base.model, "val": base.final_val, "seconds": time.perf_counter() - t}
 
     example = data.test.x[:2].cpu()
@@ -89,33 +117,52 @@ def main() -> None:
     for name, row in rows.items():
         model = row["model"]
         test = evaluate(model, data.test)
-        figures = compare_models(dense.cpu(), model.cpu(), example, out / "onnx" / name.split()[0], verify_inputs=verify,
-                                 repeats=100)
-        sparse = export_onnx(model.cpu(), out / "onnx" / f"{name.split()[0]}_sparse.onnx", example,
-                             verify_inputs=verify, sparse_initializers=True)
+        figures = compare_models(
+            dense.cpu(), model.cpu(), example, out / "onnx" / name.split()[0], verify_inputs=verify, repeats=100
+        )
+        sparse = export_onnx(
+            model.cpu(),
+            out / "onnx" / f"{name.split()[0]}_sparse.onnx",
+            example,
+            verify_inputs=verify,
+            sparse_initializers=True,
+        )
         model.to(device)
         dense.to(device)
-        table.append({
-            "method": name, "test_error": test["error"], "val_error": row["val"]["error"],
-            "params": figures["pruned"]["parameters"], "nonzero": figures["pruned"]["nonzero_parameters"],
-            "removed": 1 - figures["pruned"]["nonzero_parameters"] / figures["dense"]["parameters"],
-            "onnx_bytes": figures["pruned"]["onnx_bytes"], "onnx_bytes_sparse": sparse.onnx_bytes,
-            "onnx_ratio": figures["ratio_pruned_to_dense"]["onnx_bytes"],
-            "latency1_s": figures["pruned"]["latency_s"]["1"], "latency256_s": figures["pruned"]["latency_s"]["256"],
-            "speedup1": 1 / figures["ratio_pruned_to_dense"]["latency_s@1"],
-            "speedup256": 1 / figures["ratio_pruned_to_dense"]["latency_s@256"],
-            "seconds": row["seconds"],
-        })
-    print(f"\nLeNet-5 on MNIST; {device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fine-tuning budget {ft_epochs} epoch(s) for each method; "
-          f"total {time.perf_counter() - started:.0f} s")
-    head = (f"{'method':<13}{'test err':>9}{'removed':>9}{'params':>9}{'nonzero':>9}{'ONNX B':>10}{'sparse B':>10}"
-            f"{'ONNX x':>8}{'lat@1 ms':>9}{'x@1':>6}{'lat@256':>9}{'x@256':>7}{'prune s':>9}")
+        table.append(
+            {
+                "method": name,
+                "test_error": test["error"],
+                "val_error": row["val"]["error"],
+                "params": figures["pruned"]["parameters"],
+                "nonzero": figures["pruned"]["nonzero_parameters"],
+                "removed": 1 - figures["pruned"]["nonzero_parameters"] / figures["dense"]["parameters"],
+                "onnx_bytes": figures["pruned"]["onnx_bytes"],
+                "onnx_bytes_sparse": sparse.onnx_bytes,
+                "onnx_ratio": figures["ratio_pruned_to_dense"]["onnx_bytes"],
+                "latency1_s": figures["pruned"]["latency_s"]["1"],
+                "latency256_s": figures["pruned"]["latency_s"]["256"],
+                "speedup1": 1 / figures["ratio_pruned_to_dense"]["latency_s@1"],
+                "speedup256": 1 / figures["ratio_pruned_to_dense"]["latency_s@256"],
+                "seconds": row["seconds"],
+            }
+        )
+    print(
+        f"\nLeNet-5 on MNIST; {device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; fine-tuning budget {ft_epochs} epoch(s) for each method; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
+    head = (
+        f"{'method':<13}{'test err':>9}{'removed':>9}{'params':>9}{'nonzero':>9}{'ONNX B':>10}{'sparse B':>10}"
+        f"{'ONNX x':>8}{'lat@1 ms':>9}{'x@1':>6}{'lat@256':>9}{'x@256':>7}{'prune s':>9}"
+    )
     print(head)
     for r in table:
-        print(f"{r['method']:<13}{r['test_error']:>9.4%}{r['removed']:>9.2%}{r['params']:>9}{r['nonzero']:>9}"
-              f"{r['onnx_bytes']:>10}{r['onnx_bytes_sparse']:>10}{r['onnx_ratio']:>8.3f}{r['latency1_s'] * 1e3:>9.3f}"
-              f"{r['speedup1']:>6.2f}{r['latency256_s'] * 1e3:>9.2f}{r['speedup256']:>7.2f}{r['seconds']:>9.0f}")
+        print(
+            f"{r['method']:<13}{r['test_error']:>9.4%}{r['removed']:>9.2%}{r['params']:>9}{r['nonzero']:>9}"
+            f"{r['onnx_bytes']:>10}{r['onnx_bytes_sparse']:>10}{r['onnx_ratio']:>8.3f}{r['latency1_s'] * 1e3:>9.3f}"
+            f"{r['speedup1']:>6.2f}{r['latency256_s'] * 1e3:>9.2f}{r['speedup256']:>7.2f}{r['seconds']:>9.0f}"
+        )
     ours, unpruned = table[1], table[0]
     checks = {
         ">= 90% of weights removed": ours["removed"] >= 0.90,
@@ -127,13 +174,19 @@ def main() -> None:
         print(f"target {name}: {'held' if held else 'NOT met'}")
     best = min(table[1:], key=lambda r: r["test_error"])
     print(f"lowest test error at this sparsity: {best['method']}")
-    (out / "results.json").write_text(json.dumps({"table": table, "checks": checks, "wald_rounds": wald.rounds,
-                                                  "fine_tune_epochs": ft_epochs}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"table": table, "checks": checks, "wald_rounds": wald.rounds, "fine_tune_epochs": ft_epochs}, indent=2
+        )
+    )
 
 
 def _biases(model: torch.nn.Module) -> int:
-    return sum(m.bias.numel() for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None)
+    return sum(
+        m.bias.numel()
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from user_cnn import build  # noqa: E402  (the user's module, beside this script)
 
-TARGETS = {"removed_default": 0.80, "delta_default_points": 0.3, "speedup_structured_b1": 2.0,
-           "delta_structured_points": 0.5, "seconds_default": 600}
+TARGETS = {
+    "removed_default": 0.80,
+    "delta_default_points": 0.3,
+    "speedup_structured_b1": 2.0,
+    "delta_structured_points": 0.5,
+    "seconds_default": 600,
+}
 
 
 def train_user_model(data_dir: str, seed: int, epochs: int, folder: Path) -> dict:
@@ -76,9 +81,25 @@ def train_user_model(data_dir: str, seed: int, epochs: int, folder: Path) -> dic
 
 def run_prune(data_dir: str, folder: Path, name: str, extra: list[str]) -> dict:
     out = folder / name
-    command = [sys.executable, "-m", "pruning", "prune", "--factory", "user_cnn:build", "--weights",
-               str(folder / "my.pt"), "--dataset", "fashion_mnist", "--data-dir", data_dir, "--val-data",
-               str(folder / "val.pt"), "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "pruning",
+        "prune",
+        "--factory",
+        "user_cnn:build",
+        "--weights",
+        str(folder / "my.pt"),
+        "--dataset",
+        "fashion_mnist",
+        "--data-dir",
+        data_dir,
+        "--val-data",
+        str(folder / "val.pt"),
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -91,7 +112,7 @@ def run_prune(data_dir: str, folder: Path, name: str, extra: list[str]) -> dict:
 
 def onnx_test_error(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = np.concatenate([session.run(None, {"input": x[i:i + 1000].numpy()})[0] for i in range(0, len(x), 1000)])
+    logits = np.concatenate([session.run(None, {"input": x[i : i + 1000].numpy()})[0] for i in range(0, len(x), 1000)])
     return float((logits.argmax(1) != y.numpy()).mean())
 
 
@@ -102,21 +123,34 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
     for name, extra in (("default", []), ("structured", ["--structured-only"])):
         run = run_prune(args.data_dir, folder, name, extra)
         report, onnx_dir = run["report"], run["out"] / "onnx"
-        latency = {b: paired_latency({"dense": onnx_dir / "dense.onnx", "pruned": onnx_dir / "pruned.onnx"}, b,
-                                     repeats=args.latency_repeats, warmup=20, threads=1) for b in (1, 256)}
+        latency = {
+            b: paired_latency(
+                {"dense": onnx_dir / "dense.onnx", "pruned": onnx_dir / "pruned.onnx"},
+                b,
+                repeats=args.latency_repeats,
+                warmup=20,
+                threads=1,
+            )
+            for b in (1, 256)
+        }
         record[name] = {
-            "command": run["command"], "seconds": run["seconds"], "prune_seconds": report["seconds"],
+            "command": run["command"],
+            "seconds": run["seconds"],
+            "prune_seconds": report["seconds"],
             "reported_dense_error": report["test_before"]["error"],
             "reported_equals_independent": report["test_before"]["error"] == record["dense_test_error"],
-            "removed": report["fraction_removed"], "params_after": report["params_after"],
-            "nonzero_after": report["nonzero_after"], "params_before": report["params_before"],
+            "removed": report["fraction_removed"],
+            "params_after": report["params_after"],
+            "nonzero_after": report["nonzero_after"],
+            "params_before": report["params_before"],
             "test_error": report["test_after"]["error"],
             "onnx_test_error": onnx_test_error(run["out"] / "model.onnx", test.x, test.y),
             "delta_points": 100 * (report["test_after"]["error"] - record["dense_test_error"]),
             "speedup": {str(b): t["dense"] / t["pruned"] for b, t in latency.items()},
-            "command_speedup": report["deployment"]["by_batch_size"], "summary": report["deployment"]["summary"],
-            "rounds": len(report["rounds"]), "kept_rounds": sum(1 for r in report["rounds"] if "params" in r
-                                                                and not r.get("rolled_back")),
+            "command_speedup": report["deployment"]["by_batch_size"],
+            "summary": report["deployment"]["summary"],
+            "rounds": len(report["rounds"]),
+            "kept_rounds": sum(1 for r in report["rounds"] if "params" in r and not r.get("rolled_back")),
         }
     return record
 
@@ -125,13 +159,16 @@ def summarise(records: list[dict]) -> str:
     def stat(values: list[float], fmt: str) -> str:
         return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
 
-    lines = [f"{len(records)} seeds: median [min, max]", "",
-             "| | default | --structured-only |", "| --- | --- | --- |"]
-    rows = [("weights removed", "removed", ".1%"), ("test error change (points)", "delta_points", "+.2f"),
-            ("pruned test error", "test_error", ".2%"), ("ONNX test error (raw pixels)", "onnx_test_error", ".2%"),
-            ("onnxruntime speed-up, batch 1", ("speedup", "1"), ".2f"),
-            ("onnxruntime speed-up, batch 256", ("speedup", "256"), ".2f"),
-            ("command wall-clock (s)", "seconds", ".0f")]
+    lines = [f"{len(records)} seeds: median [min, max]", "", "| | default | --structured-only |", "| --- | --- | --- |"]
+    rows = [
+        ("weights removed", "removed", ".1%"),
+        ("test error change (points)", "delta_points", "+.2f"),
+        ("pruned test error", "test_error", ".2%"),
+        ("ONNX test error (raw pixels)", "onnx_test_error", ".2%"),
+        ("onnxruntime speed-up, batch 1", ("speedup", "1"), ".2f"),
+        ("onnxruntime speed-up, batch 256", ("speedup", "256"), ".2f"),
+        ("command wall-clock (s)", "seconds", ".0f"),
+    ]
     for label, key, fmt in rows:
         cells = []
         for name in ("default", "structured"):
@@ -139,20 +176,28 @@ def summarise(records: list[dict]) -> str:
             cells.append(stat(values, fmt))
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     dense = [r["dense_test_error"] for r in records]
-    lines += ["", f"dense test error: {stat(dense, '.2%')}",
-              "reported dense error equals the independent evaluation: "
-              f"{sum(r[n]['reported_equals_independent'] for r in records for n in ('default', 'structured'))} of "
-              f"{2 * len(records)} runs"]
+    lines += [
+        "",
+        f"dense test error: {stat(dense, '.2%')}",
+        "reported dense error equals the independent evaluation: "
+        f"{sum(r[n]['reported_equals_independent'] for r in records for n in ('default', 'structured'))} of "
+        f"{2 * len(records)} runs",
+    ]
     med = lambda name, key: statistics.median(  # noqa: E731
-        [r[name][key[0]][key[1]] if isinstance(key, tuple) else r[name][key] for r in records])
+        [r[name][key[0]][key[1]] if isinstance(key, tuple) else r[name][key] for r in records]
+    )
     checks = {
         f"default removes >= {TARGETS['removed_default']:.0%}": med("default", "removed") >= TARGETS["removed_default"],
-        f"default costs <= +{TARGETS['delta_default_points']} points": med("default", "delta_points") <= TARGETS["delta_default_points"],
-        f"--structured-only speed-up at batch 1 >= {TARGETS['speedup_structured_b1']}x":
-            med("structured", ("speedup", "1")) >= TARGETS["speedup_structured_b1"],
-        f"--structured-only costs <= +{TARGETS['delta_structured_points']} points":
-            med("structured", "delta_points") <= TARGETS["delta_structured_points"],
-        f"default prune finishes in <= {TARGETS['seconds_default']} s": med("default", "seconds") <= TARGETS["seconds_default"],
+        f"default costs <= +{TARGETS['delta_default_points']} points": med("default", "delta_points")
+        <= TARGETS["delta_default_points"],
+        f"--structured-only speed-up at batch 1 >= {TARGETS['speedup_structured_b1']}x": med(
+            "structured", ("speedup", "1")
+        )
+        >= TARGETS["speedup_structured_b1"],
+        f"--structured-only costs <= +{TARGETS['delta_structured_points']} points": med("structured", "delta_points")
+        <= TARGETS["delta_structured_points"],
+        f"default prune finishes in <= {TARGETS['seconds_default']} s": med("default", "seconds")
+        <= TARGETS["seconds_default"],
     }
     lines += ["", "targets (on the medians):"] + [f"- {k}: {'met' if ok else 'NOT met'}" for k, ok in checks.items()]
     return "\n".join(lines)
@@ -175,13 +220,18 @@ def main() -> None:
         record = one_seed(args, seed)
         path.write_text(json.dumps(record, indent=1))
         records.append(record)
-        print(f"seed {seed}: dense {record['dense_test_error']:.2%}; default removed {record['default']['removed']:.1%}, "
-              f"{record['default']['delta_points']:+.2f} points, {record['default']['seconds']:.0f} s, batch-1 speed-up "
-              f"{record['default']['speedup']['1']:.2f}; structured removed {record['structured']['removed']:.1%}, "
-              f"{record['structured']['delta_points']:+.2f} points, batch-1 speed-up "
-              f"{record['structured']['speedup']['1']:.2f}", flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
-              f"onnxruntime {ort.__version__}"
+        print(
+            f"seed {seed}: dense {record['dense_test_error']:.2%}; default removed {record['default']['removed']:.1%}, "
+            f"{record['default']['delta_points']:+.2f} points, {record['default']['seconds']:.0f} s, batch-1 speed-up "
+            f"{record['default']['speedup']['1']:.2f}; structured removed {record['structured']['removed']:.1%}, "
+            f"{record['structured']['delta_points']:+.2f} points, batch-1 speed-up "
+            f"{record['structured']['speedup']['1']:.2f}",
+            flush=True,
+        )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}"
+    )
     print(f"\nmachine: {machine}\n" + summarise(records))
 
 

@@ -39,8 +39,7 @@ FINE_TUNES = {
     "Adam lr 1e-3": FineTune(epochs=1, lr=1e-3, optimizer="adam"),
     "Adam lr 3e-4": FineTune(epochs=1, lr=3e-4, optimizer="adam"),
 }
-WIDTHS = [((16, 32), 128), ((16, 32), 15), ((16, 24), 15), ((16, 16), 15), ((8, 24), 15), ((8, 16), 15),
-          ((15, 17), 15)]
+WIDTHS = [((16, 32), 128), ((16, 32), 15), ((16, 24), 15), ((16, 16), 15), ((8, 24), 15), ((8, 16), 15), ((15, 17), 15)]
 
 
 def fine_tune_choice(data_dir: str, out: Path) -> None:
@@ -52,8 +51,9 @@ def fine_tune_choice(data_dir: str, out: Path) -> None:
     dense.load_state_dict(torch.load(folder / "my.pt", weights_only=True))
     print(f"seed {SELECTION_SEED}: dense validation error {evaluate(dense, data.val)['error']:.2%}")
     for name, ft in FINE_TUNES.items():
-        result = prune_to_sparsity(copy.deepcopy(dense), data.train, data.val, criterion="wald",
-                                   fraction_removed=0.8, fine_tune_config=ft)
+        result = prune_to_sparsity(
+            copy.deepcopy(dense), data.train, data.val, criterion="wald", fraction_removed=0.8, fine_tune_config=ft
+        )
         print(f"  80% removed by Wald score, {name}: validation error {result.final_val['error']:.2%}", flush=True)
 
 
@@ -67,10 +67,14 @@ def widths(repeats: int) -> None:
             export_onnx(build(channels=channels, hidden=hidden).eval(), paths[name], x)
         dense = next(iter(paths))
         for batch in (1, 256):
-            latency = paired_latency(paths, batch, repeats=repeats if batch == 1 else repeats // 5, warmup=20,
-                                     threads=1)
-            print(f"batch {batch}, one thread: " + "; ".join(
-                f"{name}: {1e3 * t:.3f} ms, {latency[dense] / t:.2f}x" for name, t in latency.items()), flush=True)
+            latency = paired_latency(
+                paths, batch, repeats=repeats if batch == 1 else repeats // 5, warmup=20, threads=1
+            )
+            print(
+                f"batch {batch}, one thread: "
+                + "; ".join(f"{name}: {1e3 * t:.3f} ms, {latency[dense] / t:.2f}x" for name, t in latency.items()),
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ Baselines, measured side by side in the same process:
 Timings alternate between the sides in rounds; a step ratio is the median of the per-round
 ratios, so drift of the machine affects both sides alike, and its quartiles show the spread.
 
-    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 40] [--compile [MODE]] [--device auto] [--data-dir DIR]
+    python benchmarks/step_overhead.py [--batch-size 64] [--rounds 40] [--compile [MODE]] \
+        [--device auto] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def make_side(loss: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compile_mode: str | None,
-              backend: TiltedBackend):
+def make_side(
+    loss: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    compile_mode: str | None,
+    backend: TiltedBackend,
+):
     """``(objective, optimizer)`` of one side: cross-entropy ("ce") or ANRAT ("anrat", its tilted mean
     on ``backend``) on ``model``, the forward pass and loss compiled in ``compile_mode`` unless it is None."""
     if loss == "ce":
@@ -58,8 +65,9 @@ def make_side(loss: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         objective = lambda: ce(model(x), y)  # noqa: E731
     else:
         anrat = ANRATLoss(init_lambda=10.0, backend=backend).to(x.device)
-        optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}],
-                                    lr=0.01)
+        optimizer = torch.optim.SGD(
+            [{"params": model.parameters()}, {"params": anrat.parameters(), "lr": 0.001}], lr=0.01
+        )
         objective = lambda: anrat.aggregate(per_sample_loss(model(x), y))  # noqa: E731
     if compile_mode is not None:
         objective = torch.compile(objective, mode=compile_mode)
@@ -75,8 +83,16 @@ def twin_models(name: str, model_kwargs: dict, n: int, device: torch.device) -> 
     return models
 
 
-def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
-                   compile_mode: str | None, backend: TiltedBackend) -> dict:
+def step_benchmark(
+    name: str,
+    model_kwargs: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rounds: int,
+    steps: int,
+    compile_mode: str | None,
+    backend: TiltedBackend,
+) -> dict:
     """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
     per-round ratios (each round times every side back to back, so a slow spell of the machine
     enters both terms of a ratio), with its quartiles."""
@@ -92,6 +108,7 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
             optimizer.zero_grad(set_to_none=True)
             objective().backward()
             optimizer.step()
+
         sides[side] = step
     for step in sides.values():  # warm-up (and compilation)
         for _ in range(steps):
@@ -103,8 +120,13 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
 
     def ratio(num: str, den: str) -> dict:
         q1, median, q3 = statistics.quantiles([a / b for a, b in zip(times[num], times[den])], n=4)
-        return {"num_s": statistics.median(times[num]), "den_s": statistics.median(times[den]),
-                "ratio": median, "q1": q1, "q3": q3}
+        return {
+            "num_s": statistics.median(times[num]),
+            "den_s": statistics.median(times[den]),
+            "ratio": median,
+            "q1": q1,
+            "q3": q3,
+        }
 
     rows = {"eager": ratio("anrat", "ce")}
     if compile_mode is not None:
@@ -116,8 +138,9 @@ def step_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tens
 PHASES = ("zero_grad", "forward + loss", "backward", "optimizer step")
 
 
-def phase_benchmark(name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, steps: int,
-                    backend: TiltedBackend) -> dict:
+def phase_benchmark(
+    name: str, model_kwargs: dict, x: torch.Tensor, y: torch.Tensor, steps: int, backend: TiltedBackend
+) -> dict:
     """Eager seconds of each phase of a step (median over ``steps`` steps, the two sides alternating
     step by step): where ANRAT's extra time goes."""
     device = x.device
@@ -162,8 +185,14 @@ def epoch_benchmark(train: Split, batch_size: int, rounds: int, backend: TiltedB
     opt = torch.optim.SGD([{"params": model_bare.parameters()}, {"params": anrat.parameters(), "lr": 0.01}], lr=0.1)
     gen = torch.Generator().manual_seed(0)
     model_tr = build_model("lenet5").to(device)
-    trainer = Trainer(model_tr, LambdaSchedule(ScheduleConfig(name="adaptive"), backend=backend), train, None,
-                      TrainConfig(batch_size=batch_size, lr=0.1, lambda_lr=0.01), progress=False)
+    trainer = Trainer(
+        model_tr,
+        LambdaSchedule(ScheduleConfig(name="adaptive"), backend=backend),
+        train,
+        None,
+        TrainConfig(batch_size=batch_size, lr=0.1, lambda_lr=0.01),
+        progress=False,
+    )
     t_bare, t_tr = [], []
     for _ in range(rounds):
         sync(device)
@@ -187,35 +216,57 @@ def main() -> None:
     ap.add_argument("--epoch-rounds", type=int, default=3, help="epochs per side in the epoch benchmark (0: skip it)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", default=None, help="MNIST folder for the epoch benchmark ($ANRAT_DATA_DIR)")
-    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
-                    help="also time both sides with the forward pass and loss under torch.compile in MODE "
-                         "(default: 'default'; 'reduce-overhead' adds CUDA graphs)")
-    ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
-                    help="also time each phase of an eager step over STEPS steps (0: skip)")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="also time both sides with the forward pass and loss under torch.compile in MODE "
+        "(default: 'default'; 'reduce-overhead' adds CUDA graphs)",
+    )
+    ap.add_argument(
+        "--phases",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also time each phase of an eager step over STEPS steps (0: skip)",
+    )
     ap.add_argument("--mlp-hidden", default="500,300", help="hidden widths of the MLP")
-    ap.add_argument("--accelerator-path", choices=["host", "device"], default="host",
-                    help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
-                         "(default), or torch ops on the device (the losses' backend='torch')")
+    ap.add_argument(
+        "--accelerator-path",
+        choices=["host", "device"],
+        default="host",
+        help="on a GPU, where the tilted mean is computed: NumPy on the host after one copy "
+        "(default), or torch ops on the device (the losses' backend='torch')",
+    )
     args = ap.parse_args()
     device = resolve_device(args.device)
     # On the CPU the tilted mean is NumPy's either way: it is on the host already.
     backend: TiltedBackend = "torch" if args.accelerator_path == "device" and device.type != "cpu" else "auto"
-    print(f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
-          f"threads {torch.get_num_threads()}; batch {args.batch_size}"
-          + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else "")
-          + (f"; compile mode {args.compile}" if args.compile else ""))
+    print(
+        f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
+        f"threads {torch.get_num_threads()}; batch {args.batch_size}"
+        + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else "")
+        + (f"; compile mode {args.compile}" if args.compile else "")
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     hidden = [int(v) for v in args.mlp_hidden.split(",")]
-    print("\nseconds per training step (median of rounds), ANRAT vs cross-entropy; ratio: median of "
-          "the per-round ratios [quartiles]:")
+    print(
+        "\nseconds per training step (median of rounds), ANRAT vs cross-entropy; ratio: median of "
+        "the per-round ratios [quartiles]:"
+    )
     print(f"{'model':<22}{'mode':<28}{'CE':>11}{'ANRAT':>11}{'ratio':>8}  quartiles")
     for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
         label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
         for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile, backend).items():
-            print(f"{label:<22}{mode:<28}{r['den_s']:>11.6f}{r['num_s']:>11.6f}{r['ratio']:>8.3f}"
-                  f"  [{r['q1']:.3f}, {r['q3']:.3f}]")
+            print(
+                f"{label:<22}{mode:<28}{r['den_s']:>11.6f}{r['num_s']:>11.6f}{r['ratio']:>8.3f}"
+                f"  [{r['q1']:.3f}, {r['q3']:.3f}]"
+            )
     if args.phases:
         print(f"\nmicroseconds per phase of an eager step (median of {args.phases} steps):")
         print(f"{'model':<22}{'phase':<18}{'CE':>10}{'ANRAT':>10}{'extra':>10}")
@@ -230,7 +281,11 @@ def main() -> None:
     data = load_dataset("mnist", args.data_dir, device=device)
     r = epoch_benchmark(data.train, args.batch_size, args.epoch_rounds, backend)
     print(f"\none epoch of MNIST ({r['samples']} images), lenet5 + ANRAT, seconds (median):")
-    print(f"{'bare loop':<22}{r['bare_s']:>12.3f}\n{'Trainer':<22}{r['trainer_s']:>12.3f}\n{'ratio':<22}{r['ratio']:>12.3f}")
+    print(
+        f"{'bare loop':<22}{r['bare_s']:>12.3f}\n"
+        f"{'Trainer':<22}{r['trainer_s']:>12.3f}\n"
+        f"{'ratio':<22}{r['ratio']:>12.3f}"
+    )
 
 
 if __name__ == "__main__":

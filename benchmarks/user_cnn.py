@@ -14,7 +14,14 @@ def build(channels: tuple[int, int] = (16, 32), hidden: int = 128, num_classes: 
     """(N, 1, 28, 28) -> (N, num_classes) logits."""
     c1, c2 = channels
     return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+        nn.Conv2d(1, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 7 * 7, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
     )

@@ -17,9 +17,15 @@ The path a model takes: :func:`wald_test` (which connections and units are signi
 from anrat.data import Split, as_split
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
-from pruning.export import (ExportReport, ExportVerificationError, compare_models, export_onnx, onnx_latency,
-                            speedup_summary)
 from pruning.estimators import DiagonalEstimator, FisherEstimator, FullEstimator, KfacEstimator, fisher_estimator
+from pruning.export import (
+    ExportReport,
+    ExportVerificationError,
+    compare_models,
+    export_onnx,
+    onnx_latency,
+    speedup_summary,
+)
 from pruning.importance import Importance, MagnitudeImportance, OBDImportance, WaldImportance, make_importance
 from pruning.layers import output_layer, prunable_layers
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent, permanent_copy, sparsity
@@ -30,11 +36,49 @@ from pruning.significance import WaldResult, center_softmax_layer, wald_test
 from pruning.surgery import prune_units, widths_of
 
 __all__ = [
-    "DiagonalEstimator", "ExportReport", "ExportVerificationError", "FineTune", "FisherEstimator", "FullEstimator",
-    "Importance", "InputNorm", "KfacEstimator", "MagnitudeImportance", "OBDImportance", "PruneResult", "Split",
-    "WaldImportance", "WaldResult", "apply_masks", "as_split", "center_softmax_layer", "compare_models",
-    "count_nonzero", "count_total", "evaluate", "export_onnx", "fisher_estimator", "import_factory", "load_pruned",
-    "magnitude_scores", "make_importance", "make_permanent", "masks_at_sparsity", "obd_scores", "onnx_latency",
-    "output_layer", "permanent_copy", "prunable_layers", "prune", "prune_to_sparsity", "prune_units", "round_line",
-    "save_pruned", "sparsity", "speedup_summary", "wald_test", "widths_of", "with_preprocessing",
+    "DiagonalEstimator",
+    "ExportReport",
+    "ExportVerificationError",
+    "FineTune",
+    "FisherEstimator",
+    "FullEstimator",
+    "Importance",
+    "InputNorm",
+    "KfacEstimator",
+    "MagnitudeImportance",
+    "OBDImportance",
+    "PruneResult",
+    "Split",
+    "WaldImportance",
+    "WaldResult",
+    "apply_masks",
+    "as_split",
+    "center_softmax_layer",
+    "compare_models",
+    "count_nonzero",
+    "count_total",
+    "evaluate",
+    "export_onnx",
+    "fisher_estimator",
+    "import_factory",
+    "load_pruned",
+    "magnitude_scores",
+    "make_importance",
+    "make_permanent",
+    "masks_at_sparsity",
+    "obd_scores",
+    "onnx_latency",
+    "output_layer",
+    "permanent_copy",
+    "prunable_layers",
+    "prune",
+    "prune_to_sparsity",
+    "prune_units",
+    "round_line",
+    "save_pruned",
+    "sparsity",
+    "speedup_summary",
+    "wald_test",
+    "widths_of",
+    "with_preprocessing",
 ]

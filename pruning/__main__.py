@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
+from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
-from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
 from anrat.data import DATASET_NORMS, DATASETS, DataSplits, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
@@ -85,19 +85,22 @@ def _factory_model(args: argparse.Namespace) -> LoadedModel:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise InputError(f"weights in {args.weights!r} do not fit the model of {args.factory!r}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise InputError(
+            f"weights in {args.weights!r} do not fit the model of {args.factory!r}: {str(exc).splitlines()[0]}"
+        ) from None
     recorded = recorded_input_norm(weights) if isinstance(weights, dict) and "input_norm" in weights else None
-    return LoadedModel(model, {"factory": args.factory, "factory_kwargs": factory_kwargs}, recorded, {},
-                       f"factory {args.factory}")
+    return LoadedModel(
+        model, {"factory": args.factory, "factory_kwargs": factory_kwargs}, recorded, {}, f"factory {args.factory}"
+    )
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, allow_factories: Sequence[str] = ()) -> LoadedModel:
     """The model named on the command line: a checkpoint of ours (trainer or pruned), or
     ``--factory`` with ``--weights`` (naming the factory on the command line is trusting it)."""
     if bool(checkpoint) == bool(args.factory):
-        raise InputError("give either a checkpoint (model.pt of anrat-train, pruned.pt of anrat-prune) or --factory "
-                         "with --weights")
+        raise InputError(
+            "give either a checkpoint (model.pt of anrat-train, pruned.pt of anrat-prune) or --factory with --weights"
+        )
     loaded = _factory_model(args) if args.factory else _checkpoint_model(checkpoint, allow_factories)
     check_finite(loaded.model, loaded.source)
     return loaded
@@ -107,21 +110,28 @@ def check_finite(model: nn.Module, source: str) -> None:
     """Refuse a model with NaN or infinite weights: it cannot be evaluated, tested or exported."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"the weights of {source} are not finite ({name} holds NaN or infinite values); "
-                             "give a checkpoint of a run that did not diverge")
+            raise InputError(
+                f"the weights of {source} are not finite ({name} holds NaN or infinite values); "
+                "give a checkpoint of a run that did not diverge"
+            )
 
 
 def _checkpoint_model(checkpoint: str, allow_factories: Sequence[str]) -> LoadedModel:
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt, dict) or not ("arch" in ckpt or ckpt.get("format") == PRUNED_FORMAT):
-        raise InputError(f"{checkpoint!r} is not a checkpoint of anrat (it does not describe its network); for a "
-                         f"plain state_dict give --factory package.module:function --weights {checkpoint}")
+        raise InputError(
+            f"{checkpoint!r} is not a checkpoint of anrat (it does not describe its network); for a "
+            f"plain state_dict give --factory package.module:function --weights {checkpoint}"
+        )
     if ckpt.get("format") == PRUNED_FORMAT:
         model = load_pruned(checkpoint, allow_factories=allow_factories)
     else:
         model = model_from_checkpoint(ckpt)
-    description = {"arch": ckpt["arch"]} if "arch" in ckpt else {"factory": ckpt["factory"]["target"],
-                                                                 "factory_kwargs": ckpt["factory"].get("kwargs", {})}
+    description = (
+        {"arch": ckpt["arch"]}
+        if "arch" in ckpt
+        else {"factory": ckpt["factory"]["target"], "factory_kwargs": ckpt["factory"].get("kwargs", {})}
+    )
     return LoadedModel(model, description, recorded_input_norm(ckpt), ckpt.get("run_config") or {}, checkpoint)
 
 
@@ -131,15 +141,20 @@ def resolve_input_norm(args: argparse.Namespace, loaded: LoadedModel, dataset: s
     if args.input_norm is not None:
         norm = InputNorm.parse(args.input_norm, DATASET_NORMS.get(dataset) if dataset else None)
         if loaded.recorded_norm is not None and norm != loaded.recorded_norm:
-            print(f"warning: --input-norm {args.input_norm} differs from the normalisation recorded in "
-                  f"{loaded.source} ({loaded.recorded_norm.describe()})", file=sys.stderr)
+            print(
+                f"warning: --input-norm {args.input_norm} differs from the normalisation recorded in "
+                f"{loaded.source} ({loaded.recorded_norm.describe()})",
+                file=sys.stderr,
+            )
         return norm, "--input-norm"
     if loaded.recorded_norm is not None:
         return loaded.recorded_norm, f"recorded in {loaded.source}"
     if args.factory:
         return InputNorm.none(), "default for a factory model: inputs used as given"
-    raise InputError(f"{loaded.source} does not record which input normalisation its model expects; pass "
-                     "--input-norm none, dataset or MEAN,STD")
+    raise InputError(
+        f"{loaded.source} does not record which input normalisation its model expects; pass "
+        "--input-norm none, dataset or MEAN,STD"
+    )
 
 
 def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> int:
@@ -150,8 +165,9 @@ def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> int:
         with torch.no_grad():
             out = model(x[:2])
     except RuntimeError as exc:
-        raise InputError(f"the model does not accept {source} of shape {tuple(x.shape[1:])}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise InputError(
+            f"the model does not accept {source} of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
@@ -165,8 +181,10 @@ def check_labels(classes: int, data: DataSplits) -> None:
             continue
         low, high = int(split.y.min()), int(split.y.max())
         if low < 0 or high >= classes:
-            raise InputError(f"{data.sources.get(name, name)} holds class labels {low}..{high}, but the model has "
-                             f"{classes} outputs; expected labels 0..{classes - 1}")
+            raise InputError(
+                f"{data.sources.get(name, name)} holds class labels {low}..{high}, but the model has "
+                f"{classes} outputs; expected labels 0..{classes - 1}"
+            )
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -181,8 +199,13 @@ def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str)
     """Validation size and split seed: as given; else, for a checkpoint of anrat-train on the same
     dataset, the images its training held out; else 10,000 images chosen by ``--seed``."""
     run = loaded.run_config
-    if args.val_size is None and run.get("dataset") == dataset and isinstance(run.get("val_size"), int) \
-            and run["val_size"] > 0 and not args.train_data:
+    if (
+        args.val_size is None
+        and run.get("dataset") == dataset
+        and isinstance(run.get("val_size"), int)
+        and run["val_size"] > 0
+        and not args.train_data
+    ):
         return run["val_size"], int(run.get("train", {}).get("seed", 0)), True
     return (DEFAULT_VAL_SIZE if args.val_size is None else args.val_size), args.seed, False
 
@@ -195,18 +218,28 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     dataset = args.dataset or (loaded.run_config.get("dataset") if not (args.train_data and args.test_data) else None)
     norm, norm_origin = resolve_input_norm(args, loaded, dataset)
     val_size, split_seed, held_out_by_training = _split_defaults(args, loaded, dataset or "mnist")
-    data = load_splits(input_norm=norm, dataset=dataset, data_dir=args.data_dir, train_data=args.train_data,
-                       val_data=args.val_data, test_data=args.test_data, val_size=val_size, seed=split_seed,
-                       train_subset=args.train_subset, test_subset=args.test_subset, image_mode=args.image_mode,
-                       device=device)
+    data = load_splits(
+        input_norm=norm,
+        dataset=dataset,
+        data_dir=args.data_dir,
+        train_data=args.train_data,
+        val_data=args.val_data,
+        test_data=args.test_data,
+        val_size=val_size,
+        seed=split_seed,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        image_mode=args.image_mode,
+        device=device,
+    )
     if held_out_by_training:
-        data.sources["val"] = (f"the {val_size} training images {loaded.source} held out for validation "
-                               f"(seed {split_seed})")
+        data.sources["val"] = (
+            f"the {val_size} training images {loaded.source} held out for validation (seed {split_seed})"
+        )
     model.to(device)
     check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
     if not held_out_by_training and not args.val_data and not args.quiet:
-        print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data",
-              file=sys.stderr)
+        print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data", file=sys.stderr)
     out = make_output_folder(args.out)
 
     def log(record: dict[str, Any]) -> None:
@@ -214,34 +247,61 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
             print(round_line(record), file=sys.stderr, flush=True)
 
     if not args.quiet:
-        print(f"pruning {count_total(model):,} parameters of {loaded.source}; input normalisation: {norm.describe()} "
-              f"({norm_origin})", file=sys.stderr, flush=True)
+        print(
+            f"pruning {count_total(model):,} parameters of {loaded.source}; input normalisation: {norm.describe()} "
+            f"({norm_origin})",
+            file=sys.stderr,
+            flush=True,
+        )
     test_before = evaluate(model, data.test)
     if not args.quiet:
         print(f"test error before pruning: {test_before['error']:.2%}", file=sys.stderr, flush=True)
     # 200 alternating calls: with 50, the batch-1 speed-up of one model moved between 0.93x and 1.46x
-    done = prune_save_export(model, data, config, out, description=loaded.description, input_norm=norm,
-                             test_before=test_before,
-                             report=ReportOptions(latency_repeats=200), progress=not args.quiet and sys.stderr.isatty(),
-                             log=log)
+    done = prune_save_export(
+        model,
+        data,
+        config,
+        out,
+        description=loaded.description,
+        input_norm=norm,
+        test_before=test_before,
+        report=ReportOptions(latency_repeats=200),
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=log,
+    )
     result, sizes = done.result, done.comparison
-    report = {"params_before": result.params_before, "params_after": result.params_after,
-              "nonzero_after": result.nonzero_after,
-              "fraction_removed": 1 - result.nonzero_after / result.params_before,
-              "test_before": done.test_before, "test_after": done.test_after, "val_before": result.base_val,
-              "val_after": result.final_val, "onnx_test_error": done.onnx_test_error,
-              "input_norm": {**norm.as_dict(), "origin": norm_origin}, "data": data.sources,
-              "deployment": sizes["speedup"], "rounds": result.rounds, "onnx": sizes, "seconds": done.seconds["prune"],
-              "config": asdict(config), "options": {k: v for k, v in vars(args).items() if k != "func"}}
+    report = {
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "nonzero_after": result.nonzero_after,
+        "fraction_removed": 1 - result.nonzero_after / result.params_before,
+        "test_before": done.test_before,
+        "test_after": done.test_after,
+        "val_before": result.base_val,
+        "val_after": result.final_val,
+        "onnx_test_error": done.onnx_test_error,
+        "input_norm": {**norm.as_dict(), "origin": norm_origin},
+        "data": data.sources,
+        "deployment": sizes["speedup"],
+        "rounds": result.rounds,
+        "onnx": sizes,
+        "seconds": done.seconds["prune"],
+        "config": asdict(config),
+        "options": {k: v for k, v in vars(args).items() if k != "func"},
+    }
     # Written at the end, like the report: a refused or failed run leaves a folder's earlier files whole.
     write_text_atomic(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in result.rounds))
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    print(f"removed {report['fraction_removed']:.1%} of {result.params_before:,} weights "
-          f"({result.params_after:,} parameters left after unit removal); test error "
-          f"{done.test_before['error']:.2%} -> {done.test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
-          f"{sizes['pruned']['onnx_bytes']:,} bytes; {sizes['speedup']['summary']}")
-    print(f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
-          f"{out / 'report.json'}")
+    print(
+        f"removed {report['fraction_removed']:.1%} of {result.params_before:,} weights "
+        f"({result.params_after:,} parameters left after unit removal); test error "
+        f"{done.test_before['error']:.2%} -> {done.test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
+        f"{sizes['pruned']['onnx_bytes']:,} bytes; {sizes['speedup']['summary']}"
+    )
+    print(
+        f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
+        f"{out / 'report.json'}"
+    )
     return report
 
 
@@ -256,8 +316,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         verify = feed_norm.apply(load_data_file(args.test_data, "--test-data", args.image_mode).split.x[:256])
         source = f"inputs from {args.test_data}"
     elif args.data_dir:
-        verify = load_dataset(args.dataset or "mnist", args.data_dir, val_size=0, test_subset=256,
-                              input_norm=feed_norm).test.x
+        verify = load_dataset(
+            args.dataset or "mnist", args.data_dir, val_size=0, test_subset=256, input_norm=feed_norm
+        ).test.x
         source = f"{args.dataset or 'mnist'} test images"
     else:
         try:
@@ -272,84 +333,156 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             verify = norm.apply(verify)
     exported = with_preprocessing(model, norm) if args.include_preprocessing else model
     check_fits(exported, verify, source)
-    report = export_onnx(exported, args.out, verify[:2], verify_inputs=verify,
-                         metadata=norm.onnx_metadata(in_graph=args.include_preprocessing))
-    feed = (f"x = pixel / 255 in [0, 1] (normalisation in the graph: {norm.describe()})"
-            if args.include_preprocessing and not norm.is_identity else norm.describe())
-    print(f"wrote {args.out} ({report.onnx_bytes:,} bytes, {count_nonzero(model):,}/{count_total(model):,} nonzero "
-          f"parameters); checked with onnx.checker and onnxruntime on {source}: max |diff| "
-          f"{max(report.max_abs_diff.values()):.2e}; input: {feed} ({norm_origin})")
+    report = export_onnx(
+        exported,
+        args.out,
+        verify[:2],
+        verify_inputs=verify,
+        metadata=norm.onnx_metadata(in_graph=args.include_preprocessing),
+    )
+    feed = (
+        f"x = pixel / 255 in [0, 1] (normalisation in the graph: {norm.describe()})"
+        if args.include_preprocessing and not norm.is_identity
+        else norm.describe()
+    )
+    print(
+        f"wrote {args.out} ({report.onnx_bytes:,} bytes, {count_nonzero(model):,}/{count_total(model):,} nonzero "
+        f"parameters); checked with onnx.checker and onnxruntime on {source}: max |diff| "
+        f"{max(report.max_abs_diff.values()):.2e}; input: {feed} ({norm_origin})"
+    )
     return {"bytes": report.onnx_bytes}
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model from a factory (instead of a checkpoint)")
-    g.add_argument("--factory", help="'package.module:function' that builds the (unpruned) model; naming it here "
-                                     "trusts its code")
+    g.add_argument(
+        "--factory", help="'package.module:function' that builds the (unpruned) model; naming it here trusts its code"
+    )
     g.add_argument("--factory-kwargs", help="JSON keyword arguments for --factory, e.g. '{\"width\": 64}'")
     g.add_argument("--weights", help="state_dict for --factory (torch.save; loaded with weights_only=True)")
 
 
 def _add_input_norm_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-norm", default=None, metavar="NORM",
-                   help="normalisation the model expects on [0, 1] pixels: none, dataset (its training-set mean "
-                        "and std), MEAN,STD, or per channel M1,M2,M3:S1,S2,S3. Default: recorded in our "
-                        "checkpoints; none for --factory models (inputs used as given)")
+    p.add_argument(
+        "--input-norm",
+        default=None,
+        metavar="NORM",
+        help="normalisation the model expects on [0, 1] pixels: none, dataset (its training-set mean "
+        "and std), MEAN,STD, or per channel M1,M2,M3:S1,S2,S3. Default: recorded in our "
+        "checkpoints; none for --factory models (inputs used as given)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineErrorParser(prog="anrat-prune", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = OneLineErrorParser(
+        prog="anrat-prune", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    p = sub.add_parser("prune", help="test significance, prune, fine-tune, export",
-                       description="Test significance, prune, fine-tune, export. "
-                       + __doc__.split("\n\n")[4].replace("``", "").replace("**", ""),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "prune",
+        help="test significance, prune, fine-tune, export",
+        description="Test significance, prune, fine-tune, export. "
+        + __doc__.split("\n\n")[4].replace("``", "").replace("**", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.set_defaults(func=cmd_prune)
     p.add_argument("--checkpoint", help="model.pt written by anrat-train")
     _add_model_options(p)
-    g = p.add_argument_group("data (a named dataset, and/or files: a tensor file .pt with 'x' and 'y', or an image "
-                             "folder root/<class>/<image>)")
-    g.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="dataset for the splits no file gives; default: the checkpoint's, else mnist")
+    g = p.add_argument_group(
+        "data (a named dataset, and/or files: a tensor file .pt with 'x' and 'y', or an image "
+        "folder root/<class>/<image>)"
+    )
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="dataset for the splits no file gives; default: the checkpoint's, else mnist",
+    )
     g.add_argument("--data-dir", default=None, help="folder with the dataset's four IDX files; default $ANRAT_DATA_DIR")
     g.add_argument("--train-data", default=None, help="training data (Fisher information, fine-tuning)")
-    g.add_argument("--val-data", default=None,
-                   help="held-out validation data for the rollback rule and fine-tuning selection; never the test "
-                        "data. Default: --val-size samples held out of the training data")
+    g.add_argument(
+        "--val-data",
+        default=None,
+        help="held-out validation data for the rollback rule and fine-tuning selection; never the test "
+        "data. Default: --val-size samples held out of the training data",
+    )
     g.add_argument("--test-data", default=None, help="test data, evaluated before and after pruning")
-    g.add_argument("--image-mode", choices=IMAGE_MODES, default=None,
-                   help="convert image-folder images to this mode; default: grey stays grey, else RGB")
+    g.add_argument(
+        "--image-mode",
+        choices=IMAGE_MODES,
+        default=None,
+        help="convert image-folder images to this mode; default: grey stays grey, else RGB",
+    )
     _add_input_norm_option(g)
-    g.add_argument("--val-size", type=int, default=None,
-                   help="without --val-data: training samples held out for validation; default: the images "
-                        f"anrat-train held out for a checkpoint of ours, else {DEFAULT_VAL_SIZE}")
+    g.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help="without --val-data: training samples held out for validation; default: the images "
+        f"anrat-train held out for a checkpoint of ours, else {DEFAULT_VAL_SIZE}",
+    )
     g.add_argument("--train-subset", type=int, default=None, help="use the first N remaining training images")
     g.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
     d = PruneConfig()
     g = p.add_argument_group("statistics")
     flag(g, "--alpha", key="alpha", defaults=d, type=float, help="level of the tests, in (0, 1)")
-    flag(g, "--method", key="method", defaults=d, help="statsmodels multipletests method: holm, bonferroni, fdr_bh, ...")
-    flag(g, "--estimator", key="estimator", defaults=d, choices=ESTIMATORS,
-         help="standard errors from the Fisher information")
-    flag(g, "--max-samples", key="max_samples", defaults=d, type=int, help="training samples the Fisher is estimated on")
+    flag(
+        g, "--method", key="method", defaults=d, help="statsmodels multipletests method: holm, bonferroni, fdr_bh, ..."
+    )
+    flag(
+        g,
+        "--estimator",
+        key="estimator",
+        defaults=d,
+        choices=ESTIMATORS,
+        help="standard errors from the Fisher information",
+    )
+    flag(
+        g, "--max-samples", key="max_samples", defaults=d, type=int, help="training samples the Fisher is estimated on"
+    )
     g = p.add_argument_group("pruning (pruning.prune.PruneConfig; --config and --set reach every option)")
-    flag(g, "--structured-only", "--no-unstructured", key="unstructured", action="store_const", const=False,
-         help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
-              "faster; individual zeroed weights bring no speed-up in onnxruntime")
+    flag(
+        g,
+        "--structured-only",
+        "--no-unstructured",
+        key="unstructured",
+        action="store_const",
+        const=False,
+        help="remove whole units only (unit tests): layers shrink, so the ONNX model gets smaller and "
+        "faster; individual zeroed weights bring no speed-up in onnxruntime",
+    )
     flag(g, "--no-structured", key="structured", action="store_const", const=False, help="do not remove whole units")
-    flag(g, "--channel-multiple", key="channel_multiple", defaults=d, type=int,
-         help="a convolution is left with a multiple of this many filters, rounded to the nearest "
-              "(onnxruntime's CPU convolutions work in blocks of 8 or 16 channels; other widths ran no "
-              "faster than the unpruned layer); 1: off")
-    flag(g, "--step", key="step", defaults=d, type=float, help="largest fraction of remaining weights removed per round")
+    flag(
+        g,
+        "--channel-multiple",
+        key="channel_multiple",
+        defaults=d,
+        type=int,
+        help="a convolution is left with a multiple of this many filters, rounded to the nearest "
+        "(onnxruntime's CPU convolutions work in blocks of 8 or 16 channels; other widths ran no "
+        "faster than the unpruned layer); 1: off",
+    )
+    flag(
+        g, "--step", key="step", defaults=d, type=float, help="largest fraction of remaining weights removed per round"
+    )
     flag(g, "--max-rounds", key="max_rounds", defaults=d, type=int, help="test/prune/fine-tune rounds at most")
-    flag(g, "--tolerance", key="tolerance", defaults=d, type=float,
-         help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)")
+    flag(
+        g,
+        "--tolerance",
+        key="tolerance",
+        defaults=d,
+        type=float,
+        help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)",
+    )
     flag(g, "--fine-tune-epochs", key="fine_tune.epochs", defaults=d, type=int, help="fine-tuning epochs per round")
     flag(g, "--fine-tune-lr", key="fine_tune.lr", defaults=d, type=float, help="fine-tuning learning rate")
-    flag(g, "--fine-tune-optimizer", key="fine_tune.optimizer", defaults=d,
-         help="torch.optim class name for fine-tuning (adam, sgd, adamw, ...)")
+    flag(
+        g,
+        "--fine-tune-optimizer",
+        key="fine_tune.optimizer",
+        defaults=d,
+        help="torch.optim class name for fine-tuning (adam, sgd, adamw, ...)",
+    )
     add_config_arguments(g, "fine_tune.batch_size=128")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -357,23 +490,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/prune", help="output folder")
     g.add_argument("--quiet", action="store_true", help="no per-round lines on stderr, no progress bars")
 
-    e = sub.add_parser("export", help="turn a checkpoint or a state_dict into a verified ONNX file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser(
+        "export",
+        help="turn a checkpoint or a state_dict into a verified ONNX file",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     e.set_defaults(func=cmd_export)
     e.add_argument("checkpoint", nargs="?", help="model.pt of anrat-train or pruned.pt of anrat-prune")
     _add_model_options(e)
     e.add_argument("--out", default="model.onnx", help="ONNX file to write")
     _add_input_norm_option(e)
-    e.add_argument("--include-preprocessing", action="store_true",
-                   help="put the input normalisation into the graph, so the ONNX model takes pixel / 255 in [0, 1]")
-    e.add_argument("--input-shape", default="1,28,28", help="shape of one input, without the batch dimension "
-                   "(for verification inputs when no data is given)")
+    e.add_argument(
+        "--include-preprocessing",
+        action="store_true",
+        help="put the input normalisation into the graph, so the ONNX model takes pixel / 255 in [0, 1]",
+    )
+    e.add_argument(
+        "--input-shape",
+        default="1,28,28",
+        help="shape of one input, without the batch dimension (for verification inputs when no data is given)",
+    )
     e.add_argument("--dataset", choices=DATASETS, default=None, help="dataset for verification inputs (default mnist)")
     e.add_argument("--data-dir", default=None, help="verify on this dataset's test images (else random inputs)")
     e.add_argument("--test-data", default=None, help="verify on inputs from this tensor file or image folder")
     e.add_argument("--image-mode", choices=IMAGE_MODES, default=None, help="mode for --test-data image folders")
-    e.add_argument("--allow-factory", action="append", default=[],
-                   help="trust this 'package.module:function' to rebuild a factory checkpoint (it runs code)")
+    e.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        help="trust this 'package.module:function' to rebuild a factory checkpoint (it runs code)",
+    )
     return ap
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,14 +54,21 @@ class FisherEstimator(ABC):
 
     @abstractmethod
     def estimate(
-        self, model: nn.Module, fd: FisherData, layers: Mapping[str, nn.Module], *, fisher: str = "model",
-        batch_size: int = 256, progress: bool = False,
+        self,
+        model: nn.Module,
+        fd: FisherData,
+        layers: Mapping[str, nn.Module],
+        *,
+        fisher: str = "model",
+        batch_size: int = 256,
+        progress: bool = False,
     ) -> dict[str, Any]:
         """Each tested layer's Fisher estimate on the samples of ``fd``, keyed by layer name."""
 
     @abstractmethod
-    def layer_tests(self, name: str, weight: Tensor, estimate: Any, *, n: int, damping: float,
-                    free: Tensor | None) -> LayerTests:
+    def layer_tests(
+        self, name: str, weight: Tensor, estimate: Any, *, n: int, damping: float, free: Tensor | None
+    ) -> LayerTests:
         """Standard errors and unit chi-squares of layer ``name`` from its ``estimate``.
 
         ``weight`` is the tested weight (float64, CPU; centred for the softmax output layer),
@@ -83,20 +91,36 @@ class KfacEstimator(FisherEstimator):
             if not isinstance(module, nn.Conv2d):
                 continue
             if module.groups != 1:
-                raise InputError(f"estimator 'kfac' supports Conv2d with groups=1; layer {name!r} has groups={module.groups} (use 'diagonal')")
+                raise InputError(
+                    f"estimator 'kfac' supports Conv2d with groups=1; layer {name!r} has groups={module.groups} (use "
+                    f"'diagonal')"
+                )
             if module.padding_mode != "zeros":
-                raise InputError(f"estimator 'kfac' supports zero padding; layer {name!r} has padding_mode={module.padding_mode!r} (use 'diagonal')")
+                raise InputError(
+                    f"estimator 'kfac' supports zero padding; layer {name!r} has "
+                    f"padding_mode={module.padding_mode!r} (use 'diagonal')"
+                )
             if isinstance(module.padding, str) and module.padding != "valid":
-                raise InputError(f"estimator 'kfac' needs numeric padding; layer {name!r} has padding={module.padding!r} (use 'diagonal')")
+                raise InputError(
+                    f"estimator 'kfac' needs numeric padding; layer {name!r} has padding={module.padding!r} (use "
+                    f"'diagonal')"
+                )
 
     def estimate(
-        self, model: nn.Module, fd: FisherData, layers: Mapping[str, nn.Module], *, fisher: str = "model",
-        batch_size: int = 256, progress: bool = False,
+        self,
+        model: nn.Module,
+        fd: FisherData,
+        layers: Mapping[str, nn.Module],
+        *,
+        fisher: str = "model",
+        batch_size: int = 256,
+        progress: bool = False,
     ) -> dict[str, KroneckerFactors]:
         return kfac_factors(model, fd, layers, fisher=fisher, batch_size=batch_size, progress=progress)
 
-    def layer_tests(self, name: str, weight: Tensor, estimate: KroneckerFactors, *, n: int, damping: float,
-                    free: Tensor | None) -> LayerTests:
+    def layer_tests(
+        self, name: str, weight: Tensor, estimate: KroneckerFactors, *, n: int, damping: float, free: Tensor | None
+    ) -> LayerTests:
         """For the softmax layer G is inverted on the complement of its null direction 1 (the
         class shift); a column identified by its zeros uses [(G_SS)^-1]_kk over its non-zero
         classes S instead."""
@@ -145,13 +169,20 @@ class FullEstimator(FisherEstimator):
             )
 
     def estimate(
-        self, model: nn.Module, fd: FisherData, layers: Mapping[str, nn.Module], *, fisher: str = "model",
-        batch_size: int = 256, progress: bool = False,
+        self,
+        model: nn.Module,
+        fd: FisherData,
+        layers: Mapping[str, nn.Module],
+        *,
+        fisher: str = "model",
+        batch_size: int = 256,
+        progress: bool = False,
     ) -> dict[str, Tensor]:
         return dense_fisher(model, fd, layers, fisher=fisher, batch_size=batch_size, progress=progress)
 
-    def layer_tests(self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float,
-                    free: Tensor | None) -> LayerTests:
+    def layer_tests(
+        self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float, free: Tensor | None
+    ) -> LayerTests:
         """The zeros of identified softmax columns are fixed, not parameters: their rows and columns
         are dropped from the block before it is inverted, and their se is inf."""
         rows = weight.reshape(weight.shape[0], -1)
@@ -162,7 +193,9 @@ class FullEstimator(FisherEstimator):
         null = None
         if free is not None:
             kept[:size] = (rows != 0).reshape(-1) | free.repeat(out)
-            null = _softmax_null_dense(out, fan_in, has_bias)[kept][:, torch.cat([free, torch.ones(int(has_bias), dtype=torch.bool)])]
+            null = _softmax_null_dense(out, fan_in, has_bias)[kept][
+                :, torch.cat([free, torch.ones(int(has_bias), dtype=torch.bool)])
+            ]
             null = null if null.shape[1] else None
         inverse = _damped_inverse(estimate[kept][:, kept], damping, f"layer {name!r}", null)
         if inverse is None:
@@ -195,15 +228,23 @@ class DiagonalEstimator(FisherEstimator):
     name: ClassVar[str] = "diagonal"
 
     def estimate(
-        self, model: nn.Module, fd: FisherData, layers: Mapping[str, nn.Module], *, fisher: str = "model",
-        batch_size: int = 256, progress: bool = False,
+        self,
+        model: nn.Module,
+        fd: FisherData,
+        layers: Mapping[str, nn.Module],
+        *,
+        fisher: str = "model",
+        batch_size: int = 256,
+        progress: bool = False,
     ) -> dict[str, Tensor]:
-        diagonals = diagonal_fisher(model, fd, [weight_name(name) for name in layers], fisher=fisher,
-                                    batch_size=batch_size, progress=progress)
+        diagonals = diagonal_fisher(
+            model, fd, [weight_name(name) for name in layers], fisher=fisher, batch_size=batch_size, progress=progress
+        )
         return {name: diagonals[weight_name(name)] for name in layers}
 
-    def layer_tests(self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float,
-                    free: Tensor | None) -> LayerTests:
+    def layer_tests(
+        self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float, free: Tensor | None
+    ) -> LayerTests:
         """Free softmax columns take the pseudo-inverse of diag(f_1j..f_Kj) on the sum-to-zero
         subspace, 1/f_kj - (1/f_kj)^2 / sum_k' 1/f_k'j; zeros of identified columns get se = inf."""
         scale = float(estimate.mean())

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -93,7 +94,9 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many types; say which step failed, keep the cause
-        raise ExportVerificationError(f"torch.onnx.export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ExportVerificationError(
+            f"torch.onnx.export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
 
 
 def _store_sparse(path: Path) -> list[str]:
@@ -110,13 +113,18 @@ def _store_sparse(path: Path) -> list[str]:
     for init in model.graph.initializer:
         array = numpy_helper.to_array(init)
         nonzero = np.flatnonzero(array)
-        if not np.issubdtype(array.dtype, np.floating) or nonzero.size * (array.itemsize + _INDEX_BYTES) >= array.nbytes:
+        if (
+            not np.issubdtype(array.dtype, np.floating)
+            or nonzero.size * (array.itemsize + _INDEX_BYTES) >= array.nbytes
+        ):
             dense.append(init)
             continue
         values = numpy_helper.from_array(array.reshape(-1)[nonzero], name=init.name)
         indices = numpy_helper.from_array(nonzero.astype(np.int64), name=f"{init.name}__indices")
         sparse = helper.make_sparse_tensor(values, indices, list(array.shape))
-        constants.append(helper.make_node("Constant", [], [init.name], name=f"{init.name}__sparse", sparse_value=sparse))
+        constants.append(
+            helper.make_node("Constant", [], [init.name], name=f"{init.name}__sparse", sparse_value=sparse)
+        )
         names.append(init.name)
     if names:
         nodes = constants + list(model.graph.node)  # constants first keeps the nodes topologically sorted
@@ -149,12 +157,14 @@ def _verify(path: Path, model: nn.Module, inputs: torch.Tensor, atol: float) -> 
         got = session.run(None, {INPUT_NAME: batch.numpy()})
         if [e.shape for e in expected] != [g.shape for g in got]:
             raise ExportVerificationError(
-                f"onnxruntime output shapes {[g.shape for g in got]} differ from PyTorch's {[e.shape for e in expected]} at batch {size}"
+                f"onnxruntime output shapes {[g.shape for g in got]} differ from PyTorch's "
+                f"{[e.shape for e in expected]} at batch {size}"
             )
         diff = max(float(np.max(np.abs(e.astype(np.float64) - g))) if e.size else 0.0 for e, g in zip(expected, got))
         if not diff <= atol:  # also catches NaN
             raise ExportVerificationError(
-                f"onnxruntime disagrees with PyTorch at batch {size}: max |difference| = {diff:.3g} > tolerance {atol:g}"
+                f"onnxruntime disagrees with PyTorch at batch {size}: max |difference| = {diff:.3g} > tolerance "
+                f"{atol:g}"
             )
         diffs[size] = diff
     return diffs
@@ -192,7 +202,10 @@ def export_onnx(
         raise InputError("example_input must be a tensor with a batch dimension first")
     inputs = (example_input if verify_inputs is None else verify_inputs).detach().cpu()
     if inputs.shape[1:] != example_input.shape[1:]:
-        raise InputError(f"verify_inputs rows have shape {tuple(inputs.shape[1:])}, example_input rows {tuple(example_input.shape[1:])}")
+        raise InputError(
+            f"verify_inputs rows have shape {tuple(inputs.shape[1:])}, example_input rows "
+            f"{tuple(example_input.shape[1:])}"
+        )
     exported = permanent_copy(model).cpu().eval()
     # torch.export specialises a dimension whose example size is 1, so trace a batch of at least 2
     example = _batch_of(example_input.detach().cpu(), max(2, example_input.shape[0]))
@@ -210,7 +223,9 @@ def export_onnx(
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ExportVerificationError(f"exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
         diffs = _verify(tmp, exported, inputs, atol)
-    opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    opset_used = next(
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    )
     return ExportReport(
         path=str(path),
         onnx_bytes=path.stat().st_size,
@@ -312,8 +327,8 @@ def onnx_test_error(path: Path, x: torch.Tensor, y: torch.Tensor, batch_size: in
     name = session.get_inputs()[0].name
     wrong = 0
     for start in range(0, len(x), batch_size):
-        scores = session.run(None, {name: x[start:start + batch_size].numpy()})[0]
-        wrong += int((np.argmax(scores, axis=1) != y[start:start + batch_size].numpy()).sum())
+        scores = session.run(None, {name: x[start : start + batch_size].numpy()})[0]
+        wrong += int((np.argmax(scores, axis=1) != y[start : start + batch_size].numpy()).sum())
     return wrong / len(x)
 
 
@@ -340,20 +355,29 @@ def compare_models(
     """
     out_dir = Path(out_dir)
     reports = {
-        kind: export_onnx(model, out_dir / f"{kind}.onnx", example_input, verify_inputs=verify_inputs, metadata=metadata)
+        kind: export_onnx(
+            model, out_dir / f"{kind}.onnx", example_input, verify_inputs=verify_inputs, metadata=metadata
+        )
         for kind, model in (("dense", dense_model), ("pruned", pruned_model))
     }
     figures = {
         kind: _model_figures(model, reports[kind]) for kind, model in (("dense", dense_model), ("pruned", pruned_model))
     }
     for size in batch_sizes:
-        latency = paired_latency({kind: reports[kind].path for kind in ("dense", "pruned")}, size,
-                                 repeats=repeats, warmup=warmup, threads=threads)
+        latency = paired_latency(
+            {kind: reports[kind].path for kind in ("dense", "pruned")},
+            size,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+        )
         for kind in ("dense", "pruned"):
             figures[kind]["latency_s"][str(size)] = latency[kind]
     dense, pruned = figures["dense"], figures["pruned"]
     ratios = {key: pruned[key] / dense[key] for key in ("parameters", "nonzero_parameters", "onnx_bytes")}
-    ratios.update({f"latency_s@{size}": pruned["latency_s"][str(size)] / dense["latency_s"][str(size)] for size in batch_sizes})
+    ratios.update(
+        {f"latency_s@{size}": pruned["latency_s"][str(size)] / dense["latency_s"][str(size)] for size in batch_sizes}
+    )
     return {
         "dense": dense,
         "pruned": pruned,
@@ -361,11 +385,12 @@ def compare_models(
         "speedup": speedup_summary(ratios, batch_sizes),
         "checks": [
             "onnx.checker.check_model(full_check=True)",
-            f"onnxruntime CPUExecutionProvider matches PyTorch within {DEFAULT_ATOL:g} at batch sizes {list(VERIFY_BATCH_SIZES)}",
+            f"onnxruntime CPUExecutionProvider matches PyTorch within {DEFAULT_ATOL:g} at batch sizes "
+            f"{list(VERIFY_BATCH_SIZES)}",
         ],
         "checks_passed": True,
         "latency": f"median of {repeats} calls after {warmup} warm-up calls, dense and pruned calls alternating, "
-                   f"onnxruntime threads={threads or 'default'}",
+        f"onnxruntime threads={threads or 'default'}",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         "exporter": reports["dense"].exporter,
     }
@@ -382,9 +407,11 @@ def speedup_summary(ratios: Mapping[str, float], batch_sizes: tuple[int, ...]) -
     speedups = {str(b): 1 / ratios[f"latency_s@{b}"] for b in batch_sizes}
     shown = ", ".join(f"{v:.2f}x at batch {b}" for b, v in speedups.items())
     if max(speedups.values()) < MIN_SPEEDUP:
-        verdict = (f"no speed-up in onnxruntime ({shown}): zeroed weights stay in dense tensors and are multiplied "
-                   "like any other; a model gets faster only as whole units go (--structured-only prunes units "
-                   "alone)")
+        verdict = (
+            f"no speed-up in onnxruntime ({shown}): zeroed weights stay in dense tensors and are multiplied "
+            "like any other; a model gets faster only as whole units go (--structured-only prunes units "
+            "alone)"
+        )
     else:
         verdict = f"onnxruntime speed-up {shown}"
     return {"by_batch_size": speedups, "faster": max(speedups.values()) >= MIN_SPEEDUP, "summary": verdict}

@@ -65,15 +65,17 @@ layers not tested are held at their fitted values.
   (:meth:`pruning.estimators.KfacEstimator.check_layers` refuses the others).
 
 Gradients and forward passes run on the model's device in the model's dtype; the sums are
-accumulated in float64 (the products for KFAC's A are formed in float64) and returned on the CPU. The model is put in eval mode while the Fisher is
-estimated (dropout off, batch-norm statistics fixed, samples independent) and restored afterwards.
+accumulated in float64 (the products for KFAC's A are formed in float64) and returned on the CPU.
+The model is put in eval mode while the Fisher is estimated (dropout off, batch-norm statistics
+fixed, samples independent) and restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +120,9 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise InputError(f"data x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-        raise InputError(f"data needs one target per input, got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")
+        raise InputError(
+            f"data needs one target per input, got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}"
+        )
     if x.shape[0] == 0:
         raise InputError("data is empty")
     if not x.is_floating_point():
@@ -172,7 +176,11 @@ def _probe_forward(model: nn.Module, x: Tensor) -> Tensor:
             name, module, shape = entered[-1]
             where = f"; layer {name!r} ({type(module).__name__}, expects {_expected_input(module)}) received {shape}"
         failed_first = bool(entered) and first is not None and entered[-1][0] == first[0]
-        expects = "" if first is None or failed_first else f"; the first layer {first[0]!r} expects input of shape {_expected_input(first[1])}"
+        expects = (
+            ""
+            if first is None or failed_first
+            else f"; the first layer {first[0]!r} expects input of shape {_expected_input(first[1])}"
+        )
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
             f"data x of shape {tuple(x.shape)} does not fit the model{where}{expects} (torch: {reason})"
@@ -316,19 +324,25 @@ def _check_targets(y: Tensor, kind: str, num_outputs: int, n: int) -> Tensor:
         return y.long()
     if kind == "sigmoid":
         if y.shape not in ((n,), (n, 1)):
-            raise InputError(f"loss 'ce' with one output (binary logistic) needs y of shape ({n},) or ({n}, 1), got {tuple(y.shape)}")
+            raise InputError(
+                f"loss 'ce' with one output (binary logistic) needs y of shape ({n},) or ({n}, 1), got {tuple(y.shape)}"
+            )
         y = y.reshape(n).to(torch.float64)
         if not bool(((y >= 0) & (y <= 1)).all()):
             raise InputError("loss 'ce' with one output (binary logistic) needs targets y in [0, 1]")
         return y
     if y.shape != (n, num_outputs) and not (num_outputs == 1 and y.shape == (n,)):
-        raise InputError(f"loss 'lp' (Gaussian) needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}")
+        raise InputError(
+            f"loss 'lp' (Gaussian) needs y of shape ({n}, {num_outputs}) like the model's output, got {tuple(y.shape)}"
+        )
     if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
         raise InputError("loss 'lp' (Gaussian) needs finite floating-point targets y")
     return y.reshape(n, num_outputs)
 
 
-def _residual_variance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> float:
+def _residual_variance(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> float:
     total = torch.zeros((), dtype=torch.float64, device=device)
     with eval_mode(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
@@ -337,7 +351,10 @@ def _residual_variance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, 
             total += residual.square().sum()
     sigma2 = float(total) / y.numel()
     if not sigma2 > 0 or not math.isfinite(sigma2):
-        raise InputError(f"loss 'lp' (Gaussian): the residual variance is {sigma2}; the Gaussian likelihood needs residuals that are not all zero")
+        raise InputError(
+            f"loss 'lp' (Gaussian): the residual variance is {sigma2}; the Gaussian likelihood needs residuals that "
+            f"are not all zero"
+        )
     return sigma2
 
 
@@ -397,7 +414,13 @@ def _grad_chunks(
 
 
 def diagonal_fisher(
-    model: nn.Module, fd: FisherData, names: Sequence[str], *, fisher: str = "model", batch_size: int = 256, progress: bool = False
+    model: nn.Module,
+    fd: FisherData,
+    names: Sequence[str],
+    *,
+    fisher: str = "model",
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Diagonal of the per-sample Fisher, F_jj = mean_i sum_m (J_i^T v_im)_j^2, for the parameters
     ``names``: float64 tensors of the parameters' shapes, on the CPU."""
@@ -524,7 +547,9 @@ def kfac_factors(
                     A[name] = A[name] + a_block if name in A else a_block
                 outputs = [captured[name][1] for name in names]
                 for k in range(m):
-                    grads = torch.autograd.grad(z, outputs, grad_outputs=v[:, k], retain_graph=k < m - 1, allow_unused=True)
+                    grads = torch.autograd.grad(
+                        z, outputs, grad_outputs=v[:, k], retain_graph=k < m - 1, allow_unused=True
+                    )
                     for name, g in zip(names, grads):
                         if g is None:  # the layer does not reach the output
                             g = torch.zeros_like(captured[name][1])

@@ -8,7 +8,7 @@ dict's order, each tensor in ``reshape(-1)`` (row-major) order.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -27,7 +27,9 @@ def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     shapes of ``like``'s, under the same keys (views of ``flat``, not copies)."""
     total = sum(tensor.numel() for tensor in like.values())
     if flat.dim() != 1 or flat.numel() != total:
-        raise ValueError(f"flat must be 1-D with {total} entries to split like these tensors, got shape {tuple(flat.shape)}")
+        raise ValueError(
+            f"flat must be 1-D with {total} entries to split like these tensors, got shape {tuple(flat.shape)}"
+        )
     out, start = {}, 0
     for key, tensor in like.items():
         out[key] = flat[start : start + tensor.numel()].reshape(tensor.shape)

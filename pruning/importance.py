@@ -20,8 +20,9 @@ takes one (or its name, :func:`make_importance`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -91,11 +92,19 @@ class OBDImportance(Importance):
 
     def __call__(self, model: nn.Module, data: Any = None) -> dict[str, Tensor]:
         modules = select_layers(model, self.layers)
-        fd = prepare(model, data, loss=self.loss, layers=modules, max_samples=self.max_samples,
-                     batch_size=self.batch_size, seed=self.seed)
+        fd = prepare(
+            model,
+            data,
+            loss=self.loss,
+            layers=modules,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
         weights = _weights(modules)
-        diagonal = diagonal_fisher(model, fd, list(weights), fisher=self.fisher, batch_size=self.batch_size,
-                                   progress=self.progress)
+        diagonal = diagonal_fisher(
+            model, fd, list(weights), fisher=self.fisher, batch_size=self.batch_size, progress=self.progress
+        )
         return {name: 0.5 * diagonal[name] * weight.square() for name, weight in weights.items()}
 
 
@@ -119,9 +128,20 @@ class WaldImportance(Importance):
     progress: bool = False
 
     def __call__(self, model: nn.Module, data: Any = None) -> dict[str, Tensor]:
-        test = wald_test(model, data, loss=self.loss, estimator=self.estimator, fisher=self.fisher,
-                         layers=self.layers, max_samples=self.max_samples, batch_size=self.batch_size,
-                         damping=self.damping, n_fit=self.n_fit, seed=self.seed, progress=self.progress)
+        test = wald_test(
+            model,
+            data,
+            loss=self.loss,
+            estimator=self.estimator,
+            fisher=self.fisher,
+            layers=self.layers,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            damping=self.damping,
+            n_fit=self.n_fit,
+            seed=self.seed,
+            progress=self.progress,
+        )
         test.center_layers(model)
         return test.scores()
 

@@ -10,7 +10,7 @@ module of :mod:`pruning` asks this one for these facts.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

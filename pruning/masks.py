@@ -17,7 +17,7 @@ before every forward pass. Consequences PyTorch users expect:
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -45,9 +45,7 @@ def _split_name(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
 def _pruned_attrs(module: nn.Module) -> list[str]:
     """Names of the parameters of ``module`` reparametrised by a ``torch.nn.utils.prune`` hook."""
     return [
-        hook._tensor_name
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, prune.BasePruningMethod)
+        hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)
     ]
 
 
@@ -137,6 +135,7 @@ def sparsity(model: nn.Module) -> float:
 def layer_counts(dense: nn.Module, pruned: nn.Module) -> dict[str, dict[str, int]]:
     """Per layer (weights and bias together): parameters of the dense network, parameters and
     nonzero parameters of the pruned one."""
+
     def by_layer(model: nn.Module) -> dict[str, tuple[int, int]]:
         counts: dict[str, tuple[int, int]] = {}
         for name, tensor in effective_parameters(model).items():
@@ -146,8 +145,14 @@ def layer_counts(dense: nn.Module, pruned: nn.Module) -> dict[str, dict[str, int
         return counts
 
     before, after = by_layer(dense), by_layer(pruned)
-    return {layer: {"dense": before[layer][0], "pruned": after.get(layer, (0, 0))[0],
-                    "nonzero": after.get(layer, (0, 0))[1]} for layer in before}
+    return {
+        layer: {
+            "dense": before[layer][0],
+            "pruned": after.get(layer, (0, 0))[0],
+            "nonzero": after.get(layer, (0, 0))[1],
+        }
+        for layer in before
+    }
 
 
 __all__ = [

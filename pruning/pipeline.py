@@ -16,9 +16,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnxruntime as ort
 import torch
@@ -49,14 +50,21 @@ class ReportOptions:
     latency_repeats: int = 50
     latency_warmup: int = 5
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
-    latency_threads: int | None = None   # onnxruntime intra-op threads; None: its default
-    verify_images: int = 256              # test inputs the exports are checked on against PyTorch
+    latency_threads: int | None = None  # onnxruntime intra-op threads; None: its default
+    verify_images: int = 256  # test inputs the exports are checked on against PyTorch
 
     def validate(self) -> None:
-        if self.latency_repeats < 1 or self.latency_warmup < 0 or self.verify_images < 1 \
-                or not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1:
-            raise InputError("report needs latency_repeats >= 1, latency_warmup >= 0, verify_images >= 1 and "
-                             f"batch sizes >= 1, got {asdict(self)}")
+        if (
+            self.latency_repeats < 1
+            or self.latency_warmup < 0
+            or self.verify_images < 1
+            or not self.latency_batch_sizes
+            or min(self.latency_batch_sizes) < 1
+        ):
+            raise InputError(
+                "report needs latency_repeats >= 1, latency_warmup >= 0, verify_images >= 1 and "
+                f"batch sizes >= 1, got {asdict(self)}"
+            )
 
 
 @dataclass
@@ -70,8 +78,9 @@ class PipelineConfig:
 
     def validate(self) -> None:
         if self.run.val_size < 1:
-            raise InputError("the pipeline needs a validation split (val_size >= 1): selection and the pruning "
-                             "rollback use it")
+            raise InputError(
+                "the pipeline needs a validation split (val_size >= 1): selection and the pruning rollback use it"
+            )
         self.run.validate()
         self.prune.validate()
         self.report.validate()
@@ -82,12 +91,12 @@ class PrunedModel:
     """What :func:`prune_save_export` produced (the files are in its ``out`` folder)."""
 
     result: PruneResult
-    dense: nn.Module                 # the unpruned model, on the CPU
+    dense: nn.Module  # the unpruned model, on the CPU
     test_before: dict[str, float]
     test_after: dict[str, float]
-    onnx_test_error: float | None    # model.onnx under onnxruntime on the test inputs (classification)
-    export: ExportReport             # model.onnx
-    comparison: dict[str, Any]       # compare_models: sizes, latencies, speed-ups
+    onnx_test_error: float | None  # model.onnx under onnxruntime on the test inputs (classification)
+    export: ExportReport  # model.onnx
+    comparison: dict[str, Any]  # compare_models: sizes, latencies, speed-ups
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -95,10 +104,20 @@ class PrunedModel:
         return self.result.model
 
 
-def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, out: Path, *, kind: str = "ce",
-                      description: dict[str, Any], input_norm: InputNorm, report: ReportOptions | None = None,
-                      test_before: dict[str, float] | None = None, progress: bool = False,
-                      log: Callable[[dict[str, Any]], None] | None = None) -> PrunedModel:
+def prune_save_export(
+    model: nn.Module,
+    data: DataSplits,
+    config: PruneConfig,
+    out: Path,
+    *,
+    kind: str = "ce",
+    description: dict[str, Any],
+    input_norm: InputNorm,
+    report: ReportOptions | None = None,
+    test_before: dict[str, float] | None = None,
+    progress: bool = False,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> PrunedModel:
     """Prune ``model`` on ``data`` (its train and validation splits), then write ``out/pruned.pt``
     (``description``: ``{"arch": ...}`` or ``{"factory": ..., "factory_kwargs": ...}``),
     ``out/model.onnx`` (verified against PyTorch on up to ``report.verify_images`` test inputs),
@@ -112,8 +131,9 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
     try:
         result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
     except TrainingDiverged as exc:
-        raise TrainingDiverged(f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written "
-                               f"to {out}") from None
+        raise TrainingDiverged(
+            f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written to {out}"
+        ) from None
     seconds["prune"] = time.perf_counter() - t0
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
@@ -125,15 +145,34 @@ def prune_save_export(model: nn.Module, data: DataSplits, config: PruneConfig, o
     onnx_error = onnx_test_error(out / "model.onnx", x_test, y_test) if kind == "ce" else None
     seconds["export"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    comparison = compare_models(dense, pruned, verify[:2], out / "onnx", verify_inputs=verify,
-                                batch_sizes=tuple(report.latency_batch_sizes), repeats=report.latency_repeats,
-                                warmup=report.latency_warmup, threads=report.latency_threads, metadata=metadata)
+    comparison = compare_models(
+        dense,
+        pruned,
+        verify[:2],
+        out / "onnx",
+        verify_inputs=verify,
+        batch_sizes=tuple(report.latency_batch_sizes),
+        repeats=report.latency_repeats,
+        warmup=report.latency_warmup,
+        threads=report.latency_threads,
+        metadata=metadata,
+    )
     seconds["compare"] = time.perf_counter() - t0
     # Saved last: an export that fails its verification leaves an earlier pruned.pt in place.
-    save_pruned(pruned, out / "pruned.pt", arch=description.get("arch"), factory=description.get("factory"),
-                factory_kwargs=description.get("factory_kwargs"), input_norm=input_norm,
-                metrics={"test_before": test_before, "test_after": test_after, "val_before": result.base_val,
-                         "val_after": result.final_val})
+    save_pruned(
+        pruned,
+        out / "pruned.pt",
+        arch=description.get("arch"),
+        factory=description.get("factory"),
+        factory_kwargs=description.get("factory_kwargs"),
+        input_norm=input_norm,
+        metrics={
+            "test_before": test_before,
+            "test_after": test_after,
+            "val_before": result.base_val,
+            "val_after": result.final_val,
+        },
+    )
     return PrunedModel(result, dense, test_before, test_after, onnx_error, exported, comparison, seconds)
 
 
@@ -147,19 +186,35 @@ def check_resume(cfg: PipelineConfig, out: Path) -> None:
     new = flatten({"run": asdict(cfg.run)})
     differing = sorted(k for k in set(saved) | set(new) if k not in ignore and saved.get(k) != new.get(k))
     if differing:
-        raise InputError(f"{out} holds a training started with other options ({differing[0]} differs); "
-                         "pass --no-resume to start it afresh or choose another --out")
+        raise InputError(
+            f"{out} holds a training started with other options ({differing[0]} differs); "
+            "pass --no-resume to start it afresh or choose another --out"
+        )
 
 
 def machine(device: torch.device) -> dict[str, Any]:
     """The hardware and versions a run's figures were measured on."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, record: dict[str, Any] | None = None,
-                       progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train_prune_export(
+    cfg: PipelineConfig,
+    command: str,
+    program: str,
+    *,
+    record: dict[str, Any] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Train (selecting on validation), prune, save, export and compare; write ``config.json``
     (``record``: the dict to write there, default ``cfg`` itself), ``metrics.json`` and
     ``report.md`` into ``cfg.out_dir``; return what ``metrics.json`` holds. ``command`` is the
@@ -171,9 +226,16 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     # The splits the training will use (same name, seed, sizes), loaded first so that missing data
     # stops the run before anything is written; pruning and testing use them afterwards.
     device = resolve_device(cfg.run.device)
-    data = load_dataset(cfg.run.dataset, cfg.run.data_dir, val_size=cfg.run.val_size, seed=cfg.run.train.seed,
-                        device=device, download=cfg.run.download, train_subset=cfg.run.train_subset,
-                        test_subset=cfg.run.test_subset)
+    data = load_dataset(
+        cfg.run.dataset,
+        cfg.run.data_dir,
+        val_size=cfg.run.val_size,
+        seed=cfg.run.train.seed,
+        device=device,
+        download=cfg.run.download,
+        train_subset=cfg.run.train_subset,
+        test_subset=cfg.run.test_subset,
+    )
     out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
     config_record = record if record is not None else asdict(cfg)
@@ -186,9 +248,18 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
     model = model_from_checkpoint(ckpt).to(device)
     kind = cfg.run.schedule.kind
     try:
-        done = prune_save_export(model, data, cfg.prune, out, kind=kind, description={"arch": ckpt["arch"]},
-                                 input_norm=data.input_norm, report=cfg.report, progress=progress,
-                                 log=(lambda record: log(round_line(record))) if log else None)
+        done = prune_save_export(
+            model,
+            data,
+            cfg.prune,
+            out,
+            kind=kind,
+            description={"arch": ckpt["arch"]},
+            input_norm=data.input_norm,
+            report=cfg.report,
+            progress=progress,
+            log=(lambda record: log(round_line(record))) if log else None,
+        )
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc}; the trained model is in {Path(cfg.run.out_dir) / 'model.pt'}") from None
     seconds = {"train": train_seconds, **done.seconds, "total": time.perf_counter() - started}
@@ -199,31 +270,61 @@ def train_prune_export(cfg: PipelineConfig, command: str, program: str, *, recor
         "program": program,
         "config": config_record,
         "machine": machine(device),
-        "data": {"dataset": data.name, "train": len(data.train), "val": len(data.val), "test": len(data.test),
-                 "input_norm": data.input_norm.as_dict(), "input_shape": list(data.input_shape)},
+        "data": {
+            "dataset": data.name,
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test),
+            "input_norm": data.input_norm.as_dict(),
+            "input_shape": list(data.input_shape),
+        },
         "training": {
-            "selected": trained["selected"], "trials": trained["trials"], "history": trained["history"],
-            "val": trained["selected"]["val"], "test": test_trained,
+            "selected": trained["selected"],
+            "trials": trained["trials"],
+            "history": trained["history"],
+            "val": trained["selected"]["val"],
+            "test": test_trained,
             "steps_per_epoch": data.train.num_batches(cfg.run.train.batch_size),
         },
         "pruning": {
-            "rounds": done.result.rounds, "base_val": done.result.base_val, "final_val": done.result.final_val,
-            "params_before": done.result.params_before, "params_after": done.result.params_after,
+            "rounds": done.result.rounds,
+            "base_val": done.result.base_val,
+            "final_val": done.result.final_val,
+            "params_before": done.result.params_before,
+            "params_after": done.result.params_after,
             "nonzero_after": done.result.nonzero_after,
-            "widths_before": widths_of(done.dense, arch_name), "widths_after": widths_of(pruned, arch_name),
+            "widths_before": widths_of(done.dense, arch_name),
+            "widths_after": widths_of(pruned, arch_name),
             "layers": layer_counts(done.dense, pruned),
         },
-        "test_error": {"trained": test_trained.get("error"), "pruned": done.test_after.get("error"),
-                       "onnx": done.onnx_test_error, "images": len(data.test)},
+        "test_error": {
+            "trained": test_trained.get("error"),
+            "pruned": done.test_after.get("error"),
+            "onnx": done.onnx_test_error,
+            "images": len(data.test),
+        },
         "export": {"model_onnx": done.export.as_dict(), "compare": done.comparison},
         "seconds": seconds,
-        "files": {"config": "config.json", "trained_checkpoint": "train/model.pt", "pruned_checkpoint": "pruned.pt",
-                  "onnx": "model.onnx", "report": "report.md", "figures": dict(FIGURES)},
+        "files": {
+            "config": "config.json",
+            "trained_checkpoint": "train/model.pt",
+            "pruned_checkpoint": "pruned.pt",
+            "onnx": "model.onnx",
+            "report": "report.md",
+            "figures": dict(FIGURES),
+        },
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     write_report(metrics, out)
     return metrics
 
 
-__all__ = ["PipelineConfig", "PrunedModel", "ReportOptions", "check_resume", "machine", "prune_save_export",
-           "train_prune_export"]
+__all__ = [
+    "PipelineConfig",
+    "PrunedModel",
+    "ReportOptions",
+    "check_resume",
+    "machine",
+    "prune_save_export",
+    "train_prune_export",
+]

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +65,14 @@ class FineTune:
     def train_config(self) -> TrainConfig:
         """The trainer settings of one fine-tuning (validated with the schedule: a bad optimizer, rate
         or lambda is refused here)."""
-        config = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=self.momentum,
-                             seed=self.seed, optimizer=self.optimizer)
+        config = TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            seed=self.seed,
+            optimizer=self.optimizer,
+        )
         config.validate()
         self.schedule.validate()
         return config
@@ -73,9 +80,9 @@ class FineTune:
 
 @dataclass
 class PruneResult:
-    model: nn.Module                       # the pruned model, masks permanent, units removed
-    rounds: list[dict[str, Any]]           # one record per round (kept or rolled back)
-    base_val: dict[str, float]             # validation figures of the unpruned model
+    model: nn.Module  # the pruned model, masks permanent, units removed
+    rounds: list[dict[str, Any]]  # one record per round (kept or rolled back)
+    base_val: dict[str, float]  # validation figures of the unpruned model
     final_val: dict[str, float]
     params_before: int
     params_after: int
@@ -159,8 +166,13 @@ def _aligned_width(kept: int, width: int, multiple: int) -> int:
     return min(width, max(multiple, (kept + multiple // 2) // multiple * multiple))
 
 
-def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Tensor,
-                  output_layer: str | None, channel_multiple: int = 1) -> dict[str, int]:
+def _remove_units(
+    model: nn.Module,
+    units: dict[str, Tensor],
+    example_input: Tensor,
+    output_layer: str | None,
+    channel_multiple: int = 1,
+) -> dict[str, int]:
     """Remove units, never a whole layer and never the output layer's units.
 
     A convolution is left with a multiple of ``channel_multiple`` filters (or all it has):
@@ -194,8 +206,9 @@ def _remove_units(model: nn.Module, units: dict[str, Tensor], example_input: Ten
     return {name: int(idx.numel()) for name, idx in plan.items()}
 
 
-def fine_tune(model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: LossKind = "ce",
-              progress: bool = False) -> dict[str, float] | None:
+def fine_tune(
+    model: nn.Module, train: Split, val: Split | None, ft: FineTune, kind: LossKind = "ce", progress: bool = False
+) -> dict[str, float] | None:
     """Fine-tune under masks: the zero weights of the prunable layers are held at zero by
     ``torch.nn.utils.prune`` hooks."""
     if ft.epochs == 0:
@@ -253,19 +266,26 @@ class PruneConfig:
         check_test_options(self.alpha, self.estimator, self.method)
         if not (self.structured or self.unstructured):
             raise InputError("nothing to do: both structured and unstructured pruning are off")
-        if not (self.tolerance >= 0) or isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) \
-                or self.max_rounds < 1:
+        if (
+            not (self.tolerance >= 0)
+            or isinstance(self.max_rounds, bool)
+            or not isinstance(self.max_rounds, int)
+            or self.max_rounds < 1
+        ):
             raise InputError(f"need tolerance >= 0 and max_rounds >= 1, got {self.tolerance!r}, {self.max_rounds!r}")
         if not 0 < self.step <= 1 or not 0 < self.min_step <= self.step:
             raise InputError(f"need 0 < min_step <= step <= 1, got step={self.step!r}, min_step={self.min_step!r}")
-        if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) \
-                or self.channel_multiple < 1:
+        if (
+            isinstance(self.channel_multiple, bool)
+            or not isinstance(self.channel_multiple, int)
+            or self.channel_multiple < 1
+        ):
             raise InputError(f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
             raise InputError(f"max_samples must be >= 1 (or None: all), got {self.max_samples!r}")
         self.fine_tune.train_config()
 
-    def with_options(self, **options: Any) -> "PruneConfig":
+    def with_options(self, **options: Any) -> PruneConfig:
         """A copy with the named fields replaced; an unknown name is refused."""
         names = [f.name for f in fields(self)]
         unknown = sorted(set(options) - set(names))
@@ -305,8 +325,12 @@ def prune(
     config = (config or PruneConfig()).with_options(**options)
     config.validate()
     alpha, method, estimator, max_samples = config.alpha, config.method, config.estimator, config.max_samples
-    structured, unstructured, tolerance, max_rounds = (config.structured, config.unstructured, config.tolerance,
-                                                       config.max_rounds)
+    structured, unstructured, tolerance, max_rounds = (
+        config.structured,
+        config.unstructured,
+        config.tolerance,
+        config.max_rounds,
+    )
     step, min_step, channel_multiple = config.step, config.min_step, config.channel_multiple
     layers = list(prunable_layers(model))
     if not layers:
@@ -324,8 +348,16 @@ def prune(
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
         previous = copy.deepcopy(model)
-        test = wald_test(model, train_data, loss=kind, estimator=estimator, alpha=alpha, method=method,
-                         max_samples=max_samples, progress=progress)
+        test = wald_test(
+            model,
+            train_data,
+            loss=kind,
+            estimator=estimator,
+            alpha=alpha,
+            method=method,
+            max_samples=max_samples,
+            progress=progress,
+        )
         test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0
         blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
@@ -341,10 +373,18 @@ def prune(
             break
         fine_tune(model, train_data, val_data, ft, kind, progress=progress)
         val = evaluate(model, val_data, kind)
-        record.update({"params": count_total(model), "nonzero": count_nonzero(model), f"val_{key}": val[key],
-                       f"base_val_{key}": base_val[key], "tolerance": tolerance, "max_rounds": max_rounds,
-                       "seconds": time.perf_counter() - start,
-                       "seconds_left_at_most": (time.perf_counter() - started) / r * (max_rounds - r)})
+        record.update(
+            {
+                "params": count_total(model),
+                "nonzero": count_nonzero(model),
+                f"val_{key}": val[key],
+                f"base_val_{key}": base_val[key],
+                "tolerance": tolerance,
+                "max_rounds": max_rounds,
+                "seconds": time.perf_counter() - start,
+                "seconds_left_at_most": (time.perf_counter() - started) / r * (max_rounds - r),
+            }
+        )
         record["step"] = step
         if val[key] <= base_val[key] + tolerance:
             step = min(max_step, 2 * step)  # a kept round earns back the step a rollback halved
@@ -354,8 +394,10 @@ def prune(
             if step / 2 >= min_step:  # retry with half the step
                 step /= 2
             else:
-                record["stopped"] = (f"validation {key} {val[key]:.4f} > unpruned {base_val[key]:.4f} + "
-                                     f"tolerance {tolerance:g} at the smallest step")
+                record["stopped"] = (
+                    f"validation {key} {val[key]:.4f} > unpruned {base_val[key]:.4f} + "
+                    f"tolerance {tolerance:g} at the smallest step"
+                )
                 rounds.append(record)
                 if log:
                     log(record)
@@ -363,8 +405,15 @@ def prune(
         rounds.append(record)
         if log:
             log(record)
-    return PruneResult(model, rounds, base_val, evaluate(model, val_data, kind), params_before,
-                       count_total(model), count_nonzero(model))
+    return PruneResult(
+        model,
+        rounds,
+        base_val,
+        evaluate(model, val_data, kind),
+        params_before,
+        count_total(model),
+        count_nonzero(model),
+    )
 
 
 def round_line(record: dict[str, Any]) -> str:
@@ -386,8 +435,11 @@ def round_line(record: dict[str, Any]) -> str:
     if "seconds" in record:
         left = record.get("seconds_left_at_most")
         if left and not record.get("stopped"):
-            parts.append(f"{record['seconds']:.0f} s, at most ~" + (f"{left / 60:.1f} min" if left >= 60 else
-                                                                    f"{left:.0f} s") + " left")
+            parts.append(
+                f"{record['seconds']:.0f} s, at most ~"
+                + (f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s")
+                + " left"
+            )
         else:
             parts.append(f"{record['seconds']:.0f} s")
     return "; ".join(p for p in parts if p)
@@ -428,7 +480,14 @@ def prune_to_sparsity(
     removed_units = _remove_units(model, _dead_units(model, layers), train_data.x[:2], output)
     fine_tune(model, train_data, val_data, fine_tune_config or FineTune(), kind)
     val = evaluate(model, val_data, kind)
-    record = {"criterion": scorer.name, "weights_zeroed": zeroed, "weights_scored": total,
-              "units_removed": removed_units, "params": count_total(model), "nonzero": count_nonzero(model),
-              "val": val, "seconds": time.perf_counter() - start}
+    record = {
+        "criterion": scorer.name,
+        "weights_zeroed": zeroed,
+        "weights_scored": total,
+        "units_removed": removed_units,
+        "params": count_total(model),
+        "nonzero": count_nonzero(model),
+        "val": val,
+        "seconds": time.perf_counter() - start,
+    }
     return PruneResult(model, [record], base_val, val, params_before, count_total(model), count_nonzero(model))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
     except ImportError as exc:
         raise InputError(f"cannot import module {module_name!r} for model factory {target!r}: {exc}") from None
     except Exception as exc:  # the user's module failed while importing: report it as theirs
-        raise InputError(f"importing module {module_name!r} of model factory {target!r} failed: "
-                         f"{_describe(exc)}") from None
+        raise InputError(
+            f"importing module {module_name!r} of model factory {target!r} failed: {_describe(exc)}"
+        ) from None
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             raise InputError(f"module {module_name!r} has no attribute {attr_path!r} (model factory {target!r})")
@@ -69,7 +71,9 @@ def build_from_factory(target: str, kwargs: Mapping[str, Any] | None = None) -> 
     try:
         model = factory(**dict(kwargs or {}))
     except Exception as exc:  # user code: whatever it raises is a problem of its input, not ours
-        raise InputError(f"model factory {target!r} failed with kwargs {dict(kwargs or {})}: {_describe(exc)}") from None
+        raise InputError(
+            f"model factory {target!r} failed with kwargs {dict(kwargs or {})}: {_describe(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"model factory {target!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -102,7 +106,9 @@ def _load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], desc
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise InputError(f"weights do not fit the model rebuilt from {described_as}: {str(exc).splitlines()[0]}") from None
+        raise InputError(
+            f"weights do not fit the model rebuilt from {described_as}: {str(exc).splitlines()[0]}"
+        ) from None
     return model
 
 
@@ -140,7 +146,9 @@ def save_pruned(
     is refused here (InputError) rather than discovered later.
     """
     if (arch is None) == (factory is None):
-        raise InputError("describe the network by exactly one of arch={'name', 'kwargs'} or factory='package.module:function'")
+        raise InputError(
+            "describe the network by exactly one of arch={'name', 'kwargs'} or factory='package.module:function'"
+        )
     plain = permanent_copy(model) if prune.is_pruned(model) else model
     state_dict = {name: t.detach().cpu() for name, t in plain.state_dict().items()}
     history = pruning_history(model) if history is None else [dict(entry) for entry in history]

@@ -8,8 +8,9 @@ Figures are PNG files drawn with matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ def _pct(value: float | None, digits: int = 2) -> str:
 def _figure(panels: int) -> tuple[Any, list[Any]]:
     """A matplotlib figure (Agg backend, no display needed) with ``panels`` axes side by side."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -56,7 +58,9 @@ def _axes_style(ax: Any, values: Sequence[float]) -> None:
     if positive and max(positive) > 10 * min(positive):
         ax.set_yscale("log")
         # plain numbers, and only at 1, 2 and 5 times a power of ten
-        label = FuncFormatter(lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (1, 2, 5) else "")
+        label = FuncFormatter(
+            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (1, 2, 5) else ""
+        )
         ax.yaxis.set_major_formatter(label)
         ax.yaxis.set_minor_formatter(label)
 
@@ -76,8 +80,9 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_err) = _figure(2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss (mean cross-entropy)")
-    ax_loss.plot(epochs, [h["train_objective"] for h in history], "s--",
-                 label="training objective (the schedule's criterion)")
+    ax_loss.plot(
+        epochs, [h["train_objective"] for h in history], "s--", label="training objective (the schedule's criterion)"
+    )
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "^-", label="validation loss")
     _axes_style(ax_loss, [h[k] for h in history for k in ("train_loss", "train_objective", "val_loss")])
     ax_loss.set_xlabel("epoch")
@@ -92,8 +97,9 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
     switch = _switch(metrics)
     for ax in (ax_loss, ax_err):
         if switch is not None:
-            ax.axvline(switch + 0.5, color="k", linestyle="--", linewidth=1,
-                       label=f"plain loss from epoch {switch + 1}")
+            ax.axvline(
+                switch + 0.5, color="k", linestyle="--", linewidth=1, label=f"plain loss from epoch {switch + 1}"
+            )
         ax.legend(fontsize=7)
     _save(fig, path, "Training (selected configuration)")
 
@@ -110,13 +116,24 @@ def plot_lambda(metrics: dict[str, Any], path: Path) -> None:
     if points:
         ax.plot(*zip(*points), ".-", markersize=3, label="lambda (t = lambda^p)")
     else:
-        ax.text(0.5, 0.5, f"no lambda: schedule {schedule!r} trains on the plain loss", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            f"no lambda: schedule {schedule!r} trains on the plain loss",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     _axes_style(ax, [lam for _, lam in points])
     switch = _switch(metrics)
     if switch is not None:
-        ax.axvline(switch, color="k", linestyle="--", linewidth=1,
-                   label=f"deconvexification: plain loss from epoch {switch + 1}")
+        ax.axvline(
+            switch,
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label=f"deconvexification: plain loss from epoch {switch + 1}",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("lambda")
     ax.set_title(f"Risk-sensitivity index over training (schedule {schedule!r})", fontsize=10)
@@ -134,24 +151,45 @@ def plot_pruning(metrics: dict[str, Any], path: Path) -> None:
     kept = [r for r in rounds if not r.get("rolled_back")]
     back = [r for r in rounds if r.get("rolled_back")]
     base = p["base_val"]["error"]
-    ax_err.plot([0] + [r["round"] for r in kept], [100 * base] + [100 * r["val_error"] for r in kept], "o-",
-                label="kept round")
+    ax_err.plot(
+        [0] + [r["round"] for r in kept], [100 * base] + [100 * r["val_error"] for r in kept], "o-", label="kept round"
+    )
     if back:
-        ax_err.plot([r["round"] for r in back], [100 * r["val_error"] for r in back], "x", color="C3",
-                    markersize=9, label="rolled back")
-    ax_err.axhline(100 * (base + tolerance), color="grey", linestyle="--", linewidth=1,
-                   label=f"unpruned + tolerance ({100 * tolerance:g} points)")
+        ax_err.plot(
+            [r["round"] for r in back],
+            [100 * r["val_error"] for r in back],
+            "x",
+            color="C3",
+            markersize=9,
+            label="rolled back",
+        )
+    ax_err.axhline(
+        100 * (base + tolerance),
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"unpruned + tolerance ({100 * tolerance:g} points)",
+    )
     _axes_style(ax_err, [])
     ax_err.set_xlabel("pruning round (0: unpruned)")
     ax_err.set_ylabel("validation error (%)")
     ax_err.legend(fontsize=7)
-    ax_nz.plot([0] + [r["round"] for r in kept], [p["params_before"]] + [r["nonzero"] for r in kept], "o-",
-               label="nonzero parameters")
-    ax_nz.plot([0] + [r["round"] for r in kept], [p["params_before"]] + [r["params"] for r in kept], "s--",
-               label="parameters (after unit removal)")
+    ax_nz.plot(
+        [0] + [r["round"] for r in kept],
+        [p["params_before"]] + [r["nonzero"] for r in kept],
+        "o-",
+        label="nonzero parameters",
+    )
+    ax_nz.plot(
+        [0] + [r["round"] for r in kept],
+        [p["params_before"]] + [r["params"] for r in kept],
+        "s--",
+        label="parameters (after unit removal)",
+    )
     if back:
-        ax_nz.plot([r["round"] for r in back], [r["nonzero"] for r in back], "x", color="C3", markersize=9,
-                   label="rolled back")
+        ax_nz.plot(
+            [r["round"] for r in back], [r["nonzero"] for r in back], "x", color="C3", markersize=9, label="rolled back"
+        )
     _axes_style(ax_nz, [p["params_before"]] + [r["nonzero"] for r in rounds])
     ax_nz.set_xlabel("pruning round (0: unpruned)")
     ax_nz.set_ylabel("weights kept")
@@ -165,12 +203,20 @@ def plot_layers(metrics: dict[str, Any], path: Path) -> None:
     names = list(layers)
     xs = np.arange(len(names))
     fig, (ax,) = _figure(1)
-    for offset, key, label in ((-0.27, "dense", "dense"), (0.0, "pruned", "after unit removal"),
-                               (0.27, "nonzero", "nonzero after pruning")):
+    for offset, key, label in (
+        (-0.27, "dense", "dense"),
+        (0.0, "pruned", "after unit removal"),
+        (0.27, "nonzero", "nonzero after pruning"),
+    ):
         ax.bar(xs + offset, [max(layers[n][key], 1) for n in names], width=0.27, label=label)
     for x, n in zip(xs, names):
-        ax.annotate(f"{layers[n]['nonzero'] / layers[n]['dense']:.1%}", (x + 0.27, max(layers[n]["nonzero"], 1)),
-                    ha="center", va="bottom", fontsize=7)
+        ax.annotate(
+            f"{layers[n]['nonzero'] / layers[n]['dense']:.1%}",
+            (x + 0.27, max(layers[n]["nonzero"], 1)),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_xticks(xs, names)
     ax.set_yscale("log")
     ax.set_ylabel("parameters (weights and bias)")
@@ -195,15 +241,17 @@ def report_markdown(m: dict[str, Any]) -> str:
     dense, pruned, ratio = cmp["dense"], cmp["pruned"], cmp["ratio_pruned_to_dense"]
     n = te["images"]
     delta = te["pruned"] - te["trained"]
-    verdict = ("improved" if delta < 0 else "worsened" if delta > 0 else "left unchanged")
+    verdict = "improved" if delta < 0 else "worsened" if delta > 0 else "left unchanged"
     switch = _switch(m)
     lines = [
         f"# MNIST: {run['model']} trained with {run['schedule']['name']!r}, pruned by significance, exported to ONNX",
         "",
-        f"Command: `{m['command']}` (" + (f"preset `{cfg['preset']}`; " if "preset" in cfg else "")
+        f"Command: `{m['command']}` ("
+        + (f"preset `{cfg['preset']}`; " if "preset" in cfg else "")
         + f"resolved options in `config.json`, repeat with "
         f"`{m['program']} --config {Path(cfg['out_dir']) / 'config.json'} --out OTHER`).",
-        f"Device: {m['machine']['device']} ({m['machine']['device_name']}, {m['machine']['torch_threads']} torch threads); "
+        f"Device: {m['machine']['device']} ({m['machine']['device_name']}, {m['machine']['torch_threads']} torch "
+        f"threads); "
         f"torch {m['machine']['torch']}, onnxruntime {m['machine']['onnxruntime']}.",
         f"Data: {d['train']} training, {d['val']} validation, {d['test']} test images.",
         "",
@@ -221,23 +269,35 @@ def report_markdown(m: dict[str, Any]) -> str:
         "",
         f"Parameters: {p['params_before']:,} -> {p['params_after']:,} after unit removal, "
         f"{p['nonzero_after']:,} nonzero ({p['nonzero_after'] / p['params_before']:.1%} of the dense network). "
-        "Widths: " + ", ".join(f"{k} {p['widths_before'][k]} -> {p['widths_after'][k]}" for k in p["widths_before"]) + ".",
+        "Widths: "
+        + ", ".join(f"{k} {p['widths_before'][k]} -> {p['widths_after'][k]}" for k in p["widths_before"])
+        + ".",
         "",
         "## Training",
         "",
         f"Selected epoch {sel['best_epoch']} of {run['train']['epochs']} (lr {sel['lr']:g}"
         + (")" if run["schedule"]["name"] == "plain" else f", a {sel['a']:g})")
         + f"; validation error {_pct(sel['val'].get('error'))}. "
-        + ("Schedule 'plain': the plain loss (cross-entropy) throughout." if run["schedule"]["name"] == "plain" else
-           f"Schedule {run['schedule']['name']!r} from lambda {run['schedule']['lam0']:g}; "
-           + (f"switched to the plain loss from epoch {switch + 1}." if switch is not None else
-              "no switch to the plain loss."))
+        + (
+            "Schedule 'plain': the plain loss (cross-entropy) throughout."
+            if run["schedule"]["name"] == "plain"
+            else f"Schedule {run['schedule']['name']!r} from lambda {run['schedule']['lam0']:g}; "
+            + (
+                f"switched to the plain loss from epoch {switch + 1}."
+                if switch is not None
+                else "no switch to the plain loss."
+            )
+        )
         + f" Training took {m['seconds']['train']:.0f} s.",
         "",
     ]
     if len(t["trials"]) > 1:
-        lines += ["Grid (selected on validation error; only the selected model saw the test set):", "",
-                  "| lr | a | best epoch | validation error |", "|---|---|---|---|"]
+        lines += [
+            "Grid (selected on validation error; only the selected model saw the test set):",
+            "",
+            "| lr | a | best epoch | validation error |",
+            "|---|---|---|---|",
+        ]
         for trial in t["trials"]:
             val = "diverged" if "diverged" in trial else _pct((trial["val"] or {}).get("error"))
             lines.append(f"| {trial['lr']:g} | {trial['a']:g} | {trial.get('best_epoch', '-')} | {val} |")
@@ -251,7 +311,8 @@ def report_markdown(m: dict[str, Any]) -> str:
         "",
         f"Wald tests ({cfg['prune']['estimator']} Fisher on up to {cfg['prune']['max_samples']} training images, "
         f"{cfg['prune']['method']} at alpha {cfg['prune']['alpha']:g}), at most {cfg['prune']['step']:g} of the "
-        f"remaining weights per round, {cfg['prune']['fine_tune']['epochs']} fine-tuning epoch(s) per round, rollback above "
+        f"remaining weights per round, {cfg['prune']['fine_tune']['epochs']} fine-tuning epoch(s) per round, "
+        f"rollback above "
         f"validation error {_pct(p['base_val']['error'])} + {100 * cfg['prune']['tolerance']:g} points. "
         f"Validation error {_pct(p['base_val']['error'])} -> {_pct(p['final_val']['error'])}. "
         f"Pruning took {m['seconds']['prune']:.0f} s.",
@@ -264,8 +325,10 @@ def report_markdown(m: dict[str, Any]) -> str:
         outcome = "rolled back" if r.get("rolled_back") else "kept" if "val_error" in r else "-"
         if r.get("stopped"):
             outcome += f"; stopped: {r['stopped']}"
-        lines.append(f"| {r['round']} | {r['weights_zeroed']:,} | {units} | {r.get('nonzero', '-')} | "
-                     f"{r.get('params', '-')} | {_pct(r.get('val_error'))} | {r.get('step', '-')} | {outcome} |")
+        lines.append(
+            f"| {r['round']} | {r['weights_zeroed']:,} | {units} | {r.get('nonzero', '-')} | "
+            f"{r.get('params', '-')} | {_pct(r.get('val_error'))} | {r.get('step', '-')} | {outcome} |"
+        )
     lines += [
         "",
         f"![pruning rounds]({FIGURES['pruning']})",
@@ -274,7 +337,9 @@ def report_markdown(m: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, c in p["layers"].items():
-        lines.append(f"| {name} | {c['dense']:,} | {c['pruned']:,} | {c['nonzero']:,} | {c['nonzero'] / c['dense']:.1%} |")
+        lines.append(
+            f"| {name} | {c['dense']:,} | {c['pruned']:,} | {c['nonzero']:,} | {c['nonzero'] / c['dense']:.1%} |"
+        )
     lines += [
         "",
         f"![weights kept per layer]({FIGURES['layers']})",
@@ -293,19 +358,25 @@ def report_markdown(m: dict[str, Any]) -> str:
         f"| ONNX file (bytes) | {dense['onnx_bytes']:,} | {pruned['onnx_bytes']:,} | {ratio['onnx_bytes']:.3f} |",
     ]
     for size in dense["latency_s"]:
-        lines.append(f"| latency, batch {size} (ms) | {1e3 * dense['latency_s'][size]:.3f} | "
-                     f"{1e3 * pruned['latency_s'][size]:.3f} | {ratio[f'latency_s@{size}']:.3f} |")
-    lines += [
-        "",
-        f"The ONNX model takes images normalised as {d['input_norm']['formula']} (also in its metadata_props), "
-        f"shape (N, {', '.join(map(str, d['input_shape']))}), and returns class scores; "
-        "`python -m pruning export pruned.pt --include-preprocessing` puts the normalisation into the graph.",
-        "",
-        "## Cost",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-    ] + [f"| {stage} | {secs:.1f} |" for stage, secs in m["seconds"].items()] + [""]
+        lines.append(
+            f"| latency, batch {size} (ms) | {1e3 * dense['latency_s'][size]:.3f} | "
+            f"{1e3 * pruned['latency_s'][size]:.3f} | {ratio[f'latency_s@{size}']:.3f} |"
+        )
+    lines += (
+        [
+            "",
+            f"The ONNX model takes images normalised as {d['input_norm']['formula']} (also in its metadata_props), "
+            f"shape (N, {', '.join(map(str, d['input_shape']))}), and returns class scores; "
+            "`python -m pruning export pruned.pt --include-preprocessing` puts the normalisation into the graph.",
+            "",
+            "## Cost",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+        ]
+        + [f"| {stage} | {secs:.1f} |" for stage, secs in m["seconds"].items()]
+        + [""]
+    )
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ first two, and :meth:`pruning.significance.WaldResult.scores` gives the Wald sco
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,15 @@ def obd_scores(
     ``data``: :class:`pruning.importance.OBDImportance` as a function; arguments as for
     :func:`pruning.significance.wald_test`.
     """
-    return OBDImportance(loss=loss, fisher=fisher, layers=layers, max_samples=max_samples, batch_size=batch_size,
-                         seed=seed, progress=progress)(model, data)
+    return OBDImportance(
+        loss=loss,
+        fisher=fisher,
+        layers=layers,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )(model, data)
 
 
 def masks_at_sparsity(scores: dict[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:

@@ -96,8 +96,9 @@ is a sandwich, not F^-1 / n.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from scipy import stats
@@ -110,6 +111,7 @@ from pruning.estimators import DENSE_MAX_PARAMS, ESTIMATORS, FisherEstimator, La
 from pruning.fisher import FISHERS, FisherData, prepare
 from pruning.flat import flatten, unflatten
 from pruning.layers import select_layers, weight_name
+
 # statsmodels' Hommel procedure takes O(m^2) time (2.4 s for 20,000 p-values, ~20 min for LeNet-5).
 HOMMEL_MAX_TESTS = 20_000
 
@@ -200,8 +202,14 @@ def _identified_softmax_weights(w: Tensor) -> tuple[Tensor, Tensor]:
     return centred, free
 
 
-def check_test_options(alpha: float, estimator: str | FisherEstimator, method: str, damping: float = 1e-6,
-                       n_fit: int | None = None, fisher: str = "model") -> None:
+def check_test_options(
+    alpha: float,
+    estimator: str | FisherEstimator,
+    method: str,
+    damping: float = 1e-6,
+    n_fit: int | None = None,
+    fisher: str = "model",
+) -> None:
     """Refuse (:class:`InputError`) options of :func:`wald_test` that are not valid, before any work."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")

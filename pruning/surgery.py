@@ -14,7 +14,8 @@ the removed units' activations dropped.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -37,14 +38,18 @@ def _out_pruning_fn(name: str, module: nn.Module) -> Any:
         return tp.prune_linear_out_channels
     if is_convolution(module):
         return tp.prune_conv_out_channels
-    raise InputError(f"module {name!r} is a {type(module).__name__}; only Linear and Conv2d layers have units to remove")
+    raise InputError(
+        f"module {name!r} is a {type(module).__name__}; only Linear and Conv2d layers have units to remove"
+    )
 
 
 def _unit_list(name: str, units: Any, num_units: int) -> list[int]:
     """Sorted distinct unit indices, checked to lie in ``[0, num_units)`` and to leave one unit."""
     tensor = torch.as_tensor(units)
     if tensor.dim() != 1 or (tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool)):
-        raise InputError(f"units for {name!r} must be a 1-D list or LongTensor of indices, got {tensor.dtype} {tuple(tensor.shape)}")
+        raise InputError(
+            f"units for {name!r} must be a 1-D list or LongTensor of indices, got {tensor.dtype} {tuple(tensor.shape)}"
+        )
     idxs = sorted({int(i) for i in tensor.tolist()})
     if idxs and (idxs[0] < 0 or idxs[-1] >= num_units):
         raise InputError(f"units for {name!r} must lie in [0, {num_units}), got {idxs[0]}..{idxs[-1]}")
@@ -90,7 +95,9 @@ def _example_inputs(specs: Sequence[Mapping[str, Any]], device: torch.device | s
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def _check_requests(graph: tp.DependencyGraph, modules: Mapping[str, nn.Module], requests: Mapping[str, list[int]]) -> None:
+def _check_requests(
+    graph: tp.DependencyGraph, modules: Mapping[str, nn.Module], requests: Mapping[str, list[int]]
+) -> None:
     """Refuse removals that reach the model's output, empty a coupled layer, or couple two requests."""
     own_modules = {id(m) for m in modules.values()}
     removes_outputs_of: dict[str, set[int]] = {}  # request -> model layers whose outputs it removes
@@ -110,7 +117,9 @@ def _check_requests(graph: tp.DependencyGraph, modules: Mapping[str, nn.Module],
     for name, touched in removes_outputs_of.items():
         for other in requests:
             if other != name and id(modules[other]) in touched:
-                raise InputError(f"units of {name!r} and {other!r} are coupled (removed together); name only one of them")
+                raise InputError(
+                    f"units of {name!r} and {other!r} are coupled (removed together); name only one of them"
+                )
 
 
 def prune_units(model: nn.Module, units: Mapping[str, Any], example_inputs: ExampleInputs) -> nn.Module:
@@ -132,7 +141,9 @@ def prune_units(model: nn.Module, units: Mapping[str, Any], example_inputs: Exam
     replayed on a freshly built model. Returns ``model``; its train/eval mode is kept.
     """
     if prune.is_pruned(model):
-        raise InputError("model still has torch.nn.utils.prune masks; call pruning.masks.make_permanent(model) before surgery")
+        raise InputError(
+            "model still has torch.nn.utils.prune masks; call pruning.masks.make_permanent(model) before surgery"
+        )
     modules = dict(model.named_modules())
     requests: dict[str, list[int]] = {}
     for name, idxs in units.items():
@@ -171,7 +182,9 @@ def replay_history(model: nn.Module, history: Sequence[Mapping[str, Any]]) -> nn
         try:
             name, idxs, specs = entry["module"], entry["units"], entry["inputs"]
         except (KeyError, TypeError):
-            raise InputError(f"pruning history entry {step} must hold 'module', 'units' and 'inputs', got {entry!r}") from None
+            raise InputError(
+                f"pruning history entry {step} must hold 'module', 'units' and 'inputs', got {entry!r}"
+            ) from None
         prune_units(model, {name: idxs}, _example_inputs(specs, device))
     return model
 

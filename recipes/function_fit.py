@@ -36,21 +36,22 @@ import statistics
 import sys
 import textwrap
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
 from anrat.atomic_files import write_text_atomic
+from anrat.cli import OneLineErrorParser
 from anrat.errors import InputError
 from anrat.function_problems import PROBLEMS, FunctionProblem, make_problem
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.cli import OneLineErrorParser
 from anrat.trainer import TrainConfig, Trainer, TrainingDiverged
 
 METHODS = ("mse", "nrae", "anrat", "deconvex")
@@ -58,9 +59,9 @@ METHOD_LABELS = {"mse": "MSE", "nrae": "NRAE (fixed lambda)", "anrat": "ANRAT", 
 SHORT_LABELS = {"mse": "MSE", "nrae": "NRAE\nfixed λ", "anrat": "ANRAT", "deconvex": "convex→\ndeconvex"}
 DEFAULT_SEEDS, DEFAULT_STEPS = 20, 2000
 FULL_SEEDS, FULL_STEPS = 50, 5000
-PROBLEM_SEED = 0          # every initial seed fits the same problem instance
-CURVE_POINTS = 80         # points kept per training curve (log-spaced steps)
-ERROR_FLOOR = 1e-15       # smallest error drawn on the log-scale plot
+PROBLEM_SEED = 0  # every initial seed fits the same problem instance
+CURVE_POINTS = 80  # points kept per training curve (log-spaced steps)
+ERROR_FLOOR = 1e-15  # smallest error drawn on the log-scale plot
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,7 @@ def schedule_config(method: str, steps: int, settings: Settings = SETTINGS) -> S
         # lambda is below anneal_end (lam_min only has to lie below it).
         anneal_steps = max(1.0, s.anneal_fraction * steps)
         gamma = (s.anneal_end / s.lam) ** (1.0 / anneal_steps)
-        return ScheduleConfig(name="anneal", gamma=gamma, lam_min=s.anneal_end / 10,
-                              switch_below=s.anneal_end, **base)
+        return ScheduleConfig(name="anneal", gamma=gamma, lam_min=s.anneal_end / 10, switch_below=s.anneal_end, **base)
     raise InputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -125,8 +125,9 @@ def _curve_steps(steps: int) -> list[int]:
     return sorted(p for p in points if 0 <= p <= steps)
 
 
-def train_one(problem: FunctionProblem, method: str, seed: int, steps: int,
-              settings: Settings = SETTINGS) -> dict[str, Any]:
+def train_one(
+    problem: FunctionProblem, method: str, seed: int, steps: int, settings: Settings = SETTINGS
+) -> dict[str, Any]:
     """Train one student from initial seed ``seed`` with ``method`` for ``steps`` full-batch steps.
 
     Returns the run record: the final training MSE (``final_error``; None if training diverged),
@@ -136,11 +137,16 @@ def train_one(problem: FunctionProblem, method: str, seed: int, steps: int,
     torch.manual_seed(seed)  # same initial weights for every method
     model = problem.build_model()
     schedule = LambdaSchedule(schedule_config(method, steps, settings))
-    config = TrainConfig(epochs=steps, batch_size=len(problem.train), lr=settings.lr,
-                         lambda_lr=settings.lambda_lr, optimizer=settings.optimizer, seed=seed,
-                         lam_samples_per_epoch=1)
-    trainer = Trainer(model, schedule, problem.train, None, config, out_dir=None,
-                      arch=problem.arch, progress=False)
+    config = TrainConfig(
+        epochs=steps,
+        batch_size=len(problem.train),
+        lr=settings.lr,
+        lambda_lr=settings.lambda_lr,
+        optimizer=settings.optimizer,
+        seed=seed,
+        lam_samples_per_epoch=1,
+    )
+    trainer = Trainer(model, schedule, problem.train, None, config, out_dir=None, arch=problem.arch, progress=False)
     start = time.perf_counter()
     diverged = False
     try:
@@ -154,12 +160,18 @@ def train_one(problem: FunctionProblem, method: str, seed: int, steps: int,
     below = [k for k, e in enumerate(errors) if e is not None and math.isfinite(e) and e < problem.threshold]
     curve = [[k, errors[k]] for k in _curve_steps(steps) if k < len(errors)]
     return {
-        "problem": problem.name, "method": method, "seed": seed, "steps": steps,
-        "final_error": final, "diverged": diverged,
+        "problem": problem.name,
+        "method": method,
+        "seed": seed,
+        "steps": steps,
+        "final_error": final,
+        "diverged": diverged,
         "success": final is not None and final < problem.threshold,
         "steps_to_threshold": below[0] if below else None,
-        "final_lambda": schedule.lam, "switch_step": schedule.switch_epoch,
-        "seconds": seconds, "curve": curve,
+        "final_lambda": schedule.lam,
+        "switch_step": schedule.switch_epoch,
+        "seconds": seconds,
+        "curve": curve,
     }
 
 
@@ -208,8 +220,9 @@ def run_all(tasks: list[tuple[str, str, int, int]], workers: int, progress: bool
 
 
 # --- reporting ----------------------------------------------------------------------------
-def summarise(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem],
-              methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+def summarise(
+    runs: list[dict[str, Any]], problems: dict[str, FunctionProblem], methods: Sequence[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Per problem and method: success rate, median/worst/best final error, steps to threshold,
     and, against MSE on the same seeds, the seeds won and lost and the exact McNemar p-value
     (two-sided binomial test on the discordant seeds)."""
@@ -223,7 +236,9 @@ def summarise(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem],
             reached = [r["steps_to_threshold"] for r in rs if r["steps_to_threshold"] is not None]
             successes = sum(r["success"] for r in rs)
             entry: dict[str, Any] = {
-                "runs": len(rs), "successes": successes, "success_rate": successes / len(rs) if rs else None,
+                "runs": len(rs),
+                "successes": successes,
+                "success_rate": successes / len(rs) if rs else None,
                 "diverged": sum(r["diverged"] for r in rs),
                 "median_error": statistics.median(finals) if finals else None,
                 "worst_error": (None if any(r["diverged"] for r in rs) or not finals else max(finals)),
@@ -236,8 +251,11 @@ def summarise(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem],
                 seeds = sorted(set(by_method[method]) & set(by_method["mse"]))
                 wins = sum(by_method[method][s]["success"] and not by_method["mse"][s]["success"] for s in seeds)
                 losses = sum(by_method["mse"][s]["success"] and not by_method[method][s]["success"] for s in seeds)
-                entry["vs_mse"] = {"seeds_won": wins, "seeds_lost": losses,
-                                   "mcnemar_p": binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0}
+                entry["vs_mse"] = {
+                    "seeds_won": wins,
+                    "seeds_lost": losses,
+                    "mcnemar_p": binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0,
+                }
             summary[name][method] = entry
     return summary
 
@@ -250,9 +268,11 @@ def _fmt(value: float | None, diverged: int = 0) -> str:
 
 def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict[str, FunctionProblem]) -> str:
     """The summary as a markdown table (one row per problem and method)."""
-    lines = ["| Problem | Method | Success (final MSE < threshold) | Median final MSE | Worst final MSE "
-             "| Reached threshold | Median steps to threshold | Seeds won / lost vs MSE (McNemar p) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Problem | Method | Success (final MSE < threshold) | Median final MSE | Worst final MSE "
+        "| Reached threshold | Median steps to threshold | Seeds won / lost vs MSE (McNemar p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, by_method in summary.items():
         for method, e in by_method.items():
             vs = e.get("vs_mse")
@@ -262,14 +282,17 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict
                 f"| {name} (< {problems[name].threshold:g}) | {METHOD_LABELS[method]} "
                 f"| {e['successes']}/{e['runs']} ({e['success_rate']:.0%}) | {_fmt(e['median_error'])} "
                 f"| {_fmt(e['worst_error'], e['diverged'])} | {e['reached_threshold']}/{e['runs']} "
-                f"| {'-' if steps is None else f'{steps:g}'} | {vs_text} |")
+                f"| {'-' if steps is None else f'{steps:g}'} | {vs_text} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot_errors(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem], methods: Sequence[str],
-                path: Path) -> None:
+def plot_errors(
+    runs: list[dict[str, Any]], problems: dict[str, FunctionProblem], methods: Sequence[str], path: Path
+) -> None:
     """Final training MSE of every run, per method (jittered points, median bar), one panel per problem."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -286,9 +309,18 @@ def plot_errors(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem]
                 top, bottom = max(top, max(finals)), min(bottom, min(finals))
             n_div = sum(r["diverged"] for r in rs)
             if n_div:
-                ax.annotate(f"{n_div} diverged", (i, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                            va="top", fontsize=7, color="C3")
-        ax.axhline(problem.threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {problem.threshold:g}")
+                ax.annotate(
+                    f"{n_div} diverged",
+                    (i, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                    color="C3",
+                )
+        ax.axhline(
+            problem.threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {problem.threshold:g}"
+        )
         ax.set_yscale("log")
         ax.set_ylim(bottom / 10, max(10.0, top * 3))
         ax.set_xticks(range(len(methods)), [SHORT_LABELS[m] for m in methods], fontsize=8)
@@ -301,10 +333,16 @@ def plot_errors(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem]
     plt.close(fig)
 
 
-def plot_curves(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem], methods: Sequence[str],
-                seeds: Sequence[int], path: Path) -> None:
+def plot_curves(
+    runs: list[dict[str, Any]],
+    problems: dict[str, FunctionProblem],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    path: Path,
+) -> None:
     """Training MSE against steps for the given seeds, one panel per problem, one colour per method."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -313,13 +351,20 @@ def plot_curves(runs: list[dict[str, Any]], problems: dict[str, FunctionProblem]
     for ax, (name, problem) in zip(axes[0], problems.items()):
         for i, method in enumerate(methods):
             for j, seed in enumerate(seeds):
-                r = next((r for r in runs if r["problem"] == name and r["method"] == method and r["seed"] == seed), None)
+                r = next(
+                    (r for r in runs if r["problem"] == name and r["method"] == method and r["seed"] == seed), None
+                )
                 if r is None or not r["curve"]:
                     continue
                 steps, errors = zip(*r["curve"])
-                ax.plot([s + 1 for s in steps], [max(e, ERROR_FLOOR) for e in errors], color=f"C{i}",
-                        linestyle=styles[j % len(styles)], linewidth=1,
-                        label=f"{METHOD_LABELS[method]}, seed {seed}")
+                ax.plot(
+                    [s + 1 for s in steps],
+                    [max(e, ERROR_FLOOR) for e in errors],
+                    color=f"C{i}",
+                    linestyle=styles[j % len(styles)],
+                    linewidth=1,
+                    label=f"{METHOD_LABELS[method]}, seed {seed}",
+                )
         ax.axhline(problem.threshold, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -346,8 +391,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(problems: Sequence[str], methods: Sequence[str], seeds: int, steps: int, out: str | os.PathLike[str],
-        workers: int = 1, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+def run(
+    problems: Sequence[str],
+    methods: Sequence[str],
+    seeds: int,
+    steps: int,
+    out: str | os.PathLike[str],
+    workers: int = 1,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Train every (problem, method, seed), then write results.json, results.md, errors.png, curves.png."""
     out_dir = Path(out)
     try:
@@ -361,18 +414,31 @@ def run(problems: Sequence[str], methods: Sequence[str], seeds: int, steps: int,
     elapsed = time.perf_counter() - start
     summary = summarise(runs, built, methods)
     result = {
-        "command": command, "settings": asdict(SETTINGS), "seeds": seeds, "steps": steps,
-        "methods": list(methods), "problem_seed": PROBLEM_SEED,
+        "command": command,
+        "settings": asdict(SETTINGS),
+        "seeds": seeds,
+        "steps": steps,
+        "methods": list(methods),
+        "problem_seed": PROBLEM_SEED,
         "problems": {name: p.metadata() for name, p in built.items()},
         "schedules": {m: asdict(schedule_config(m, steps)) for m in methods},
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "workers": workers, "torch": torch.__version__,
-                    "python": platform.python_version()},
-        "wall_seconds": elapsed, "summary": summary, "runs": runs,
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "workers": workers,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "wall_seconds": elapsed,
+        "summary": summary,
+        "runs": runs,
     }
     write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     table = markdown_table(summary, built)
-    write_text_atomic(out_dir / "results.md", f"# Function fitting from {seeds} seeds, {steps} full-batch steps\n\n"
-                f"Command: `{command}`\n\n{table}")
+    write_text_atomic(
+        out_dir / "results.md",
+        f"# Function fitting from {seeds} seeds, {steps} full-batch steps\n\nCommand: `{command}`\n\n{table}",
+    )
     plot_errors(runs, built, methods, out_dir / "errors.png")
     plot_curves(runs, built, methods, list(range(min(seeds, 2))), out_dir / "curves.png")
     return result
@@ -396,28 +462,53 @@ def _names(choices: Iterable[str]):
         names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
         unknown = [n for n in names if n not in choices]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list from {', '.join(choices)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list from {', '.join(choices)}, got {text!r}")
         return names
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineErrorParser(prog="python -m anrat.recipes.function_fit", description=__doc__.split("\n\n")[0],
-)
-    ap.add_argument("--seeds", type=_positive_int, default=None,
-                    help=f"initial seeds per problem and method (0..N-1); default {DEFAULT_SEEDS}, {FULL_SEEDS} with --full")
-    ap.add_argument("--steps", type=_positive_int, default=None,
-                    help=f"full-batch gradient steps per run; default {DEFAULT_STEPS}, {FULL_STEPS} with --full")
-    ap.add_argument("--problems", type=_names(PROBLEMS), default=list(PROBLEMS),
-                    help=f"comma-separated problems from {', '.join(PROBLEMS)} (default: all)")
-    ap.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
-                    help=f"comma-separated methods from {', '.join(METHODS)} (default: all)")
+    ap = OneLineErrorParser(
+        prog="python -m anrat.recipes.function_fit",
+        description=__doc__.split("\n\n")[0],
+    )
+    ap.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help=f"initial seeds per problem and method (0..N-1); default {DEFAULT_SEEDS}, {FULL_SEEDS} with --full",
+    )
+    ap.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"full-batch gradient steps per run; default {DEFAULT_STEPS}, {FULL_STEPS} with --full",
+    )
+    ap.add_argument(
+        "--problems",
+        type=_names(PROBLEMS),
+        default=list(PROBLEMS),
+        help=f"comma-separated problems from {', '.join(PROBLEMS)} (default: all)",
+    )
+    ap.add_argument(
+        "--methods",
+        type=_names(METHODS),
+        default=list(METHODS),
+        help=f"comma-separated methods from {', '.join(METHODS)} (default: all)",
+    )
     ap.add_argument("--out", default="runs/function_fit", help="output folder (default: %(default)s)")
-    ap.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1),
-                    help="worker processes, one thread each; results do not depend on it (default: %(default)s)")
-    ap.add_argument("--full", action="store_true",
-                    help=f"the large run: {FULL_SEEDS} seeds and {FULL_STEPS} steps unless --seeds/--steps say otherwise")
+    ap.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes, one thread each; results do not depend on it (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the large run: {FULL_SEEDS} seeds and {FULL_STEPS} steps unless --seeds/--steps say otherwise",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar over the runs")
     return ap
 
@@ -429,8 +520,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = args.steps or (FULL_STEPS if args.full else DEFAULT_STEPS)
     command = " ".join(["python -m anrat.recipes.function_fit", *(sys.argv[1:] if argv is None else argv)])
     try:
-        result = run(args.problems, args.methods, seeds, steps, args.out, workers=args.workers,
-                     progress=not args.no_progress, command=command)
+        result = run(
+            args.problems,
+            args.methods,
+            seeds,
+            steps,
+            args.out,
+            workers=args.workers,
+            progress=not args.no_progress,
+            command=command,
+        )
     except InputError as exc:
         return parser.report(exc)
     print(markdown_table(result["summary"], {n: make_problem(n, PROBLEM_SEED) for n in args.problems}), end="")

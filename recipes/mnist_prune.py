@@ -38,9 +38,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
@@ -99,6 +100,7 @@ def config_dict(cfg: RecipeConfig) -> dict[str, Any]:
 
 def _int_at_least(low: int):
     """An argparse type: an integer >= ``low``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -107,37 +109,80 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return value
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                            epilog="Options left out keep the value of the preset or --config file "
-                                   "(see recipes/configs/*.toml).")
-    ap.add_argument("--preset", choices=PRESETS, default="quick",
-                    help="quick: 4 epochs on the full training split, ~3 min on 2 idle CPU cores; paper: the "
-                         "paper's grid over lr and a, 100 epochs each (a GPU is recommended). Default: quick")
+    ap = OneLineErrorParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Options left out keep the value of the preset or --config file (see recipes/configs/*.toml).",
+    )
+    ap.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="quick",
+        help="quick: 4 epochs on the full training split, ~3 min on 2 idle CPU cores; paper: the "
+        "paper's grid over lr and a, 100 epochs each (a GPU is recommended). Default: quick",
+    )
     add_config_arguments(ap, "prune.max_rounds=2 --set prune.fine_tune.epochs=2 --set run.grid_lr=[0.1,0.5]")
     flag(ap, "--out", key="out_dir", metavar="DIR", help="output folder (quick: runs/mnist_prune)")
-    flag(ap, "--data-dir", key="run.data_dir", metavar="DIR",
-         help="folder holding the four MNIST IDX files (.gz or not); default: $ANRAT_DATA_DIR")
-    flag(ap, "--download", key="run.download", action="store_const", const=True,
-         help="download MNIST through torchvision if no folder is given")
+    flag(
+        ap,
+        "--data-dir",
+        key="run.data_dir",
+        metavar="DIR",
+        help="folder holding the four MNIST IDX files (.gz or not); default: $ANRAT_DATA_DIR",
+    )
+    flag(
+        ap,
+        "--download",
+        key="run.download",
+        action="store_const",
+        const=True,
+        help="download MNIST through torchvision if no folder is given",
+    )
     flag(ap, "--device", key="run.device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    ap.add_argument("--seed", type=_int_at_least(0), default=None,
-                    help="seed of initialisation, validation split, shuffling and fine-tuning")
-    flag(ap, "--model", key="run.model", choices=MODELS,
-         help="lenet5: the paper's ConvNet; convnet_dropout: the ConvNet with dropout")
-    flag(ap, "--schedule", key="run.schedule.name", choices=SCHEDULES,
-         help="lambda schedule: adaptive (ANRAT), fixed, anneal, excursions, or plain (cross-entropy)")
+    ap.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=None,
+        help="seed of initialisation, validation split, shuffling and fine-tuning",
+    )
+    flag(
+        ap,
+        "--model",
+        key="run.model",
+        choices=MODELS,
+        help="lenet5: the paper's ConvNet; convnet_dropout: the ConvNet with dropout",
+    )
+    flag(
+        ap,
+        "--schedule",
+        key="run.schedule.name",
+        choices=SCHEDULES,
+        help="lambda schedule: adaptive (ANRAT), fixed, anneal, excursions, or plain (cross-entropy)",
+    )
     flag(ap, "--lambda0", key="run.schedule.lam0", type=float, help="initial (or fixed) lambda")
     flag(ap, "--epochs", key="run.train.epochs", type=_int_at_least(0), help="training epochs (per grid point)")
-    flag(ap, "--train-subset", key="run.train_subset", type=_int_at_least(1),
-         help="train on the first N training images after the validation split")
+    flag(
+        ap,
+        "--train-subset",
+        key="run.train_subset",
+        type=_int_at_least(1),
+        help="train on the first N training images after the validation split",
+    )
     flag(ap, "--val-size", key="run.val_size", type=_int_at_least(1), help="training images held out for validation")
     flag(ap, "--test-subset", key="run.test_subset", type=_int_at_least(1), help="test on the first N test images")
-    flag(ap, "--no-resume", key="run.resume", action="store_const", const=False,
-         help="train afresh even if OUT/train holds a started run")
+    flag(
+        ap,
+        "--no-resume",
+        key="run.resume",
+        action="store_const",
+        const=False,
+        help="train afresh even if OUT/train holds a started run",
+    )
     flag(ap, "--no-progress", key="run.progress", action="store_const", const=False, help="no progress bars")
     return ap
 
@@ -146,13 +191,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
-        metrics = train_prune_export(cfg, command, PROG, progress=cfg.run.progress and sys.stderr.isatty(),
-                                     log=lambda line: print(line, file=sys.stderr, flush=True))
+        metrics = train_prune_export(
+            cfg,
+            command,
+            PROG,
+            progress=cfg.run.progress and sys.stderr.isatty(),
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
         te, p = metrics["test_error"], metrics["pruning"]
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-        print(f"test error {pct(te['trained'])} trained, {pct(te['pruned'])} pruned "
-              f"({pct(te['onnx'])} with model.onnx under onnxruntime), {te['images']} images; "
-              f"{p['nonzero_after']:,} of {p['params_before']:,} parameters kept; {metrics['seconds']['total']:.0f} s")
+        print(
+            f"test error {pct(te['trained'])} trained, {pct(te['pruned'])} pruned "
+            f"({pct(te['onnx'])} with model.onnx under onnxruntime), {te['images']} images; "
+            f"{p['nonzero_after']:,} of {p['params_before']:,} parameters kept; {metrics['seconds']['total']:.0f} s"
+        )
         print(f"wrote {Path(cfg.out_dir) / 'report.md'}")
         return 0
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -49,8 +49,11 @@ def mnist_dir() -> Path:
 def fashion_mnist_dir() -> Path:
     """The Fashion-MNIST IDX files: ``$ANRAT_FASHION_MNIST_DIR``, else
     ``<repo>/../shared/data/fashion-mnist``, else Debian's ``dataset-fashion-mnist`` package."""
-    return _find_idx_folder("Fashion-MNIST", "ANRAT_FASHION_MNIST_DIR", [
-        REPO_ROOT.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")])
+    return _find_idx_folder(
+        "Fashion-MNIST",
+        "ANRAT_FASHION_MNIST_DIR",
+        [REPO_ROOT.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")],
+    )
 
 
 @pytest.fixture

@@ -14,23 +14,29 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
 from anrat.checkpoint import FORMAT
-from anrat.data import IDX_FILES
 from anrat.models import build_model
 from anrat.train import main as train_main
 from pruning.__main__ import main as prune_main
 from recipes.mnist_prune import main as recipe_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EARLIER = {"rounds.jsonl": '{"round": 1}\n', "report.json": '{"earlier": true}', "config.json": '{"earlier": 1}',
-           "metrics.json": "{}", "result.json": "{}", "metrics.jsonl": "{}\n", "notes.txt": "keep me"}
-USER_MODULE = '''
+EARLIER = {
+    "rounds.jsonl": '{"round": 1}\n',
+    "report.json": '{"earlier": true}',
+    "config.json": '{"earlier": 1}',
+    "metrics.json": "{}",
+    "result.json": "{}",
+    "metrics.jsonl": "{}\n",
+    "notes.txt": "keep me",
+}
+USER_MODULE = """
 import torch
 from torch import nn
 
@@ -45,7 +51,7 @@ def needs(width):
 
 def number():
     return 3
-'''
+"""
 
 
 # --- tiny inputs -------------------------------------------------------------------------------
@@ -70,9 +76,15 @@ def mlp_checkpoint(path: Path, poison: float | None = None) -> Path:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if poison is not None:
         state["fc1.weight"][0, 0] = poison
-    torch.save({"format": FORMAT, "arch": {"name": "mlp", "kwargs": {"hidden": [8], "in_features": 784,
-                                                                     "out_features": 10}},
-                "state_dict": state, "input_norm": {"mean": [0.0], "std": [1.0]}}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "arch": {"name": "mlp", "kwargs": {"hidden": [8], "in_features": 784, "out_features": 10}},
+            "state_dict": state,
+            "input_norm": {"mean": [0.0], "std": [1.0]},
+        },
+        path,
+    )
     return path
 
 
@@ -86,9 +98,17 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     weights = root / "weights.pt"
     torch.save(build_model("mlp", hidden=[8], in_features=784, out_features=10).state_dict(), weights)
     seq_weights = root / "seq_weights.pt"
-    torch.save({k: torch.zeros_like(v) for k, v in
-                torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(),
-                                    torch.nn.Linear(8, 10)).state_dict().items()}, seq_weights)
+    torch.save(
+        {
+            k: torch.zeros_like(v)
+            for k, v in torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)
+            )
+            .state_dict()
+            .items()
+        },
+        seq_weights,
+    )
     (root / "empty.pt").write_bytes(b"")
     (root / "text.pt").write_text("these are my notes, not a checkpoint\n")
     (root / "a_file").write_text("x")
@@ -100,22 +120,34 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.save({"x": x, "y": torch.arange(40) % 13}, root / "labels13.pt")
     torch.save({"x": x.clone().fill_(float("nan")), "y": torch.arange(40) % 10}, root / "nan_inputs.pt")
     torch.save({"x": x, "y": torch.arange(40) % 10}, root / "good_data.pt")
-    paths = {"data": data, "ckpt": mlp_checkpoint(root / "model.pt"),
-             "nan_ckpt": mlp_checkpoint(root / "nan.pt", float("nan")),
-             "inf_ckpt": mlp_checkpoint(root / "inf.pt", float("inf")),
-             "weights": weights, "seq_weights": seq_weights, "empty": root / "empty.pt", "text": root / "text.pt",
-             "a_file": root / "a_file", "root": root, "bad_toml": root / "bad.toml",
-             "truncated": root / "truncated.pt", "labels13": root / "labels13.pt",
-             "nan_inputs": root / "nan_inputs.pt", "good_data": root / "good_data.pt"}
+    paths = {
+        "data": data,
+        "ckpt": mlp_checkpoint(root / "model.pt"),
+        "nan_ckpt": mlp_checkpoint(root / "nan.pt", float("nan")),
+        "inf_ckpt": mlp_checkpoint(root / "inf.pt", float("inf")),
+        "weights": weights,
+        "seq_weights": seq_weights,
+        "empty": root / "empty.pt",
+        "text": root / "text.pt",
+        "a_file": root / "a_file",
+        "root": root,
+        "bad_toml": root / "bad.toml",
+        "truncated": root / "truncated.pt",
+        "labels13": root / "labels13.pt",
+        "nan_inputs": root / "nan_inputs.pt",
+        "good_data": root / "good_data.pt",
+    }
     # broken datasets, one defect each
     for name, damage in {
         "idx_corrupt": lambda f: (f / "train-labels-idx1-ubyte").write_bytes(b"not an IDX file at all"),
         "idx_truncated": lambda f: (f / "train-images-idx3-ubyte").write_bytes(
-            (f / "train-images-idx3-ubyte").read_bytes()[:1000]),
+            (f / "train-images-idx3-ubyte").read_bytes()[:1000]
+        ),
         "idx_missing": lambda f: (f / "t10k-labels-idx1-ubyte").unlink(),
-        "idx_gz_corrupt": lambda f: ((f / "t10k-images-idx3-ubyte").unlink(),
-                                     (f / "t10k-images-idx3-ubyte.gz").write_bytes(
-                                         gzip.compress(b"0123456789" * 50)[:40])),
+        "idx_gz_corrupt": lambda f: (
+            (f / "t10k-images-idx3-ubyte").unlink(),
+            (f / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"0123456789" * 50)[:40]),
+        ),
     }.items():
         damage(write_idx_folder(root / name))
         paths[name] = root / name
@@ -152,10 +184,20 @@ def refuse(main: Callable, argv: list[str], capsys: pytest.CaptureFixture[str]) 
 
 
 # --- the table ---------------------------------------------------------------------------------
-TRAIN = ["--data-dir", "{data}", "--model", "mlp", "--hidden", "8", "--val-size", "10", "--epochs", "1",
-         "--no-progress"]
-PRUNE = ["prune", "--checkpoint", "{ckpt}", "--data-dir", "{data}", "--val-size", "10", "--quiet",
-         "--max-rounds", "1"]
+TRAIN = [
+    "--data-dir",
+    "{data}",
+    "--model",
+    "mlp",
+    "--hidden",
+    "8",
+    "--val-size",
+    "10",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
+PRUNE = ["prune", "--checkpoint", "{ckpt}", "--data-dir", "{data}", "--val-size", "10", "--quiet", "--max-rounds", "1"]
 FACTORY = ["prune", "--data-dir", "{data}", "--val-size", "10", "--quiet", "--weights", "{seq_weights}"]
 EXPORT = ["export", "{ckpt}"]
 RECIPE = ["--data-dir", "{data}", "--val-size", "10", "--epochs", "1", "--no-progress"]
@@ -324,11 +366,15 @@ def copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "lenet5"], "holds a mlp run, not lenet5; pass --no-resume"),
-    (["--hidden", "8", "--lr", "0.2"], "train.lr: 0.05 there, 0.2 now"),
-    (["--hidden", "8", "--lr", "0.05", "--loss", "lp"], "schedule.kind"),
-], ids=["other-model", "other-lr", "other-loss"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "lenet5"], "holds a mlp run, not lenet5; pass --no-resume"),
+        (["--hidden", "8", "--lr", "0.2"], "train.lr: 0.05 there, 0.2 now"),
+        (["--hidden", "8", "--lr", "0.05", "--loss", "lp"], "schedule.kind"),
+    ],
+    ids=["other-model", "other-lr", "other-loss"],
+)
 def test_resuming_with_other_options_is_refused(argv, message, trained_folder, inputs, tmp_path, capsys):
     out = copy_folder(trained_folder, tmp_path / "run")
     before = snapshot(out)
@@ -354,9 +400,18 @@ def test_no_resume_starts_afresh_and_a_resume_removes_stale_temporaries(trained_
 def test_fine_tuning_that_diverges_exits_1_and_keeps_earlier_results(inputs, tmp_path, capsys):
     out = earlier_results(tmp_path / "out")
     before = snapshot(out)
-    argv = [a.format(**inputs) for a in PRUNE] + ["--out", str(out), "--fine-tune-optimizer", "sgd",
-                                                  "--fine-tune-lr", "1e30", "--alpha", "0.5",
-                                                  "--set", "fine_tune.batch_size=4"]
+    argv = [a.format(**inputs) for a in PRUNE] + [
+        "--out",
+        str(out),
+        "--fine-tune-optimizer",
+        "sgd",
+        "--fine-tune-lr",
+        "1e30",
+        "--alpha",
+        "0.5",
+        "--set",
+        "fine_tune.batch_size=4",
+    ]
     code, lines = refuse(prune_main, argv, capsys)
     assert code == 1 and len(lines) == 1, lines
     assert "fine-tuning diverged" in lines[0] and f"nothing was written to {out}" in lines[0], lines
@@ -380,7 +435,13 @@ def test_a_read_only_output_folder_is_refused(command, argv, inputs, tmp_path, c
 def test_the_command_line_itself_prints_no_traceback(inputs, tmp_path):
     """One real process (the rows above call ``main`` in-process): one line, status 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pruning", "prune", "--checkpoint", inputs["text"], "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pruning", "prune", "--checkpoint", inputs["text"], "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "is not a checkpoint" in proc.stderr

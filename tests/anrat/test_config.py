@@ -9,8 +9,17 @@ from typing import Literal
 
 import pytest
 
-from anrat.config import (add_config_arguments, as_dict, flag, flatten, merge, parse_setting, read_config_file,
-                          resolve, resolve_from_args)
+from anrat.config import (
+    add_config_arguments,
+    as_dict,
+    flag,
+    flatten,
+    merge,
+    parse_setting,
+    read_config_file,
+    resolve,
+    resolve_from_args,
+)
 from anrat.errors import InputError
 from anrat.train import RunConfig, build_parser, config_from_args
 
@@ -41,14 +50,17 @@ def test_values_resolve_in_order_defaults_file_flags_set(tmp_path):
     assert resolve(Outer(), json_path) == got
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"sead": 1}, "unknown option 'sead'; expected one of seed, limit, inner"),
-    ({"inner": {"lr": "fast"}}, "option 'inner.lr' must be of type float, got 'fast'"),
-    ({"inner": {"name": "c"}}, "option 'inner.name' must be one of 'a', 'b', got 'c'"),
-    ({"inner": {"sizes": [1, "x"]}}, "option 'inner.sizes' must be of type"),
-    ({"seed": True}, "option 'seed' must be of type int"),
-    ({"inner": 3}, "inner must be a table of options, got 3"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"sead": 1}, "unknown option 'sead'; expected one of seed, limit, inner"),
+        ({"inner": {"lr": "fast"}}, "option 'inner.lr' must be of type float, got 'fast'"),
+        ({"inner": {"name": "c"}}, "option 'inner.name' must be one of 'a', 'b', got 'c'"),
+        ({"inner": {"sizes": [1, "x"]}}, "option 'inner.sizes' must be of type"),
+        ({"seed": True}, "option 'seed' must be of type int"),
+        ({"inner": 3}, "inner must be a table of options, got 3"),
+    ],
+)
 def test_wrong_keys_and_types_are_refused_by_their_dotted_name(values, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         merge(Outer(), values)
@@ -92,11 +104,29 @@ def test_flags_given_override_and_flags_not_given_leave_the_file_alone(tmp_path)
 def test_the_training_command_is_one_run_config(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('model = "mlp"\n[train]\nepochs = 3\nlr = 0.5\n[schedule]\nname = "plain"\n')
-    args = build_parser().parse_args(["--config", str(path), "--lr", "0.2", "--hidden", "8,4", "--l2", "fc2=0.05",
-                                      "--set", "schedule.lam0=3", "--no-resume"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(path),
+            "--lr",
+            "0.2",
+            "--hidden",
+            "8,4",
+            "--l2",
+            "fc2=0.05",
+            "--set",
+            "schedule.lam0=3",
+            "--no-resume",
+        ]
+    )
     cfg = config_from_args(args)
-    assert (cfg.model, cfg.train.epochs, cfg.train.lr, cfg.schedule.name, cfg.schedule.lam0) == ("mlp", 3, 0.2,
-                                                                                                 "plain", 3.0)
+    assert (cfg.model, cfg.train.epochs, cfg.train.lr, cfg.schedule.name, cfg.schedule.lam0) == (
+        "mlp",
+        3,
+        0.2,
+        "plain",
+        3.0,
+    )
     assert cfg.model_kwargs == {"hidden": [8, 4]} and cfg.train.l2 == {"fc2": 0.05} and cfg.resume is False
     # nothing given: exactly the dataclass defaults
     assert config_from_args(build_parser().parse_args([])) == RunConfig()

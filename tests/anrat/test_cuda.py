@@ -16,7 +16,7 @@ from anrat.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-T_GRID = [10.0 ** e for e in range(-8, 9)]
+T_GRID = [10.0**e for e in range(-8, 9)]
 
 
 @pytest.fixture(params=["numpy", "torch"], ids=["host", "device"])
@@ -37,8 +37,8 @@ def test_nrae_on_cuda_matches_the_cpu_for_t_from_1e_minus_8_to_1e8(scale, backen
     for t in T_GRID:
         cpu_x = logits.detach().clone().requires_grad_()
         cuda_x = logits.detach().cuda().requires_grad_()
-        cpu_v = nrae(cpu_x, target, lam=t ** 0.5)
-        cuda_v = nrae(cuda_x, target.cuda(), lam=t ** 0.5, backend=backend)
+        cpu_v = nrae(cpu_x, target, lam=t**0.5)
+        cuda_v = nrae(cuda_x, target.cuda(), lam=t**0.5, backend=backend)
         cpu_v.backward()
         cuda_v.backward()
         assert torch.isfinite(cuda_v) and torch.isfinite(cuda_x.grad).all(), t
@@ -52,8 +52,9 @@ def test_anrat_value_and_lambda_gradient_on_cuda_match_the_cpu(parameterization,
     logits, target = batch()
     results = []
     for device in ("cpu", "cuda"):
-        loss = ANRATLoss(init_lambda=lam, a=0.01, parameterization=parameterization,
-                         backend=backend if device == "cuda" else "auto").to(device)
+        loss = ANRATLoss(
+            init_lambda=lam, a=0.01, parameterization=parameterization, backend=backend if device == "cuda" else "auto"
+        ).to(device)
         x = logits.detach().to(device).clone().requires_grad_()
         value = loss(x, target.to(device))
         value.backward()
@@ -69,7 +70,7 @@ def test_loss_stays_float32_under_cuda_autocast(backend):
     x, target = torch.randn(128, 20, device="cuda"), torch.randint(0, 10, (128,), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = layer(x)
-        values = [NRAELoss(t ** 0.5, backend=backend)(logits, target) for t in T_GRID]
+        values = [NRAELoss(t**0.5, backend=backend)(logits, target) for t in T_GRID]
     reference = per_sample_loss(logits.float(), target)
     for t, v in zip(T_GRID, values):
         assert v.dtype == torch.float32 and torch.isfinite(v), t
@@ -80,12 +81,18 @@ def test_loss_stays_float32_under_cuda_autocast(backend):
 def test_an_anrat_epoch_on_cuda_learns_and_moves_lambda(backend):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 1, 28, 28, generator=g)
-    y = (x.flatten(1)[:, :10].argmax(1))  # a learnable rule: the brightest of the first 10 pixels
+    y = x.flatten(1)[:, :10].argmax(1)  # a learnable rule: the brightest of the first 10 pixels
     train = Split(x.cuda(), y.cuda())
     torch.manual_seed(0)
     model = build_model("mlp", hidden=[64]).cuda()
-    trainer = Trainer(model, LambdaSchedule(ScheduleConfig(name="adaptive", lam0=3.0), backend=backend), train, None,
-                      TrainConfig(epochs=3, lr=0.1, lambda_lr=0.1, batch_size=64), progress=False)
+    trainer = Trainer(
+        model,
+        LambdaSchedule(ScheduleConfig(name="adaptive", lam0=3.0), backend=backend),
+        train,
+        None,
+        TrainConfig(epochs=3, lr=0.1, lambda_lr=0.1, batch_size=64),
+        progress=False,
+    )
     before = trainer.evaluate(train)["error"]
     trainer.fit()
     after = trainer.evaluate(train)["error"]

@@ -15,8 +15,6 @@ from anrat.data import IDX_FILES, DataSplits, Split, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 
-
-
 # ---- helpers -------------------------------------------------------------------------------------
 
 

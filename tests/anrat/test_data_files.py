@@ -78,13 +78,13 @@ def test_the_test_data_is_refused_as_validation(tmp_path):
     torch.save({"x": torch.rand(4, 2), "y": torch.arange(4) % 2}, tmp_path / "t.pt")
     for val in ("test", tmp_path / "t.pt"):
         with pytest.raises(InputError, match="test split cannot serve as validation"):
-            load_splits(input_norm=InputNorm.none(), train_data=tmp_path / "t.pt", val_data=val,
-                        test_data=tmp_path / "t.pt")
+            load_splits(
+                input_norm=InputNorm.none(), train_data=tmp_path / "t.pt", val_data=val, test_data=tmp_path / "t.pt"
+            )
 
 
 def test_image_folders_must_name_the_same_classes(tmp_path):
     _image_folder(tmp_path / "train", classes=("a", "b"))
     _image_folder(tmp_path / "test", classes=("a", "c"))
     with pytest.raises(InputError, match="different classes"):
-        load_splits(input_norm=InputNorm.none(), train_data=tmp_path / "train", test_data=tmp_path / "test",
-                    val_size=2)
+        load_splits(input_norm=InputNorm.none(), train_data=tmp_path / "train", test_data=tmp_path / "test", val_size=2)

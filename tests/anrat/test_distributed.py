@@ -16,8 +16,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -47,8 +48,9 @@ def _free_port() -> int:
 
 def _join_gloo(rank: int, store: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections stay on the loopback interface
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60)
+    )
 
 
 def _spawn(fn: Callable[..., None], *args: Any) -> None:
@@ -117,7 +119,7 @@ def run_steps(case: dict[str, Any], world: World | None) -> dict[str, Any]:
     model = _tiny_mlp(dtype)
     loss = _make_loss(case).to(dtype)
     optimizer = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
-    batches = _global_batches(dtype)[:case.get("steps")]
+    batches = _global_batches(dtype)[: case.get("steps")]
     step_model: torch.nn.Module = model
     criterion: torch.nn.Module = loss
     if world is not None:
@@ -150,7 +152,9 @@ def _assert_records_match(got: dict[str, Any], want: dict[str, Any], rel: float 
         assert got["lam"] == pytest.approx(want["lam"], rel=rel)
     for step, grads in enumerate(want["grads"]):
         for name, value in grads.items():
-            torch.testing.assert_close(got["grads"][step][name], value, rtol=rel, atol=rel, msg=f"step {step} grad {name}")
+            torch.testing.assert_close(
+                got["grads"][step][name], value, rtol=rel, atol=rel, msg=f"step {step} grad {name}"
+            )
     for name, value in want["weights"].items():
         torch.testing.assert_close(got["weights"][name], value, rtol=rel, atol=rel, msg=name)
 
@@ -161,9 +165,15 @@ def test_two_ranks_match_one_process_on_the_concatenated_batches(ddp_runs, name)
     for rank in range(WORLD_SIZE):
         got = ddp_runs[rank][name]
         _assert_records_match(got, single)
-        gap = max([abs(a - b) for a, b in zip(got["objective"], single["objective"])]
-                  + [(got["weights"][n] - w).abs().max().item() for n, w in single["weights"].items()]
-                  + [(got["grads"][i][n] - g).abs().max().item() for i, gs in enumerate(single["grads"]) for n, g in gs.items()])
+        gap = max(
+            [abs(a - b) for a, b in zip(got["objective"], single["objective"])]
+            + [(got["weights"][n] - w).abs().max().item() for n, w in single["weights"].items()]
+            + [
+                (got["grads"][i][n] - g).abs().max().item()
+                for i, gs in enumerate(single["grads"])
+                for n, g in gs.items()
+            ]
+        )
         print(f"{name}, rank {rank}: largest difference from one process {gap:.2g}")
 
 
@@ -181,7 +191,7 @@ def test_lambdas_gradient_needs_the_average_over_ranks(ddp_runs):
 def test_the_naive_per_rank_average_is_a_different_objective(ddp_runs):
     """The exact runs above do not match by accident: averaging each rank's own NRAE, which is
     what DDP does without the global reduction, differs by more than 1% and trains elsewhere."""
-    name, t, penalty = "naive anrat lam=30", 30.0 ** 2, 0.01 / 30.0
+    name, t, penalty = "naive anrat lam=30", 30.0**2, 0.01 / 30.0
     exact = run_steps(LOSS_CASES[name], None)  # the same steps with the exact loss
     # First step: each rank's objective on its own shard, averaged over ranks as DDP averages ...
     naive_first = sum(ddp_runs[r][name]["objective"][0] for r in range(WORLD_SIZE)) / WORLD_SIZE
@@ -202,7 +212,7 @@ def test_the_naive_per_rank_average_is_a_different_objective(ddp_runs):
 def test_float32_at_tiny_t_keeps_the_stable_formulation(ddp_runs):
     """t = 1e-6 in float32: the cross-rank NRAE and the steps it drives match the float64 single
     process, where the textbook ``(logsumexp(t*l) - log m) / t`` is off by more than 1%."""
-    name, t = "anrat lam=1e-3 float32", 1e-3 ** 2
+    name, t = "anrat lam=1e-3 float32", 1e-3**2
     reference = run_steps({**LOSS_CASES[name], "dtype": torch.float64}, None)
     for rank in range(WORLD_SIZE):
         got = ddp_runs[rank][name]
@@ -243,8 +253,10 @@ def test_shards_concatenate_to_the_global_batches():
     split = Split(torch.arange(23.0)[:, None], torch.arange(23))
     g = [torch.Generator().manual_seed(3) for _ in range(WORLD_SIZE + 1)]
     whole = list(split.batches(6, shuffle=True, generator=g[0]))
-    parts = [list(shard_batches(split.batches(6, shuffle=True, generator=g[r + 1]), World(r, WORLD_SIZE)))
-             for r in range(WORLD_SIZE)]
+    parts = [
+        list(shard_batches(split.batches(6, shuffle=True, generator=g[r + 1]), World(r, WORLD_SIZE)))
+        for r in range(WORLD_SIZE)
+    ]
     for i, (_, y) in enumerate(whole):
         assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
         assert [len(p[i][1]) for p in parts] == [len(y) - len(y) // 2, len(y) // 2]
@@ -252,12 +264,20 @@ def test_shards_concatenate_to_the_global_batches():
     assert [shard_bounds(1, World(r, 3)) for r in range(3)] == [(0, 1), (1, 1), (1, 1)]
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set; launch with torchrun"),
-    ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE must be an integer, got 'two'"),
-    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
-     "under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda or auto, not 'cuda:1'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set; launch with torchrun",
+        ),
+        ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE must be an integer, got 'two'"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda or auto, not 'cuda:1'",
+        ),
+    ],
+)
 def test_bad_launch_environment_exits_2_with_one_line(env, message, monkeypatch, capsys, tmp_path):
     from anrat.train import main
 
@@ -285,9 +305,16 @@ def _make_trainer(out_dir: Path, seed_init: int, epochs: int) -> Trainer:
     schedule = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=3.0, a=0.01))
     config = TrainConfig(epochs=epochs, batch_size=32, lr=0.1, lambda_lr=0.1, momentum=0.9, seed=7)
     # 129 samples: 4 batches of 32 and one of 1 (rank 1's shard of it is empty)
-    return Trainer(model, schedule, _synthetic(129, 0), _synthetic(50, 1), config, out_dir=out_dir,
-                   arch={"name": "mlp", "kwargs": {"in_features": 6, "hidden": [16], "out_features": 3}},
-                   progress=False)
+    return Trainer(
+        model,
+        schedule,
+        _synthetic(129, 0),
+        _synthetic(50, 1),
+        config,
+        out_dir=out_dir,
+        arch={"name": "mlp", "kwargs": {"in_features": 6, "hidden": [16], "out_features": 3}},
+        progress=False,
+    )
 
 
 def _trainer_job(rank: int, out: Path) -> None:
@@ -327,16 +354,48 @@ def test_trainer_on_two_ranks_matches_one_process_and_resumes(ddp_runs, tmp_path
 
 # --- the command line under torchrun's environment ---------------------------------------------
 def _cli_args(mnist_dir: str) -> list[str]:
-    return ["--data-dir", mnist_dir, "--model", "mlp", "--hidden", "16", "--train-subset", "301",
-            "--val-size", "200", "--test-subset", "200", "--schedule", "adaptive", "--lambda0", "1",
-            "--epochs", "2", "--batch-size", "50", "--lr", "0.3", "--device", "cpu", "--no-progress"]
+    return [
+        "--data-dir",
+        mnist_dir,
+        "--model",
+        "mlp",
+        "--hidden",
+        "16",
+        "--train-subset",
+        "301",
+        "--val-size",
+        "200",
+        "--test-subset",
+        "200",
+        "--schedule",
+        "adaptive",
+        "--lambda0",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.3",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def _cli_job(rank: int, port: int, mnist_dir: str, out: Path) -> None:
     """``python -m anrat.train`` as torchrun starts it: the env:// variables and nothing else."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE),
-                       "LOCAL_WORLD_SIZE": str(WORLD_SIZE), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD_SIZE),
+            "LOCAL_WORLD_SIZE": str(WORLD_SIZE),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+    )
     from anrat.train import main
 
     assert main(_cli_args(mnist_dir) + ["--out", str(out)]) == 0

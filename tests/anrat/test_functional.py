@@ -8,10 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from anrat.errors import InputError
-from anrat.functional import (KINDS, TILTED_BACKENDS, nrae, numpy_path, per_sample_loss, rae, rae_feasible, tilted_cpu,
-                              tilted_mean, tilted_stats)
+from anrat.functional import (
+    KINDS,
+    TILTED_BACKENDS,
+    nrae,
+    numpy_path,
+    per_sample_loss,
+    rae,
+    rae_feasible,
+    tilted_cpu,
+    tilted_mean,
+    tilted_stats,
+)
 
-T_GRID = [10.0 ** e for e in range(-8, 9)]  # t = lam ** p from 1e-8 to 1e8
+T_GRID = [10.0**e for e in range(-8, 9)]  # t = lam ** p from 1e-8 to 1e8
 
 
 def reference_tilted_mean(losses: torch.Tensor, t: float) -> float:
@@ -55,13 +65,16 @@ def test_numpy_and_torch_ops_paths_agree_on_value_weights_and_t_gradient(dtype):
             torch.testing.assert_close(s, torch.from_numpy(s_np), rtol=1e-9, atol=1e-15)
             assert dt.item() == pytest.approx(dt_np, rel=1e-6, abs=1e-12), t
         # at small t, d NRAE / dt -> var(l) / 2 (weighted variance with weights)
-        var = float(losses.double().var(unbiased=False)) if w is None else float(
-            (w.double() * (losses.double() - (w.double() * losses.double()).sum()) ** 2).sum())
+        var = (
+            float(losses.double().var(unbiased=False))
+            if w is None
+            else float((w.double() * (losses.double() - (w.double() * losses.double()).sum()) ** 2).sum())
+        )
         assert tilted_cpu(losses.numpy(), 1e-8, None if w is None else w.numpy())[2] == pytest.approx(var / 2, rel=1e-5)
 
 
 def test_backend_chooses_the_implementation():
-    """"auto" is NumPy on the host (today's choice on every device), "torch" the torch ops; both
+    """ "auto" is NumPy on the host (today's choice on every device), "torch" the torch ops; both
     give the same value and gradient, and anything else is refused."""
     assert TILTED_BACKENDS == ("auto", "numpy", "torch") and KINDS == ("ce", "lp")
     losses = per_sample_loss(*ce_batch(torch.float64), "ce")
@@ -94,7 +107,7 @@ def test_nrae_finite_with_logits_of_magnitude_1e3(dtype, tilted_backend):
     logits, target = ce_batch(dtype, scale=1e3)
     for t in T_GRID:
         x = logits.clone().requires_grad_(True)
-        value = nrae(x, target, lam=t ** 0.5, p=2.0, backend=tilted_backend)
+        value = nrae(x, target, lam=t**0.5, p=2.0, backend=tilted_backend)
         value.backward()
         assert torch.isfinite(value), t
         assert torch.isfinite(x.grad).all(), t
@@ -178,7 +191,8 @@ def test_ce_matches_cross_entropy_loss_options():
     weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
     torch.testing.assert_close(
         per_sample_loss(logits, target, weight=weight, label_smoothing=0.1),
-        F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none"))
+        F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1, reduction="none"),
+    )
 
 
 def test_autocast_keeps_the_loss_in_float32(tilted_backend):
@@ -188,7 +202,7 @@ def test_autocast_keeps_the_loss_in_float32(tilted_backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = layer(x)
         assert logits.dtype == torch.bfloat16
-        values = [nrae(logits, target, lam=t ** 0.5, backend=tilted_backend) for t in T_GRID]
+        values = [nrae(logits, target, lam=t**0.5, backend=tilted_backend) for t in T_GRID]
     losses = per_sample_loss(logits.float(), target)
     for t, v in zip(T_GRID, values):
         assert v.dtype == torch.float32

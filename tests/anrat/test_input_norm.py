@@ -12,24 +12,30 @@ from anrat.input_norm import METADATA_KEY, InputNorm, with_preprocessing
 DATASET = InputNorm.of(0.286, 0.353)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("none", InputNorm()),
-    ("dataset", DATASET),
-    ("0.5,0.25", InputNorm((0.5,), (0.25,))),
-    ("0.485,0.456,0.406:0.229,0.224,0.225", InputNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("none", InputNorm()),
+        ("dataset", DATASET),
+        ("0.5,0.25", InputNorm((0.5,), (0.25,))),
+        ("0.485,0.456,0.406:0.229,0.224,0.225", InputNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+    ],
+)
 def test_parse(text, expected):
     assert InputNorm.parse(text, DATASET) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("abc", "not understood"),
-    ("0.5", "1 numbers"),
-    ("0.5,0,", "not understood"),
-    ("0.5,0", "stds must be > 0"),
-    ("0.5,nan", "finite"),
-    ("0.1,0.2:0.3", "as many means as stds"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("abc", "not understood"),
+        ("0.5", "1 numbers"),
+        ("0.5,0,", "not understood"),
+        ("0.5,0", "stds must be > 0"),
+        ("0.5,nan", "finite"),
+        ("0.1,0.2:0.3", "as many means as stds"),
+    ],
+)
 def test_parse_refuses(text, message):
     with pytest.raises(InputError, match=message):
         InputNorm.parse(text, DATASET)

@@ -18,14 +18,17 @@ def batch(n=128, c=10, seed=0, dtype=torch.float32):
 def test_modules_are_twins_of_the_functions(tilted_backend):
     logits, target = batch()
     assert PlainLoss()(logits, target).item() == pytest.approx(
-        torch.nn.CrossEntropyLoss()(logits, target).item(), rel=1e-6)
+        torch.nn.CrossEntropyLoss()(logits, target).item(), rel=1e-6
+    )
     for lam in (0.01, 1.0, 30.0):
         assert NRAELoss(lam, p=2.0, backend=tilted_backend)(logits, target).item() == pytest.approx(
-            nrae(logits, target, lam, p=2.0, backend=tilted_backend).item(), rel=1e-6)
+            nrae(logits, target, lam, p=2.0, backend=tilted_backend).item(), rel=1e-6
+        )
     anrat = ANRATLoss(init_lambda=3.0, p=2.0, a=0.1, q=1.0, backend=tilted_backend)
     assert anrat.lam == pytest.approx(3.0, rel=1e-6)
     assert anrat(logits, target).item() == pytest.approx(
-        nrae(logits, target, 3.0, backend=tilted_backend).item() + 0.1 / 3.0, rel=1e-5)
+        nrae(logits, target, 3.0, backend=tilted_backend).item() + 0.1 / 3.0, rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("parameterization", ["log", "softplus"])
@@ -41,7 +44,7 @@ def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q,
     value.backward()
     # ... against (p / lam) * (sum_i w_i l_i - nrae) - a q lam^(-q-1), w = softmax(t l)
     lam_v = lam_t.item()
-    t = lam_v ** p
+    t = lam_v**p
     l = losses.detach()
     w = torch.softmax(t * l, 0)
     nrae_v = tilted_mean(l, t).item()
@@ -120,30 +123,37 @@ def test_running_normaliser_weights_approach_the_full_batch_weights():
     losses = torch.distributions.Exponential(2.0).sample((n,))  # fixed per-sample losses
     full = torch.softmax(t * losses, 0)  # full-batch tilted weights, sum 1
     n_batches = n // m
-    running = NRAELoss(lam=t ** 0.5, p=2.0, normalizer="running", momentum=0.005)
-    per_batch = NRAELoss(lam=t ** 0.5, p=2.0, normalizer="batch")
+    running = NRAELoss(lam=t**0.5, p=2.0, normalizer="running", momentum=0.005)
+    per_batch = NRAELoss(lam=t**0.5, p=2.0, normalizer="batch")
     order = torch.randperm(n)
     for _ in range(20):  # warm-up passes for the running estimate
         for b in range(n_batches):
-            running.aggregate(losses[order[b * m:(b + 1) * m]])
+            running.aggregate(losses[order[b * m : (b + 1) * m]])
     w_running = torch.empty(n)
     w_batch = torch.empty(n)
     for b in range(n_batches):
-        idx = order[b * m:(b + 1) * m]
+        idx = order[b * m : (b + 1) * m]
         w_running[idx] = sample_weights(running, losses[idx]) / n_batches
         w_batch[idx] = sample_weights(per_batch, losses[idx]) / n_batches
     err_running = ((w_running - full).abs().sum() / full.sum()).item()
     err_batch = ((w_batch - full).abs().sum() / full.sum()).item()
     assert err_running < 0.05  # measured 0.021
-    assert err_batch > 0.5      # measured 1.06: per-batch normalising misweights the hard samples
+    assert err_batch > 0.5  # measured 1.06: per-batch normalising misweights the hard samples
     # the value reported is the running estimate of the dataset NRAE
     assert running.running_nrae.item() == pytest.approx(tilted_mean(losses, t).item(), rel=0.01)
 
 
 @pytest.mark.parametrize("lam", [1e-3, 3.0, 1e3])
-@pytest.mark.parametrize("make", [lambda lam: ANRATLoss(lam), lambda lam: NRAELoss(lam),
-                                  lambda lam: NRAELoss(lam, normalizer="running"), lambda lam: PlainLoss()],
-                         ids=["anrat", "nrae", "nrae-running", "plain"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lam: ANRATLoss(lam),
+        lambda lam: NRAELoss(lam),
+        lambda lam: NRAELoss(lam, normalizer="running"),
+        lambda lam: PlainLoss(),
+    ],
+    ids=["anrat", "nrae", "nrae-running", "plain"],
+)
 def test_losses_trace_into_one_graph_under_torch_compile(make, lam):
     """Under torch.compile the losses take the torch-ops tilted mean (no host copy, no graph break)
     and agree with eager values and gradients, in the input and in lambda."""

@@ -44,9 +44,9 @@ def test_excursions_alternate_nrae_with_short_plain_phases():
 
 def test_switch_when_rae_becomes_feasible():
     s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=3.0, p=2.0, switch_when_feasible=True))
-    s.end_epoch(0, max_loss=20.0)   # t * max = 180 > 88.7: RAE would overflow float32
+    s.end_epoch(0, max_loss=20.0)  # t * max = 180 > 88.7: RAE would overflow float32
     assert not s.switched
-    s.end_epoch(1, max_loss=5.0)    # t * max = 45: representable
+    s.end_epoch(1, max_loss=5.0)  # t * max = 45: representable
     assert s.switch_epoch == 2
 
 
@@ -59,15 +59,18 @@ def test_state_round_trip_restores_lambda_and_switch():
     assert b.lam == a.lam == 4.0
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("name", "cosine", "unknown lambda schedule"),
-    ("lam0", 0.0, "lam0 must be a finite number > 0"),
-    ("lam0", -3.0, "lam0 must be a finite number > 0"),
-    ("a", -0.1, "a \\(lambda penalty weight\\) must be >= 0"),
-    ("q", 0.0, "q must be a finite number > 0"),
-    ("gamma", 1.5, "gamma"),
-    ("plain_steps", 500, "excursions need"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("name", "cosine", "unknown lambda schedule"),
+        ("lam0", 0.0, "lam0 must be a finite number > 0"),
+        ("lam0", -3.0, "lam0 must be a finite number > 0"),
+        ("a", -0.1, "a \\(lambda penalty weight\\) must be >= 0"),
+        ("q", 0.0, "q must be a finite number > 0"),
+        ("gamma", 1.5, "gamma"),
+        ("plain_steps", 500, "excursions need"),
+    ],
+)
 def test_bad_schedule_values_are_refused(field, value, message):
     with pytest.raises(InputError, match=message):
         LambdaSchedule(ScheduleConfig(**{field: value}))

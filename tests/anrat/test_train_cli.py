@@ -14,16 +14,19 @@ def test_help_explains_every_option(assert_help_explains_every_option):
     assert_help_explains_every_option(build_parser())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lambda0", "0"], "lam0 must be a finite number > 0"),
-    (["--lambda0", "-1"], "lam0 must be a finite number > 0"),
-    (["--a", "-0.5"], "a (lambda penalty weight) must be >= 0"),
-    (["--q", "0"], "q must be a finite number > 0"),
-    (["--model", "resnet"], "invalid choice: 'resnet'"),
-    (["--lr", "nan"], "lr must be a finite number > 0"),
-    (["--l2", "fc2"], "expected LAYER=COEFF"),
-    (["--compile", "fast"], "invalid choice: 'fast'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lambda0", "0"], "lam0 must be a finite number > 0"),
+        (["--lambda0", "-1"], "lam0 must be a finite number > 0"),
+        (["--a", "-0.5"], "a (lambda penalty weight) must be >= 0"),
+        (["--q", "0"], "q must be a finite number > 0"),
+        (["--model", "resnet"], "invalid choice: 'resnet'"),
+        (["--lr", "nan"], "lr must be a finite number > 0"),
+        (["--l2", "fc2"], "expected LAYER=COEFF"),
+        (["--compile", "fast"], "invalid choice: 'fast'"),
+    ],
+)
 def test_bad_values_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
     code, out = run_cli(main, argv + ["--out", str(tmp_path), "--data-dir", str(tmp_path)])
     assert code == 2
@@ -36,16 +39,24 @@ def test_missing_and_corrupt_data_exit_2(tmp_path, run_cli):
     assert code == 2 and len(out.err.strip().splitlines()) == 1 and "nowhere" in out.err
     bad = tmp_path / "bad"
     bad.mkdir()
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (bad / f"{name}.gz").write_bytes(b"this is not gzip")
     code, out = run_cli(main, ["--data-dir", str(bad), "--out", str(tmp_path / "o2")])
     assert code == 2 and len(out.err.strip().splitlines()) == 1, out.err
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "anrat.train", "--lambda0", "-2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "anrat.train", "--lambda0", "-2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["anrat-train: error: lam0 must be a finite number > 0, got -2.0"]
@@ -53,9 +64,32 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 
 def test_tiny_run_writes_a_self_describing_checkpoint(mnist_dir, tmp_path, run_cli):
     out = tmp_path / "run"
-    code, _ = run_cli(main, ["--data-dir", str(mnist_dir), "--out", str(out), "--model", "mlp", "--hidden", "32",
-                             "--train-subset", "1000", "--val-size", "1000", "--test-subset", "500",
-                             "--schedule", "fixed", "--lambda0", "0.5", "--epochs", "3", "--no-progress"])
+    code, _ = run_cli(
+        main,
+        [
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(out),
+            "--model",
+            "mlp",
+            "--hidden",
+            "32",
+            "--train-subset",
+            "1000",
+            "--val-size",
+            "1000",
+            "--test-subset",
+            "500",
+            "--schedule",
+            "fixed",
+            "--lambda0",
+            "0.5",
+            "--epochs",
+            "3",
+            "--no-progress",
+        ],
+    )
     assert code == 0
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt["arch"] == {"name": "mlp", "kwargs": {"hidden": [32], "in_features": 784, "out_features": 10}}
@@ -67,9 +101,30 @@ def test_tiny_run_writes_a_self_describing_checkpoint(mnist_dir, tmp_path, run_c
 
 
 def test_a_diverged_run_exits_1_with_one_line(mnist_dir, tmp_path, run_cli):
-    code, out = run_cli(main, ["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--model", "mlp",
-                               "--hidden", "16", "--train-subset", "500", "--val-size", "100",
-                               "--test-subset", "100", "--epochs", "1", "--lr", "1e6", "--no-progress"])
+    code, out = run_cli(
+        main,
+        [
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(tmp_path),
+            "--model",
+            "mlp",
+            "--hidden",
+            "16",
+            "--train-subset",
+            "500",
+            "--val-size",
+            "100",
+            "--test-subset",
+            "100",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e6",
+            "--no-progress",
+        ],
+    )
     assert code == 1
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and "training diverged" in lines[0] and "lower the learning rate" in lines[0], out.err

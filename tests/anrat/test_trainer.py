@@ -28,8 +28,16 @@ def make_trainer(out_dir, seed_init: int, epochs: int = 3) -> Trainer:
     model = build_model(ARCH["name"], **ARCH["kwargs"])  # has dropout: the global RNG matters
     schedule = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=3.0))
     config = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, lambda_lr=0.05, momentum=0.9, seed=7)
-    return Trainer(model, schedule, synthetic_split(256, 0), synthetic_split(128, 1), config,
-                   out_dir=out_dir, arch=ARCH, progress=False)
+    return Trainer(
+        model,
+        schedule,
+        synthetic_split(256, 0),
+        synthetic_split(128, 1),
+        config,
+        out_dir=out_dir,
+        arch=ARCH,
+        progress=False,
+    )
 
 
 class Interrupt(Exception):
@@ -89,14 +97,26 @@ def test_l2_prior_applies_to_the_named_layer_only():
     torch.manual_seed(0)
     model = build_model("mlp", in_features=4, hidden=[8], out_features=3)
     schedule = LambdaSchedule(ScheduleConfig(name="plain"))
-    trainer = Trainer(model, schedule, Split(torch.randn(64, 4), torch.randint(0, 3, (64,))), None,
-                      TrainConfig(l2={"fc2": 0.05}), progress=False)
+    trainer = Trainer(
+        model,
+        schedule,
+        Split(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+        None,
+        TrainConfig(l2={"fc2": 0.05}),
+        progress=False,
+    )
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert groups["l2=0.05"]["params"] == [model.fc2.weight]
     assert groups["weights"]["weight_decay"] == 0.0
     with pytest.raises(InputError, match="unknown layers"):
-        Trainer(model, schedule, Split(torch.randn(8, 4), torch.randint(0, 3, (8,))), None,
-                TrainConfig(l2={"softmax": 0.05}), progress=False)
+        Trainer(
+            model,
+            schedule,
+            Split(torch.randn(8, 4), torch.randint(0, 3, (8,))),
+            None,
+            TrainConfig(l2={"softmax": 0.05}),
+            progress=False,
+        )
 
 
 def test_lenet5_with_anrat_learns_mnist_quickly(mnist_dir, tmp_path):
@@ -105,8 +125,16 @@ def test_lenet5_with_anrat_learns_mnist_quickly(mnist_dir, tmp_path):
     torch.manual_seed(0)
     model = build_model("lenet5")
     schedule = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=10.0, a=0.01))
-    trainer = Trainer(model, schedule, data.train, data.val, TrainConfig(epochs=2, lr=0.1, lambda_lr=0.3),
-                      out_dir=tmp_path, arch={"name": "lenet5", "kwargs": {}}, progress=False)
+    trainer = Trainer(
+        model,
+        schedule,
+        data.train,
+        data.val,
+        TrainConfig(epochs=2, lr=0.1, lambda_lr=0.3),
+        out_dir=tmp_path,
+        arch={"name": "lenet5", "kwargs": {}},
+        progress=False,
+    )
     result = trainer.fit()
     test_error = trainer.evaluate(data.test)["error"]
     # measured over seeds 0-2: test error 0.089-0.151 (chance: 0.9); lambda 10 -> 0.27-0.34
@@ -117,7 +145,8 @@ def test_lenet5_with_anrat_learns_mnist_quickly(mnist_dir, tmp_path):
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
-    reason="torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++ on PATH)")
+    reason="torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++ on PATH)",
+)
 
 
 @needs_compiler
@@ -126,6 +155,7 @@ def test_compiled_training_follows_eager_training(schedule):
     """compile="default" traces the forward pass and the loss into one graph (torch-ops tilted mean): same
     trajectory as eager up to float rounding, and lambda changing between epochs (anneal) costs no
     recompilation."""
+
     def run(compile: str | None) -> Trainer:
         torch.manual_seed(0)
         model = build_model("mlp", hidden=[32])  # no dropout: compiled and eager RNG streams differ
@@ -150,8 +180,14 @@ def test_compiled_training_follows_eager_training(schedule):
 def test_progress_prints_one_plain_line_per_epoch_off_a_terminal(capsys):
     torch.manual_seed(0)
     model = build_model("mlp", in_features=784, hidden=[8], out_features=4)
-    Trainer(model, LambdaSchedule(ScheduleConfig(name="plain")), synthetic_split(200, 0), synthetic_split(100, 1),
-            TrainConfig(epochs=2, lr=0.1), progress=True).fit()
+    Trainer(
+        model,
+        LambdaSchedule(ScheduleConfig(name="plain")),
+        synthetic_split(200, 0),
+        synthetic_split(100, 1),
+        TrainConfig(epochs=2, lr=0.1),
+        progress=True,
+    ).fit()
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "validation error" in lines[0] and " left" in lines[0] and " left" not in lines[1]

@@ -20,17 +20,52 @@ SUBSETS = ["--train-subset", "1500", "--val-size", "1000", "--test-subset", "500
 @pytest.fixture(scope="module")
 def trained_checkpoint(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    code = train_main(["--data-dir", str(mnist_dir), "--out", str(out), "--model", "mlp", "--hidden", "24",
-                       "--schedule", "plain", "--epochs", "3", "--lr", "0.1", "--no-progress", *SUBSETS])
+    code = train_main(
+        [
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(out),
+            "--model",
+            "mlp",
+            "--hidden",
+            "24",
+            "--schedule",
+            "plain",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.1",
+            "--no-progress",
+            *SUBSETS,
+        ]
+    )
     assert code == 0
     return out / "model.pt"
 
 
 def test_prune_a_trainer_checkpoint_end_to_end(trained_checkpoint, mnist_dir, tmp_path, run_cli):
     out = tmp_path / "pruned"
-    code, io = run_cli(main, ["prune", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir),
-                              "--out", str(out), "--max-samples", "1000", "--max-rounds", "2", "--tolerance", "0.02",
-                              "--quiet", *SUBSETS])
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(out),
+            "--max-samples",
+            "1000",
+            "--max-rounds",
+            "2",
+            "--tolerance",
+            "0.02",
+            "--quiet",
+            *SUBSETS,
+        ],
+    )
     assert code == 0, io.err
     report = json.loads((out / "report.json").read_text())
     assert report["nonzero_after"] < report["params_before"]
@@ -49,8 +84,9 @@ def test_prune_a_trainer_checkpoint_end_to_end(trained_checkpoint, mnist_dir, tm
 
 
 def test_export_any_checkpoint(trained_checkpoint, mnist_dir, tmp_path, run_cli):
-    code, io = run_cli(main, ["export", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"),
-                              "--data-dir", str(mnist_dir)])
+    code, io = run_cli(
+        main, ["export", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--data-dir", str(mnist_dir)]
+    )
     assert code == 0, io.err
     assert (tmp_path / "m.onnx").stat().st_size > 0 and "onnxruntime" in io.out
 
@@ -59,9 +95,30 @@ def test_factory_model_and_its_weights(trained_checkpoint, mnist_dir, tmp_path, 
     weights = tmp_path / "weights.pt"
     torch.save(load_checkpoint(trained_checkpoint)["state_dict"], weights)
     out = tmp_path / "factory"
-    code, io = run_cli(main, ["prune", "--factory", "anrat.models:mlp", "--factory-kwargs", '{"hidden": [24]}',
-                              "--weights", str(weights), "--data-dir", str(mnist_dir), "--out", str(out),
-                              "--max-samples", "500", "--max-rounds", "1", "--tolerance", "0.05", "--quiet", *SUBSETS])
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--factory",
+            "anrat.models:mlp",
+            "--factory-kwargs",
+            '{"hidden": [24]}',
+            "--weights",
+            str(weights),
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(out),
+            "--max-samples",
+            "500",
+            "--max-rounds",
+            "1",
+            "--tolerance",
+            "0.05",
+            "--quiet",
+            *SUBSETS,
+        ],
+    )
     assert code == 0, io.err
     with pytest.raises(InputError, match="runs code"):
         load_pruned(out / "pruned.pt")  # a factory is only called when the caller trusts it
@@ -73,12 +130,15 @@ class Gadget:
     """Any class: pickling it makes a file that needs code to load."""
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prune", "--factory", "no_such_module_xyz:build", "--weights", "w.pt"], "cannot import module"),
-    (["prune", "--checkpoint", "missing.pt"], "does not exist"),
-    (["prune", "--alpha", "0", "--checkpoint", "x.pt"], "alpha must be a number in (0, 1), got 0.0"),
-    (["prune", "--factory", "anrat.models:mlp", "--factory-kwargs", "{bad", "--weights", "w.pt"], "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--factory", "no_such_module_xyz:build", "--weights", "w.pt"], "cannot import module"),
+        (["prune", "--checkpoint", "missing.pt"], "does not exist"),
+        (["prune", "--alpha", "0", "--checkpoint", "x.pt"], "alpha must be a number in (0, 1), got 0.0"),
+        (["prune", "--factory", "anrat.models:mlp", "--factory-kwargs", "{bad", "--weights", "w.pt"], "not valid JSON"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, run_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, io = run_cli(main, argv + ["--out", str(tmp_path / "o")])
@@ -90,35 +150,69 @@ def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, run_cli, monke
 def test_pickled_code_is_refused(tmp_path, run_cli, mnist_dir):
     bad = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": Gadget()}, bad)
-    code, io = run_cli(main, ["prune", "--factory", "anrat.models:mlp", "--weights", str(bad),
-                              "--data-dir", str(mnist_dir), "--out", str(tmp_path / "o")])
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--factory",
+            "anrat.models:mlp",
+            "--weights",
+            str(bad),
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert code == 2 and "pickled" in io.err and len(io.err.strip().splitlines()) == 1
 
 
 def test_model_that_does_not_fit_the_data(trained_checkpoint, tmp_path, run_cli, mnist_dir):
     weights = tmp_path / "w.pt"
-    torch.save({"fc1.weight": torch.zeros(8, 100), "fc1.bias": torch.zeros(8),
-                "fc2.weight": torch.zeros(10, 8), "fc2.bias": torch.zeros(10)}, weights)
-    code, io = run_cli(main, ["prune", "--factory", "anrat.models:mlp",
-                              "--factory-kwargs", '{"in_features": 100, "hidden": [8]}', "--weights", str(weights),
-                              "--data-dir", str(mnist_dir), "--out", str(tmp_path / "o"), *SUBSETS])
+    torch.save(
+        {
+            "fc1.weight": torch.zeros(8, 100),
+            "fc1.bias": torch.zeros(8),
+            "fc2.weight": torch.zeros(10, 8),
+            "fc2.bias": torch.zeros(10),
+        },
+        weights,
+    )
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--factory",
+            "anrat.models:mlp",
+            "--factory-kwargs",
+            '{"in_features": 100, "hidden": [8]}',
+            "--weights",
+            str(weights),
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(tmp_path / "o"),
+            *SUBSETS,
+        ],
+    )
     assert code == 2 and "does not accept inputs from mnist" in io.err, io.err
 
 
 # --- a user's own model on raw pixels: the input contract ------------------------------------
-USER_MODULE = '''
+USER_MODULE = """
 from torch import nn
 
 def build(width=8):
     return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
                          nn.Linear(width * 49, 32), nn.ReLU(), nn.Linear(32, 10))
-'''
+"""
 FASHION_SUBSETS = ["--train-subset", "3000", "--test-subset", "1000"]
 
 
 def _idx_images_over_255(path):
     """Test images read straight from the IDX file (independent of anrat), as pixel / 255."""
     import gzip
+
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28).copy()).float() / 255
 
@@ -131,6 +225,7 @@ def user_model(fashion_mnist_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
         from my_cnn import build
+
         data = load_dataset("fashion_mnist", fashion_mnist_dir, val_size=1000, input_norm="none", train_subset=3000)
         torch.manual_seed(0)
         model = build()
@@ -149,11 +244,36 @@ def test_a_user_model_keeps_its_input_contract(user_model, fashion_mnist_dir, tm
     folder, model = user_model
     monkeypatch.syspath_prepend(str(folder))
     out = tmp_path / "pruned"
-    code, io = run_cli(main, ["prune", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"),
-                              "--dataset", "fashion_mnist", "--data-dir", str(fashion_mnist_dir),
-                              "--val-data", str(folder / "val.pt"), "--out", str(out), "--max-samples", "500",
-                              "--max-rounds", "2", "--tolerance", "0.1", "--fine-tune-lr", "3e-3",
-                              "--fine-tune-epochs", "2", "--quiet", *FASHION_SUBSETS])
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--factory",
+            "my_cnn:build",
+            "--weights",
+            str(folder / "my.pt"),
+            "--dataset",
+            "fashion_mnist",
+            "--data-dir",
+            str(fashion_mnist_dir),
+            "--val-data",
+            str(folder / "val.pt"),
+            "--out",
+            str(out),
+            "--max-samples",
+            "500",
+            "--max-rounds",
+            "2",
+            "--tolerance",
+            "0.1",
+            "--fine-tune-lr",
+            "3e-3",
+            "--fine-tune-epochs",
+            "2",
+            "--quiet",
+            *FASHION_SUBSETS,
+        ],
+    )
     assert code == 0, io.err
     report = json.loads((out / "report.json").read_text())
     # the dense error the command reports is the original model's on the inputs it was trained on
@@ -180,8 +300,10 @@ def test_a_user_model_keeps_its_input_contract(user_model, fashion_mnist_dir, tm
 def test_export_a_plain_state_dict_with_its_factory(user_model, tmp_path, run_cli, monkeypatch):
     folder, model = user_model
     monkeypatch.syspath_prepend(str(folder))
-    code, io = run_cli(main, ["export", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"),
-                              "--out", str(tmp_path / "m.onnx")])
+    code, io = run_cli(
+        main,
+        ["export", "--factory", "my_cnn:build", "--weights", str(folder / "my.pt"), "--out", str(tmp_path / "m.onnx")],
+    )
     assert code == 0, io.err
     x = torch.rand(5, 1, 28, 28)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -190,8 +312,18 @@ def test_export_a_plain_state_dict_with_its_factory(user_model, tmp_path, run_cl
 
 
 def test_export_with_preprocessing_takes_raw_pixels(trained_checkpoint, mnist_dir, tmp_path, run_cli):
-    code, io = run_cli(main, ["export", str(trained_checkpoint), "--out", str(tmp_path / "raw.onnx"),
-                              "--include-preprocessing", "--data-dir", str(mnist_dir)])
+    code, io = run_cli(
+        main,
+        [
+            "export",
+            str(trained_checkpoint),
+            "--out",
+            str(tmp_path / "raw.onnx"),
+            "--include-preprocessing",
+            "--data-dir",
+            str(mnist_dir),
+        ],
+    )
     assert code == 0, io.err
     assert "normalisation in the graph" in io.out
     pixels = load_dataset("mnist", mnist_dir, val_size=0, test_subset=64, input_norm="none").test.x
@@ -223,7 +355,20 @@ def test_a_refused_prune_leaves_the_folder_as_it_was(bad, trained_checkpoint, mn
     before = {name: f"earlier {name}".encode() for name in ("rounds.jsonl", "report.json", "model.onnx", "pruned.pt")}
     for name, content in before.items():
         (out / name).write_bytes(content)
-    code, io = run_cli(main, ["prune", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir),
-                              "--out", str(out), "--quiet", *SUBSETS, *bad])
+    code, io = run_cli(
+        main,
+        [
+            "prune",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--data-dir",
+            str(mnist_dir),
+            "--out",
+            str(out),
+            "--quiet",
+            *SUBSETS,
+            *bad,
+        ],
+    )
     assert code == 2 and len(io.err.strip().splitlines()) == 1 and "Traceback" not in io.err, io.err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -106,18 +106,24 @@ def test_a_layer_whose_fisher_is_zero_is_uninformative(estimator):
 # Standard errors and unit chi-squares that wald_test gave on this model before the estimators were
 # objects (the if/elif over estimator names in pruning.significance, commit cf7f0dd).
 BEFORE = {
-    "kfac": ([1.5581472002092365, 1.7317031575662905, 1.6532804790181128, 1.5517176733393292],
-             [1.8416000117443103, 1.6315672156509917, 1.619417958720794],
-             [0.11795955316923769, 0.24113579629973747, 0.0012935093235140888],
-             [0.33651897260086355, 0.8914847015003081, 1.306722404204482]),
-    "full": ([1.7241225276448722, 1.869186119438986, 1.856825668910861, 1.7380069417559973],
-             [1.8446072735177583, 1.6425995359118812, 1.6401717047423932],
-             [0.08649998721702966, 0.1244099168318724, 0.0011449447473383667],
-             [0.34253306689139523, 0.8337253053861157, 1.2979879185824075]),
-    "diagonal": ([0.4306891310005052, 0.3905660046959609, 0.4672626609499274, 0.38286975615805924],
-                 [0.4272229185405186, 0.3995861266267174, 0.409237178624559],
-                 [2.171032072155884, 0.257164263045688, 0.028253315386824383],
-                 [0.3468134185441818, 1.38857899245679, 1.2156031040260054]),
+    "kfac": (
+        [1.5581472002092365, 1.7317031575662905, 1.6532804790181128, 1.5517176733393292],
+        [1.8416000117443103, 1.6315672156509917, 1.619417958720794],
+        [0.11795955316923769, 0.24113579629973747, 0.0012935093235140888],
+        [0.33651897260086355, 0.8914847015003081, 1.306722404204482],
+    ),
+    "full": (
+        [1.7241225276448722, 1.869186119438986, 1.856825668910861, 1.7380069417559973],
+        [1.8446072735177583, 1.6425995359118812, 1.6401717047423932],
+        [0.08649998721702966, 0.1244099168318724, 0.0011449447473383667],
+        [0.34253306689139523, 0.8337253053861157, 1.2979879185824075],
+    ),
+    "diagonal": (
+        [0.4306891310005052, 0.3905660046959609, 0.4672626609499274, 0.38286975615805924],
+        [0.4272229185405186, 0.3995861266267174, 0.409237178624559],
+        [2.171032072155884, 0.257164263045688, 0.028253315386824383],
+        [0.3468134185441818, 1.38857899245679, 1.2156031040260054],
+    ),
 }
 
 
@@ -132,13 +138,23 @@ def test_each_estimator_object_reproduces_the_earlier_wald_tests(name):
     by_object = wald_test(model, (x, y), estimator=fisher_estimator(name))
     assert by_object.estimator == by_name.estimator == name
     for key in by_name.se:
-        assert torch.equal(by_object.se[key], by_name.se[key]) and torch.equal(by_object.pvalues[key], by_name.pvalues[key])
+        assert torch.equal(by_object.se[key], by_name.se[key]) and torch.equal(
+            by_object.pvalues[key], by_name.pvalues[key]
+        )
     se_row, se_column, chi2_hidden, chi2_output = BEFORE[name]
     rtol = 1e-9
-    torch.testing.assert_close(by_name.se["fc1.weight"][0], torch.tensor(se_row, dtype=torch.float64), rtol=rtol, atol=0)
-    torch.testing.assert_close(by_name.se["fc2.weight"][:, 0], torch.tensor(se_column, dtype=torch.float64), rtol=rtol, atol=0)
-    torch.testing.assert_close(by_name.unit_chi2["fc1"], torch.tensor(chi2_hidden, dtype=torch.float64), rtol=rtol, atol=0)
-    torch.testing.assert_close(by_name.unit_chi2["fc2"], torch.tensor(chi2_output, dtype=torch.float64), rtol=rtol, atol=0)
+    torch.testing.assert_close(
+        by_name.se["fc1.weight"][0], torch.tensor(se_row, dtype=torch.float64), rtol=rtol, atol=0
+    )
+    torch.testing.assert_close(
+        by_name.se["fc2.weight"][:, 0], torch.tensor(se_column, dtype=torch.float64), rtol=rtol, atol=0
+    )
+    torch.testing.assert_close(
+        by_name.unit_chi2["fc1"], torch.tensor(chi2_hidden, dtype=torch.float64), rtol=rtol, atol=0
+    )
+    torch.testing.assert_close(
+        by_name.unit_chi2["fc2"], torch.tensor(chi2_output, dtype=torch.float64), rtol=rtol, atol=0
+    )
 
 
 def test_layer_checks_run_before_any_data_is_read():

@@ -53,10 +53,15 @@ def test_lenet5_export_matches_pytorch_at_batch_1_and_64(lenet_pair):
 
 def test_export_is_one_self_contained_file(lenet_pair):
     _, _, _, figures, out_dir = lenet_pair
-    assert sorted(p.name for p in out_dir.iterdir()) == ["dense.onnx", "pruned.onnx"]  # no external data, no temporaries
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "dense.onnx",
+        "pruned.onnx",
+    ]  # no external data, no temporaries
     loaded = onnx.load(figures["dense"]["onnx_path"])
     assert not any(uses_external_data(t) for t in loaded.graph.initializer)
-    assert sum(int(np.prod(t.dims)) for t in loaded.graph.initializer if t.data_type == onnx.TensorProto.FLOAT) == 431_080
+    assert (
+        sum(int(np.prod(t.dims)) for t in loaded.graph.initializer if t.data_type == onnx.TensorProto.FLOAT) == 431_080
+    )
     onnx.checker.check_model(loaded, full_check=True)
 
 
@@ -99,7 +104,9 @@ def test_mlp_export_and_a_failed_verification(tmp_path: Path):
             np.testing.assert_allclose(_run(report.path, x[:size]), model(x[:size]).numpy(), rtol=0, atol=1e-4)
 
     # float32 ONNX and PyTorch kernels round differently, so a tolerance of 1e-12 cannot be met
-    with pytest.raises(ExportVerificationError, match=r"disagrees with PyTorch at batch 1: max \|difference\| = .* > tolerance 1e-12"):
+    with pytest.raises(
+        ExportVerificationError, match=r"disagrees with PyTorch at batch 1: max \|difference\| = .* > tolerance 1e-12"
+    ):
         export_onnx(lenet5(), tmp_path / "strict.onnx", torch.randn(1, 1, 28, 28), atol=1e-12)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]  # the failed file never appeared
 
@@ -109,7 +116,10 @@ def test_sparse_initializers_shrink_the_file_and_still_verify(lenet_pair, tmp_pa
     torch.manual_seed(2)
     model = lenet5()
     gen = torch.Generator().manual_seed(3)
-    apply_masks(model, {n: torch.rand(p.shape, generator=gen) < 0.1 for n, p in model.named_parameters() if n.endswith("weight")})
+    apply_masks(
+        model,
+        {n: torch.rand(p.shape, generator=gen) < 0.1 for n, p in model.named_parameters() if n.endswith("weight")},
+    )
     report = export_onnx(model, tmp_path / "sparse.onnx", inputs[:1], verify_inputs=inputs, sparse_initializers=True)
 
     assert sorted(report.sparse_initializers) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]

@@ -81,7 +81,10 @@ def reference_diagonal(model, x, y, kind: str, fisher: str, names, sigma2: float
             if fisher == "empirical":
                 outcomes = [(1.0, lambda out, i=i: F.cross_entropy(out[None], y[i : i + 1]))]
             else:
-                outcomes = [(float(pi[k]), lambda out, k=k: F.cross_entropy(out[None], torch.tensor([k]))) for k in range(z.numel())]
+                outcomes = [
+                    (float(pi[k]), lambda out, k=k: F.cross_entropy(out[None], torch.tensor([k])))
+                    for k in range(z.numel())
+                ]
         elif kind == "sigmoid":
             p = float(torch.sigmoid(z[0]))
             bce = lambda out, t: F.binary_cross_entropy_with_logits(out, torch.tensor([t], dtype=out.dtype))
@@ -170,7 +173,10 @@ def test_dense_fisher_is_the_mean_outer_product_of_expected_loss_gradients():
 
 
 def test_input_patches_equal_torch_unfold():
-    for conv in (nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Conv2d(3, 2, (2, 3), dilation=(2, 1), padding=(1, 0), bias=False)):
+    for conv in (
+        nn.Conv2d(3, 2, 3, stride=2, padding=1),
+        nn.Conv2d(3, 2, (2, 3), dilation=(2, 1), padding=(1, 0), bias=False),
+    ):
         x = torch.randn(4, 3, 9, 8)
         unfolded = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
         patches = layer_input_patches(conv, x)
@@ -211,7 +217,11 @@ def test_kfac_factors_equal_their_definitions_for_conv_and_linear():
                 padded = F.pad(inp, (p, p, p, p))
                 H, W = outputs[name].shape[2:]
                 a = torch.stack(
-                    [padded[:, r * s : r * s + d * (kh - 1) + 1 : d, c * s : c * s + d * (kw - 1) + 1 : d].flatten() for r in range(H) for c in range(W)]
+                    [
+                        padded[:, r * s : r * s + d * (kh - 1) + 1 : d, c * s : c * s + d * (kw - 1) + 1 : d].flatten()
+                        for r in range(H)
+                        for c in range(W)
+                    ]
                 )
             else:
                 a = inp.reshape(1, -1)
@@ -219,7 +229,9 @@ def test_kfac_factors_equal_their_definitions_for_conv_and_linear():
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
             A[name] = A[name] + a.T @ a / a.shape[0]
         for k in range(3):
-            grads = torch.autograd.grad(F.cross_entropy(z[None], torch.tensor([k])), [outputs[n] for n in layers], retain_graph=True)
+            grads = torch.autograd.grad(
+                F.cross_entropy(z[None], torch.tensor([k])), [outputs[n] for n in layers], retain_graph=True
+            )
             for name, g in zip(layers, grads):
                 g = g[0].reshape(g.shape[1], -1).T if g.ndim == 4 else g.reshape(1, -1)  # (T, d_out)
                 G[name] = G[name] + pi[k] * g.T @ g

@@ -90,7 +90,9 @@ def test_wald_is_the_absolute_z_and_puts_the_softmax_layer_in_its_tested_form(tr
     scores = WaldImportance(estimator="full")(model, (x, y))
     assert all(torch.equal(scores[n], expected.z[n].abs()) for n in expected.z)
     torch.testing.assert_close(model(x).detach().softmax(1), before.softmax(1), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(model.fc2.weight.detach().sum(0), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        model.fc2.weight.detach().sum(0), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # the scores now describe the weights the model holds: testing it again gives the same |z|
     again = wald_test(model, (x, y), estimator="full")
     torch.testing.assert_close(again.z["fc2.weight"].abs(), scores["fc2.weight"], rtol=1e-8, atol=0)
@@ -104,7 +106,9 @@ def test_names_map_to_the_classes_with_the_options_each_takes():
     custom = OBDImportance(fisher="empirical")
     assert make_importance(custom, loss="lp") is custom
     assert all(isinstance(make_importance(name), Importance) for name in IMPORTANCES)
-    with pytest.raises(InputError, match=r"unknown pruning criterion 'random'; expected one of \['magnitude', 'obd', 'wald'\]"):
+    with pytest.raises(
+        InputError, match=r"unknown pruning criterion 'random'; expected one of \['magnitude', 'obd', 'wald'\]"
+    ):
         make_importance("random")
 
 
@@ -115,10 +119,23 @@ def test_prune_to_sparsity_takes_an_importance_or_its_name():
     torch.manual_seed(0)
     model = mlp(6, (5,), 2)
     no_tuning = FineTune(epochs=0)
-    by_name = prune_to_sparsity(copy.deepcopy(model), split, split, criterion="obd", fraction_removed=0.5,
-                                fine_tune_config=no_tuning, max_samples=100)
-    by_object = prune_to_sparsity(copy.deepcopy(model), split, split, criterion=OBDImportance(max_samples=100),
-                                  fraction_removed=0.5, fine_tune_config=no_tuning)
+    by_name = prune_to_sparsity(
+        copy.deepcopy(model),
+        split,
+        split,
+        criterion="obd",
+        fraction_removed=0.5,
+        fine_tune_config=no_tuning,
+        max_samples=100,
+    )
+    by_object = prune_to_sparsity(
+        copy.deepcopy(model),
+        split,
+        split,
+        criterion=OBDImportance(max_samples=100),
+        fraction_removed=0.5,
+        fine_tune_config=no_tuning,
+    )
     assert by_name.rounds[0]["criterion"] == by_object.rounds[0]["criterion"] == "obd"
     for key, value in by_name.model.state_dict().items():
         assert torch.equal(by_object.model.state_dict()[key], value), key

@@ -63,7 +63,9 @@ def test_select_layers_names_the_prunable_layers_or_refuses():
     assert list(select_layers(model)) == ["fc1", "fc2"]
     assert list(select_layers(model, ["fc2", "fc1", "fc2"])) == ["fc2", "fc1"]
     assert list(select_layers(model, "fc2")) == ["fc2"]
-    with pytest.raises(InputError, match=r"untestable layer name\(s\) \['act1'\]; testable layers are \['fc1', 'fc2'\]"):
+    with pytest.raises(
+        InputError, match=r"untestable layer name\(s\) \['act1'\]; testable layers are \['fc1', 'fc2'\]"
+    ):
         select_layers(model, ["act1"])
     with pytest.raises(InputError, match="has no nn.Linear or nn.Conv2d layer"):
         select_layers(nn.Sequential(nn.Conv1d(1, 1, 1)))

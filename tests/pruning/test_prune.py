@@ -26,8 +26,14 @@ def trained():
     torch.manual_seed(0)
     train, val = make_split(4000, 0), make_split(2000, 1)
     model = build_model("mlp", in_features=10, hidden=[12], out_features=3)
-    Trainer(model, LambdaSchedule(ScheduleConfig(name="plain")), train, val,
-            TrainConfig(epochs=15, lr=0.2, batch_size=64), progress=False).fit()
+    Trainer(
+        model,
+        LambdaSchedule(ScheduleConfig(name="plain")),
+        train,
+        val,
+        TrainConfig(epochs=15, lr=0.2, batch_size=64),
+        progress=False,
+    ).fit()
     return model, train, val
 
 
@@ -41,8 +47,9 @@ def test_prune_removes_irrelevant_inputs_and_keeps_validation_error(trained):
     model, train, val = trained
     base = evaluate(model, val)["error"]
     assert base < 0.05  # the problem is learned
-    result = prune(clone(model), train, val, max_samples=4000, tolerance=0.01,
-                   fine_tune=FineTune(epochs=2, lr=0.05), max_rounds=6)
+    result = prune(
+        clone(model), train, val, max_samples=4000, tolerance=0.01, fine_tune=FineTune(epochs=2, lr=0.05), max_rounds=6
+    )
     pruned = result.model
     assert not torch_prune.is_pruned(pruned)  # masks made permanent
     w = pruned.fc1.weight.detach()
@@ -57,13 +64,21 @@ def test_prune_removes_irrelevant_inputs_and_keeps_validation_error(trained):
 
 def test_fine_tuning_keeps_pruned_weights_at_zero(trained):
     model, train, val = trained
-    result = prune(clone(model), train, val, max_samples=2000, tolerance=0.05,
-                   fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9), max_rounds=1)
+    result = prune(
+        clone(model),
+        train,
+        val,
+        max_samples=2000,
+        tolerance=0.05,
+        fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9),
+        max_rounds=1,
+    )
     w = result.model.fc1.weight.detach()
     zero_before = (w == 0).clone()
     assert zero_before.any()
     # another fine-tuning pass through the same machinery keeps every zero a zero
     from pruning.prune import fine_tune
+
     fine_tune(result.model, train, val, FineTune(epochs=1, lr=0.5, momentum=0.9))
     assert (result.model.fc1.weight.detach()[zero_before] == 0).all()
 
@@ -72,8 +87,19 @@ def test_a_round_that_breaks_the_tolerance_is_rolled_back(trained):
     model, train, val = trained
     original = clone(model)
     # no fine-tuning, every insignificant weight at once, no retry: validation must suffer
-    result = prune(clone(model), train, val, alpha=0.999, max_samples=2000, tolerance=0.0, step=1.0, min_step=1.0,
-                   fine_tune=FineTune(epochs=0), max_rounds=3, structured=False)
+    result = prune(
+        clone(model),
+        train,
+        val,
+        alpha=0.999,
+        max_samples=2000,
+        tolerance=0.0,
+        step=1.0,
+        min_step=1.0,
+        fine_tune=FineTune(epochs=0),
+        max_rounds=3,
+        structured=False,
+    )
     assert result.rounds[0]["rolled_back"] is True
     assert "tolerance" in result.rounds[0]["stopped"]
     for key, value in original.state_dict().items():
@@ -83,8 +109,15 @@ def test_a_round_that_breaks_the_tolerance_is_rolled_back(trained):
 def test_baselines_reach_the_requested_sparsity(trained):
     model, train, val = trained
     for criterion in ("magnitude", "obd", "wald"):
-        result = prune_to_sparsity(clone(model), train, val, criterion=criterion, fraction_removed=0.6,
-                                   fine_tune_config=FineTune(epochs=1), max_samples=2000)
+        result = prune_to_sparsity(
+            clone(model),
+            train,
+            val,
+            criterion=criterion,
+            fraction_removed=0.6,
+            fine_tune_config=FineTune(epochs=1),
+            max_samples=2000,
+        )
         scored = result.rounds[0]["weights_scored"]
         assert abs(result.rounds[0]["weights_zeroed"] - 0.6 * scored) <= 1, criterion
 
@@ -106,10 +139,10 @@ def test_bad_options_are_refused(trained):
 
 def test_prune_takes_the_data_users_have(trained):
     from torch.utils.data import DataLoader, TensorDataset
+
     model, train, val = trained
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=500)
-    options = dict(max_samples=2000, tolerance=0.05, fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9),
-                   max_rounds=1)
+    options = dict(max_samples=2000, tolerance=0.05, fine_tune=FineTune(epochs=1, lr=0.5, momentum=0.9), max_rounds=1)
     result = prune(clone(model), loader, (val.x, val.y), **options)
     reference = prune(clone(model), train, val, **options)
     assert result.nonzero_after < result.params_before
@@ -122,10 +155,19 @@ def test_prune_takes_the_data_users_have(trained):
 
 def test_round_records_estimate_the_time_left(trained):
     from pruning.prune import round_line
+
     model, train, val = trained
     records = []
-    prune(clone(model), train, val, max_samples=1000, tolerance=0.05, fine_tune=FineTune(epochs=1),
-          max_rounds=2, log=records.append)
+    prune(
+        clone(model),
+        train,
+        val,
+        max_samples=1000,
+        tolerance=0.05,
+        fine_tune=FineTune(epochs=1),
+        max_rounds=2,
+        log=records.append,
+    )
     first = records[0]
     assert first["seconds_left_at_most"] >= 0 and first["max_rounds"] == 2
     line = round_line(first)
@@ -136,8 +178,13 @@ def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
     from pruning.prune import _remove_units
 
     def model_and_input():
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3),
-                                    torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 4, 3),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 4 * 4, 3),
+        )
         with torch.no_grad():  # filter k has weights k + 1: the strongest and weakest are known
             model[0].weight.copy_(torch.arange(32.0).reshape(32, 1, 1, 1).expand(32, 1, 3, 3) + 1)
         return model, torch.rand(2, 1, 8, 8)
@@ -162,6 +209,7 @@ def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
 
 def test_a_convolutions_budget_is_counted_in_whole_blocks():
     from pruning.prune import _unit_budget
+
     # 32 filters in blocks of 16: half or a quarter of them is one block, an eighth is none
     assert [_unit_budget(32, s, 16) for s in (0.5, 0.25, 0.125)] == [16, 16, 0]
     # blocks of 8: a quarter of 32 is one block, an eighth rounds half a block up to one
@@ -175,8 +223,20 @@ def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
     model, train, val = trained
     # without fine-tuning the widest round fails, the halved one is kept and the next is wide again
     records = []
-    prune(clone(model), train, val, alpha=0.999, max_samples=2000, tolerance=0.005, step=0.8, min_step=0.05,
-          fine_tune=FineTune(epochs=0), max_rounds=6, structured=False, log=records.append)
+    prune(
+        clone(model),
+        train,
+        val,
+        alpha=0.999,
+        max_samples=2000,
+        tolerance=0.005,
+        step=0.8,
+        min_step=0.05,
+        fine_tune=FineTune(epochs=0),
+        max_rounds=6,
+        structured=False,
+        log=records.append,
+    )
     steps = [(r["step"], bool(r.get("rolled_back"))) for r in records if "step" in r]
     for (step, rolled_back), (next_step, _) in zip(steps, steps[1:]):
         assert next_step == (step / 2 if rolled_back else min(0.8, 2 * step))

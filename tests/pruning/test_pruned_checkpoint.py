@@ -40,7 +40,12 @@ def test_registered_model_round_trip_with_new_widths(tmp_path: Path):
     prune_units(model, {"conv2": list(range(25)), "fc1": list(range(0, 500, 3))}, x[:1])
     gen = torch.Generator().manual_seed(1)
     apply_masks(model, {"fc1.weight": torch.rand(model.fc1.weight.shape, generator=gen) < 0.5})
-    path = save_pruned(model, tmp_path / "lenet.pt", arch={"name": "lenet5", "kwargs": {"num_classes": 10}}, metrics={"val_error": 0.0123})
+    path = save_pruned(
+        model,
+        tmp_path / "lenet.pt",
+        arch={"name": "lenet5", "kwargs": {"num_classes": 10}},
+        metrics={"val_error": 0.0123},
+    )
 
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == FORMAT
@@ -66,7 +71,11 @@ def test_model_from_elsewhere_round_trip_replays_the_history(tmp_path: Path):
     path = save_pruned(model, tmp_path / "squeeze.pt", factory=SQUEEZENET, factory_kwargs={"num_classes": 10})
 
     raw = torch.load(path, weights_only=True)
-    assert [e["module"] for e in raw["history"]] == ["features.3.expand1x1", "features.3.expand3x3", "features.9.squeeze"]
+    assert [e["module"] for e in raw["history"]] == [
+        "features.3.expand1x1",
+        "features.3.expand3x3",
+        "features.9.squeeze",
+    ]
     with pytest.raises(InputError, match=r"runs code; pass allow_factories=\['torchvision.models:squeezenet1_1'\]"):
         load_pruned(path)
 

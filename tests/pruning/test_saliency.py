@@ -88,7 +88,9 @@ def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(trained):
         z = model(x[i : i + 1])
         pi = torch.softmax(z.detach()[0], 0)
         for k in range(3):
-            grads = torch.autograd.grad(F.cross_entropy(z, torch.tensor([k])), [params[n] for n in fisher], retain_graph=True)
+            grads = torch.autograd.grad(
+                F.cross_entropy(z, torch.tensor([k])), [params[n] for n in fisher], retain_graph=True
+            )
             for name, g in zip(fisher, grads):
                 fisher[name] += pi[k] * g**2
     for name in scores:

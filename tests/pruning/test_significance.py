@@ -78,7 +78,9 @@ def test_empirical_fisher_reproduces_the_outer_product_of_statsmodels_scores(log
     scores = res.model.score_obs(res.params)  # per-observation gradients of the log-likelihood
     z_opg = res.params / np.sqrt(np.diag(np.linalg.inv(scores.T @ scores)))
     model = linear_model(res.params[None, 1:], res.params[:1])
-    result = wald_test(model, (torch.tensor(X), torch.tensor(y)), estimator="full", fisher="empirical", max_samples=None, damping=0.0)
+    result = wald_test(
+        model, (torch.tensor(X), torch.tensor(y)), estimator="full", fisher="empirical", max_samples=None, damping=0.0
+    )
     np.testing.assert_allclose(result.z["out.weight"].numpy().ravel(), z_opg[1:], rtol=1e-12)
 
 
@@ -88,7 +90,10 @@ def test_diagonal_understates_and_kfac_approximates_the_full_standard_errors(log
     X, y, res = logit_fit
     model = linear_model(res.params[None, 1:], res.params[:1])
     data = (torch.tensor(X), torch.tensor(y))
-    se = {est: wald_test(model, data, estimator=est, max_samples=None, damping=0.0).se["out.weight"].ravel() for est in ESTIMATORS}
+    se = {
+        est: wald_test(model, data, estimator=est, max_samples=None, damping=0.0).se["out.weight"].ravel()
+        for est in ESTIMATORS
+    }
     assert bool((se["diagonal"] < se["full"] * (1 - 1e-3)).all())
     p = 1 / (1 + np.exp(-(res.params[0] + X @ res.params[1:])))
     spread = math.sqrt((p * (1 - p)).max() / (p * (1 - p)).min())
@@ -118,7 +123,14 @@ def test_kfac_and_full_reproduce_statsmodels_ols_up_to_the_variance_convention()
     model = linear_model(res.params[None, 1:], res.params[:1])
     expected = res.tvalues[1:] * math.sqrt(n / (n - d - 1))
     for estimator in ("full", "kfac"):
-        result = wald_test(model, (torch.tensor(X), torch.tensor(y[:, None])), loss="lp", estimator=estimator, max_samples=None, damping=0.0)
+        result = wald_test(
+            model,
+            (torch.tensor(X), torch.tensor(y[:, None])),
+            loss="lp",
+            estimator=estimator,
+            max_samples=None,
+            damping=0.0,
+        )
         np.testing.assert_allclose(result.z["out.weight"].numpy().ravel(), expected, rtol=1e-10)
 
 
@@ -255,8 +267,15 @@ def test_a_pruned_softmax_weight_stays_untested_and_the_masks_match_the_centred_
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> None:
     """Full-batch L-BFGS to a stationary point."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=1000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=1000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -272,7 +291,10 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> None:
 def test_irrelevant_inputs_of_a_logistic_regression_are_pruned(estimator):
     g = torch.Generator().manual_seed(4)
     X = torch.randn(3000, 10, generator=g, dtype=torch.float64)
-    y = (torch.rand(3000, generator=g, dtype=torch.float64) < torch.sigmoid(1.0 * X[:, 0] - 0.6 * X[:, 1] + 0.3 * X[:, 2])).double()
+    y = (
+        torch.rand(3000, generator=g, dtype=torch.float64)
+        < torch.sigmoid(1.0 * X[:, 0] - 0.6 * X[:, 1] + 0.3 * X[:, 2])
+    ).double()
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(out=nn.Linear(10, 1))).double()
     fit(model, X, y[:, None], F.binary_cross_entropy_with_logits)
@@ -395,7 +417,12 @@ def test_lenet5_smoke_default_estimator():
     assert {name: tuple(z.shape) for name, z in result.z.items()} == shapes
     for name in shapes:
         assert bool(torch.isfinite(result.z[name]).all()) and bool((result.se[name] > 0).all())
-    assert {name: v.numel() for name, v in result.unit_chi2.items()} == {"conv1": 20, "conv2": 50, "fc1": 500, "fc2": 10}
+    assert {name: v.numel() for name, v in result.unit_chi2.items()} == {
+        "conv1": 20,
+        "conv2": 50,
+        "fc1": 500,
+        "fc2": 10,
+    }
     assert result.unit_df == {"conv1": 25, "conv2": 500, "fc1": 800, "fc2": 500}
     assert result.centered == ("fc2",)
 
@@ -418,7 +445,10 @@ def small():
         (dict(alpha="0.05"), r"alpha must be a number in \(0, 1\)"),
         (dict(estimator="exact"), r"unknown estimator 'exact'; expected one of \['kfac', 'full', 'diagonal'\]"),
         (dict(method="tukey"), r"unknown multiple-testing method 'tukey'.*'holm'"),
-        (dict(layers=["fc9"]), r"unknown or untestable layer name\(s\) \['fc9'\]; testable layers are \['fc1', 'fc2'\]"),
+        (
+            dict(layers=["fc9"]),
+            r"unknown or untestable layer name\(s\) \['fc9'\]; testable layers are \['fc1', 'fc2'\]",
+        ),
         (dict(layers=["act1"]), r"untestable layer name\(s\) \['act1'\]"),
         (dict(layers=[]), r"layers is empty"),
         (dict(loss="nll"), r"unknown loss 'nll'; expected one of \['ce', 'lp'\]"),
@@ -443,9 +473,16 @@ def test_bad_models_and_data_raise_input_error(small):
         wald_test(model, x)
     with pytest.raises(InputError, match=r"data x must be a floating-point tensor"):
         wald_test(model, (torch.zeros(20, 4, dtype=torch.uint8), y))
-    with pytest.raises(InputError, match=r"data x of shape \(20, 5\) does not fit the model; layer 'fc1' \(Linear, expects \(N, \.\.\., 4\)\)"):
+    with pytest.raises(
+        InputError,
+        match=r"data x of shape \(20, 5\) does not fit the model; layer 'fc1' \(Linear, expects \(N, \.\.\., 4\)\)",
+    ):
         wald_test(model, (torch.randn(20, 5), y))
-    with pytest.raises(InputError, match=r"estimator 'full' .* limited to 4096 parameters per layer; too large: \{'conv2': 25050, 'fc1': 400500, 'fc2': 5010\}"):
+    with pytest.raises(
+        InputError,
+        match=r"estimator 'full' .* limited to 4096 parameters per layer; too large: "
+        r"\{'conv2': 25050, 'fc1': 400500, 'fc2': 5010\}",
+    ):
         wald_test(lenet5(), (torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)), estimator="full")
     with pytest.raises(InputError, match=r"method 'hommel' takes O\(m\^2\) time"):
         wald_test(lenet5(), (torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)), method="hommel")
@@ -465,7 +502,9 @@ def test_wrong_image_size_names_the_layer_and_the_expected_input():
 
 def test_wald_test_takes_a_dataloader():
     from torch.utils.data import DataLoader, TensorDataset
+
     from pruning.significance import wald_test
+
     torch.manual_seed(0)
     x = torch.randn(300, 4)
     y = (x[:, 0] > 0).long()

@@ -87,8 +87,11 @@ def test_table_has_a_row_per_problem_and_method(tiny_run):
     table = (out / "results.md").read_text()
     for name, by_method in result["summary"].items():
         for method, entry in by_method.items():
-            row = next(line for line in table.splitlines()
-                       if line.startswith(f"| {name} ") and f"| {function_fit.METHOD_LABELS[method]} |" in line)
+            row = next(
+                line
+                for line in table.splitlines()
+                if line.startswith(f"| {name} ") and f"| {function_fit.METHOD_LABELS[method]} |" in line
+            )
             assert f"{entry['successes']}/{entry['runs']}" in row
 
 
@@ -136,21 +139,29 @@ def test_workers_do_not_change_the_results(tmp_path):
 
 
 def test_the_module_command_runs_and_help_lists_every_option():
-    done = subprocess.run([sys.executable, "-m", "anrat.recipes.function_fit", "--help"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "anrat.recipes.function_fit", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0
     for option in ("--seeds", "--steps", "--problems", "--methods", "--out", "--no-progress", "--full", "--workers"):
         assert option in done.stdout
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--seeds", "0"], "--seeds"),
-    (["--steps", "ten"], "--steps"),
-    (["--problems", "teacher,spirals"], "--problems"),
-    (["--methods", "sgd"], "--methods"),
-    (["--workers", "-1"], "--workers"),
-    (["--colour"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--steps", "ten"], "--steps"),
+        (["--problems", "teacher,spirals"], "--problems"),
+        (["--methods", "sgd"], "--methods"),
+        (["--workers", "-1"], "--workers"),
+        (["--colour"], "unrecognized arguments"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(args, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)

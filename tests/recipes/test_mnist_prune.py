@@ -16,10 +16,10 @@ import torch
 
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import load_dataset
+from anrat.recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
-from anrat.recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
 
 TEST_IMAGES = 2000
 
@@ -29,11 +29,39 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
     short epochs already learn something, and a switch to the plain loss once lambda < 2, that is
     after epoch 1; tolerance 1.0 keeps the pruning round whatever it costs, so that the exported
     network is the smaller one."""
-    return ["--data-dir", str(mnist_dir), "--out", str(out), "--train-subset", "3000", "--val-size", "1000",
-            "--test-subset", str(TEST_IMAGES), "--epochs", "2", "--lambda0", "1", "--seed", "3",
-            "--set", "run.schedule.switch_below=2.0", "--set", "prune.max_rounds=1", "--set", "prune.max_samples=500", "--set", "prune.tolerance=1.0",
-            "--set", "prune.fine_tune.epochs=1", "--set", "report.latency_repeats=2",
-            "--set", "report.latency_batch_sizes=[1, 32]", "--no-progress"]
+    return [
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--train-subset",
+        "3000",
+        "--val-size",
+        "1000",
+        "--test-subset",
+        str(TEST_IMAGES),
+        "--epochs",
+        "2",
+        "--lambda0",
+        "1",
+        "--seed",
+        "3",
+        "--set",
+        "run.schedule.switch_below=2.0",
+        "--set",
+        "prune.max_rounds=1",
+        "--set",
+        "prune.max_samples=500",
+        "--set",
+        "prune.tolerance=1.0",
+        "--set",
+        "prune.fine_tune.epochs=1",
+        "--set",
+        "report.latency_repeats=2",
+        "--set",
+        "report.latency_batch_sizes=[1, 32]",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +75,18 @@ def tiny_run(mnist_dir, tmp_path_factory):
 
 def test_every_output_file_is_written_and_described(tiny_run):
     out, metrics, _ = tiny_run
-    for name in ("config.json", "metrics.json", "report.md", "model.onnx", "pruned.pt", "train/model.pt",
-                 "train/metrics.jsonl", "train/result.json", "onnx/dense.onnx", "onnx/pruned.onnx"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "report.md",
+        "model.onnx",
+        "pruned.pt",
+        "train/model.pt",
+        "train/metrics.jsonl",
+        "train/result.json",
+        "onnx/dense.onnx",
+        "onnx/pruned.onnx",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for figure in FIGURES.values():
@@ -80,8 +118,9 @@ def test_pruned_checkpoint_is_the_smaller_network_reported(tiny_run):
     assert count_total(pruned) == p["params_after"] < p["params_before"]
     assert count_nonzero(pruned) == p["nonzero_after"]
     assert sum(c["nonzero"] for c in p["layers"].values()) == p["nonzero_after"]
-    assert {k: getattr(pruned, k).out_features if k == "fc1" else getattr(pruned, k).out_channels
-            for k in p["widths_after"]} == p["widths_after"]
+    assert {
+        k: getattr(pruned, k).out_features if k == "fc1" else getattr(pruned, k).out_channels for k in p["widths_after"]
+    } == p["widths_after"]
 
 
 def test_onnx_model_predicts_what_the_pruned_checkpoint_predicts(tiny_run):
@@ -89,8 +128,9 @@ def test_onnx_model_predicts_what_the_pruned_checkpoint_predicts(tiny_run):
     pruned = load_pruned(out / "pruned.pt").eval()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = data.test.x
-    onnx_scores = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 500].numpy()})[0]
-                                  for i in range(0, len(x), 500)])
+    onnx_scores = np.concatenate(
+        [session.run(None, {session.get_inputs()[0].name: x[i : i + 500].numpy()})[0] for i in range(0, len(x), 500)]
+    )
     with torch.no_grad():
         torch_scores = pruned(x).numpy()
     assert onnx_scores.shape == (TEST_IMAGES, 10)
@@ -106,7 +146,9 @@ def test_onnx_model_predicts_what_the_pruned_checkpoint_predicts(tiny_run):
 def test_trained_checkpoint_scores_the_reported_test_error(tiny_run):
     out, metrics, data = tiny_run
     trained = model_from_checkpoint(load_checkpoint(out / "train/model.pt"))
-    assert evaluate(trained, data.test)["error"] == pytest.approx(metrics["test_error"]["trained"], abs=0.5 / TEST_IMAGES)
+    assert evaluate(trained, data.test)["error"] == pytest.approx(
+        metrics["test_error"]["trained"], abs=0.5 / TEST_IMAGES
+    )
     assert metrics["training"]["selected"]["best_epoch"] in (0, 1, 2)
 
 
@@ -129,29 +171,34 @@ def test_resuming_with_other_training_options_is_refused(tiny_run, mnist_dir, ru
     assert code == 2
     assert captured.err.strip().splitlines() == [
         f"python -m anrat.recipes.mnist_prune: error: {out} holds a training started with other options "
-        "(run.train.epochs differs); pass --no-resume to start it afresh or choose another --out"]
+        "(run.train.epochs differs); pass --no-resume to start it afresh or choose another --out"
+    ]
 
 
 def test_help_explains_every_option(assert_help_explains_every_option):
     assert_help_explains_every_option(build_parser())
-    proc = subprocess.run([sys.executable, "-m", "anrat.recipes.mnist_prune", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "anrat.recipes.mnist_prune", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--preset" in proc.stdout and "--data-dir" in proc.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "huge"], "invalid choice: 'huge'"),
-    (["--model", "mlp"], "invalid choice: 'mlp'"),
-    (["--epochs", "-1"], "expected an integer >= 0"),
-    (["--set", "prune"], "expected KEY=VALUE"),
-    (["--set", "prune.bogus=1"], "unknown option 'prune.bogus'"),
-    (["--set", "run.train.epoch=1"], "unknown option 'run.train.epoch'"),
-    (["--set", "run.train.epochs='three'"], "option 'run.train.epochs' must be of type"),
-    (["--lambda0", "0"], "lam0 must be a finite number > 0"),
-    (["--set", "run.train.compile='fast'"], "unknown compile mode 'fast'"),
-    (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
-    (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--model", "mlp"], "invalid choice: 'mlp'"),
+        (["--epochs", "-1"], "expected an integer >= 0"),
+        (["--set", "prune"], "expected KEY=VALUE"),
+        (["--set", "prune.bogus=1"], "unknown option 'prune.bogus'"),
+        (["--set", "run.train.epoch=1"], "unknown option 'run.train.epoch'"),
+        (["--set", "run.train.epochs='three'"], "option 'run.train.epochs' must be of type"),
+        (["--lambda0", "0"], "lam0 must be a finite number > 0"),
+        (["--set", "run.train.compile='fast'"], "unknown compile mode 'fast'"),
+        (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
+        (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
+    ],
+)
 def test_bad_options_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
     code, out = run_cli(main, argv + ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
     assert code == 2
@@ -160,8 +207,21 @@ def test_bad_options_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path
 
 
 def test_missing_data_says_how_to_provide_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "anrat.recipes.mnist_prune", "--data-dir", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anrat.recipes.mnist_prune",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert str(tmp_path / "none") in line and "ANRAT_DATA_DIR" in line and "--data-dir" in line
