@@ -41,7 +41,7 @@ def data(kind: str, n: int, seed: int) -> Split:
 def members(kind: str, optimizer: str) -> list[Member]:
     """Plain, fixed NRAE, ANRAT and annealed NRAE with a switch, each with its own seed and settings."""
     base = TrainConfig(epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer)
-    lr = 0.01 if optimizer == "adam" or kind == "lp" else 0.1
+    lr = 0.01 if optimizer == "adam" else 0.1 if kind == "ce" else 0.005
     return [
         Member(replace(base, seed=0, lr=lr, momentum=0.9, l2={"fc2": 0.01}), ScheduleConfig(name="plain", kind=kind)),
         Member(replace(base, seed=1, lr=lr / 2, momentum=0.5), ScheduleConfig(name="fixed", kind=kind, lam0=2.0, p=2.0)),
