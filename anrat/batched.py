@@ -157,6 +157,10 @@ def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: v.detach().cpu() for n, v in tensors.items()}
+
+
 def _where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` for the members where ``mask`` (K,) holds, else ``old``."""
     return torch.where(mask.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
@@ -554,7 +558,7 @@ class BatchedTrainer:
             if isinstance(s.nrae, ANRATLoss):
                 with torch.no_grad():
                     s.nrae.theta.copy_(self.theta[k].cpu())
-        cpu = lambda d: {n: v.detach().cpu() for n, v in d.items()}  # noqa: E731
+        cpu = _on_cpu
         return {
             "format": BATCHED_FORMAT,
             "arch": copy.deepcopy(self.arch),

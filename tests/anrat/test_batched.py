@@ -15,6 +15,7 @@ from anrat.losses import ANRATLoss
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
+from pruning.prune import FineTune, prune
 
 ARCH = {"name": "mlp", "kwargs": {"in_features": 6, "hidden": [12], "out_features": 3}}
 N_TRAIN, BATCH, EPOCHS = 320, 32, 10  # 10 steps per epoch: 100 steps
@@ -48,7 +49,7 @@ def members(kind: str, optimizer: str) -> list[Member]:
         Member(replace(base, seed=2, lr=lr, lambda_lr=0.05, momentum=0.9, l2={"fc1": 0.001}),
                ScheduleConfig(name="adaptive", kind=kind, lam0=3.0, a=0.1, q=1.0)),
         Member(replace(base, seed=3, lr=lr, lambda_lr=0.02), ScheduleConfig(
-            name="adaptive", kind=kind, lam0=1.5, p=1.5 if kind == "ce" else 2.0, a=0.05, q=2.0,
+            name="adaptive", kind=kind, lam0=1.5, p=1.5, a=0.05, q=2.0,
             parameterization="softplus")),
         Member(replace(base, seed=4, lr=lr), ScheduleConfig(name="anneal", kind=kind, lam0=2.0, gamma=0.7,
                                                              lam_min=0.1, switch_below=0.5)),
@@ -198,6 +199,8 @@ def test_a_member_exports_as_a_single_model_checkpoint(tmp_path):
     assert torch.equal(model(val.x), run.member_model(3)(val.x))
     error = (model(val.x).argmax(dim=1) != val.y).double().mean().item()
     assert error == pytest.approx(result.best_val[3]["error"])
+    pruned = prune(model, train, val, max_samples=64, max_rounds=1, fine_tune=FineTune(epochs=1))  # unchanged stage
+    assert pruned.model is not None
 
 
 @pytest.mark.parametrize("lam", [1e-4, 1.0, 1e4])
