@@ -160,7 +160,7 @@ def tilted_stats(
         x = torch.where(w > 0, x, -math.inf)
     m = x.max()
     e = torch.expm1(x - m)
-    correction = (m + torch.log1p(e.mean() if w is None else (w * e).sum())).clamp_(min=0)  # >= 0 by Jensen
+    correction = (m + torch.log1p(e.mean() if w is None else (w * e).sum())).clamp(min=0)  # >= 0 by Jensen
     e += 1  # exp(x - m)
     if w is not None:
         e *= w

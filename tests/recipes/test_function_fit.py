@@ -138,6 +138,21 @@ def test_workers_do_not_change_the_results(tmp_path):
     assert [r["final_error"] for r in one["runs"]] == [r["final_error"] for r in two["runs"]]
 
 
+def test_the_batched_engine_gives_the_records_of_the_loop(tmp_path):
+    args = ["--seeds", "2", "--steps", "24", "--problems", "wave,teacher", "--no-progress", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "loop")]) == 0
+    assert main([*args, "--out", str(tmp_path / "batched"), "--engine", "batched"]) == 0
+    loop, batched = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("loop", "batched"))
+    assert (loop["engine"], batched["engine"]) == ("loop", "batched")
+    assert len(batched["runs"]) == len(loop["runs"]) == 2 * 2 * len(METHODS)
+    for a, b in zip(loop["runs"], batched["runs"]):
+        assert (b["problem"], b["method"], b["seed"]) == (a["problem"], a["method"], a["seed"])
+        assert b["final_error"] == pytest.approx(a["final_error"], rel=1e-4)
+        assert b["switch_step"] == a["switch_step"]
+        assert [k for k, _ in b["curve"]] == [k for k, _ in a["curve"]]
+        assert [e for _, e in b["curve"]] == pytest.approx([e for _, e in a["curve"]], rel=1e-4)
+
+
 def test_the_module_command_runs_and_help_lists_every_option():
     done = subprocess.run(
         [sys.executable, "-m", "anrat.recipes.function_fit", "--help"],
@@ -147,7 +162,17 @@ def test_the_module_command_runs_and_help_lists_every_option():
         timeout=120,
     )
     assert done.returncode == 0
-    for option in ("--seeds", "--steps", "--problems", "--methods", "--out", "--no-progress", "--full", "--workers"):
+    for option in (
+        "--seeds",
+        "--steps",
+        "--problems",
+        "--methods",
+        "--out",
+        "--no-progress",
+        "--full",
+        "--workers",
+        "--engine",
+    ):
         assert option in done.stdout
 
 

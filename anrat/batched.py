@@ -1,0 +1,696 @@
+"""A grid of trainings as one vectorised run: K members of one architecture trained at once.
+
+Every claim of the toolkit is a comparison over seeds and grids of small networks. Instead of K
+training loops, :class:`BatchedTrainer` stacks the K members' weights along a new leading
+dimension (:func:`torch.func.stack_module_state`) and runs one step for all of them with
+:func:`torch.func.vmap` over :func:`torch.func.functional_call` and :func:`torch.func.grad`.
+
+**Members.** Member k is a :class:`Member`, a :class:`~anrat.trainer.TrainConfig` and a
+:class:`~anrat.schedules.ScheduleConfig`, and stands for the single-model run
+
+    torch.manual_seed(train.seed); model = model_factory()
+    Trainer(model, LambdaSchedule(schedule), train_split, val_split, train).fit()
+
+Per member: the seed (initial weights, drawn under ``torch.manual_seed(seed)`` as above; batch
+order, a ``torch.Generator`` seeded with ``seed`` as the Trainer's), ``lr``, ``momentum``,
+``l2`` (weight decay on named layers' weights), ``lambda_lr`` and the whole schedule: the plain
+loss (``"plain"``), NRAE at a fixed lambda and p (``"fixed"``), annealed (``"anneal"``), ANRAT
+(``"adaptive"``: lambda0, p, a, q, parameterisation), with the deconvexification switch. Shared
+by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum and weight
+decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"`` or ``"lp"``).
+
+**The objective of a member** on a batch of per-sample losses l (B,), as in :mod:`anrat.losses`:
+
+    plain:     mean_i l_i                                      (exact, not NRAE at a small lambda)
+    NRAE:      tilted_mean(l, t),        t = lam ** p
+    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta) or softplus(theta)
+
+computed by :func:`anrat.functional.tilted_stats` (the toolkit's stable formula, in float64, torch
+ops, valid for t in [1e-8, 1e8]), with the closed-form gradients the single-model losses use:
+d/dl_i = softmax(t l)_i (1/B for the plain loss) and, for theta,
+[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta. The weights' gradient is taken by autograd
+of the surrogate ``sum_i w_i l_i`` with those weights w held fixed, so it is the gradient of the
+objective.
+
+**Exactness.** Without dropout, member k follows the single-model Trainer to float rounding: the
+same initial weights, batch order, lambda updates and optimizer updates, computed in a different
+order of float operations (batched matrix products, the tilted mean in torch ops rather than the
+Trainer's NumPy): after 100 float32 steps the weights agree to ~1e-6 relative (tested at 1e-5).
+With dropout they cannot agree bit for bit: the Trainer draws its masks from the global RNG
+after its model's initialisation, the batched run draws a different mask for each member
+(``vmap(randomness="different")``) from one global stream; each member still has its own masks,
+and a resumed run draws the same ones (the global RNG state is checkpointed).
+
+**Failure isolation.** A member whose objective (or whose updated weights) becomes non-finite is
+frozen at its last finite weights and reported (:attr:`BatchedResult.diverged`); the others go on.
+The check is a mask on the device: no step waits for the host.
+
+**Memory.** Members are processed in chunks of at most ``max_members`` per forward/backward pass
+(every chunk takes the same step before the next step begins); chunked and unchunked runs give the
+same members.
+
+**Checkpoints.** ``out_dir/last.pt`` holds the whole stack after every epoch (weights, optimizer
+state, schedules, generators, the global RNG, the best weights and the history), written
+atomically and loadable with ``weights_only=True``; a run resumes from it bit for bit on the CPU.
+:meth:`BatchedTrainer.member_checkpoint` exports any member in the single-model checkpoint layout
+(``anrat.checkpoint.FORMAT``) that the pruning and export stages take unchanged.
+
+Not supported here (refused with :class:`~anrat.errors.InputError`): the ``excursions`` schedule,
+the ``running`` normaliser, ``amp`` and ``compile``, and models whose buffers change in training
+(BatchNorm running statistics: buffers are read, not written).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+from anrat.atomic_files import write_text_atomic
+from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
+from anrat.data import Split
+from anrat.errors import InputError
+from anrat.functional import LossKind, per_sample_loss, tilted_stats
+from anrat.losses import ANRATLoss, NRAELoss
+from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.trainer import TrainConfig
+
+BATCHED_FORMAT = "anrat.batched/1"
+OPTIMIZERS = ("sgd", "adam")
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the Trainer uses them
+_SHARED_TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "eval_batch_size")
+
+
+@dataclass
+class Member:
+    """One training of the grid: the settings of the single-model run it stands for."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
+
+
+def grid(
+    train: TrainConfig, schedules: Sequence[ScheduleConfig], seeds: Sequence[int], **train_axes: Sequence[Any]
+) -> list[Member]:
+    """The members of ``seeds x schedules x train_axes`` (e.g. ``lr=[0.1, 0.5]``), seed slowest.
+
+    Each member's TrainConfig is ``train`` with its seed and its values of the axes.
+    """
+    names = list(train_axes)
+    members = []
+    for seed, schedule, *values in product(seeds, schedules, *(train_axes[n] for n in names)):
+        members.append(Member(replace(train, seed=seed, **dict(zip(names, values))), replace(schedule)))
+    return members
+
+
+@dataclass
+class BatchedResult:
+    """Per member (lists indexed by member): the selected epoch and its validation score, the
+    epoch of the switch to the plain loss; ``diverged``: member -> what happened, and
+    ``diverged_epoch``: member -> the (1-based) epoch in which it was frozen."""
+
+    best_epoch: list[int]
+    best_val: list[dict[str, float] | None]
+    switch_epoch: list[int | None]
+    diverged: dict[int, str]
+    diverged_epoch: dict[int, int]
+    history: list[dict[str, Any]]
+
+
+def _check_members(members: Sequence[Member]) -> tuple[LossKind, str]:
+    """Validate the members and return the shared loss kind and optimizer name."""
+    if not members:
+        raise InputError("a batched run needs at least one member")
+    first = members[0]
+    for k, m in enumerate(members):
+        m.train.validate()
+        m.schedule.validate()
+        for name in _SHARED_TRAIN_FIELDS:
+            if str(getattr(m.train, name)).lower() != str(getattr(first.train, name)).lower():
+                raise InputError(
+                    f"member {k} has {name}={getattr(m.train, name)!r}, member 0 "
+                    f"{getattr(first.train, name)!r}: all members of a batched run share {name}"
+                )
+        if m.schedule.kind != first.schedule.kind:
+            raise InputError(
+                f"member {k} has loss kind {m.schedule.kind!r}, member 0 {first.schedule.kind!r}: "
+                "all members of a batched run share the loss kind"
+            )
+        if m.schedule.name == "excursions":
+            raise InputError(f"member {k}: the excursions schedule is not supported by the batched trainer")
+        if m.schedule.name != "adaptive" and m.schedule.normalizer != "batch":
+            raise InputError(f"member {k}: the running normaliser is not supported by the batched trainer")
+        if m.train.amp or m.train.compile is not None:
+            raise InputError(f"member {k}: amp and compile are not supported by the batched trainer")
+    optimizer = first.train.optimizer.lower()
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"the batched trainer supports the optimizers {OPTIMIZERS}, got {first.train.optimizer!r}")
+    return first.schedule.kind, optimizer
+
+
+def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A (K, 1, ..., 1) tensor of per-member values that broadcasts against ``like`` (K, ...)."""
+    t = torch.tensor(list(values), dtype=dtype or like.dtype, device=like.device)
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: v.detach().cpu() for n, v in tensors.items()}
+
+
+def _where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` for the members where ``mask`` (K,) holds, else ``old``."""
+    return torch.where(mask.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
+
+
+# --- the objective of one member: pure tensor code, vmapped over the members -----------------------
+def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One member's objective on per-sample losses ``losses`` (B,), and its closed-form gradients.
+
+    Returns ``(value, w, g_theta)``: the objective (float32), ``w = d value / d l`` (B,) and
+    ``g_theta = d value / d theta`` (module docstring). ``hyper`` holds the member's 0-d tensors:
+    ``plain``, ``anrat``, ``log`` (bools), ``t`` (t of a fixed lambda, float64), ``p``, ``a``,
+    ``q``, ``lo``, ``hi`` (theta's bounds). Vmappable: both branches are computed and selected.
+    """
+    l = losses.detach()
+    th = theta.detach().double().clamp(hyper["lo"], hyper["hi"])
+    lam_learned = torch.where(hyper["log"], th.exp(), nn.functional.softplus(th))
+    dlam_dtheta = torch.where(hyper["log"], lam_learned, torch.sigmoid(th))
+    p, a, q = hyper["p"], hyper["a"], hyper["q"]
+    t = torch.where(hyper["anrat"], lam_learned.pow(p), hyper["t"])
+    tilted, s, dtilted_dt = tilted_stats(l, t)
+    lam = torch.where(hyper["anrat"], lam_learned, torch.ones_like(lam_learned))
+    penalty = torch.where(hyper["anrat"], a * lam.pow(-q), torch.zeros_like(lam))
+    g_theta = ((p * t / lam) * dtilted_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta
+    value = torch.where(hyper["plain"], l.mean(), (tilted + penalty).to(l.dtype))
+    w = torch.where(hyper["plain"], torch.full_like(l, 1.0 / l.shape[0]), s.to(l.dtype))
+    g_theta = torch.where(hyper["anrat"] & ~hyper["plain"], g_theta, torch.zeros_like(g_theta))
+    return value, w, g_theta.to(theta.dtype)
+
+
+# --- optimizers on stacked tensors -----------------------------------------------------------------
+class StackedSGD:
+    """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov) on (K, ...) tensors
+    with per-member hyperparameters: ``d = g + wd p; buf = momentum buf + d; p -= lr buf``."""
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        return {"momentum_buffer": torch.zeros_like(param)}
+
+    def update(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The stepped parameter and state (new tensors; the caller commits them member by member)."""
+        d = grad + hp["weight_decay"] * param
+        buf = hp["momentum"] * state["momentum_buffer"] + d
+        return param - hp["lr"].to(param.dtype) * buf, {"momentum_buffer": buf}
+
+
+class StackedAdam:
+    """``torch.optim.Adam`` (default betas and eps, L2 weight decay) on (K, ...) tensors:
+    ``m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2;
+    p -= lr / (1 - b1^n) * m / (sqrt(v) / sqrt(1 - b2^n) + eps)`` at step n of the member."""
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        steps = torch.zeros((param.shape[0],) + (1,) * (param.dim() - 1), dtype=torch.float64, device=param.device)
+        return {"step": steps, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+    def update(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        b1, b2 = _ADAM_BETAS
+        g = grad + hp["weight_decay"] * param
+        step = state["step"] + 1
+        m = torch.lerp(state["exp_avg"], g, 1 - b1)
+        v = state["exp_avg_sq"] * b2 + (1 - b2) * (g * g)
+        step_size = (hp["lr"] / (1 - b1**step)).to(param.dtype)
+        denom = v.sqrt() / (1 - b2**step).sqrt().to(param.dtype) + _ADAM_EPS
+        return param - step_size * (m / denom), {"step": step, "exp_avg": m, "exp_avg_sq": v}
+
+
+_OPTIMIZER_CLASSES = {"sgd": StackedSGD, "adam": StackedAdam}
+
+
+class BatchedTrainer:
+    """Trains the ``members`` of one architecture at once; selects each one's best epoch on ``val``.
+
+    Args:
+        model_factory: builds the network (called once per member under ``torch.manual_seed(seed)``,
+            the member's initial weights; all members must have the same parameter shapes).
+        members: the trainings (:class:`Member`), see the module docstring.
+        train, val: on-device data shared by all members; ``val`` may be None (then each member's
+            last epoch is selected).
+        out_dir: where ``last.pt`` and ``metrics.jsonl`` go (None: keep nothing).
+        arch: ``{"name": ..., "kwargs": ...}`` stored in exported member checkpoints.
+        max_members: at most this many members per forward/backward pass (None: all at once).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], nn.Module],
+        members: Sequence[Member],
+        train: Split,
+        val: Split | None,
+        out_dir: str | Path | None = None,
+        arch: dict[str, Any] | None = None,
+        max_members: int | None = None,
+    ) -> None:
+        self.kind, optimizer = _check_members(members)
+        if max_members is not None and max_members < 1:
+            raise InputError(f"max_members must be >= 1, got {max_members}")
+        self.members = list(members)
+        self.train_split, self.val_split = train, val
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.arch = arch
+        self.device = train.x.device
+        self.shared = self.members[0].train
+        k = len(self.members)
+        self.chunk = max_members or k
+        self.base, self.params, self.buffers = self._initial_stack(model_factory)
+        self.schedules = [LambdaSchedule(replace(m.schedule), backend="torch") for m in self.members]
+        self.theta = torch.stack([self._initial_theta(s) for s in self.schedules]).to(self.device)
+        self.optimizer = _OPTIMIZER_CLASSES[optimizer]()
+        self.opt_state = {name: self.optimizer.init_state(p) for name, p in self._trained().items()}
+        self.hp = self._optimizer_hyper()
+        self.generators = [torch.Generator().manual_seed(m.train.seed) for m in self.members]
+        self.active = torch.ones(k, dtype=torch.bool, device=self.device)  # not frozen
+        self.frozen_step = torch.full((k,), -1, dtype=torch.int64, device=self.device)
+        self.diverged: dict[int, str] = {}
+        self.diverged_epoch: dict[int, int] = {}
+        self.epoch = 0  # epochs completed
+        self.step = 0  # steps taken
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = [0] * k
+        self.best_val: list[dict[str, float] | None] = [None] * k
+        self.best_params: dict[str, Tensor] | None = None
+        self._same_p = len({m.schedule.p for m in self.members}) == 1
+        self.loss_hyper = self._loss_hyper()
+
+    # --- construction --------------------------------------------------------------------------
+    def _initial_stack(
+        self, factory: Callable[[], nn.Module]
+    ) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
+        models = []
+        for m in self.members:
+            with torch.random.fork_rng():
+                torch.manual_seed(m.train.seed)
+                models.append(factory().to(self.device))
+        shapes = [[tuple(p.shape) for p in model.parameters()] for model in models]
+        if any(s != shapes[0] for s in shapes):
+            raise InputError("all members of a batched run must have the same parameter shapes")
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        return base, {n: p.detach() for n, p in params.items()}, buffers
+
+    @staticmethod
+    def _initial_theta(schedule: LambdaSchedule) -> Tensor:
+        """lambda's parameter theta as the schedule's ANRATLoss sets it (0 for other members)."""
+        if isinstance(schedule.nrae, ANRATLoss):
+            return schedule.nrae.theta.detach().clone()
+        return torch.zeros((), dtype=torch.float32)
+
+    def _trained(self) -> dict[str, Tensor]:
+        """Everything the optimizer steps: the weights and lambda's parameter (``"__theta__"``)."""
+        return {**self.params, "__theta__": self.theta}
+
+    def _optimizer_hyper(self) -> dict[str, dict[str, Tensor]]:
+        """Per trained tensor, the per-member lr, momentum and weight decay as the Trainer's
+        parameter groups give them (L2 on the named layers' weights; theta: ``lambda_lr``)."""
+        layers = {name for name, _ in self.base.named_modules()}
+        for k, m in enumerate(self.members):
+            unknown = sorted(set(m.train.l2) - layers)
+            if unknown:
+                raise InputError(f"member {k}: L2 prior names unknown layers {unknown}")
+        hp = {}
+        for name, p in self._trained().items():
+            theta = name == "__theta__"
+            layer, _, leaf = name.rpartition(".")
+            lrs = [m.train.effective_lambda_lr if theta else m.train.lr for m in self.members]
+            decay = [0.0 if theta or leaf != "weight" else m.train.l2.get(layer, 0.0) for m in self.members]
+            hp[name] = {
+                "lr": _per_member(lrs, p, torch.float64),
+                "weight_decay": _per_member(decay, p),
+                "momentum": _per_member([m.train.momentum for m in self.members], p),
+            }
+        return hp
+
+    def _loss_hyper(self) -> dict[str, Tensor]:
+        """The members' loss settings as (K,) tensors for :func:`member_objective` (refreshed after
+        every epoch: a schedule may anneal lambda or switch to the plain loss)."""
+        rows = []
+        for s in self.schedules:
+            nrae = s.nrae
+            anrat = isinstance(nrae, ANRATLoss)
+            lo, hi = nrae.theta_bounds if anrat else (0.0, 0.0)
+            t = nrae.lam**s.config.p if isinstance(nrae, NRAELoss) else 1.0
+            rows.append(
+                (
+                    s.switched or nrae is None,
+                    anrat,
+                    s.config.parameterization == "log",
+                    t,
+                    s.config.p,
+                    s.config.a,
+                    s.config.q,
+                    lo,
+                    hi,
+                )
+            )
+        columns = list(zip(*rows))
+        dev = self.device
+        hyper = {
+            name: torch.tensor(col, dtype=torch.bool, device=dev)
+            for name, col in zip(("plain", "anrat", "log"), columns)
+        }
+        for name, col in zip(("t", "p", "a", "q", "lo", "hi"), columns[3:]):
+            hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
+        return hyper
+
+    # --- one step ------------------------------------------------------------------------------
+    def _loss_p(self, hyper: dict[str, Tensor]) -> float | Tensor:
+        """p of the per-sample Lp loss: the shared float when all members share it (the same
+        kernel as the Trainer's), else the member's 0-d tensor."""
+        return self.members[0].schedule.p if self._same_p else hyper["p"]
+
+    def _member_grads(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        theta: Tensor,
+        x: Tensor,
+        y: Tensor,
+        hyper: dict[str, Tensor],
+    ):
+        """One member's gradients (weights, theta) and ``(objective, per-sample losses)``."""
+
+        def surrogate(params: dict[str, Tensor], theta: Tensor):
+            out = functional_call(self.base, (params, buffers), (x,))
+            losses = per_sample_loss(out, y, self.kind, self._loss_p(hyper))
+            value, w, g_theta = member_objective(losses, theta, hyper)
+            return (w * losses).sum() + g_theta * theta, (value, losses.detach())
+
+        return grad(surrogate, argnums=(0, 1), has_aux=True)(params, theta)
+
+    def _step_chunk(self, lo: int, hi: int, index: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step of members ``lo:hi`` on their batches ``index`` (k, B)."""
+        sl = slice(lo, hi)
+        x, y = self.train_split.x[index], self.train_split.y[index]
+        params = {n: p[sl] for n, p in self.params.items()}
+        buffers = {n: b[sl] for n, b in self.buffers.items()}
+        hyper = {n: h[sl] for n, h in self.loss_hyper.items()}
+        (g_params, g_theta), (objective, losses) = vmap(self._member_grads, randomness="different")(
+            params, buffers, self.theta[sl], x, y, hyper
+        )
+        grads = {**g_params, "__theta__": g_theta}
+        trained = self._trained()
+        stepped = {}
+        ok = self.active[sl] & torch.isfinite(objective)
+        for name, g in grads.items():
+            hp = {h: v[sl] for h, v in self.hp[name].items()}
+            state = {s: v[sl] for s, v in self.opt_state[name].items()}
+            new, new_state = self.optimizer.update(trained[name][sl], g, state, hp)
+            stepped[name] = (new, new_state)
+            if name != "__theta__":
+                ok &= torch.isfinite(new).reshape(new.shape[0], -1).all(dim=1)
+        # theta moves only for ANRAT members on the NRAE (a switched member's loss ignores it)
+        theta_ok = ok & self.loss_hyper["anrat"][sl] & ~self.loss_hyper["plain"][sl]
+        for name, (new, new_state) in stepped.items():
+            mask = theta_ok if name == "__theta__" else ok
+            trained[name][sl] = _where(mask, new, trained[name][sl])
+            for s, v in new_state.items():
+                self.opt_state[name][s][sl] = _where(mask, v, self.opt_state[name][s][sl])
+        newly_frozen = self.active[sl] & ~ok
+        self.frozen_step[sl] = torch.where(newly_frozen, self.step, self.frozen_step[sl])
+        self.active[sl] &= ok
+        return objective, losses
+
+    def train_epoch(self) -> dict[str, Any]:
+        """One epoch of every member; returns the epoch's record (per-member lists)."""
+        self.base.train()
+        n, bs, k = len(self.train_split), self.shared.batch_size, len(self.members)
+        orders = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
+        objective_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+        max_loss = torch.full((k,), -math.inf, dtype=torch.float64, device=self.device)
+        active_before = self.active.clone()
+        n_batches = self.train_split.num_batches(bs)
+        for start in range(0, n, bs):
+            index = orders[:, start : start + bs]
+            for lo in range(0, k, self.chunk):
+                hi = min(lo + self.chunk, k)
+                objective, losses = self._step_chunk(lo, hi, index[lo:hi])
+                objective_sum[lo:hi] += objective.double()
+                loss_sum[lo:hi] += losses.double().sum(dim=1)
+                max_loss[lo:hi] = torch.maximum(max_loss[lo:hi], losses.double().amax(dim=1))
+            self.step += 1
+        self._report_frozen(active_before)
+        record = {
+            "epoch": self.epoch + 1,
+            "criterion": [("plain" if s.switched else s.config.name) for s in self.schedules],
+            "train_objective": (objective_sum / max(1, n_batches)).tolist(),
+            "train_loss": (loss_sum / max(1, n)).tolist(),
+            "train_max_loss": max_loss.tolist(),
+        }
+        self._end_epoch(record["train_max_loss"])
+        record["lam"] = [s.lam for s in self.schedules]
+        record["switch_epoch"] = [s.switch_epoch for s in self.schedules]
+        record["frozen"] = sorted(self.diverged)
+        self.epoch += 1
+        return record
+
+    def _report_frozen(self, active_before: Tensor) -> None:
+        for k in torch.nonzero(active_before & ~self.active).flatten().tolist():
+            m = self.members[k].train
+            self.diverged_epoch[k] = self.epoch + 1
+            self.diverged[k] = (
+                f"member {k} diverged in epoch {self.epoch + 1} (step {int(self.frozen_step[k]) + 1}): "
+                f"the objective or the weights became non-finite (lr={m.lr:g}); frozen at its "
+                "last finite weights"
+            )
+
+    def _end_epoch(self, max_losses: list[float]) -> None:
+        """Each member's schedule takes its epoch-boundary decisions (anneal, switch) as in the
+        single-model run; ANRAT's lambda is read from the stacked theta first."""
+        for k, s in enumerate(self.schedules):
+            if isinstance(s.nrae, ANRATLoss):
+                with torch.no_grad():
+                    s.nrae.theta.copy_(self.theta[k].cpu())
+            if k not in self.diverged:
+                s.end_epoch(self.epoch, max_losses[k])
+        self.loss_hyper = self._loss_hyper()
+
+    # --- evaluation and selection --------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: Split, params: dict[str, Tensor] | None = None) -> list[dict[str, float]]:
+        """Per member: mean per-sample loss and, for classification, the error rate on ``split``
+        (as :func:`anrat.trainer.evaluate`), with the current weights or ``params``."""
+        params = self.params if params is None else params
+        was_training = self.base.training
+        self.base.eval()
+        k = len(self.members)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+        wrong = torch.zeros(k, dtype=torch.int64, device=self.device)
+        classify = self.kind == "ce" or not split.y.is_floating_point()
+        for x, y in split.batches(self.shared.eval_batch_size):
+            for lo in range(0, k, self.chunk):
+                sl = slice(lo, min(lo + self.chunk, k))
+                hyper = {n: h[sl] for n, h in self.loss_hyper.items()}
+                out, losses = vmap(self._member_eval, in_dims=(0, 0, None, None, 0), randomness="different")(
+                    {n: p[sl] for n, p in params.items()}, {n: b[sl] for n, b in self.buffers.items()}, x, y, hyper
+                )
+                loss_sum[sl] += losses.double().sum(dim=1)
+                if classify:
+                    pred = (
+                        (out.reshape(out.shape[0], -1) > 0).long()
+                        if out.dim() == 2 or out.shape[2] == 1
+                        else out.argmax(dim=2)
+                    )
+                    wrong[sl] += (pred != y.reshape(-1).long()).sum(dim=1)
+        self.base.train(was_training)
+        n = len(split)
+        results = [{"loss": s / n} for s in loss_sum.tolist()]
+        if classify:
+            for r, w in zip(results, wrong.tolist()):
+                r["error"] = w / n
+        return results
+
+    def _member_eval(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor, hyper: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        out = functional_call(self.base, (params, buffers), (x,))
+        return out, per_sample_loss(out, y, self.kind, self._loss_p(hyper))
+
+    def _consider(self, epoch: int, vals: list[dict[str, float]] | None) -> None:
+        """Keep each member's weights of ``epoch`` if they beat its best validation score so far
+        (strictly, as the Trainer), or unconditionally when there is no validation split."""
+        k = len(self.members)
+        improved = []
+        for i in range(k):
+            val, best = (vals[i] if vals is not None else None), self.best_val[i]
+            key = "error" if val is not None and "error" in val else "loss"
+            better = val is None or best is None or val[key] < best[key]
+            if better:
+                self.best_epoch[i], self.best_val[i] = epoch, val
+            improved.append(better)
+        mask = torch.tensor(improved, device=self.device)
+        if self.best_params is None:
+            self.best_params = {n: p.clone() for n, p in self.params.items()}
+        else:
+            self.best_params = {n: _where(mask, p, self.best_params[n]) for n, p in self.params.items()}
+
+    # --- the run -------------------------------------------------------------------------------
+    def fit(self, epochs: int | None = None, resume: bool = True) -> BatchedResult:
+        """Train every member until ``epochs`` (default: the members' ``epochs``) are complete."""
+        epochs = self.shared.epochs if epochs is None else epochs
+        if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
+            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.device))
+        if self.best_params is None and self.val_split is not None and self.epoch == 0:
+            self._consider(0, self.evaluate(self.val_split))
+        while self.epoch < epochs:
+            record = self.train_epoch()
+            if self.val_split is not None:
+                vals = self.evaluate(self.val_split)
+                record["val"] = vals
+                self._consider(self.epoch, vals)
+            elif self.epoch == epochs:
+                self._consider(self.epoch, None)
+            self.history.append(record)
+            self.save()
+        return self.result()
+
+    def result(self) -> BatchedResult:
+        return BatchedResult(
+            list(self.best_epoch),
+            list(self.best_val),
+            [s.switch_epoch for s in self.schedules],
+            dict(self.diverged),
+            dict(self.diverged_epoch),
+            list(self.history),
+        )
+
+    # --- export of one member ------------------------------------------------------------------
+    def member_state_dict(self, k: int, best: bool = True) -> dict[str, Tensor]:
+        """Member ``k``'s weights as the ``state_dict`` of one ``model_factory()`` network (the
+        selected epoch's, or with ``best=False`` the last epoch's), on the CPU."""
+        if not 0 <= k < len(self.members):
+            raise InputError(f"no member {k}; the run has {len(self.members)} members")
+        params = self.best_params if best and self.best_params is not None else self.params
+        state = {n: p[k].detach().cpu().clone() for n, p in {**params, **self.buffers}.items()}
+        order = [n for n, _ in self.base.state_dict(keep_vars=True).items()]
+        return {n: state[n] for n in order}
+
+    def member_model(self, k: int, best: bool = True) -> nn.Module:
+        """Member ``k`` as a plain ``nn.Module`` on the CPU."""
+        model = copy.deepcopy(self.base).to_empty(device="cpu")
+        model.load_state_dict(self.member_state_dict(k, best))
+        return model.train(False)
+
+    def member_checkpoint(self, k: int) -> dict[str, Any]:
+        """Member ``k``'s selected weights in the single-model checkpoint layout
+        (:meth:`anrat.trainer.Trainer.model_checkpoint`): what the pruning stage takes."""
+        m = self.members[k]
+        return {
+            "format": FORMAT,
+            "arch": copy.deepcopy(self.arch),
+            "state_dict": self.member_state_dict(k),
+            "lam": self.schedules[k].lam,
+            "schedule": asdict(m.schedule),
+            "train": asdict(m.train),
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch[k],
+            "metrics": {"val": self.best_val[k]},
+            "run_config": {"batched_member": k},
+        }
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The whole stack, as data ``torch.load(weights_only=True)`` reads."""
+        for k, s in enumerate(self.schedules):
+            if isinstance(s.nrae, ANRATLoss):
+                with torch.no_grad():
+                    s.nrae.theta.copy_(self.theta[k].cpu())
+        cpu = _on_cpu
+        return {
+            "format": BATCHED_FORMAT,
+            "arch": copy.deepcopy(self.arch),
+            "members": [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members],
+            "params": cpu(self.params),
+            "buffers": cpu(self.buffers),
+            "theta": self.theta.cpu(),
+            "optimizer": {n: cpu(s) for n, s in self.opt_state.items()},
+            "schedules": [s.state_dict() for s in self.schedules],
+            "active": self.active.cpu(),
+            "frozen_step": self.frozen_step.cpu(),
+            "diverged": {str(k): v for k, v in self.diverged.items()},
+            "diverged_epoch": {str(k): v for k, v in self.diverged_epoch.items()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best_epoch": list(self.best_epoch),
+            "best_val": list(self.best_val),
+            "best_params": cpu(self.best_params) if self.best_params is not None else None,
+            "rng": {
+                "generators": [g.get_state() for g in self.generators],
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != BATCHED_FORMAT:
+            raise InputError(f"not a batched-run checkpoint (format {state.get('format')!r})")
+        saved = state["members"]
+        ours = [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members]
+        if saved != ours:
+            raise InputError(
+                "the checkpoint holds a batched run with other members; start afresh (resume=False) "
+                "or use another out_dir"
+            )
+        dev = self.device
+        self.params = {n: v.to(dev) for n, v in state["params"].items()}
+        self.buffers = {n: v.to(dev) for n, v in state["buffers"].items()}
+        self.theta = state["theta"].to(dev)
+        self.opt_state = {n: {s: v.to(dev) for s, v in d.items()} for n, d in state["optimizer"].items()}
+        for s, saved_state in zip(self.schedules, state["schedules"]):
+            s.load_state_dict(saved_state)
+        self.loss_hyper = self._loss_hyper()
+        self.active, self.frozen_step = state["active"].to(dev), state["frozen_step"].to(dev)
+        self.diverged = {int(k): v for k, v in state["diverged"].items()}
+        self.diverged_epoch = {int(k): v for k, v in state["diverged_epoch"].items()}
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+        self.best_epoch, self.best_val = list(state["best_epoch"]), list(state["best_val"])
+        best = state["best_params"]
+        self.best_params = {n: v.to(dev) for n, v in best.items()} if best is not None else None
+        for g, g_state in zip(self.generators, state["rng"]["generators"]):
+            g.set_state(g_state.cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+    def save(self) -> None:
+        """``last.pt`` (atomic) and ``metrics.jsonl`` (one line per epoch) in ``out_dir``."""
+        if self.out_dir is None:
+            return
+        save_atomic(self.state_dict(), self.out_dir / "last.pt")
+        write_text_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+
+__all__ = [
+    "BATCHED_FORMAT",
+    "BatchedResult",
+    "BatchedTrainer",
+    "Member",
+    "StackedAdam",
+    "StackedSGD",
+    "grid",
+    "member_objective",
+]

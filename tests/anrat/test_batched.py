@@ -1,0 +1,267 @@
+"""The batched trainer: members equal to single-model runs, isolation, chunks, resume, export."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from anrat.batched import BatchedTrainer, Member, grid, member_objective
+from anrat.checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
+from anrat.data import Split
+from anrat.errors import InputError
+from anrat.functional import per_sample_loss, tilted_mean
+from anrat.losses import ANRATLoss
+from anrat.models import build_model
+from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.trainer import TrainConfig, Trainer
+from pruning.prune import FineTune, prune
+
+ARCH = {"name": "mlp", "kwargs": {"in_features": 6, "hidden": [12], "out_features": 3}}
+N_TRAIN, BATCH, EPOCHS = 320, 32, 10  # 10 steps per epoch: 100 steps
+
+
+def factory() -> nn.Module:
+    return build_model(ARCH["name"], **ARCH["kwargs"])
+
+
+def dropout_factory() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def data(kind: str, n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    if kind == "ce":
+        y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 0.5).long()
+    else:
+        y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2], 0.5 * x[:, 3]], dim=1)
+    return Split(x, y)
+
+
+def members(kind: str, optimizer: str) -> list[Member]:
+    """Plain, fixed NRAE, ANRAT and annealed NRAE with a switch, each with its own seed and settings."""
+    base = TrainConfig(epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer)
+    lr = 0.01 if optimizer == "adam" else 0.1 if kind == "ce" else 0.005
+    return [
+        Member(replace(base, seed=0, lr=lr, momentum=0.9, l2={"fc2": 0.01}), ScheduleConfig(name="plain", kind=kind)),
+        Member(
+            replace(base, seed=1, lr=lr / 2, momentum=0.5), ScheduleConfig(name="fixed", kind=kind, lam0=2.0, p=2.0)
+        ),
+        Member(
+            replace(base, seed=2, lr=lr, lambda_lr=0.05, momentum=0.9, l2={"fc1": 0.001}),
+            ScheduleConfig(name="adaptive", kind=kind, lam0=3.0, a=0.1, q=1.0),
+        ),
+        Member(
+            replace(base, seed=3, lr=lr, lambda_lr=0.02),
+            ScheduleConfig(name="adaptive", kind=kind, lam0=1.5, p=1.5, a=0.05, q=2.0, parameterization="softplus"),
+        ),
+        Member(
+            replace(base, seed=4, lr=lr),
+            ScheduleConfig(name="anneal", kind=kind, lam0=2.0, gamma=0.7, lam_min=0.1, switch_below=0.5),
+        ),
+    ]
+
+
+def single_run(member: Member, train: Split, val: Split | None, out_dir) -> Trainer:
+    torch.manual_seed(member.train.seed)
+    trainer = Trainer(
+        factory(), LambdaSchedule(replace(member.schedule)), train, val, member.train, out_dir=out_dir, progress=False
+    )
+    trainer.fit()
+    return trainer
+
+
+def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    error = ((actual - expected).norm() / expected.norm()).item()
+    assert error <= rtol, f"relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("lp", "sgd"), ("ce", "adam")])
+def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path):
+    train, val = data(kind, N_TRAIN, 0), data(kind, 96, 1)
+    grid_members = members(kind, optimizer)
+    batched = BatchedTrainer(factory, grid_members, train, val)
+    result = batched.fit()
+    assert result.diverged == {}
+    for k, member in enumerate(grid_members):
+        single = single_run(member, train, val, tmp_path / str(k))
+        last = load_checkpoint(tmp_path / str(k) / "last.pt")
+        for name, value in batched.member_state_dict(k, best=False).items():
+            assert_relatively_close(value, last["state_dict"][name])
+        assert result.best_epoch[k] == single.best_epoch
+        for name, value in batched.member_state_dict(k).items():  # the selected weights
+            assert_relatively_close(value, single.model.state_dict()[name])
+        assert result.switch_epoch[k] == single.schedule.switch_epoch
+        if single.schedule.lam is not None:
+            assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
+        assert batched.history[-1]["train_loss"][k] == pytest.approx(single.history[-1]["train_loss"], rel=1e-4)
+    assert result.switch_epoch[4] is not None  # the annealed member did switch to the plain loss
+
+
+def test_a_diverging_member_is_frozen_and_the_others_go_on():
+    train = data("lp", 128, 0)
+    base = TrainConfig(epochs=3, batch_size=32)
+    good = [
+        Member(replace(base, seed=0, lr=0.05), ScheduleConfig(name="fixed", kind="lp", lam0=1.0)),
+        Member(replace(base, seed=1, lr=0.05), ScheduleConfig(name="adaptive", kind="lp", lam0=1.0)),
+    ]
+    bad = Member(replace(base, seed=2, lr=1e30), ScheduleConfig(name="plain", kind="lp"))
+    run = BatchedTrainer(factory, [good[0], bad, good[1]], train, None)
+    result = run.fit()
+    assert list(result.diverged) == [1]
+    assert "diverged in epoch 1" in result.diverged[1] and result.diverged_epoch == {1: 1}
+    assert all(torch.isfinite(v).all() for v in run.member_state_dict(1).values())
+    alone = BatchedTrainer(factory, good, train, None)
+    alone.fit()
+    for k_run, k_alone in ((0, 0), (2, 1)):
+        for name, value in run.member_state_dict(k_run).items():
+            torch.testing.assert_close(value, alone.member_state_dict(k_alone)[name], rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_and_unchunked_runs_give_the_same_members():
+    train, val = data("ce", 160, 0), data("ce", 64, 1)
+    grid_members = members("ce", "sgd")
+    for m in grid_members:
+        m.train.epochs = 3
+    whole = BatchedTrainer(factory, grid_members, train, val)
+    chunked = BatchedTrainer(factory, grid_members, train, val, max_members=2)
+    whole_result, chunked_result = whole.fit(), chunked.fit()
+    assert whole_result.best_epoch == chunked_result.best_epoch
+    for k in range(len(grid_members)):
+        for name, value in whole.member_state_dict(k).items():
+            torch.testing.assert_close(chunked.member_state_dict(k)[name], value, rtol=1e-6, atol=1e-7)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def dropout_members() -> list[Member]:
+    base = TrainConfig(epochs=4, batch_size=32, momentum=0.9)
+    return [
+        Member(replace(base, seed=0), ScheduleConfig(name="adaptive", lam0=2.0)),
+        Member(replace(base, seed=1, lr=0.05), ScheduleConfig(name="plain")),
+    ]
+
+
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path):
+    train, val = data("ce", 128, 0), data("ce", 64, 1)
+    torch.manual_seed(0)  # dropout masks come from the global RNG, as in the single-model Trainer
+    straight = BatchedTrainer(dropout_factory, dropout_members(), train, val, out_dir=tmp_path / "straight")
+    straight.fit()
+
+    torch.manual_seed(0)
+    interrupted = BatchedTrainer(dropout_factory, dropout_members(), train, val, out_dir=tmp_path / "interrupted")
+    calls = {"n": 0}
+
+    def crash(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == 1 + 2 * (4 + 1) + 2:  # in the third epoch (4 steps and 1 evaluation per epoch)
+            raise Interrupt
+
+    handle = interrupted.base.register_forward_pre_hook(crash)
+    with pytest.raises(Interrupt):
+        interrupted.fit()
+    handle.remove()
+    assert load_checkpoint(tmp_path / "interrupted" / "last.pt")["epoch"] == 2
+    torch.manual_seed(123)  # a fresh process: everything comes from last.pt
+    resumed = BatchedTrainer(dropout_factory, dropout_members(), train, val, out_dir=tmp_path / "interrupted")
+    result = resumed.fit()
+    for k in range(2):
+        for best in (True, False):
+            for name, value in straight.member_state_dict(k, best).items():
+                assert torch.equal(value, resumed.member_state_dict(k, best)[name]), (k, best, name)
+    assert torch.equal(straight.theta, resumed.theta)
+    assert result.best_epoch == straight.best_epoch
+    assert len((tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_checkpoint_of_other_members_is_refused(tmp_path):
+    train = data("ce", 64, 0)
+    BatchedTrainer(dropout_factory, dropout_members(), train, None, out_dir=tmp_path).fit(epochs=1)
+    other = dropout_members()[:1]
+    with pytest.raises(InputError, match="other members"):
+        BatchedTrainer(dropout_factory, other, train, None, out_dir=tmp_path).fit()
+
+
+def test_dropout_masks_are_drawn_per_member():
+    train = data("ce", 128, 0)
+    same = Member(TrainConfig(epochs=1, batch_size=32, seed=5), ScheduleConfig(name="plain"))
+    with_dropout = BatchedTrainer(dropout_factory, [same, same], train, None)
+    with_dropout.fit()
+    a, b = (with_dropout.member_state_dict(k)["0.weight"] for k in range(2))
+    assert not torch.equal(a, b)
+    without = BatchedTrainer(factory, [same, same], train, None)
+    without.fit()
+    a, b = (without.member_state_dict(k)["fc1.weight"] for k in range(2))
+    assert torch.equal(a, b)
+
+
+def test_a_member_exports_as_a_single_model_checkpoint(tmp_path):
+    train, val = data("ce", 128, 0), data("ce", 64, 1)
+    run = BatchedTrainer(
+        factory,
+        grid(TrainConfig(epochs=2, batch_size=32), [ScheduleConfig(name="adaptive")], seeds=[0, 1], lr=[0.1, 0.05]),
+        train,
+        val,
+        arch=ARCH,
+    )
+    result = run.fit()
+    assert [(m.train.seed, m.train.lr) for m in run.members] == [(0, 0.1), (0, 0.05), (1, 0.1), (1, 0.05)]
+    path = save_atomic(run.member_checkpoint(3), tmp_path / "member.pt")
+    ckpt = load_checkpoint(path)  # weights_only
+    model = model_from_checkpoint(ckpt)
+    assert ckpt["best_epoch"] == result.best_epoch[3]
+    assert torch.equal(model(val.x), run.member_model(3)(val.x))
+    error = (model(val.x).argmax(dim=1) != val.y).double().mean().item()
+    assert error == pytest.approx(result.best_val[3]["error"])
+    pruned = prune(model, train, val, max_samples=64, max_rounds=1, fine_tune=FineTune(epochs=1))  # unchanged stage
+    assert pruned.model is not None
+
+
+@pytest.mark.parametrize("lam", [1e-4, 1.0, 1e4])
+def test_member_objective_is_the_loss_modules_over_the_range_of_lambda(lam):
+    g = torch.Generator().manual_seed(0)
+    losses = per_sample_loss(torch.randn(64, 10, generator=g) * 3, torch.randint(0, 10, (64,), generator=g))
+    anrat = ANRATLoss(lam, p=2.0, a=0.1, q=1.0, backend="numpy")
+    hyper = {
+        "plain": torch.tensor(False),
+        "anrat": torch.tensor(True),
+        "log": torch.tensor(True),
+        "t": torch.tensor(1.0, dtype=torch.float64),
+        "p": torch.tensor(2.0, dtype=torch.float64),
+        "a": torch.tensor(0.1, dtype=torch.float64),
+        "q": torch.tensor(1.0, dtype=torch.float64),
+        "lo": torch.tensor(anrat.theta_bounds[0], dtype=torch.float64),
+        "hi": torch.tensor(anrat.theta_bounds[1], dtype=torch.float64),
+    }
+    l = losses.clone().requires_grad_()
+    expected = anrat.aggregate(l)
+    expected.backward()
+    value, w, g_theta = member_objective(losses, anrat.theta.detach(), hyper)
+    assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(w, l.grad, rtol=1e-5, atol=1e-8)
+    assert g_theta.item() == pytest.approx(anrat.theta.grad.item(), rel=1e-4, abs=1e-7)
+    fixed = dict(hyper, anrat=torch.tensor(False), t=torch.tensor(lam**2, dtype=torch.float64))
+    value, _, g_theta = member_objective(losses, torch.tensor(0.0), fixed)
+    assert value.item() == pytest.approx(tilted_mean(losses, lam**2, backend="numpy").item(), rel=1e-6)
+    assert g_theta.item() == 0.0
+    plain = dict(fixed, plain=torch.tensor(True))
+    value, w, _ = member_objective(losses, torch.tensor(0.0), plain)
+    assert value.item() == losses.mean().item() and torch.all(w == 1 / 64)
+
+
+def test_members_that_cannot_share_a_run_are_refused():
+    train = data("ce", 64, 0)
+    a = Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain"))
+    with pytest.raises(InputError, match="batch_size"):
+        BatchedTrainer(factory, [a, Member(TrainConfig(batch_size=16), ScheduleConfig(name="plain"))], train, None)
+    with pytest.raises(InputError, match="loss kind"):
+        BatchedTrainer(
+            factory, [a, Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain", kind="lp"))], train, None
+        )
+    with pytest.raises(InputError, match="excursions"):
+        BatchedTrainer(factory, [Member(TrainConfig(), ScheduleConfig(name="excursions"))], train, None)
+    with pytest.raises(InputError, match="unknown layers"):
+        BatchedTrainer(factory, [Member(TrainConfig(l2={"conv9": 0.1}), ScheduleConfig(name="plain"))], train, None)
