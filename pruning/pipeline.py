@@ -137,13 +137,11 @@ def prune_save_export(
     seconds["prune"] = time.perf_counter() - t0
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
-    t0 = time.perf_counter()
     x_test, y_test = data.test.x.cpu(), data.test.y.cpu()
     verify = x_test[: report.verify_images]
     metadata = input_norm.onnx_metadata(in_graph=False)
-    exported = export_onnx(pruned, out / "model.onnx", verify[:2], verify_inputs=verify, metadata=metadata)
-    onnx_error = onnx_test_error(out / "model.onnx", x_test, y_test) if kind == "ce" else None
-    seconds["export"] = time.perf_counter() - t0
+    # The timed pair first (in onnx/), then model.onnx, then pruned.pt: an export that fails its
+    # verification leaves the folder's earlier model.onnx and pruned.pt in place.
     t0 = time.perf_counter()
     comparison = compare_models(
         dense,
@@ -157,8 +155,12 @@ def prune_save_export(
         threads=report.latency_threads,
         metadata=metadata,
     )
-    seconds["compare"] = time.perf_counter() - t0
-    # Saved last: an export that fails its verification leaves an earlier pruned.pt in place.
+    compare_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exported = export_onnx(pruned, out / "model.onnx", verify[:2], verify_inputs=verify, metadata=metadata)
+    onnx_error = onnx_test_error(out / "model.onnx", x_test, y_test) if kind == "ce" else None
+    seconds["export"] = time.perf_counter() - t0
+    seconds["compare"] = compare_seconds
     save_pruned(
         pruned,
         out / "pruned.pt",
