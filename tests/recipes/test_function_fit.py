@@ -140,7 +140,7 @@ def test_workers_do_not_change_the_results(tmp_path):
 
 def test_the_batched_engine_gives_the_records_of_the_loop(tmp_path):
     args = ["--seeds", "2", "--steps", "24", "--problems", "wave,teacher", "--no-progress", "--workers", "1"]
-    assert main([*args, "--out", str(tmp_path / "loop")]) == 0
+    assert main([*args, "--out", str(tmp_path / "loop"), "--engine", "loop"]) == 0
     assert main([*args, "--out", str(tmp_path / "batched"), "--engine", "batched"]) == 0
     loop, batched = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("loop", "batched"))
     assert (loop["engine"], batched["engine"]) == ("loop", "batched")
