@@ -13,7 +13,7 @@ from anrat.train import main
 from pruning.__main__ import main as prune_main
 
 SMALL = ["--model", "mlp", "--hidden", "16", "--train-subset", "400", "--val-size", "200", "--test-subset", "200"]
-GRID = ["--grid-lr", "0.1,0.05", "--grid-a", "0.1,0.01", "--epochs", "2", "--batch-size", "50", "--no-progress"]
+GRID = ["--grid-lr", "0.05,0.1", "--grid-a", "0.1,0.01", "--epochs", "2", "--batch-size", "50", "--no-progress"]
 
 
 def train(run_cli, mnist_dir: Path, out: Path, *argv: str) -> dict:
@@ -41,6 +41,7 @@ def test_batched_grid_selects_and_writes_what_the_loop_does(both_engines):
     loop_dir, batched_dir = both_engines
     loop, batched = (json.loads((d / "result.json").read_text()) for d in both_engines)
     assert set(batched) == set(loop)
+    assert loop["selected"]["lr"] == 0.1  # not the first grid point (lr 0.05 comes first)
     for key in ("lr", "a", "best_epoch", "switch_epoch"):
         assert batched["selected"][key] == loop["selected"][key]
     assert batched["selected"]["val"]["error"] == loop["selected"]["val"]["error"]
