@@ -145,16 +145,26 @@ def _check_members(members: Sequence[Member]) -> tuple[LossKind, str]:
                 f"member {k} has loss kind {m.schedule.kind!r}, member 0 {first.schedule.kind!r}: "
                 "all members of a batched run share the loss kind"
             )
-        if m.schedule.name == "excursions":
-            raise InputError(f"member {k}: the excursions schedule is not supported by the batched trainer")
-        if m.schedule.name != "adaptive" and m.schedule.normalizer != "batch":
-            raise InputError(f"member {k}: the running normaliser is not supported by the batched trainer")
-        if m.train.amp or m.train.compile is not None:
-            raise InputError(f"member {k}: amp and compile are not supported by the batched trainer")
-    optimizer = first.train.optimizer.lower()
-    if optimizer not in OPTIMIZERS:
-        raise InputError(f"the batched trainer supports the optimizers {OPTIMIZERS}, got {first.train.optimizer!r}")
-    return first.schedule.kind, optimizer
+        option = unsupported_option(m.train, m.schedule)
+        if option is not None:
+            raise InputError(f"member {k}: {option} is not supported by the batched trainer")
+    return first.schedule.kind, first.train.optimizer.lower()
+
+
+def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | None:
+    """The option of a single-model run that the batched trainer cannot train, named with its
+    dotted key (``"the excursions schedule (schedule.name='excursions')"``); None when it can."""
+    if schedule.name == "excursions":
+        return "the excursions schedule (schedule.name='excursions')"
+    if schedule.name != "adaptive" and schedule.normalizer != "batch":
+        return f"the running normaliser (schedule.normalizer={schedule.normalizer!r})"
+    if train.amp:
+        return "amp (train.amp=True)"
+    if train.compile is not None:
+        return f"compile (train.compile={train.compile!r})"
+    if train.optimizer.lower() not in OPTIMIZERS:
+        return f"the optimizer {train.optimizer!r} (train.optimizer; supported: {', '.join(OPTIMIZERS)})"
+    return None
 
 
 def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -693,4 +703,5 @@ __all__ = [
     "StackedSGD",
     "grid",
     "member_objective",
+    "unsupported_option",
 ]

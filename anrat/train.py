@@ -10,7 +10,9 @@ selected model, and writes to ``--out``:
 - ``result.json``: the selected epoch, validation and test figures, and the resolved options.
 
 With ``--grid-lr`` / ``--grid-a`` every combination is trained in ``OUT/grid/...`` and the one
-with the best validation error is selected; only that one sees the test set.
+with the best validation error is selected; only that one sees the test set. With ``--engine
+batched`` the combinations are trained at once, as the members of one
+:class:`~anrat.batched.BatchedTrainer` stack (in ``OUT/batched``), and selected the same way.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the same command trains data-parallel on all the processes
 (nccl on cuda:LOCAL_RANK, gloo on the CPU); rank 0 writes the files. See docs/distributed.md.
@@ -23,24 +25,27 @@ import itertools
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from anrat.atomic_files import make_output_folder, remove_stale_temporaries, write_text_atomic
+from anrat.batched import BatchedTrainer, Member, unsupported_option
 from anrat.checkpoint import load_checkpoint, save_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, flatten, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
-from anrat.distributed import env_is_main, process_group_from_env
+from anrat.distributed import current_world, env_is_main, process_group_from_env
 from anrat.errors import InputError
 from anrat.functional import KINDS
 from anrat.models import MODELS, build_model
 from anrat.schedules import SCHEDULES, LambdaSchedule, ScheduleConfig
-from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged
+from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged, evaluate
+
+ENGINES = ("loop", "batched")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grid_lr: list[float] = field(default_factory=list)
     grid_a: list[float] = field(default_factory=list)
+    engine: Literal["loop", "batched"] = "loop"
 
     def validate(self) -> None:
         """Refuse what :func:`run` cannot run, before anything is read or written."""
@@ -85,6 +91,10 @@ class RunConfig:
             raise InputError(f"grid_a must hold finite numbers >= 0, got {self.grid_a}")
         self.train.validate()
         self.schedule.validate()
+        if self.engine == "batched":
+            option = unsupported_option(self.train, self.schedule)
+            if option is not None:
+                raise InputError(f"--engine batched cannot train {option}; use --engine loop")
 
 
 # Options a resumed run may change: where and how it runs, and how long (more epochs continue it).
@@ -97,6 +107,7 @@ RESUMABLE = (
     "data_dir",
     "grid_lr",
     "grid_a",
+    "engine",
     "train.epochs",
     "train.compile",
 )
@@ -127,13 +138,20 @@ def check_resume(cfg: RunConfig, out_dir: Path) -> None:
         )
 
 
-def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer, dict[str, Any]]:
-    """Train one configuration; return the trainer (best weights loaded) and its summary."""
-    torch.manual_seed(cfg.train.seed)
+def model_kwargs(cfg: RunConfig, data: DataSplits) -> dict[str, Any]:
+    """The keyword arguments of ``build_model(cfg.model, ...)``: the run's, with the data's input
+    size and number of classes filled in."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model == "mlp":
         kwargs.setdefault("in_features", int(torch.tensor(data.input_shape).prod()))
     kwargs.setdefault("num_classes" if cfg.model != "mlp" else "out_features", data.num_classes)
+    return kwargs
+
+
+def train_once(cfg: RunConfig, data: DataSplits, out_dir: Path) -> tuple[Trainer, dict[str, Any]]:
+    """Train one configuration; return the trainer (best weights loaded) and its summary."""
+    torch.manual_seed(cfg.train.seed)
+    kwargs = model_kwargs(cfg, data)
     model = build_model(cfg.model, **kwargs).to(data.train.x.device)
     schedule = LambdaSchedule(replace(cfg.schedule))
     trainer = Trainer(
@@ -189,10 +207,44 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         )
         for lr, a in grid
     ]
-    for trial_cfg, trial_dir in trial_cfgs:
-        check_resume(trial_cfg, trial_dir)
+    if cfg.engine == "loop":
+        for trial_cfg, trial_dir in trial_cfgs:
+            check_resume(trial_cfg, trial_dir)
     if env_is_main():
         remove_stale_temporaries(out, ("model.pt", "result.json"))
+    chosen = (grid_batched if cfg.engine == "batched" else grid_loop)(trial_cfgs, data, out)
+    summary = chosen.summary
+    result = {
+        "selected": summary,
+        "test": chosen.test,
+        "trials": chosen.trials,
+        "history": chosen.history,
+        "device": str(device),
+        "config": asdict(cfg),
+    }
+    if chosen.writes_files:  # rank 0 under torch.distributed
+        metrics = {"val": summary["val"], "test": chosen.test, "best_epoch": summary["best_epoch"]}
+        save_atomic(chosen.checkpoint(metrics), out / "model.pt")
+        write_text_atomic(out / "result.json", json.dumps(result, indent=2))
+    return result
+
+
+@dataclass
+class Selection:
+    """What a grid search hands back: the selected configuration's summary, every trial, the
+    selected model's history and test figures, and its ``model.pt`` content (given its metrics)."""
+
+    summary: dict[str, Any]
+    trials: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    test: dict[str, float]
+    checkpoint: Callable[[dict[str, Any]], dict[str, Any]]
+    writes_files: bool = True
+
+
+def grid_loop(trial_cfgs: list[tuple[RunConfig, Path]], data: DataSplits, out: Path) -> Selection:
+    """The loop engine: train the configurations one after another, each in its folder; select
+    the best on validation and test it."""
     best: tuple[Trainer, dict[str, Any]] | None = None
     trials = []
     for trial_cfg, trial_dir in trial_cfgs:
@@ -200,7 +252,7 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         try:
             trainer, summary = train_once(trial_cfg, data, trial_dir)
         except TrainingDiverged as exc:
-            if len(grid) == 1:
+            if len(trial_cfgs) == 1:
                 raise
             trials.append({"lr": lr, "a": a, "diverged": str(exc), "out_dir": str(trial_dir)})
             continue
@@ -211,23 +263,85 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         raise TrainingDiverged("every configuration of the grid diverged; lower the learning rates")
     trainer, summary = best
     test = trainer.evaluate(data.test)
-    result = {
-        "selected": summary,
-        "test": test,
-        "trials": trials,
-        "history": trainer.history,
-        "device": str(device),
-        "config": asdict(cfg),
+    return Selection(summary, trials, trainer.history, test, trainer.model_checkpoint, trainer.writes_files)
+
+
+def grid_batched(trial_cfgs: list[tuple[RunConfig, Path]], data: DataSplits, out: Path) -> Selection:
+    """The batched engine: train every configuration as one member of a :class:`BatchedTrainer`
+    stack in ``out/batched``; select the best on validation as :func:`grid_loop` does, test it."""
+    if current_world() is not None:
+        raise InputError("--engine batched does not run under torch.distributed (WORLD_SIZE > 1); use --engine loop")
+    cfg = trial_cfgs[0][0]
+    kwargs = model_kwargs(cfg, data)
+    stack_dir = make_output_folder(out / "batched")
+    remove_stale_temporaries(stack_dir, ("last.pt", "metrics.jsonl"))
+    trainer = BatchedTrainer(
+        lambda: build_model(cfg.model, **kwargs),
+        [Member(c.train, c.schedule) for c, _ in trial_cfgs],
+        data.train,
+        data.val,
+        out_dir=stack_dir,
+        arch={"name": cfg.model, "kwargs": kwargs},
+    )
+    result = trainer.fit(resume=cfg.resume)
+    trials = [_member_trial(trainer, k, c, stack_dir) for k, (c, _) in enumerate(trial_cfgs)]
+    ranked = [(k, t) for k, t in enumerate(trials) if "diverged" not in t]
+    if not ranked:
+        raise TrainingDiverged(_all_diverged(trials, result.diverged_epoch))
+    k, summary = min(ranked, key=lambda kt: _selection_score(kt[1]))  # the first of equals, as grid_loop
+    model = trainer.member_model(k).to(data.train.x.device)
+    selected_cfg = trial_cfgs[k][0]
+    test = evaluate(model, data.test, selected_cfg.schedule.kind, selected_cfg.schedule.p, cfg.train.eval_batch_size)
+
+    def checkpoint(metrics: dict[str, Any]) -> dict[str, Any]:
+        ckpt = trainer.member_checkpoint(k)
+        ckpt.update(metrics=metrics, run_config=asdict(selected_cfg))
+        if data.input_norm is not None:
+            ckpt["input_norm"] = data.input_norm.as_dict()
+        return ckpt
+
+    return Selection(summary, trials, _member_history(result.history, k), test, checkpoint)
+
+
+def _member_trial(trainer: BatchedTrainer, k: int, cfg: RunConfig, stack_dir: Path) -> dict[str, Any]:
+    """Member ``k``'s trial record, in the keys of :func:`train_once`'s summary (or diverged)."""
+    lr, a = cfg.train.lr, cfg.schedule.a
+    if k in trainer.diverged:
+        return {"lr": lr, "a": a, "diverged": trainer.diverged[k], "out_dir": str(stack_dir), "member": k}
+    return {
+        "best_epoch": trainer.best_epoch[k],
+        "val": trainer.best_val[k],
+        "switch_epoch": trainer.schedules[k].switch_epoch,
+        "lr": lr,
+        "a": a,
+        "out_dir": str(stack_dir),
+        "member": k,
     }
-    if trainer.writes_files:  # rank 0 under torch.distributed
-        save_atomic(
-            trainer.model_checkpoint(
-                metrics={"val": summary["val"], "test": test, "best_epoch": summary["best_epoch"]}
-            ),
-            out / "model.pt",
-        )
-        write_text_atomic(out / "result.json", json.dumps(result, indent=2))
-    return result
+
+
+def _all_diverged(trials: list[dict[str, Any]], epochs: dict[int, int]) -> str:
+    """The message when no member survived; a single configuration's reads as the loop engine's."""
+    if len(trials) > 1:
+        return "every configuration of the grid diverged; lower the learning rates"
+    return (
+        f"training diverged in epoch {epochs[0]}: the objective or the weights became non-finite "
+        f"(lr={trials[0]['lr']:g}); lower the learning rate"
+    )
+
+
+_MEMBER_KEYS = ("criterion", "train_objective", "train_loss", "train_max_loss", "lam", "switch_epoch")
+
+
+def _member_history(history: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """Member ``k``'s epochs of a batched history, one value per key as the loop engine's."""
+    records = []
+    for r in history:
+        record = {"epoch": r["epoch"], **{key: r[key][k] for key in _MEMBER_KEYS}}
+        vals = r.get("val")
+        if vals is not None and vals[k] is not None:
+            record.update({f"val_{name}": v for name, v in vals[k].items()})
+        records.append(record)
+    return records
 
 
 def _selection_score(summary: dict[str, Any]) -> float:
@@ -343,6 +457,15 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     flag(g, "--seed", key="train.seed", defaults=d, type=int, help="seed of initialisation, split and shuffling")
     flag(g, "--grid-lr", key="grid_lr", type=_floats, help="comma-separated learning rates to grid-search")
     flag(g, "--grid-a", key="grid_a", type=_floats, help="comma-separated penalty weights a to grid-search")
+    flag(
+        g,
+        "--engine",
+        key="engine",
+        defaults=d,
+        choices=ENGINES,
+        help="loop: train the grid's configurations one after another; batched: all at once as one "
+        "vectorised stack (anrat.batched: SGD or Adam; no excursions, running normaliser, amp, compile, torchrun)",
+    )
     g = ap.add_argument_group("lambda schedule")
     flag(
         g,
