@@ -130,11 +130,28 @@ def test_summary_counts_real_successes():
     assert summary["median_steps_to_threshold"] == runs[1]["steps_to_threshold"]
 
 
-def test_workers_do_not_change_the_results(tmp_path):
-    args = ["--seeds", "2", "--steps", "15", "--problems", "wave", "--methods", "mse,anrat", "--no-progress"]
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_workers_do_not_change_the_results(engine, tmp_path):
+    # two problems, so that the batched engine also spreads its problems over the two workers
+    args = [
+        "--seeds",
+        "2",
+        "--steps",
+        "15",
+        "--problems",
+        "wave,teacher",
+        "--methods",
+        "mse,anrat",
+        "--no-progress",
+        "--engine",
+        engine,
+    ]
     assert main([*args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
     assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [(r["problem"], r["method"], r["seed"]) for r in one["runs"]] == [
+        (r["problem"], r["method"], r["seed"]) for r in two["runs"]
+    ]
     assert [r["final_error"] for r in one["runs"]] == [r["final_error"] for r in two["runs"]]
 
 
