@@ -5,12 +5,13 @@ with the same seeds, steps, problems and methods: ``--engine loop`` (the referen
 loop per run, ``--workers`` processes) and ``--engine batched`` (the runs of each problem as one
 vectorised model, :mod:`anrat.batched`). Measured side by side in one run:
 
-- wall-clock seconds of each command (including its start-up), and the ratio loop / batched;
+- wall-clock seconds of each command (including its start-up), and the ratio loop / batched:
+  with ``--repeats R`` the two commands alternate R times, and the medians and ranges are given;
 - the per-run success table: for every (problem, method, seed), success (final training MSE below
   the problem's threshold) and divergence under each engine, and how many differ;
 - the final errors: per run, |batched - loop| / loop, median and largest.
 
-    python benchmarks/batched.py --seeds 20 --steps 2000      # the study's defaults
+    python benchmarks/batched.py --seeds 20 --steps 2000 --repeats 3      # the study's defaults
 
 The records go to ``OUT/loop`` and ``OUT/batched`` (the recipe's ``results.json``) and the
 comparison to ``OUT/comparison.json``.
@@ -89,6 +90,11 @@ def compare(loop: dict[str, Any], batched: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def spread(values: list[float], unit: str) -> str:
+    """``median [min, max]`` of ``values``."""
+    return f"{statistics.median(values):.2f}{unit} [{min(values):.2f}, {max(values):.2f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds per problem and method (the study's default: 20)")
@@ -98,29 +104,37 @@ def main() -> None:
         "--workers",
         type=int,
         default=min(2, os.cpu_count() or 1),
-        help="worker processes of the loop engine (the recipe's default: one per core, at most 2)",
+        help="worker processes of both engines (the recipe's default: one per core, at most 2)",
     )
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of the two commands, for the timings")
     ap.add_argument("--out", default="runs/bench_batched", help="output folder")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loop, loop_seconds = run_engine("loop", args, out)
-    batched, batched_seconds = run_engine("batched", args, out)
+    seconds: dict[str, list[float]] = {"loop": [], "batched": []}
+    for _ in range(args.repeats):  # alternating, so that drift of the machine affects both alike
+        loop, loop_seconds = run_engine("loop", args, out)
+        batched, batched_seconds = run_engine("batched", args, out)
+        seconds["loop"].append(loop_seconds)
+        seconds["batched"].append(batched_seconds)
     comparison = compare(loop, batched)
+    ratios = [a / b for a, b in zip(seconds["loop"], seconds["batched"])]
     record = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "seconds": {"loop": loop_seconds, "batched": batched_seconds},
-        "speedup": loop_seconds / batched_seconds,
+        "seconds": seconds,
+        "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "each": ratios},
         **comparison,
     }
     write_text_atomic(out / "comparison.json", json.dumps(record, indent=1))
     rel = comparison["final_error_relative_difference"]
     print(f"{comparison['runs']} runs ({args.seeds} seeds x {args.steps} steps); {os.cpu_count()} CPUs")
+
     print(
-        f"wall-clock: loop {loop_seconds:.1f} s ({args.workers} workers), batched {batched_seconds:.1f} s; "
-        f"loop / batched = {record['speedup']:.2f}x"
+        f"wall-clock, median [min, max] of {args.repeats}: loop {spread(seconds['loop'], ' s')} "
+        f"({args.workers} workers), batched {spread(seconds['batched'], ' s')}; loop / batched {spread(ratios, 'x')}"
     )
+
     print(f"runs whose success or divergence differs: {len(comparison['success_or_divergence_differs'])}")
     print(f"final errors, |batched - loop| / loop: median {rel['median']:.2e}, max {rel['max']:.2e}")
     print(

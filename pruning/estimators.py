@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -52,7 +52,9 @@ class FisherEstimator(ABC):
     def check_layers(self, layers: Mapping[str, nn.Module]) -> None:  # noqa: B027 (a no-op unless overridden)
         """Refuse (:class:`InputError`) tested layers this estimator cannot handle (by default it handles all)."""
 
-    @abstractmethod
+    #: The function of :mod:`pruning.fisher` that estimates each layer's Fisher (estimate, below).
+    fisher_function: ClassVar[Callable[..., dict[str, Any]]]
+
     def estimate(
         self,
         model: nn.Module,
@@ -64,6 +66,7 @@ class FisherEstimator(ABC):
         progress: bool = False,
     ) -> dict[str, Any]:
         """Each tested layer's Fisher estimate on the samples of ``fd``, keyed by layer name."""
+        return type(self).fisher_function(model, fd, layers, fisher=fisher, batch_size=batch_size, progress=progress)
 
     @abstractmethod
     def layer_tests(
@@ -84,6 +87,7 @@ class KfacEstimator(FisherEstimator):
     the weight part of A^-1, bias excluded). Scales to large layers: memory O(d_in^2 + d_out^2)."""
 
     name: ClassVar[str] = "kfac"
+    fisher_function = staticmethod(kfac_factors)
 
     def check_layers(self, layers: Mapping[str, nn.Module]) -> None:
         """KFC as implemented covers Conv2d with groups=1, zero padding and numeric padding."""
@@ -105,18 +109,6 @@ class KfacEstimator(FisherEstimator):
                     f"estimator 'kfac' needs numeric padding; layer {name!r} has padding={module.padding!r} (use "
                     f"'diagonal')"
                 )
-
-    def estimate(
-        self,
-        model: nn.Module,
-        fd: FisherData,
-        layers: Mapping[str, nn.Module],
-        *,
-        fisher: str = "model",
-        batch_size: int = 256,
-        progress: bool = False,
-    ) -> dict[str, KroneckerFactors]:
-        return kfac_factors(model, fd, layers, fisher=fisher, batch_size=batch_size, progress=progress)
 
     def layer_tests(
         self, name: str, weight: Tensor, estimate: KroneckerFactors, *, n: int, damping: float, free: Tensor | None
@@ -157,6 +149,7 @@ class FullEstimator(FisherEstimator):
     O(P_l^2): layers of more than ``max_params`` parameters are refused."""
 
     name: ClassVar[str] = "full"
+    fisher_function = staticmethod(dense_fisher)
     max_params: int = DENSE_MAX_PARAMS
 
     def check_layers(self, layers: Mapping[str, nn.Module]) -> None:
@@ -167,18 +160,6 @@ class FullEstimator(FisherEstimator):
                 f"estimator 'full' inverts a dense Fisher block per layer and is limited to {self.max_params} "
                 f"parameters per layer; too large: {too_big}. Use estimator 'kfac' or 'diagonal', or restrict layers"
             )
-
-    def estimate(
-        self,
-        model: nn.Module,
-        fd: FisherData,
-        layers: Mapping[str, nn.Module],
-        *,
-        fisher: str = "model",
-        batch_size: int = 256,
-        progress: bool = False,
-    ) -> dict[str, Tensor]:
-        return dense_fisher(model, fd, layers, fisher=fisher, batch_size=batch_size, progress=progress)
 
     def layer_tests(
         self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float, free: Tensor | None

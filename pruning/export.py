@@ -316,6 +316,7 @@ def _model_figures(model: nn.Module, report: ExportReport) -> dict[str, Any]:
         "nonzero_parameters": count_nonzero(model),
         "onnx_path": report.path,
         "onnx_bytes": report.onnx_bytes,
+        "opset": report.opset,
         "max_abs_diff": report.as_dict()["max_abs_diff"],
         "latency_s": {},
     }

@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from anrat.atomic_files import make_output_folder, write_text_atomic
+from anrat.atomic_files import atomic_path, make_output_folder, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.config import flatten
 from anrat.data import DataSplits, load_dataset
@@ -35,7 +36,7 @@ from anrat.input_norm import InputNorm
 from anrat.train import RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
-from pruning.export import ExportReport, compare_models, export_onnx, onnx_test_error
+from pruning.export import compare_models, onnx_test_error
 from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
 from pruning.pruned_checkpoint import save_pruned
@@ -95,7 +96,7 @@ class PrunedModel:
     test_before: dict[str, float]
     test_after: dict[str, float]
     onnx_test_error: float | None  # model.onnx under onnxruntime on the test inputs (classification)
-    export: ExportReport  # model.onnx
+    export: dict[str, Any]  # model.onnx: path, bytes, opset, max |diff| against PyTorch
     comparison: dict[str, Any]  # compare_models: sizes, latencies, speed-ups
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -157,7 +158,10 @@ def prune_save_export(
     )
     compare_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exported = export_onnx(pruned, out / "model.onnx", verify[:2], verify_inputs=verify, metadata=metadata)
+    # onnx/pruned.onnx was exported and verified above, with the same inputs and metadata
+    with atomic_path(out / "model.onnx") as tmp:
+        shutil.copyfile(comparison["pruned"]["onnx_path"], tmp)
+    exported = {**comparison["pruned"], "onnx_path": str(out / "model.onnx")}
     onnx_error = onnx_test_error(out / "model.onnx", x_test, y_test) if kind == "ce" else None
     seconds["export"] = time.perf_counter() - t0
     seconds["compare"] = compare_seconds
@@ -259,6 +263,7 @@ def train_prune_export(
             description={"arch": ckpt["arch"]},
             input_norm=data.input_norm,
             report=cfg.report,
+            test_before=trained["test"],  # the training evaluated the selected model once already
             progress=progress,
             log=(lambda record: log(round_line(record))) if log else None,
         )
@@ -305,7 +310,7 @@ def train_prune_export(
             "onnx": done.onnx_test_error,
             "images": len(data.test),
         },
-        "export": {"model_onnx": done.export.as_dict(), "compare": done.comparison},
+        "export": {"model_onnx": done.export, "compare": done.comparison},
         "seconds": seconds,
         "files": {
             "config": "config.json",

@@ -301,8 +301,8 @@ def run_all(
     ``engine="loop"``: one training loop per task (the reference); ``"batched"``: the tasks of
     each problem as one vectorised run (:func:`train_batched`), the problems spread over the
     workers. Either way every process computes with one thread, so results do not depend on
-    ``workers``: intra-op threads barely help these tiny networks (a problem's batched run took
-    3.4 s with one thread and 2.8 s with two), while two processes use both cores fully.
+    ``workers``: intra-op threads barely help these tiny networks, while two processes use both
+    cores fully (docs/results.md, issue 13).
     """
     bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
     results: list[dict[str, Any] | None] = [None] * len(tasks)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from torch import nn
@@ -20,15 +18,6 @@ from pruning.estimators import (
 )
 from pruning.fisher import KroneckerFactors
 from pruning.significance import wald_test
-
-
-@pytest.fixture(autouse=True, scope="module")
-def frozen_gc():
-    """statsmodels' Holm procedure calls gc.collect(); freezing the objects alive now makes it
-    cheap. Only speed changes."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 def spd(size: int, seed: int) -> torch.Tensor:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from anrat.data import Split
 from anrat.errors import InputError
@@ -27,38 +25,8 @@ from pruning.saliency import magnitude_scores, obd_scores
 from pruning.significance import wald_test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def frozen_gc():
-    """statsmodels' Holm procedure calls gc.collect(); freezing the objects alive now makes it
-    cheap. Only speed changes."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A 5-4-3 tanh MLP fitted by L-BFGS to 3-class data that depends on x0 and x1."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
-    logits = torch.stack([x[:, 0], x[:, 1], -x[:, 0] - x[:, 1]], 1)
-    y = torch.multinomial(torch.softmax(2 * logits, 1), 1, generator=g).squeeze(1)
-    torch.manual_seed(0)
-    model = mlp(5, (4,), 3, "tanh").double()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return model, x, y
-
-
-def test_magnitude_is_the_absolute_weight(trained):
-    model, _, _ = trained
+def test_magnitude_is_the_absolute_weight(fitted_mlp):
+    model, _, _ = fitted_mlp
     scores = MagnitudeImportance()(model)
     assert list(scores) == ["fc1.weight", "fc2.weight"]
     for name, param in model.named_parameters():
@@ -69,8 +37,8 @@ def test_magnitude_is_the_absolute_weight(trained):
 
 
 @pytest.mark.parametrize("fisher", ["model", "empirical"])
-def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(trained, fisher):
-    model, x, y = trained
+def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(fitted_mlp, fisher):
+    model, x, y = fitted_mlp
     scores = OBDImportance(fisher=fisher, max_samples=200, seed=3)(model, (x, y))
     layers = select_layers(model)
     fd = prepare(model, (x, y), layers=layers, max_samples=200, seed=3)
@@ -82,8 +50,8 @@ def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(trained, fishe
     assert all(torch.equal(twin[n], scores[n]) for n in scores)
 
 
-def test_wald_is_the_absolute_z_and_puts_the_softmax_layer_in_its_tested_form(trained):
-    model, x, y = trained
+def test_wald_is_the_absolute_z_and_puts_the_softmax_layer_in_its_tested_form(fitted_mlp):
+    model, x, y = fitted_mlp
     model = copy.deepcopy(model)
     expected = wald_test(model, (x, y), estimator="full")
     before = model(x).detach()

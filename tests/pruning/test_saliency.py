@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 from collections import OrderedDict
 
@@ -17,38 +16,8 @@ from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
 from pruning.significance import wald_test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def frozen_gc():
-    """statsmodels' Holm procedure calls gc.collect() (~0.5 s with torch and scipy loaded);
-    freezing the objects alive now makes it cheap. Only speed changes."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A 5-4-3 tanh MLP fitted by a few L-BFGS steps to 3-class data that depends on x0 and x1."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
-    logits = torch.stack([x[:, 0], x[:, 1], -x[:, 0] - x[:, 1]], 1)
-    y = torch.multinomial(torch.softmax(2 * logits, 1), 1, generator=g).squeeze(1)
-    torch.manual_seed(0)
-    model = mlp(5, (4,), 3, "tanh").double()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return model, x, y
-
-
-def test_magnitude_masks_remove_exactly_the_smallest_weights(trained):
-    model, _, _ = trained
+def test_magnitude_masks_remove_exactly_the_smallest_weights(fitted_mlp):
+    model, _, _ = fitted_mlp
     scores = magnitude_scores(model)
     assert set(scores) == {"fc1.weight", "fc2.weight"}
     torch.testing.assert_close(scores["fc1.weight"], model.fc1.weight.detach().abs())
@@ -78,9 +47,9 @@ def test_ties_are_broken_so_exactly_the_requested_count_is_removed():
     assert masks["w"].tolist() == [False] * 3 + [True] * 7
 
 
-def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(trained):
+def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(fitted_mlp):
     """F_jj from its definition, sum_k pi_k (d(-log pi_k)/dw_j)^2 averaged over samples, by autograd."""
-    model, x, y = trained
+    model, x, y = fitted_mlp
     scores = obd_scores(model, (x, y), max_samples=None)
     params = dict(model.named_parameters())
     fisher = {name: torch.zeros_like(params[name]) for name in scores}
@@ -101,8 +70,8 @@ def test_obd_is_half_the_diagonal_fisher_times_the_squared_weight(trained):
     assert not all(torch.equal(masks_at_sparsity(scores, 0.5)[n], masks_at_sparsity(magnitude, 0.5)[n]) for n in scores)
 
 
-def test_three_methods_reach_the_same_sparsity(trained):
-    model, x, y = trained
+def test_three_methods_reach_the_same_sparsity(fitted_mlp):
+    model, x, y = fitted_mlp
     wald = wald_test(model, (x, y))
     assert wald.scores().keys() == magnitude_scores(model).keys()
     for scores in (magnitude_scores(model), obd_scores(model, (x, y)), wald.scores()):
@@ -116,8 +85,8 @@ def test_three_methods_reach_the_same_sparsity(trained):
     assert all(torch.equal(cut[name], wald.masks()[name]) for name in cut)
 
 
-def test_layers_option_restricts_scores(trained):
-    model, x, y = trained
+def test_layers_option_restricts_scores(fitted_mlp):
+    model, x, y = fitted_mlp
     assert set(magnitude_scores(model, ["fc2"])) == {"fc2.weight"}
     assert set(obd_scores(model, (x, y), layers=["fc1"], fisher="empirical")) == {"fc1.weight"}
 

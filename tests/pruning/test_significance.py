@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 from collections import OrderedDict
 
@@ -20,16 +19,6 @@ from anrat.models import lenet5, mlp
 from pruning.significance import WaldResult, center_softmax_layer, wald_test
 
 ESTIMATORS = ["full", "kfac", "diagonal"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def frozen_gc():
-    """statsmodels' Holm procedure calls gc.collect(), ~0.5 s per call in a process holding torch,
-    scipy and statsmodels; freezing the objects alive now makes those collections cheap. Only
-    speed changes: nothing this module creates is frozen."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 def linear_model(weight: np.ndarray, bias: np.ndarray, dtype=torch.float64) -> nn.Sequential:
