@@ -31,7 +31,7 @@ import os
 import types
 import typing
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -161,11 +161,6 @@ def resolve(
     return merge(defaults, values)
 
 
-def as_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as the nested dict a config file holds (what ``config.json`` records)."""
-    return asdict(obj)
-
-
 def default_of(obj: Any, dotted: str) -> Any:
     """The value at a dotted key of a dataclass instance (for help texts)."""
     for key in dotted.split("."):
@@ -228,7 +223,6 @@ def resolve_from_args(defaults: T, args: argparse.Namespace, extra: Sequence[tup
 
 __all__ = [
     "add_config_arguments",
-    "as_dict",
     "default_of",
     "flag",
     "flag_values",

@@ -39,7 +39,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,6 @@ def resolve_config(args: argparse.Namespace) -> RecipeConfig:
         raise InputError(f"model {cfg.run.model!r} is not an MNIST ConvNet; expected 'lenet5' or 'convnet_dropout'")
     cfg.validate()
     return cfg
-
-
-def config_dict(cfg: RecipeConfig) -> dict[str, Any]:
-    """What ``OUT/config.json`` holds (``--config`` of it repeats the run)."""
-    return asdict(cfg)
 
 
 def _int_at_least(low: int):

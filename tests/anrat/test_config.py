@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import pytest
 
 from anrat.config import (
     add_config_arguments,
-    as_dict,
     flag,
     flatten,
     merge,
@@ -46,7 +45,7 @@ def test_values_resolve_in_order_defaults_file_flags_set(tmp_path):
     got = resolve(Outer(), path, flags=[("inner.lr", 0.25), ("limit", 7)], sets=[("inner.lr", 2)])
     assert got == Outer(seed=1, limit=7, inner=Inner(lr=2, name="b"))  # an int is accepted for a float
     json_path = tmp_path / "c.json"
-    json_path.write_text(json.dumps(as_dict(got)))  # what a run records repeats it
+    json_path.write_text(json.dumps(asdict(got)))  # what a run records repeats it
     assert resolve(Outer(), json_path) == got
 
 

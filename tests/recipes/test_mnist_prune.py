@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.image
@@ -16,7 +17,7 @@ import torch
 
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import load_dataset
-from anrat.recipes.mnist_prune import FIGURES, build_parser, config_dict, main, resolve_config
+from anrat.recipes.mnist_prune import FIGURES, build_parser, main, resolve_config
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
@@ -156,7 +157,7 @@ def test_config_json_repeats_the_options(tiny_run):
     out, metrics, _ = tiny_run
     saved = json.loads((out / "config.json").read_text())
     again = resolve_config(build_parser().parse_args(["--config", str(out / "config.json")]))
-    assert config_dict(again) == saved == metrics["config"]
+    assert asdict(again) == saved == metrics["config"]
     # every option of pruning.prune.prune is recorded, not only the ones set
     assert {"alpha", "method", "estimator", "step", "min_step", "structured", "unstructured"} <= set(saved["prune"])
     assert saved["run"]["train"]["seed"] == saved["prune"]["fine_tune"]["seed"] == 3
