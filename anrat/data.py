@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
 
 from anrat.atomic_files import atomic_path
 from anrat.devices import resolve_device
@@ -41,11 +40,22 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 
 DATASETS = ("mnist", "fashion_mnist")
-# name -> (torchvision class, training-set pixel mean and std on the [0, 1] scale)
-_SPECS: dict[str, tuple[type[datasets.MNIST], float, float]] = {
-    "mnist": (datasets.MNIST, 0.1307, 0.3081),
-    "fashion_mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
+# name -> (torchvision.datasets class name, training-set pixel mean and std on the [0, 1] scale)
+_SPECS: dict[str, tuple[str, float, float]] = {
+    "mnist": ("MNIST", 0.1307, 0.3081),
+    "fashion_mnist": ("FashionMNIST", 0.2860, 0.3530),
 }
+
+
+def _dataset_class(name: str) -> type:
+    """The ``torchvision.datasets`` class of ``name``, imported on first use: importing
+    torchvision costs ~1-2 s (it loads torch._dynamo), which every worker process of the
+    function-fitting study, which reads no images, would otherwise pay."""
+    from torchvision import datasets
+
+    return getattr(datasets, _SPECS[name][0])
+
+
 # name -> the normalisation the toolkit trains with by default (the training set's mean and std)
 DATASET_NORMS: dict[str, InputNorm] = {name: InputNorm.of(mean, std) for name, (_, mean, std) in _SPECS.items()}
 # file name (without .gz) -> number of dimensions in its IDX header
@@ -171,7 +181,7 @@ def _find_sources(name: str, folder: Path, origin: str) -> dict[str, Path]:
         folder,
         folder / name,
         folder / name.replace("_", "-"),
-        folder / _SPECS[name][0].__name__ / "raw",
+        folder / _SPECS[name][0] / "raw",
     ):
         # The uncompressed file wins over its .gz when both are there (later keys overwrite).
         found = {n: p for n in IDX_FILES for p in (candidate / f"{n}.gz", candidate / n) if p.is_file()}
@@ -192,7 +202,7 @@ def _fill_cache(name: str, sources: dict[str, Path], cache_root: Path) -> Path:
     modification times, so different or changed source folders never share a cache folder."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources.values()]
     root = cache_root / f"{name}-{hashlib.sha256(repr(stats).encode()).hexdigest()[:12]}"
-    raw = root / _SPECS[name][0].__name__ / "raw"
+    raw = root / _SPECS[name][0] / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for file_name, source in sources.items():
         target = raw / file_name
@@ -213,7 +223,7 @@ def _fill_cache(name: str, sources: dict[str, Path], cache_root: Path) -> Path:
 def _read(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     """uint8 images (N, H, W) and int64 labels (N,) read by torchvision from ``root``."""
     try:
-        dataset = _SPECS[name][0](root, train=train, download=download)
+        dataset = _dataset_class(name)(root, train=train, download=download)
     except (RuntimeError, OSError) as e:
         if download:
             raise InputError(f"could not download {name} into {root} ({e}); without network, {_HOW_TO_PROVIDE}") from e
@@ -269,7 +279,7 @@ def load_dataset(
     """
     if name not in _SPECS:
         raise InputError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    dataset_cls = _SPECS[name][0]
+    dataset_cls = _dataset_class(name)
     norm = input_norm if isinstance(input_norm, InputNorm) else InputNorm.parse(str(input_norm), DATASET_NORMS[name])
     _check_count("val_size", val_size, 0, 10**9)
     for what, subset in (("train_subset", train_subset), ("test_subset", test_subset)):

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import Normalize
 
 from anrat.errors import InputError
 
@@ -126,7 +125,11 @@ class InputNorm:
     def module(self) -> nn.Module:
         """``torchvision.transforms.Normalize`` (an ``nn.Module``) or ``nn.Identity``, to put in front
         of a model so that it takes [0, 1] pixels."""
-        return nn.Identity() if self.is_identity else Normalize(list(self.mean), list(self.std))
+        if self.is_identity:
+            return nn.Identity()
+        from torchvision.transforms import Normalize  # on first use: importing torchvision costs ~1-2 s
+
+        return Normalize(list(self.mean), list(self.std))
 
     def apply(self, x: Tensor) -> Tensor:
         """Normalise a batch ``(N, C, ...)`` of [0, 1] pixels (a new tensor)."""
