@@ -232,7 +232,6 @@ CASES = [
     ("train", TRAIN + ["--set", "train.eval_batch_size=0"], "eval_batch_size must be >= 1"),
     ("train", TRAIN + ["--device", "bogus"], "bogus"),
     ("train", TRAIN + ["--config", "{text}"], "text.pt"),
-    ("train", TRAIN + ["--engine", "batched", "--schedule", "excursions"], "excursions schedule"),
     ("train", TRAIN + ["--engine", "batched", "--amp"], "; use --engine loop"),
     # anrat.train: data
     ("train", TRAIN + ["--data-dir", "{idx_corrupt}"], "train-labels-idx1-ubyte"),

@@ -110,10 +110,8 @@ def test_a_single_configuration_that_diverges_exits_1_as_the_loop(mnist_dir, tmp
 @pytest.mark.parametrize(
     "argv, option",
     [
-        (["--schedule", "excursions"], "the excursions schedule (schedule.name='excursions')"),
         (["--amp"], "amp (train.amp=True)"),
         (["--compile"], "compile (train.compile='default')"),
-        (["--schedule", "fixed", "--normalizer", "running"], "the running normaliser"),
         (["--optimizer", "rmsprop"], "the optimizer 'rmsprop'"),
     ],
 )
