@@ -733,7 +733,9 @@ class BatchedTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != BATCHED_FORMAT:
             raise InputError(f"not a batched-run checkpoint (format {state.get('format')!r})")
-        saved = state["members"]
+        # options added since a checkpoint was written are absent from it; their defaults do what it did
+        defaults = {"train": asdict(TrainConfig()), "schedule": asdict(ScheduleConfig())}
+        saved = [{part: {**defaults[part], **m[part]} for part in defaults} for m in state["members"]]
         ours = [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members]
         if saved != ours:
             raise InputError(

@@ -241,6 +241,41 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path):
     assert len((tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path):
+    """The running NRAE, lambda's direct value and the RAE switch come back from last.pt; a
+    checkpoint written before r, switch_to and the running normaliser existed still resumes."""
+    train, val = data("ce", 128, 0), data("ce", 64, 1)
+    grid_members = faithful_members("ce", "sgd")
+    for m in grid_members:
+        m.train.epochs = 6
+        m.train.batch_size = 16  # 8 steps per epoch: excursions' plain phases fall in both halves
+    straight = BatchedTrainer(factory, grid_members, train, val)
+    straight.fit()
+    first = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    first.fit(epochs=3)
+    resumed = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    resumed.fit()
+    assert resumed.history[2]["epoch"] == 3 and len(resumed.history) == 6
+    assert [s.switch_epoch for s in resumed.schedules] == [s.switch_epoch for s in straight.schedules]
+    assert straight.schedules[3].switch_epoch is not None  # the switch to RAE came before the interruption
+    assert torch.equal(resumed.running_nrae.nan_to_num(-1.0), straight.running_nrae.nan_to_num(-1.0))  # NaN: none
+    assert torch.equal(resumed.theta, straight.theta)
+    for k in range(len(grid_members)):
+        for name, value in straight.member_state_dict(k, best=False).items():
+            assert torch.equal(value, resumed.member_state_dict(k, best=False)[name]), (k, name)
+
+    plain = [Member(TrainConfig(epochs=2, batch_size=32, seed=s), ScheduleConfig(name="fixed")) for s in (0, 1)]
+    old = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    old.fit(epochs=1)
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    for m in state["members"]:
+        del m["schedule"]["r"], m["schedule"]["switch_to"]
+    del state["running_nrae"]
+    save_atomic(state, tmp_path / "old" / "last.pt")
+    again = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    assert again.fit().best_epoch is not None and again.epoch == 2 and len(again.history) == 2
+
+
 def test_a_checkpoint_of_other_members_is_refused(tmp_path):
     train = data("ce", 64, 0)
     BatchedTrainer(dropout_factory, dropout_members(), train, None, out_dir=tmp_path).fit(epochs=1)
