@@ -15,20 +15,28 @@ Per member: the seed (initial weights, drawn under ``torch.manual_seed(seed)`` a
 order, a ``torch.Generator`` seeded with ``seed`` as the Trainer's), ``lr``, ``momentum``,
 ``l2`` (weight decay on named layers' weights), ``lambda_lr`` and the whole schedule: the plain
 loss (``"plain"``), NRAE at a fixed lambda and p (``"fixed"``), annealed (``"anneal"``), ANRAT
-(``"adaptive"``: lambda0, p, a, q, parameterisation), with the deconvexification switch. Shared
-by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum and weight
-decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"`` or ``"lp"``).
+(``"adaptive"``: lambda0, p, a, q, parameterisation, ``"direct"`` included), Lo et al.'s
+excursions (``"excursions"``: period, plain steps), the normaliser (``"batch"`` or
+``"running"``), the error's exponent r, with the deconvexification switch to the plain loss or to
+RAE. Shared by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum
+and weight decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"``, ``"lp"`` or
+``"true_class_sq"``).
 
 **The objective of a member** on a batch of per-sample losses l (B,), as in :mod:`anrat.losses`:
 
     plain:     mean_i l_i                                      (exact, not NRAE at a small lambda)
     NRAE:      tilted_mean(l, t),        t = lam ** p
-    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta) or softplus(theta)
+    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta), softplus(theta) or theta
+    running:   r' = tilted_mean([r, NRAE], t, weights=[1 - momentum, momentum])  (r carried per member)
+    RAE:       mean_i exp(t l_i)  (after a switch to it, t at the switch's lambda)
 
 computed by :func:`anrat.functional.tilted_stats` (the toolkit's stable formula, in float64, torch
 ops, valid for t in [1e-8, 1e8]), with the closed-form gradients the single-model losses use:
 d/dl_i = softmax(t l)_i (1/B for the plain loss) and, for theta,
-[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta. The weights' gradient is taken by autograd
+[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta (running normaliser: exp(t (l_i - r')) / B;
+RAE: t exp(t l_i) / B; excursions: the plain loss's 1/B on their plain steps; direct lambda: theta
+is projected onto its bounds after its step, as :meth:`~anrat.losses.ANRATLoss.project_` does).
+The weights' gradient is taken by autograd
 of the surrogate ``sum_i w_i l_i`` with those weights w held fixed, so it is the gradient of the
 objective.
 
@@ -55,9 +63,9 @@ atomically and loadable with ``weights_only=True``; a run resumes from it bit fo
 :meth:`BatchedTrainer.member_checkpoint` exports any member in the single-model checkpoint layout
 (``anrat.checkpoint.FORMAT``) that the pruning and export stages take unchanged.
 
-Not supported here (refused with :class:`~anrat.errors.InputError`): the ``excursions`` schedule,
-the ``running`` normaliser, ``amp`` and ``compile``, and models whose buffers change in training
-(BatchNorm running statistics: buffers are read, not written).
+Not supported here (refused with :class:`~anrat.errors.InputError`): ``amp`` and ``compile``, and
+models whose buffers change in training (BatchNorm running statistics: buffers are read, not
+written).
 """
 
 from __future__ import annotations
@@ -153,7 +161,7 @@ def _check_members(members: Sequence[Member]) -> tuple[LossKind, str]:
 
 def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | None:
     """The option of a single-model run that the batched trainer cannot train, named with its
-    dotted key (``"the excursions schedule (schedule.name='excursions')"``); None when it can."""
+    dotted key (``"amp (train.amp=True)"``); None when it can."""
     if train.amp:
         return "amp (train.amp=True)"
     if train.compile is not None:
