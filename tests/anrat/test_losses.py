@@ -152,8 +152,10 @@ def test_running_normaliser_weights_approach_the_full_batch_weights():
         lambda lam: NRAELoss(lam),
         lambda lam: NRAELoss(lam, normalizer="running"),
         lambda lam: PlainLoss(),
+        lambda lam: ANRATLoss(lam, parameterization="direct", kind="true_class_sq"),
+        lambda lam: RAELoss(min(lam, 1.0), kind="true_class_sq", r=1.5),
     ],
-    ids=["anrat", "nrae", "nrae-running", "plain"],
+    ids=["anrat", "nrae", "nrae-running", "plain", "anrat-direct-true-class", "rae-true-class"],
 )
 def test_losses_trace_into_one_graph_under_torch_compile(make, lam):
     """Under torch.compile the losses take the torch-ops tilted mean (no host copy, no graph break)
