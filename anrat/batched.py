@@ -15,20 +15,28 @@ Per member: the seed (initial weights, drawn under ``torch.manual_seed(seed)`` a
 order, a ``torch.Generator`` seeded with ``seed`` as the Trainer's), ``lr``, ``momentum``,
 ``l2`` (weight decay on named layers' weights), ``lambda_lr`` and the whole schedule: the plain
 loss (``"plain"``), NRAE at a fixed lambda and p (``"fixed"``), annealed (``"anneal"``), ANRAT
-(``"adaptive"``: lambda0, p, a, q, parameterisation), with the deconvexification switch. Shared
-by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum and weight
-decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"`` or ``"lp"``).
+(``"adaptive"``: lambda0, p, a, q, parameterisation, ``"direct"`` included), Lo et al.'s
+excursions (``"excursions"``: period, plain steps), the normaliser (``"batch"`` or
+``"running"``), the error's exponent r, with the deconvexification switch to the plain loss or to
+RAE. Shared by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum
+and weight decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"``, ``"lp"`` or
+``"true_class_sq"``).
 
 **The objective of a member** on a batch of per-sample losses l (B,), as in :mod:`anrat.losses`:
 
     plain:     mean_i l_i                                      (exact, not NRAE at a small lambda)
     NRAE:      tilted_mean(l, t),        t = lam ** p
-    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta) or softplus(theta)
+    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta), softplus(theta) or theta
+    running:   r' = tilted_mean([r, NRAE], t, weights=[1 - momentum, momentum])  (r carried per member)
+    RAE:       mean_i exp(t l_i)  (after a switch to it, t at the switch's lambda)
 
 computed by :func:`anrat.functional.tilted_stats` (the toolkit's stable formula, in float64, torch
 ops, valid for t in [1e-8, 1e8]), with the closed-form gradients the single-model losses use:
 d/dl_i = softmax(t l)_i (1/B for the plain loss) and, for theta,
-[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta. The weights' gradient is taken by autograd
+[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta (running normaliser: exp(t (l_i - r')) / B;
+RAE: t exp(t l_i) / B; excursions: the plain loss's 1/B on their plain steps; direct lambda: theta
+is projected onto its bounds after its step, as :meth:`~anrat.losses.ANRATLoss.project_` does).
+The weights' gradient is taken by autograd
 of the surrogate ``sum_i w_i l_i`` with those weights w held fixed, so it is the gradient of the
 objective.
 
@@ -55,9 +63,9 @@ atomically and loadable with ``weights_only=True``; a run resumes from it bit fo
 :meth:`BatchedTrainer.member_checkpoint` exports any member in the single-model checkpoint layout
 (``anrat.checkpoint.FORMAT``) that the pruning and export stages take unchanged.
 
-Not supported here (refused with :class:`~anrat.errors.InputError`): the ``excursions`` schedule,
-the ``running`` normaliser, ``amp`` and ``compile``, and models whose buffers change in training
-(BatchNorm running statistics: buffers are read, not written).
+Not supported here (refused with :class:`~anrat.errors.InputError`): ``amp`` and ``compile``, and
+models whose buffers change in training (BatchNorm running statistics: buffers are read, not
+written).
 """
 
 from __future__ import annotations
@@ -81,10 +89,10 @@ from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
-from anrat.functional import LossKind, per_sample_loss, tilted_stats
+from anrat.functional import LossKind, error_exponent, per_sample_loss, tilted_stats
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig
+from anrat.trainer import TrainConfig, lambda_learning_rate
 
 BATCHED_FORMAT = "anrat.batched/1"
 OPTIMIZERS = ("sgd", "adam")
@@ -155,11 +163,7 @@ def _check_members(members: Sequence[Member]) -> tuple[LossKind, str]:
 
 def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | None:
     """The option of a single-model run that the batched trainer cannot train, named with its
-    dotted key (``"the excursions schedule (schedule.name='excursions')"``); None when it can."""
-    if schedule.name == "excursions":
-        return "the excursions schedule (schedule.name='excursions')"
-    if schedule.name != "adaptive" and schedule.normalizer != "batch":
-        return f"the running normaliser (schedule.normalizer={schedule.normalizer!r})"
+    dotted key (``"amp (train.amp=True)"``); None when it can."""
     if train.amp:
         return "amp (train.amp=True)"
     if train.compile is not None:
@@ -223,22 +227,57 @@ def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) ->
     Returns ``(value, w, g_theta)``: the objective (float32), ``w = d value / d l`` (B,) and
     ``g_theta = d value / d theta`` (module docstring). ``hyper`` holds the member's 0-d tensors:
     ``plain``, ``anrat``, ``log`` (bools), ``t`` (t of a fixed lambda, float64), ``p``, ``a``,
-    ``q``, ``lo``, ``hi`` (theta's bounds). Vmappable: both branches are computed and selected.
+    ``q``, ``lo``, ``hi`` (theta's bounds), and optionally ``direct`` (lambda = theta), ``rae``
+    (RAE at ``t`` after the switch), ``running`` with ``momentum`` and ``running_nrae`` (the running
+    normaliser; see :func:`member_step_objective`). Vmappable: both branches are computed and selected.
+    """
+    return member_step_objective(losses, theta, hyper)[:3]
+
+
+def member_step_objective(
+    losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`member_objective` and the member's updated running NRAE (float32; meaningful for
+    members with ``running`` on the NRAE, as :class:`~anrat.losses.NRAELoss` updates it):
+
+        RAE (after a switch to it):  value = mean_i exp(t l_i),  w_i = t exp(t l_i) / B
+        running normaliser:          r' = tilted_mean([r, nrae_batch], t, weights=[1 - mom, mom]),
+                                     value = r',  w_i = exp(t (l_i - r')) / B
+        ANRAT, direct:               lam = theta, dlam/dtheta = 1
     """
     l = losses.detach()
+    no = torch.zeros_like(hyper["plain"])
+    direct, rae, running = hyper.get("direct", no), hyper.get("rae", no), hyper.get("running", no)
     th = theta.detach().double().clamp(hyper["lo"], hyper["hi"])
-    lam_learned = torch.where(hyper["log"], th.exp(), nn.functional.softplus(th))
-    dlam_dtheta = torch.where(hyper["log"], lam_learned, torch.sigmoid(th))
+    lam_curved = torch.where(hyper["log"], th.exp(), nn.functional.softplus(th))
+    lam_learned = torch.where(direct, th, lam_curved)
+    dlam_dtheta = torch.where(direct, torch.ones_like(th), torch.where(hyper["log"], lam_curved, torch.sigmoid(th)))
     p, a, q = hyper["p"], hyper["a"], hyper["q"]
-    t = torch.where(hyper["anrat"], lam_learned.pow(p), hyper["t"])
+    learned = hyper["anrat"] & ~rae
+    t = torch.where(learned, lam_learned.pow(p), hyper["t"])
     tilted, s, dtilted_dt = tilted_stats(l, t)
-    lam = torch.where(hyper["anrat"], lam_learned, torch.ones_like(lam_learned))
-    penalty = torch.where(hyper["anrat"], a * lam.pow(-q), torch.zeros_like(lam))
+    lam = torch.where(learned, lam_learned, torch.ones_like(lam_learned))
+    penalty = torch.where(learned, a * lam.pow(-q), torch.zeros_like(lam))
     g_theta = ((p * t / lam) * dtilted_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta
-    value = torch.where(hyper["plain"], l.mean(), (tilted + penalty).to(l.dtype))
-    w = torch.where(hyper["plain"], torch.full_like(l, 1.0 / l.shape[0]), s.to(l.dtype))
-    g_theta = torch.where(hyper["anrat"] & ~hyper["plain"], g_theta, torch.zeros_like(g_theta))
-    return value, w, g_theta.to(theta.dtype)
+    value = (tilted + penalty).to(l.dtype)
+    w = s.to(l.dtype)
+    # the running normaliser, in the order of operations of NRAELoss._running_aggregate
+    batch = tilted.to(l.dtype)
+    old = hyper.get("running_nrae", batch)
+    pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
+    mom = hyper.get("momentum", torch.ones_like(t))
+    mix = torch.stack([1.0 - mom, mom]).to(l.dtype)  # 1 - momentum in float64, as the Trainer's Python float
+    r_new = tilted_stats(pair, t, mix, need_t=False)[0].to(l.dtype)
+    value = torch.where(running, r_new, value)
+    w = torch.where(running, torch.exp(t.to(l.dtype) * (l - r_new)) / l.shape[0], w)
+    # RAE at the switch's t, in float64 as RAELoss computes it
+    e = torch.exp(hyper["t"] * l.to(t.dtype))
+    value = torch.where(rae, e.mean().to(l.dtype), value)
+    w = torch.where(rae, (hyper["t"] * e / l.shape[0]).to(l.dtype), w)
+    value = torch.where(hyper["plain"], l.mean(), value)
+    w = torch.where(hyper["plain"], torch.full_like(l, 1.0 / l.shape[0]), w)
+    g_theta = torch.where(learned & ~hyper["plain"], g_theta, torch.zeros_like(g_theta))
+    return value, w, g_theta.to(theta.dtype), r_new
 
 
 # --- optimizers on stacked tensors -----------------------------------------------------------------
@@ -354,7 +393,10 @@ class BatchedTrainer:
         self.best_epoch = [0] * k
         self.best_val: list[dict[str, float] | None] = [None] * k
         self.best_params: dict[str, Tensor] | None = None
-        self._same_p = len({m.schedule.p for m in self.members}) == 1
+        self._exponents = [error_exponent(m.schedule.kind, m.schedule.p, m.schedule.r) for m in self.members]
+        self._same_p = len(set(self._exponents)) == 1
+        # each member's running estimate of the dataset NRAE (normalizer="running"); NaN: none yet
+        self.running_nrae = torch.full((k,), float("nan"), dtype=torch.float32, device=self.device)
         self.loss_hyper = self._loss_hyper()
 
     # --- construction --------------------------------------------------------------------------
@@ -396,7 +438,7 @@ class BatchedTrainer:
         for name, p in self._trained().items():
             theta = name == "__theta__"
             layer, _, leaf = name.rpartition(".")
-            lrs = [m.train.effective_lambda_lr if theta else m.train.lr for m in self.members]
+            lrs = [lambda_learning_rate(m.train, m.schedule) if theta else m.train.lr for m in self.members]
             decay = [0.0 if theta or leaf != "weight" else m.train.l2.get(layer, 0.0) for m in self.members]
             hp[name] = {
                 "lr": _per_member(lrs, p, torch.float64),
@@ -408,15 +450,18 @@ class BatchedTrainer:
     def _loss_hyper(self) -> dict[str, Tensor]:
         """The members' loss settings as (K,) tensors for :func:`member_objective` (refreshed after
         every epoch: a schedule may anneal lambda or switch to the plain loss)."""
-        rows = []
-        for s in self.schedules:
+        rows, extra = [], []
+        for s, exponent in zip(self.schedules, self._exponents):
             nrae = s.nrae
             anrat = isinstance(nrae, ANRATLoss)
             lo, hi = nrae.theta_bounds if anrat else (0.0, 0.0)
             t = nrae.lam**s.config.p if isinstance(nrae, NRAELoss) else 1.0
+            rae = s.rae is not None
+            if rae:
+                t = s.rae.t()
             rows.append(
                 (
-                    s.switched or nrae is None,
+                    (s.switched and not rae) or nrae is None,
                     anrat,
                     s.config.parameterization == "log",
                     t,
@@ -427,7 +472,20 @@ class BatchedTrainer:
                     hi,
                 )
             )
-        columns = list(zip(*rows))
+            running = isinstance(nrae, NRAELoss) and nrae.normalizer == "running" and not s.switched
+            extra.append(
+                (
+                    s.config.parameterization == "direct",
+                    rae,
+                    running,
+                    s.config.name == "excursions" and not s.switched,
+                    nrae.momentum if isinstance(nrae, NRAELoss) else 1.0,
+                    exponent,
+                    s.config.period,
+                    s.config.plain_steps,
+                )
+            )
+        columns, more = list(zip(*rows)), list(zip(*extra))
         dev = self.device
         hyper = {
             name: torch.tensor(col, dtype=torch.bool, device=dev)
@@ -435,13 +493,24 @@ class BatchedTrainer:
         }
         for name, col in zip(("t", "p", "a", "q", "lo", "hi"), columns[3:]):
             hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
+        for name, col in zip(("direct", "rae", "running", "excursions"), more):
+            hyper[name] = torch.tensor(col, dtype=torch.bool, device=dev)
+        for name, col in zip(("momentum", "r"), more[4:]):
+            hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
+        for name, col in zip(("period", "plain_steps"), more[6:]):
+            hyper[name] = torch.tensor(col, dtype=torch.int64, device=dev)
         return hyper
 
     # --- one step ------------------------------------------------------------------------------
     def _loss_p(self, hyper: dict[str, Tensor]) -> float | Tensor:
-        """p of the per-sample Lp loss: the shared float when all members share it (the same
-        kernel as the Trainer's), else the member's 0-d tensor."""
-        return self.members[0].schedule.p if self._same_p else hyper["p"]
+        """The error's exponent of the per-sample loss (p for "lp" unless r is set; r, default 2,
+        for "true_class_sq"; :func:`anrat.functional.error_exponent`): the shared float when all
+        members share it (the same kernel as the Trainer's), else the member's 0-d tensor."""
+        return self._exponents[0] if self._same_p else hyper["r"]
+
+    def _member_losses(self, out: Tensor, y: Tensor, hyper: dict[str, Tensor]) -> Tensor:
+        exponent = self._loss_p(hyper)
+        return per_sample_loss(out, y, self.kind, exponent, r=None if self.kind == "ce" else exponent)
 
     def _member_grads(
         self,
@@ -457,9 +526,9 @@ class BatchedTrainer:
         def surrogate(params: dict[str, Tensor], theta: Tensor):
             with _layout_mode(self.device):
                 out = functional_call(self.base, (params, buffers), (x,))
-            losses = per_sample_loss(out, y, self.kind, self._loss_p(hyper))
-            value, w, g_theta = member_objective(losses, theta, hyper)
-            return (w * losses).sum() + g_theta * theta, (value, losses.detach())
+            losses = self._member_losses(out, y, hyper)
+            value, w, g_theta, running = member_step_objective(losses, theta, hyper)
+            return (w * losses).sum() + g_theta * theta, (value, losses.detach(), running)
 
         return grad(surrogate, argnums=(0, 1), has_aux=True)(params, theta)
 
@@ -470,7 +539,11 @@ class BatchedTrainer:
         params = {n: p[sl] for n, p in self.params.items()}
         buffers = {n: b[sl] for n, b in self.buffers.items()}
         hyper = {n: h[sl] for n, h in self.loss_hyper.items()}
-        (g_params, g_theta), (objective, losses) = vmap(self._member_grads, randomness="different")(
+        # excursions: the plain loss on the last plain_steps steps of every period (as the schedule's criterion)
+        phase = torch.remainder(torch.full_like(hyper["period"], self.step), hyper["period"])
+        hyper["plain"] = hyper["plain"] | (hyper["excursions"] & (phase >= hyper["period"] - hyper["plain_steps"]))
+        hyper["running_nrae"] = self.running_nrae[sl]
+        (g_params, g_theta), (objective, losses, running) = vmap(self._member_grads, randomness="different")(
             params, buffers, self.theta[sl], x, y, hyper
         )
         grads = {**g_params, "__theta__": g_theta}
@@ -483,11 +556,17 @@ class BatchedTrainer:
             [{h: v[sl] for h, v in self.hp[n].items()} for n in names],
         )
         ok = self.active[sl] & torch.isfinite(objective)
+        if "__theta__" in names:  # "direct": lambda projected back onto its bounds (ANRATLoss.project_)
+            i = names.index("__theta__")
+            bounded = torch.clamp(new[i], hyper["lo"].to(new[i].dtype), hyper["hi"].to(new[i].dtype))
+            new[i] = torch.where(hyper["direct"], bounded, new[i])
         for name, stepped in zip(names, new):
             if name != "__theta__":
                 ok &= torch.isfinite(stepped).reshape(stepped.shape[0], -1).all(dim=1)
         # theta moves only for ANRAT members on the NRAE (a switched member's loss ignores it)
-        theta_ok = ok & self.loss_hyper["anrat"][sl] & ~self.loss_hyper["plain"][sl]
+        theta_ok = ok & hyper["anrat"] & ~hyper["plain"] & ~hyper["rae"]
+        on_running = self.active[sl] & hyper["running"] & ~hyper["plain"]
+        self.running_nrae[sl] = torch.where(on_running, running, self.running_nrae[sl])
         for name, stepped, new_state in zip(names, new, new_states):
             mask = theta_ok if name == "__theta__" else ok
             trained[name][sl] = _where(mask, stepped, trained[name][sl])
@@ -520,7 +599,7 @@ class BatchedTrainer:
         self._report_frozen(active_before)
         record = {
             "epoch": self.epoch + 1,
-            "criterion": [("plain" if s.switched else s.config.name) for s in self.schedules],
+            "criterion": [s.criterion_name for s in self.schedules],
             "train_objective": (objective_sum / max(1, n_batches)).tolist(),
             "train_loss": (loss_sum / max(1, n)).tolist(),
             "train_max_loss": max_loss.tolist(),
@@ -545,19 +624,11 @@ class BatchedTrainer:
     def _end_epoch(self, max_losses: list[float]) -> None:
         """Each member's schedule takes its epoch-boundary decisions (anneal, switch) as in the
         single-model run; ANRAT's lambda is read from the stacked theta first."""
-        self._sync_theta()
+        self._sync_schedules()
         for k, s in enumerate(self.schedules):
             if k not in self.diverged:
                 s.end_epoch(self.epoch, max_losses[k])
         self.loss_hyper = self._loss_hyper()
-
-    def _sync_theta(self) -> None:
-        """Copy the stacked theta into each ANRAT member's schedule (one device-to-host copy)."""
-        thetas = self.theta.detach().cpu().tolist()
-        with torch.no_grad():
-            for s, theta in zip(self.schedules, thetas):
-                if isinstance(s.nrae, ANRATLoss):
-                    s.nrae.theta.fill_(theta)
 
     # --- evaluation and selection --------------------------------------------------------------
     @torch.no_grad()
@@ -599,7 +670,7 @@ class BatchedTrainer:
     ) -> tuple[Tensor, Tensor]:
         with _layout_mode(self.device):
             out = functional_call(self.base, (params, buffers), (x,))
-        return out, per_sample_loss(out, y, self.kind, self._loss_p(hyper))
+        return out, self._member_losses(out, y, hyper)
 
     def _consider(self, epoch: int, vals: list[dict[str, float]] | None) -> None:
         """Keep each member's weights of ``epoch`` if they beat its best validation score so far
@@ -684,9 +755,20 @@ class BatchedTrainer:
         }
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _sync_schedules(self) -> None:
+        """Copy the stacked per-member state (ANRAT's theta, the running NRAE) into the schedules'
+        losses, where the schedules' own rules and checkpoints read it (one host transfer each)."""
+        thetas, running = self.theta.detach().cpu().tolist(), self.running_nrae.detach().cpu().tolist()
+        with torch.no_grad():
+            for k, s in enumerate(self.schedules):
+                if isinstance(s.nrae, ANRATLoss):
+                    s.nrae.theta.fill_(thetas[k])
+                elif isinstance(s.nrae, NRAELoss) and s.nrae.normalizer == "running":
+                    s.nrae.running_nrae.fill_(running[k])
+
     def state_dict(self) -> dict[str, Any]:
         """The whole stack, as data ``torch.load(weights_only=True)`` reads."""
-        self._sync_theta()
+        self._sync_schedules()
         cpu = _on_cpu
         return {
             "format": BATCHED_FORMAT,
@@ -695,6 +777,7 @@ class BatchedTrainer:
             "params": cpu(self.params),
             "buffers": cpu(self.buffers),
             "theta": self.theta.cpu(),
+            "running_nrae": self.running_nrae.cpu(),
             "optimizer": {n: cpu(s) for n, s in self.opt_state.items()},
             "schedules": [s.state_dict() for s in self.schedules],
             "active": self.active.cpu(),
@@ -717,7 +800,9 @@ class BatchedTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != BATCHED_FORMAT:
             raise InputError(f"not a batched-run checkpoint (format {state.get('format')!r})")
-        saved = state["members"]
+        # options added since a checkpoint was written are absent from it; their defaults do what it did
+        defaults = {"train": asdict(TrainConfig()), "schedule": asdict(ScheduleConfig())}
+        saved = [{part: {**defaults[part], **m[part]} for part in defaults} for m in state["members"]]
         ours = [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members]
         if saved != ours:
             raise InputError(
@@ -728,6 +813,8 @@ class BatchedTrainer:
         self.params = {n: v.to(dev) for n, v in state["params"].items()}
         self.buffers = {n: v.to(dev) for n, v in state["buffers"].items()}
         self.theta = state["theta"].to(dev)
+        if "running_nrae" in state:  # absent from checkpoints written before the running normaliser
+            self.running_nrae = state["running_nrae"].to(dev)
         self.opt_state = {n: {s: v.to(dev) for s, v in d.items()} for n, d in state["optimizer"].items()}
         for s, saved_state in zip(self.schedules, state["schedules"]):
             s.load_state_dict(saved_state)

@@ -8,6 +8,8 @@ calls :meth:`~BatchLoss.aggregate` on per-sample losses directly.
   ``nn.CrossEntropyLoss``).
 - :class:`NRAELoss`: NRAE at a given lambda (settable, for schedules).
 - :class:`ANRATLoss`: NRAE + ``a * lam**(-q)`` with lambda a learned parameter.
+- :class:`RAELoss`: RAE itself, ``mean_i exp(t * l_i)`` at a fixed lambda (what deconvexification
+  may switch to when it is representable, ``ScheduleConfig.switch_to="rae"``).
 
 Two normalisers. The paper takes the log-mean-exp over each minibatch ("batch"). That is a biased
 estimate of the dataset NRAE: as t grows it tends to the *batch* maximum, and the per-sample
@@ -52,7 +54,7 @@ from anrat.functional import (
 from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
-LAMBDA_PARAMETERIZATIONS = ("log", "softplus")
+LAMBDA_PARAMETERIZATIONS = ("log", "softplus", "direct")
 
 
 def _check_kind_p(kind: str, p: float) -> None:
@@ -62,18 +64,34 @@ def _check_kind_p(kind: str, p: float) -> None:
         raise InputError(f"p must be a finite number > 0, got {p!r}")
 
 
+def _check_r(kind: str, r: float | None) -> float | None:
+    """``r`` (the error's exponent, independent of t's p) as a float, or None; refused for "ce"."""
+    if r is None:
+        return None
+    if kind == "ce":
+        raise InputError(f"r (the error's exponent) applies to kind 'lp' and 'true_class_sq' only, got kind {kind!r}")
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+        raise InputError(f"r (the error's exponent) must be a finite number > 0 or None, got {r!r}")
+    return float(r)
+
+
+def _r_repr(r: float | None) -> str:
+    return "" if r is None else f", r={r:g}"
+
+
 class BatchLoss(nn.Module):
-    """A loss made of per-sample losses ``l_i`` (``kind``, ``p``) and an aggregate of them.
+    """A loss made of per-sample losses ``l_i`` (``kind``, ``p``, ``r``) and an aggregate of them.
 
     ``forward(input, target) = aggregate(per_sample(input, target))``.
     """
 
     kind: LossKind
     p: float
+    r: float | None = None  # the error's exponent (None: the kind's default, see error_exponent)
 
     def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses ``l_i``, shape (N,): :func:`~anrat.functional.per_sample_loss`."""
-        return per_sample_loss(input, target, self.kind, self.p)
+        return per_sample_loss(input, target, self.kind, self.p, r=self.r)
 
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """The objective from the per-sample losses, over the batch that ``reduction`` defines."""
@@ -86,10 +104,11 @@ class BatchLoss(nn.Module):
 class PlainLoss(BatchLoss):
     """Mean of the per-sample losses: the loss NRAE tends to as lambda -> 0."""
 
-    def __init__(self, kind: LossKind = "ce", p: float = 2.0) -> None:
+    def __init__(self, kind: LossKind = "ce", p: float = 2.0, *, r: float | None = None) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         self.kind, self.p = kind, float(p)
+        self.r = _check_r(kind, r)
 
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """``mean_i l_i``."""
@@ -102,13 +121,16 @@ class NRAELoss(BatchLoss):
     Args:
         lam: risk-sensitivity index lambda > 0 (mutable: schedules set ``loss.lam``).
         p: exponent; ``t = lam ** p``, and for kind="lp" also the norm exponent of the error
-            ``||output - target||_p^p``, as in the paper. Default 2 (squared error; the paper's
-            MNIST setting).
-        kind: "ce" (cross-entropy from logits) or "lp".
+            ``||output - target||_p^p`` unless ``r`` is given. Default 2 (squared error; the
+            paper's MNIST setting).
+        kind: "ce" (cross-entropy from logits), "lp" or "true_class_sq" (the original code's
+            ``(1 - p_y) ** r``).
         normalizer: "batch" (the paper's per-minibatch NRAE) or "running" (see module docstring).
         momentum: weight of the newest batch in the running normaliser.
         backend: where the tilted mean is computed, NumPy on the host or torch ops
             (:func:`anrat.functional.tilted_mean`); "auto" (default) chooses.
+        r: the error's exponent for "lp" and "true_class_sq", independent of p (None: the kind's
+            default, :func:`anrat.functional.error_exponent`).
     """
 
     def __init__(
@@ -120,9 +142,11 @@ class NRAELoss(BatchLoss):
         momentum: float = 0.1,
         *,
         backend: TiltedBackend = "auto",
+        r: float | None = None,
     ) -> None:
         super().__init__()
         _check_kind_p(kind, p)
+        self.r = _check_r(kind, r)
         check_backend(backend)
         if normalizer not in NORMALIZERS:
             raise InputError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
@@ -178,9 +202,42 @@ class NRAELoss(BatchLoss):
         return r + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
-        return f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}" + _backend_repr(
-            self.backend
+        return (
+            f"lam={self._lam:g}, p={self.p:g}, kind={self.kind!r}, normalizer={self.normalizer!r}"
+            + _backend_repr(self.backend)
+            + _r_repr(self.r)
         )
+
+
+class RAELoss(BatchLoss):
+    """The risk-averting error itself, ``mean_i exp(t * l_i)`` with ``t = lam ** p`` (dimensionless, >= 1).
+
+    Its gradient is ``(t / m) sum_i exp(t l_i) grad l_i``: the tilted weights of NRAE scaled by
+    ``t * RAE``, so steps grow with the error. Computed in float64 and returned in the losses' dtype:
+    it overflows float32 (inf, which the trainer reports as a divergence) once ``t * max(l)`` exceeds
+    about 88.7 (:func:`anrat.functional.rae_feasible`). The deconvexification switch may hand
+    training over to it at the lambda of the switch (``ScheduleConfig.switch_to="rae"``), as the
+    source paper words it: RAE is used once it is numerically feasible.
+    """
+
+    def __init__(self, lam: float, p: float = 2.0, kind: LossKind = "ce", *, r: float | None = None) -> None:
+        super().__init__()
+        _check_kind_p(kind, p)
+        if not (math.isfinite(lam) and lam > 0):
+            raise InputError(f"lambda must be a finite number > 0, got {lam!r}")
+        self.kind, self.p, self.lam = kind, float(p), float(lam)
+        self.r = _check_r(kind, r)
+
+    def t(self) -> float:
+        return self.lam**self.p
+
+    def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
+        """``mean_i exp(t * l_i)``, in float64, returned in the losses' dtype (float32 at least)."""
+        dtype = losses.dtype if losses.dtype in (torch.float32, torch.float64) else torch.float32
+        return reduction.mean(torch.exp(self.t() * losses.to(working_dtype(losses)))).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam:g}, p={self.p:g}, kind={self.kind!r}" + _r_repr(self.r)
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -196,8 +253,8 @@ class _StraightThroughClamp(torch.autograd.Function):
 
 
 class _ANRATObjective(torch.autograd.Function):
-    """``tilted_mean(l, lam**p) + a * lam**(-q)``, lam = exp(theta) or softplus(theta) with theta
-    clamped straight-through, in one node with closed-form gradients (the same value and
+    """``tilted_mean(l, lam**p) + a * lam**(-q)``, lam = exp(theta), softplus(theta) or theta itself
+    ("direct") with theta clamped straight-through, in one node with closed-form gradients (the same value and
     gradients as composing the ops; several times cheaper on small batches):
 
         d/dl_i = softmax(t l)_i,
@@ -217,24 +274,25 @@ class _ANRATObjective(torch.autograd.Function):
         p: float,
         a: float,
         q: float,
-        log: bool,
+        parameterization: str,
         backend: TiltedBackend,
     ) -> Tensor:  # type: ignore[override]
+        log, direct = parameterization == "log", parameterization == "direct"
         if numpy_path(losses, backend):
             l_host = host_array(losses)  # the one wait for the device, if any
             th = min(max(theta.item(), lo), hi)
-            lam = math.exp(th) if log else _softplus(th)
+            lam = th if direct else math.exp(th) if log else _softplus(th)
             t = lam**p
             value, s, dnrae_dt = tilted_cpu(l_host, t)
-            dlam_dtheta = lam if log else 1.0 / (1.0 + math.exp(-th))
+            dlam_dtheta = 1.0 if direct else lam if log else 1.0 / (1.0 + math.exp(-th))
             ctx.host = True
             ctx.stats = (s, (p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
             return torch.full((), value + a * lam**-q, dtype=losses.dtype, device=losses.device)
         th = theta.clamp(lo, hi).to(working_dtype(losses))
-        lam = th.exp() if log else nn.functional.softplus(th)
+        lam = th if direct else th.exp() if log else nn.functional.softplus(th)
         t = lam.pow(p)
         value, s, dnrae_dt = tilted_stats(losses, t)
-        dlam_dtheta = lam if log else torch.sigmoid(th)
+        dlam_dtheta = torch.ones_like(th) if direct else lam if log else torch.sigmoid(th)
         ctx.host = False
         ctx.save_for_backward(s, ((p * t / lam) * dnrae_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta)
         return (value + a * lam.pow(-q)).to(losses.dtype)
@@ -260,6 +318,10 @@ class ANRATLoss(BatchLoss):
     ``"log"`` (default): ``lam = exp(theta)``; a gradient step changes lambda by a *factor*, so one
     learning rate behaves the same at lambda = 100 and lambda = 0.1. ``"softplus"``:
     ``lam = softplus(theta)``, close to the paper's direct update of lambda for lambda >> 1.
+    ``"direct"``: ``lam = theta``, the paper's plain-SGD update of lambda itself (its eq. 6, with the
+    sign of the NRAE term as derived below); after every optimizer step the trainer projects theta
+    back onto ``[min_lambda, max_lambda]`` (:meth:`project_`), which is what keeps lambda > 0, and
+    lambda's learning rate defaults to the weights' (:func:`anrat.trainer.lambda_learning_rate`).
 
     d/d lam of the loss = (p / lam) * (sum_i w_i l_i - nrae) - a * q * lam ** (-q - 1),
     ``w = softmax(t * l)``. The first term is >= 0 (NRAE rises with lambda), so without the
@@ -271,7 +333,8 @@ class ANRATLoss(BatchLoss):
 
     The optimizer must see ``loss.parameters()`` (give them their own learning rate: lambda's
     learning rate decides whether ANRAT convexifies at all; see the trainer's ``lambda_lr``).
-    ``backend``: where the tilted mean is computed, as in :class:`NRAELoss`.
+    ``backend``: where the tilted mean is computed, and ``r`` the error's exponent, as in
+    :class:`NRAELoss`.
 
     Under torch.distributed, wrap the loss in :class:`anrat.distributed.GlobalBatchLoss`; theta is
     not a DDP parameter: average its gradient over the ranks
@@ -290,10 +353,12 @@ class ANRATLoss(BatchLoss):
         max_lambda: float = 1e4,
         *,
         backend: TiltedBackend = "auto",
+        r: float | None = None,
     ) -> None:
         super().__init__()
         _check_kind_p(kind, p)
         check_backend(backend)
+        self.r = _check_r(kind, r)
         if not (math.isfinite(init_lambda) and init_lambda > 0):
             raise InputError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
         if not (math.isfinite(a) and a >= 0):
@@ -315,6 +380,8 @@ class ANRATLoss(BatchLoss):
         self.theta = nn.Parameter(torch.tensor(self._theta_of(init_lambda), dtype=torch.float32))
 
     def _theta_of(self, lam: float) -> float:
+        if self.parameterization == "direct":
+            return lam
         if self.parameterization == "log":
             return math.log(lam)
         return lam + math.log(-math.expm1(-lam))  # inverse softplus, stable for large lambda
@@ -322,9 +389,20 @@ class ANRATLoss(BatchLoss):
     def lambda_tensor(self) -> Tensor:
         """Current lambda as a differentiable 0-d tensor in [min_lambda, max_lambda]."""
         theta = _StraightThroughClamp.apply(self.theta, *self.theta_bounds)
+        if self.parameterization == "direct":
+            return theta
         if self.parameterization == "log":
             return theta.exp()
         return nn.functional.softplus(theta)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """After an optimizer step: with ``parameterization="direct"``, clamp theta (= lambda) in
+        place to ``[min_lambda, max_lambda]`` (projected gradient descent; a step that would take
+        lambda to 0 or below leaves it at min_lambda). The other parameterisations keep lambda in
+        range by construction (straight-through clamp) and are left alone."""
+        if self.parameterization == "direct":
+            self.theta.clamp_(*self.theta_bounds)
 
     @property
     def lam(self) -> float:
@@ -347,14 +425,12 @@ class ANRATLoss(BatchLoss):
         if l.shape[0] == 0:
             raise InputError("cannot take the NRAE of an empty batch")
         lo, hi = self.theta_bounds
-        return _ANRATObjective.apply(
-            l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization == "log", self.backend
-        )
+        return _ANRATObjective.apply(l, self.theta, lo, hi, self.p, self.a, self.q, self.parameterization, self.backend)
 
     def extra_repr(self) -> str:
         return (
             f"lam={self.lam:g}, p={self.p:g}, a={self.a:g}, q={self.q:g}, kind={self.kind!r}, "
-            f"parameterization={self.parameterization!r}" + _backend_repr(self.backend)
+            f"parameterization={self.parameterization!r}" + _backend_repr(self.backend) + _r_repr(self.r)
         )
 
 

@@ -16,6 +16,9 @@ on the device.
 Deconvexification (all schedules): after an epoch, switch to the plain loss when lambda <
 ``switch_below`` or, if ``switch_when_feasible``, when RAE at the current lambda is representable
 in float32 for the largest per-sample loss of the epoch (``t * max(l) < log(float32 max)``).
+With ``switch_to="rae"`` the switch hands over to RAE itself, ``mean_i exp(t * l_i)`` at the lambda
+of the switch (:class:`~anrat.losses.RAELoss`), instead of the plain loss: the source paper's
+wording, "RAE once it is numerically feasible".
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import torch
 from torch import nn
 
 from anrat.errors import InputError
-from anrat.functional import LossKind, TiltedBackend, losses_rae_feasible
-from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss
+from anrat.functional import KINDS, LossKind, TiltedBackend, losses_rae_feasible
+from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss, RAELoss
 
 SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
+SWITCH_TARGETS = ("plain", "rae")  # what deconvexification switches to
 
 
 @dataclass
@@ -57,6 +61,10 @@ class ScheduleConfig:
     # deconvexification
     switch_below: float = 0.0  # switch to the plain loss once lambda < this (0: never by value)
     switch_when_feasible: bool = False
+    # the error's exponent for kind "lp" / "true_class_sq", independent of p (None: p for "lp", 2
+    # for "true_class_sq"; see anrat.functional.error_exponent)
+    r: float | None = None
+    switch_to: str = "plain"  # what deconvexification switches to: "plain" or "rae" (RAE at the switch's lambda)
 
     def validate(self) -> None:
         if self.name not in SCHEDULES:
@@ -75,6 +83,21 @@ class ScheduleConfig:
             )
         if not self.switch_below >= 0:  # NaN included
             raise InputError(f"switch_below must be >= 0, got {self.switch_below!r}")
+        if self.kind not in KINDS:
+            raise InputError(f"unknown loss kind {self.kind!r}; expected one of {KINDS}")
+        if self.r is not None:
+            if (
+                isinstance(self.r, bool)
+                or not isinstance(self.r, (int, float))
+                or not (math.isfinite(self.r) and self.r > 0)
+            ):
+                raise InputError(f"r (the error's exponent) must be a finite number > 0 or None, got {self.r!r}")
+            if self.kind == "ce":
+                raise InputError("r (the error's exponent) applies to kind 'lp' and 'true_class_sq' only, not 'ce'")
+        if self.switch_to not in SWITCH_TARGETS:
+            raise InputError(f"unknown switch_to {self.switch_to!r}; expected one of {SWITCH_TARGETS}")
+        if self.switch_to == "rae" and self.name == "plain":
+            raise InputError("switch_to='rae' needs a schedule with a lambda; the plain schedule has none")
 
 
 class LambdaSchedule:
@@ -89,13 +112,15 @@ class LambdaSchedule:
         config.validate()
         self.config = config
         c = config
-        self.plain = PlainLoss(c.kind, c.p)
+        self.plain = PlainLoss(c.kind, c.p, r=c.r)
         self.nrae: NRAELoss | ANRATLoss | None = None
         if c.name == "adaptive":
-            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization, backend=backend)
+            self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization, backend=backend, r=c.r)
         elif c.name != "plain":
-            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer, backend=backend)
+            self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer, backend=backend, r=c.r)
         self.switch_epoch: int | None = 0 if c.name == "plain" else None
+        # with switch_to="rae": RAE at the lambda of the switch, once switched
+        self.rae: RAELoss | None = None
 
     # --- what the trainer calls -------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -108,13 +133,27 @@ class LambdaSchedule:
 
     @property
     def lam(self) -> float | None:
-        """Current lambda, or None once the plain loss has taken over."""
+        """Current lambda, or None once the plain loss has taken over (after a switch to RAE: the
+        lambda RAE is taken at)."""
+        if self.rae is not None:
+            return self.rae.lam
         return None if self.switched or self.nrae is None else self.nrae.lam
+
+    @property
+    def after_switch(self) -> BatchLoss:
+        """The loss trained after the deconvexification switch: the plain loss, or RAE."""
+        return self.rae if self.rae is not None else self.plain
+
+    @property
+    def criterion_name(self) -> str:
+        """What the steps of an epoch minimise (apart from excursions' plain steps): the schedule's
+        name before the switch, ``switch_to`` ("plain" or "rae") after it."""
+        return self.config.switch_to if self.switched else self.config.name
 
     def criterion(self, step: int) -> BatchLoss:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
-            return self.plain
+            return self.after_switch
         if (
             self.config.name == "excursions"
             and step % self.config.period >= self.config.period - self.config.plain_steps
@@ -136,6 +175,12 @@ class LambdaSchedule:
             and losses_rae_feasible(max_loss, lam, c.p, torch.float32)
         ):
             self.switch_epoch = epoch + 1  # epochs trained before the switch = 0-based index of the first plain epoch
+            if c.switch_to == "rae":
+                self._make_rae(lam)
+
+    def _make_rae(self, lam: float) -> None:
+        c = self.config
+        self.rae = RAELoss(lam, c.p, c.kind, r=c.r)
 
     # --- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -143,6 +188,8 @@ class LambdaSchedule:
         if self.nrae is not None:
             state["loss"] = self.nrae.state_dict()
             state["lam"] = self.nrae.lam
+        if self.rae is not None:
+            state["rae_lam"] = self.rae.lam
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -151,3 +198,6 @@ class LambdaSchedule:
             self.nrae.load_state_dict(state["loss"])
             if isinstance(self.nrae, NRAELoss):
                 self.nrae.lam = state["lam"]
+        self.rae = None
+        if state.get("rae_lam") is not None:  # absent from checkpoints written before switch_to
+            self._make_rae(state["rae_lam"])

@@ -41,8 +41,9 @@ from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import current_world, env_is_main, process_group_from_env
 from anrat.errors import InputError
 from anrat.functional import KINDS
+from anrat.losses import LAMBDA_PARAMETERIZATIONS
 from anrat.models import MODELS, build_model
-from anrat.schedules import SCHEDULES, LambdaSchedule, ScheduleConfig
+from anrat.schedules import SCHEDULES, SWITCH_TARGETS, LambdaSchedule, ScheduleConfig
 from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged, evaluate
 
 ENGINES = ("loop", "batched")
@@ -291,7 +292,8 @@ def grid_batched(trial_cfgs: list[tuple[RunConfig, Path]], data: DataSplits, out
     k, summary = min(ranked, key=lambda kt: _selection_score(kt[1]))  # the first of equals, as grid_loop
     model = trainer.member_model(k).to(data.train.x.device)
     selected_cfg = trial_cfgs[k][0]
-    test = evaluate(model, data.test, selected_cfg.schedule.kind, selected_cfg.schedule.p, cfg.train.eval_batch_size)
+    sc = selected_cfg.schedule
+    test = evaluate(model, data.test, sc.kind, sc.p, cfg.train.eval_batch_size, sc.r)
 
     def checkpoint(metrics: dict[str, Any]) -> dict[str, Any]:
         ckpt = trainer.member_checkpoint(k)
@@ -422,7 +424,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         "--lambda-lr",
         key="train.lambda_lr",
         type=float,
-        help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1",
+        help="learning rate of lambda's parameter (ANRAT); default: lr * 0.1 (lr with --lambda-param direct)",
     )
     flag(g, "--optimizer", key="train.optimizer", defaults=d, help="torch.optim class name (sgd, adam, adamw, ...)")
     flag(g, "--momentum", key="train.momentum", defaults=d, type=float, help="SGD momentum (the paper: 0)")
@@ -464,7 +466,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         defaults=d,
         choices=ENGINES,
         help="loop: train the grid's configurations one after another; batched: all at once as one "
-        "vectorised stack (anrat.batched: SGD or Adam; no excursions, running normaliser, amp, compile, torchrun)",
+        "vectorised stack (anrat.batched: SGD or Adam; no amp, compile, torchrun)",
     )
     g = ap.add_argument_group("lambda schedule")
     flag(
@@ -480,7 +482,15 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     flag(
         g, "--p", key="schedule.p", defaults=d, type=float, help="t = lambda^p (and the Lp norm exponent for --loss lp)"
     )
-    flag(g, "--loss", key="schedule.kind", defaults=d, choices=KINDS, help="per-sample loss")
+    flag(
+        g,
+        "--loss",
+        key="schedule.kind",
+        defaults=d,
+        choices=KINDS,
+        help="per-sample loss: ce (cross-entropy), lp (Lp error; with class labels, of the softmax over all "
+        "classes), true_class_sq ((1 - p_y)^r on the true class, the original ANRAT code's)",
+    )
     flag(g, "--a", key="schedule.a", defaults=d, type=float, help="ANRAT penalty weight a in a*lambda^(-q), >= 0")
     flag(g, "--q", key="schedule.q", defaults=d, type=float, help="ANRAT penalty exponent q, > 0")
     flag(
@@ -488,8 +498,10 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         "--lambda-param",
         key="schedule.parameterization",
         defaults=d,
-        choices=("log", "softplus"),
-        help="ANRAT parameterisation of lambda (both keep it > 0)",
+        choices=LAMBDA_PARAMETERIZATIONS,
+        help="ANRAT parameterisation of lambda: log (lambda = exp(theta)), softplus, or direct (lambda "
+        "itself, the paper's SGD update, projected back onto [1e-4, 1e4] after each step; its learning "
+        "rate defaults to --lr)",
     )
     flag(g, "--gamma", key="schedule.gamma", defaults=d, type=float, help="anneal: lambda factor per epoch")
     flag(g, "--lambda-min", key="schedule.lam_min", defaults=d, type=float, help="anneal: lower bound of lambda")
@@ -525,6 +537,24 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="deconvexify once RAE at the current lambda is representable in float32",
+    )
+    flag(
+        g,
+        "--switch-to",
+        key="schedule.switch_to",
+        defaults=d,
+        choices=SWITCH_TARGETS,
+        help="what deconvexification switches to: plain (the plain loss) or rae (RAE, mean exp(t*l), "
+        "at the lambda of the switch)",
+    )
+    flag(
+        g,
+        "--error-exponent",
+        key="schedule.r",
+        type=float,
+        metavar="R",
+        help="exponent r of the error for --loss lp (||f - y||_r^r; default: p) and --loss true_class_sq "
+        "((1 - p_y)^r, default 2, the original ANRAT code's); independent of --p",
     )
     g = ap.add_argument_group("run")
     flag(g, "--device", key="device", defaults=d, help="auto (CUDA when present), cpu, cuda, cuda:N")

@@ -49,7 +49,7 @@ from anrat.errors import InputError
 from anrat.functional import LossKind, per_sample_loss
 from anrat.input_norm import InputNorm
 from anrat.losses import ANRATLoss, BatchLoss
-from anrat.schedules import LambdaSchedule
+from anrat.schedules import LambdaSchedule, ScheduleConfig
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -103,6 +103,15 @@ class TrainConfig:
         return self.lambda_lr if self.lambda_lr is not None else self.lr * 0.1
 
 
+def lambda_learning_rate(config: TrainConfig, schedule: ScheduleConfig) -> float:
+    """The learning rate of lambda's parameter theta: ``lambda_lr`` when set; else the weights'
+    ``lr`` for ``parameterization="direct"`` (the paper's plain-SGD update moves lambda with the
+    weights' learning rate) and ``lr * 0.1`` for the others (:attr:`TrainConfig.effective_lambda_lr`)."""
+    if config.lambda_lr is None and schedule.parameterization == "direct":
+        return config.lr
+    return config.effective_lambda_lr
+
+
 # The files a trainer writes into its out_dir (atomically, so a killed run may leave temporaries).
 WRITTEN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
@@ -136,7 +145,12 @@ def param_groups(model: nn.Module, schedule: LambdaSchedule, config: TrainConfig
     )
     if schedule.parameters():
         groups.append(
-            {"params": schedule.parameters(), "lr": config.effective_lambda_lr, "weight_decay": 0.0, "name": "lambda"}
+            {
+                "params": schedule.parameters(),
+                "lr": lambda_learning_rate(config, schedule.config),
+                "weight_decay": 0.0,
+                "name": "lambda",
+            }
         )
     return groups
 
@@ -152,17 +166,23 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split | Any, kind: LossKind = "ce", p: float = 2.0, batch_size: int = 1000
+    model: nn.Module,
+    split: Split | Any,
+    kind: LossKind = "ce",
+    p: float = 2.0,
+    batch_size: int = 1000,
+    r: float | None = None,
 ) -> dict[str, float]:
     """Mean per-sample loss and, for classification, the error rate (fraction misclassified).
 
     ``split`` is a :class:`Split` or any data :func:`anrat.data.as_split` takes (an ``(x, y)``
     pair, a ``Dataset``, a ``DataLoader``), moved to the model's device; inputs are used as given.
+    ``r``: the error's exponent (:func:`anrat.functional.per_sample_loss`).
     """
     if not isinstance(split, Split):
         params = next(model.parameters(), None)
         split = as_split(split, "data", params.device if params is not None else None)
-    return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size), _classifies(kind, split))
+    return _evaluation_result(_evaluation_sums(model, split, kind, p, batch_size, r), _classifies(kind, split))
 
 
 def _classifies(kind: LossKind, split: Split) -> bool:
@@ -170,7 +190,9 @@ def _classifies(kind: LossKind, split: Split) -> bool:
 
 
 @torch.no_grad()
-def _evaluation_sums(model: nn.Module, split: Split, kind: LossKind, p: float, batch_size: int) -> Tensor:
+def _evaluation_sums(
+    model: nn.Module, split: Split, kind: LossKind, p: float, batch_size: int, r: float | None = None
+) -> Tensor:
     """float64 ``[sum of per-sample losses, number misclassified, number of samples]``."""
     was_training = model.training
     model.eval()
@@ -179,7 +201,7 @@ def _evaluation_sums(model: nn.Module, split: Split, kind: LossKind, p: float, b
     classify = _classifies(kind, split)
     for x, y in split.batches(batch_size):
         out = model(x)
-        loss_sum += per_sample_loss(out, y, kind, p).sum().double()
+        loss_sum += per_sample_loss(out, y, kind, p, r=r).sum().double()
         if classify:
             pred = (out.reshape(-1) > 0).long() if out.dim() == 1 or out.shape[1] == 1 else out.argmax(dim=1)
             wrong += (pred != y.reshape(pred.shape).long()).sum()
@@ -300,7 +322,11 @@ class Trainer:
     def criterion(self) -> BatchLoss | distributed.GlobalBatchLoss:
         """The loss this step minimises: the schedule's, over the global batch under torch.distributed."""
         loss = self.schedule.criterion(self.step)
-        return loss if self.world is None else self.global_losses[loss]
+        if self.world is None:
+            return loss
+        if loss not in self.global_losses:  # RAE, made at the switch
+            self.global_losses[loss] = distributed.GlobalBatchLoss(loss)
+        return self.global_losses[loss]
 
     def _objective(
         self, x: Tensor, y: Tensor, criterion: BatchLoss | distributed.GlobalBatchLoss
@@ -308,7 +334,8 @@ class Trainer:
         """The criterion's objective on a batch, and the per-sample losses it aggregates."""
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
             out = self.step_model(x)
-        losses = per_sample_loss(out, y, self.schedule.config.kind, self.schedule.config.p)
+        c = self.schedule.config
+        losses = per_sample_loss(out, y, c.kind, c.p, r=c.r)
         return criterion.aggregate(losses), losses
 
     def train_epoch(self) -> dict[str, Any]:
@@ -334,6 +361,8 @@ class Trainer:
             if self.world is not None:
                 distributed.average_gradients(schedule.parameters())  # DDP averages the model's
             self.optimizer.step()
+            if isinstance(schedule.nrae, ANRATLoss):
+                schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
             self.step += 1
             seen += losses.shape[0]
             with torch.no_grad():
@@ -359,7 +388,7 @@ class Trainer:
             )
         record = {
             "epoch": self.epoch + 1,
-            "criterion": "plain" if schedule.switched else schedule.config.name,
+            "criterion": schedule.criterion_name,
             "train_objective": float(objective_sum) / max(1, n_batches),
             "train_loss": float(loss_sum) / max(1, seen),
             "train_max_loss": float(max_loss),
@@ -377,9 +406,10 @@ class Trainer:
         """:func:`evaluate`; under torch.distributed each rank takes its part of ``split`` and the
         sums of losses, errors and counts are reduced over the ranks (a collective)."""
         kind, p, batch_size = self.schedule.config.kind, self.schedule.config.p, self.config.eval_batch_size
+        r = self.schedule.config.r
         if self.world is None:
-            return evaluate(self.model, split, kind, p, batch_size)
-        sums = _evaluation_sums(self.model, distributed.shard(split, self.world), kind, p, batch_size)
+            return evaluate(self.model, split, kind, p, batch_size, r)
+        sums = _evaluation_sums(self.model, distributed.shard(split, self.world), kind, p, batch_size, r)
         return _evaluation_result(distributed.sum_over_ranks(sums), _classifies(kind, split))
 
     # --- the run -----------------------------------------------------------------------------

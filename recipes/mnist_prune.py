@@ -160,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="lambda schedule: adaptive (ANRAT), fixed, anneal, excursions, or plain (cross-entropy)",
     )
     flag(ap, "--lambda0", key="run.schedule.lam0", type=float, help="initial (or fixed) lambda")
+    flag(
+        ap,
+        "--period",
+        key="run.schedule.period",
+        type=_int_at_least(1),
+        help="excursions (Lo et al.'s NRAE-MSE): steps per cycle of NRAE and plain-loss steps",
+    )
+    flag(
+        ap,
+        "--plain-steps",
+        key="run.schedule.plain_steps",
+        type=_int_at_least(0),
+        help="excursions: plain-loss steps closing each cycle (fewer than --period)",
+    )
     flag(ap, "--epochs", key="run.train.epochs", type=_int_at_least(0), help="training epochs (per grid point)")
     flag(
         ap,

@@ -99,6 +99,70 @@ def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path):
     assert result.switch_epoch[4] is not None  # the annealed member did switch to the plain loss
 
 
+def faithful_members(kind: str, optimizer: str) -> list[Member]:
+    """Excursions, the running normaliser, lambda updated directly (with and without hitting its
+    bound) and a switch to RAE, each with its own seed; for "true_class_sq" and "lp" also an error
+    exponent r apart from p (so members differ in it)."""
+    base = TrainConfig(epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer)
+    lr = 0.01 if optimizer == "adam" else 0.005 if kind == "lp" else 0.1
+    s = dict(kind=kind)
+    members = [
+        Member(
+            replace(base, seed=0, lr=lr, momentum=0.5),
+            ScheduleConfig(name="excursions", lam0=2.0, period=7, plain_steps=2, **s),
+        ),
+        Member(replace(base, seed=1, lr=lr), ScheduleConfig(name="fixed", lam0=1.5, normalizer="running", **s)),
+        Member(
+            replace(base, seed=2, lr=lr),
+            ScheduleConfig(name="excursions", lam0=1.5, period=6, plain_steps=1, normalizer="running", **s),
+        ),
+        Member(
+            replace(base, seed=3, lr=lr),
+            ScheduleConfig(name="anneal", lam0=2.0, gamma=0.7, lam_min=0.1, switch_below=0.5, switch_to="rae", **s),
+        ),
+        Member(
+            replace(base, seed=4, lr=lr),
+            ScheduleConfig(name="adaptive", lam0=3.0, a=0.1, parameterization="direct", **s),
+        ),
+        Member(  # a = 0 and a huge step: lambda is projected onto its lower bound and stays there
+            replace(base, seed=7, lr=lr, lambda_lr=1e6),  # (seed 5: a validation sample within 6e-8 of a tie)
+            ScheduleConfig(name="adaptive", lam0=3.0, a=0.0, parameterization="direct", **s),
+        ),
+    ]
+    if kind != "ce":
+        members.append(Member(replace(base, seed=6, lr=lr), ScheduleConfig(name="fixed", lam0=1.2, p=3.0, r=1.0, **s)))
+    return members
+
+
+@pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("true_class_sq", "sgd"), ("lp", "adam")])
+def test_the_faithful_variants_are_the_single_model_runs(kind, optimizer, tmp_path):
+    train, val = data("lp" if kind == "lp" else "ce", N_TRAIN, 0), data("lp" if kind == "lp" else "ce", 96, 1)
+    grid_members = faithful_members(kind, optimizer)
+    batched = BatchedTrainer(factory, grid_members, train, val)
+    result = batched.fit()
+    assert result.diverged == {}
+    for k, member in enumerate(grid_members):
+        single = single_run(member, train, val, tmp_path / str(k))
+        last = load_checkpoint(tmp_path / str(k) / "last.pt")
+        for name, value in batched.member_state_dict(k, best=False).items():
+            assert_relatively_close(value, last["state_dict"][name])
+        assert result.best_epoch[k] == single.best_epoch
+        assert result.switch_epoch[k] == single.schedule.switch_epoch
+        if single.schedule.lam is not None:
+            assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
+        assert batched.history[-1]["criterion"][k] == single.history[-1]["criterion"]
+        for epoch in (0, EPOCHS - 1):
+            assert batched.history[epoch]["train_objective"][k] == pytest.approx(
+                single.history[epoch]["train_objective"], rel=1e-5
+            ), (k, epoch)
+        if member.schedule.normalizer == "running":
+            running = batched.schedules[k].nrae.running_nrae
+            assert running.item() == pytest.approx(single.schedule.nrae.running_nrae.item(), rel=1e-5)
+    assert result.switch_epoch[3] is not None and batched.history[-1]["criterion"][3] == "rae"
+    assert batched.schedules[5].lam == pytest.approx(1e-4)  # held at min_lambda by the projection
+    assert batched.schedules[4].lam != pytest.approx(3.0, rel=1e-3)  # lambda did move
+
+
 def test_a_diverging_member_is_frozen_and_the_others_go_on():
     train = data("lp", 128, 0)
     base = TrainConfig(epochs=3, batch_size=32)
@@ -175,6 +239,41 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path):
     assert torch.equal(straight.theta, resumed.theta)
     assert result.best_epoch == straight.best_epoch
     assert len((tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path):
+    """The running NRAE, lambda's direct value and the RAE switch come back from last.pt; a
+    checkpoint written before r, switch_to and the running normaliser existed still resumes."""
+    train, val = data("ce", 128, 0), data("ce", 64, 1)
+    grid_members = faithful_members("ce", "sgd")
+    for m in grid_members:
+        m.train.epochs = 6
+        m.train.batch_size = 16  # 8 steps per epoch: excursions' plain phases fall in both halves
+    straight = BatchedTrainer(factory, grid_members, train, val)
+    straight.fit()
+    first = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    first.fit(epochs=3)
+    resumed = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    resumed.fit()
+    assert resumed.history[2]["epoch"] == 3 and len(resumed.history) == 6
+    assert [s.switch_epoch for s in resumed.schedules] == [s.switch_epoch for s in straight.schedules]
+    assert straight.schedules[3].switch_epoch is not None  # the switch to RAE came before the interruption
+    assert torch.equal(resumed.running_nrae.nan_to_num(-1.0), straight.running_nrae.nan_to_num(-1.0))  # NaN: none
+    assert torch.equal(resumed.theta, straight.theta)
+    for k in range(len(grid_members)):
+        for name, value in straight.member_state_dict(k, best=False).items():
+            assert torch.equal(value, resumed.member_state_dict(k, best=False)[name]), (k, name)
+
+    plain = [Member(TrainConfig(epochs=2, batch_size=32, seed=s), ScheduleConfig(name="fixed")) for s in (0, 1)]
+    old = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    old.fit(epochs=1)
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    for m in state["members"]:
+        del m["schedule"]["r"], m["schedule"]["switch_to"]
+    del state["running_nrae"]
+    save_atomic(state, tmp_path / "old" / "last.pt")
+    again = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    assert again.fit().best_epoch is not None and again.epoch == 2 and len(again.history) == 2
 
 
 def test_a_checkpoint_of_other_members_is_refused(tmp_path):
@@ -261,7 +360,5 @@ def test_members_that_cannot_share_a_run_are_refused():
         BatchedTrainer(
             factory, [a, Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain", kind="lp"))], train, None
         )
-    with pytest.raises(InputError, match="excursions"):
-        BatchedTrainer(factory, [Member(TrainConfig(), ScheduleConfig(name="excursions"))], train, None)
     with pytest.raises(InputError, match="unknown layers"):
         BatchedTrainer(factory, [Member(TrainConfig(l2={"conv9": 0.1}), ScheduleConfig(name="plain"))], train, None)

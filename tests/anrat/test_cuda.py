@@ -46,7 +46,7 @@ def test_nrae_on_cuda_matches_the_cpu_for_t_from_1e_minus_8_to_1e8(scale, backen
         torch.testing.assert_close(cuda_x.grad.cpu(), cpu_x.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("parameterization", ["log", "softplus"])
+@pytest.mark.parametrize("parameterization", ["log", "softplus", "direct"])
 @pytest.mark.parametrize("lam", [1e-4, 0.3, 10.0, 1e3])
 def test_anrat_value_and_lambda_gradient_on_cuda_match_the_cpu(parameterization, lam, backend):
     logits, target = batch()
@@ -118,3 +118,18 @@ def test_compiled_anrat_on_cuda_matches_the_cpu(lam, backend):
     assert cuda_v == pytest.approx(cpu_v, rel=1e-5)
     torch.testing.assert_close(cuda_g, cpu_g, rtol=1e-4, atol=1e-6)
     assert cuda_t == pytest.approx(cpu_t, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("r", [2.0, 0.5])
+def test_true_class_error_on_cuda_matches_the_cpu_under_autocast(r):
+    logits, target = batch(scale=30.0)  # many rows with p_y within float32's resolution of 1
+    cpu_x = logits.clone().requires_grad_()
+    cuda_x = logits.cuda().requires_grad_()
+    cpu_v = nrae(cpu_x, target, 3.0, kind="true_class_sq", r=r)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cuda_v = nrae(cuda_x, target.cuda(), 3.0, kind="true_class_sq", r=r)
+    assert cuda_v.dtype == torch.float32
+    cpu_v.backward()
+    cuda_v.backward()
+    assert cuda_v.item() == pytest.approx(cpu_v.item(), rel=1e-5)
+    torch.testing.assert_close(cuda_x.grad.cpu(), cpu_x.grad, rtol=1e-4, atol=1e-7)

@@ -11,6 +11,7 @@ from anrat.errors import InputError
 from anrat.functional import (
     KINDS,
     TILTED_BACKENDS,
+    error_exponent,
     nrae,
     numpy_path,
     per_sample_loss,
@@ -76,7 +77,7 @@ def test_numpy_and_torch_ops_paths_agree_on_value_weights_and_t_gradient(dtype):
 def test_backend_chooses_the_implementation():
     """ "auto" is NumPy on the host (today's choice on every device), "torch" the torch ops; both
     give the same value and gradient, and anything else is refused."""
-    assert TILTED_BACKENDS == ("auto", "numpy", "torch") and KINDS == ("ce", "lp")
+    assert TILTED_BACKENDS == ("auto", "numpy", "torch") and KINDS == ("ce", "lp", "true_class_sq")
     losses = per_sample_loss(*ce_batch(torch.float64), "ce")
     assert [numpy_path(losses, b) for b in TILTED_BACKENDS] == [True, True, False]
     results = []
@@ -225,3 +226,82 @@ def test_bad_shapes_and_kinds_are_refused():
         nrae(logits, target, 1.0, kind="hinge")
     with pytest.raises(InputError, match="expects target of shape"):
         per_sample_loss(torch.randn(8, 3), torch.randn(8, 4), "lp")
+
+
+# --- kind="true_class_sq": the original ANRAT code's (1 - p_y) ** r ---------------------------------
+def reference_true_class_error(logits: torch.Tensor, target: torch.Tensor, r: float) -> list[float]:
+    """(1 - softmax(z)_y) ** r per row, in 60-digit arithmetic (1 - p_y as the sum of the other p_k)."""
+    mpmath.mp.dps = 60
+    out = []
+    for z, y in zip(logits.double().tolist(), target.tolist()):
+        e = [mpmath.exp(mpmath.mpf(v)) for v in z]
+        miss = mpmath.fsum(e[:y] + e[y + 1 :]) / mpmath.fsum(e)
+        out.append(float(miss ** mpmath.mpf(r)))
+    return out
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("r", [2.0, 1.0, 0.5, 3.0])
+def test_true_class_error_matches_a_high_precision_reference(dtype, rtol, r):
+    logits, target = ce_batch(dtype, n=64, c=10, scale=3.0)
+    logits[0] = 0.0
+    logits[0, target[0]] = 30.0  # p_y = 1 - 9e-13 * 9: 1 - p_y is below float32's resolution of 1
+    logits[1, target[1]] = -40.0  # p_y ~ 0: the error is ~1, its largest value
+    losses = per_sample_loss(logits, target, "true_class_sq", r=r)
+    assert losses.dtype == dtype and losses.shape == (64,)
+    expected = torch.tensor(reference_true_class_error(logits, target, r), dtype=torch.float64)
+    torch.testing.assert_close(losses.double(), expected, rtol=rtol, atol=0.0)
+    assert losses[0].item() > 0  # not rounded to 0, as 1 - softmax(z)_y is in float32 (below)
+    assert ((losses >= 0) & (losses <= 1)).all()
+    naive = 1 - torch.softmax(logits.float(), 1).gather(1, target[:, None])[:, 0]
+    assert naive[0].item() == 0.0  # what the direct formula gives in float32
+
+
+def test_true_class_error_default_exponent_is_two_and_independent_of_p():
+    logits, target = ce_batch(torch.float64, n=32, c=5)
+    p_y = torch.softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    assert error_exponent("true_class_sq", 3.0) == 2.0 and error_exponent("lp", 3.0) == 3.0
+    assert error_exponent("lp", 3.0, 1.5) == 1.5
+    for p in (1.0, 2.0, 3.0):  # p is t's exponent only
+        torch.testing.assert_close(per_sample_loss(logits, target, "true_class_sq", p=p), (1 - p_y) ** 2)
+    lam, p = 1.7, 3.0
+    value = nrae(logits, target, lam, p=p, kind="true_class_sq", r=1.0)
+    assert value.item() == pytest.approx(reference_tilted_mean(1 - p_y, lam**p), rel=1e-10)
+    # and for "lp" r unties the norm exponent from p: ||e||_2^2 at t = lam^3
+    out, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    value = nrae(out, y, lam, p=p, kind="lp", r=2.0)
+    assert value.item() == pytest.approx(reference_tilted_mean(((out - y) ** 2).sum(1), lam**p), rel=1e-10)
+    assert per_sample_loss(out, y, "lp", p=3.0).sub(((out - y).abs() ** 3).sum(1)).abs().max() < 1e-12  # as before
+
+
+@pytest.mark.parametrize("r", [2.0, 0.5])
+def test_true_class_error_gradient_passes_gradcheck(r):
+    logits, target = ce_batch(torch.float64, n=8, c=4, scale=2.0)
+    logits[0, target[0]] = 25.0  # p_y within 1e-10 of 1: the gradient stays finite and exact
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: per_sample_loss(z, target, "true_class_sq", r=r), (x,))
+    assert torch.autograd.gradcheck(lambda z: nrae(z, target, 2.0, kind="true_class_sq", r=r), (x,))
+
+
+def test_true_class_error_is_finite_in_float32_under_autocast_and_with_huge_logits():
+    layer = torch.nn.Linear(20, 10)
+    x, target = torch.randn(64, 20) * 1e3, torch.randint(0, 10, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        losses = per_sample_loss(logits, target, "true_class_sq")
+        value = nrae(logits, target, 10.0, kind="true_class_sq")
+    assert losses.dtype == torch.float32 and value.dtype == torch.float32
+    assert torch.isfinite(losses).all() and torch.isfinite(value)
+    z = logits.float().detach().requires_grad_()
+    nrae(z, target, 10.0, kind="true_class_sq").backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_true_class_error_refuses_what_it_cannot_score():
+    with pytest.raises(InputError, match="kind='true_class_sq' expects"):
+        per_sample_loss(torch.randn(8, 3), torch.randn(8, 3), "true_class_sq")  # not class indices
+    with pytest.raises(InputError, match="kind='true_class_sq' expects"):
+        per_sample_loss(torch.randn(8, 1), torch.zeros(8, dtype=torch.long), "true_class_sq")  # one column
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="r \\(the error's exponent\\) must be a finite number > 0"):
+            per_sample_loss(torch.randn(8, 3), torch.zeros(8, dtype=torch.long), "true_class_sq", r=bad)

@@ -8,6 +8,7 @@ import torch
 from anrat import ANRATLoss, NRAELoss, PlainLoss
 from anrat.errors import InputError
 from anrat.functional import nrae, per_sample_loss, tilted_mean
+from anrat.losses import RAELoss
 
 
 def batch(n=128, c=10, seed=0, dtype=torch.float32):
@@ -31,7 +32,7 @@ def test_modules_are_twins_of_the_functions(tilted_backend):
     )
 
 
-@pytest.mark.parametrize("parameterization", ["log", "softplus"])
+@pytest.mark.parametrize("parameterization", ["log", "softplus", "direct"])
 @pytest.mark.parametrize("lam, p, a, q", [(0.3, 2.0, 0.01, 1.0), (3.0, 2.0, 0.5, 2.0), (10.0, 1.0, 1.0, 1.0)])
 def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q, tilted_backend):
     logits, target = batch(dtype=torch.float64)
@@ -53,11 +54,11 @@ def test_lambda_gradient_matches_the_closed_form(parameterization, lam, p, a, q,
     # and the module's own forward gives theta the chain-rule gradient of the same thing
     loss.zero_grad()
     loss(logits, target).backward()
-    dlam_dtheta = lam_v if parameterization == "log" else -math.expm1(-lam_v)  # exp / sigmoid
+    dlam_dtheta = {"log": lam_v, "softplus": -math.expm1(-lam_v), "direct": 1.0}[parameterization]  # exp / sigmoid / 1
     assert loss.theta.grad.item() == pytest.approx(closed * dlam_dtheta, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("parameterization", ["log", "softplus"])
+@pytest.mark.parametrize("parameterization", ["log", "softplus", "direct"])
 @pytest.mark.parametrize("lr", [1e6, 1e12, -1e12])
 def test_lambda_stays_positive_and_finite_under_a_huge_step(parameterization, lr, tilted_backend):
     logits, target = batch()
@@ -151,8 +152,10 @@ def test_running_normaliser_weights_approach_the_full_batch_weights():
         lambda lam: NRAELoss(lam),
         lambda lam: NRAELoss(lam, normalizer="running"),
         lambda lam: PlainLoss(),
+        lambda lam: ANRATLoss(lam, parameterization="direct", kind="true_class_sq"),
+        lambda lam: RAELoss(min(lam, 1.0), kind="true_class_sq", r=1.5),
     ],
-    ids=["anrat", "nrae", "nrae-running", "plain"],
+    ids=["anrat", "nrae", "nrae-running", "plain", "anrat-direct-true-class", "rae-true-class"],
 )
 def test_losses_trace_into_one_graph_under_torch_compile(make, lam):
     """Under torch.compile the losses take the torch-ops tilted mean (no host copy, no graph break)
@@ -170,3 +173,102 @@ def test_losses_trace_into_one_graph_under_torch_compile(make, lam):
         expected_grads = torch.autograd.grad(expected, [logits, *eager.parameters()])
         for got, want in zip(grads, expected_grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# --- the faithful variants: lambda updated directly, RAE itself, the error's exponent r ------------
+@pytest.mark.parametrize("lam", [0.05, 1.0, 7.0])
+def test_direct_lambda_gradient_is_the_papers_eq6_with_the_sign_fixed(lam):
+    """With lambda = theta, dJ/dtheta = (p / lam) (sum_i pi_i l_i - NRAE) - a q lam^(-q-1): checked
+    by gradcheck (float64, in lambda and the losses) and against central finite differences."""
+    logits, target = batch(n=16, c=4, seed=1, dtype=torch.float64)
+    losses = per_sample_loss(logits, target)
+    p, a, q = 2.0, 0.3, 1.5
+    loss = ANRATLoss(1.0, p=p, a=a, q=q, parameterization="direct", backend="torch")
+
+    def objective(z: torch.Tensor, lam_t: torch.Tensor) -> torch.Tensor:  # the module with theta = lam_t
+        return torch.func.functional_call(loss, {"theta": lam_t}, (z, target))
+
+    lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(objective, (logits.clone().requires_grad_(), lam_t))
+    (grad,) = torch.autograd.grad(objective(logits, lam_t), lam_t)
+    t = lam**p
+    w = torch.softmax(t * losses, 0)
+    closed = (p / lam) * ((w * losses).sum().item() - reference_nrae(losses, t)) - a * q * lam ** (-q - 1)
+    h = 1e-6 * lam
+    fd = (objective(logits, lam_t.detach() + h) - objective(logits, lam_t.detach() - h)).item() / (2 * h)
+    assert grad.item() == pytest.approx(closed, rel=1e-9, abs=1e-12)
+    assert grad.item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+def reference_nrae(losses: torch.Tensor, t: float) -> float:
+    return (torch.logsumexp(t * losses, 0) - math.log(losses.numel())).item() / t
+
+
+def test_direct_lambda_is_projected_back_onto_its_bounds_after_a_step():
+    logits, target = batch()
+    loss = ANRATLoss(init_lambda=2.0, a=0.0, parameterization="direct", min_lambda=1e-3, max_lambda=50.0)
+    assert loss.theta.item() == pytest.approx(2.0)  # theta is lambda
+    opt = torch.optim.SGD(loss.parameters(), lr=1e6)  # a = 0: the gradient only pushes lambda down
+    opt.zero_grad()
+    loss(logits, target).backward()
+    opt.step()
+    assert loss.theta.item() < 0  # the raw SGD step overshoots 0 ...
+    loss.project_()
+    assert loss.theta.item() == pytest.approx(1e-3) and loss.lam == pytest.approx(1e-3)  # ... the rule: to min_lambda
+    loss.theta.data.fill_(1e3)
+    loss.project_()
+    assert loss.lam == pytest.approx(50.0)
+    for parameterization in ("log", "softplus"):  # the others are left alone (straight-through clamp)
+        other = ANRATLoss(parameterization=parameterization)
+        other.theta.data.fill_(-1e3)
+        other.project_()
+        assert other.theta.item() == -1e3
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0, 2.5])
+def test_rae_loss_is_mean_exp_and_its_gradient(lam):
+    logits, target = batch(dtype=torch.float64)
+    losses = per_sample_loss(logits, target)
+    p = 2.0
+    t = lam**p
+    l = losses.clone().requires_grad_()
+    value = RAELoss(lam, p).aggregate(l)
+    expected = torch.exp(t * losses).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    value.backward()
+    torch.testing.assert_close(l.grad, t * torch.exp(t * losses) / losses.numel())
+    small = (losses[:8] / losses.max()).clone().requires_grad_()  # t * l <= t: finite differences stay accurate
+    assert torch.autograd.gradcheck(lambda z: RAELoss(lam, p).aggregate(z), (small,))
+    # float32 losses: computed in float64, returned in float32; inf once t * max(l) > 88.7
+    assert RAELoss(lam, p).aggregate(losses.float()).dtype == torch.float32
+    assert torch.isinf(RAELoss(10.0, p).aggregate(losses.float()))
+    assert RAELoss(lam, p)(logits, target).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_modules_take_the_errors_exponent_apart_from_p():
+    out, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    squared = ((out - y) ** 2).sum(1)
+    torch.testing.assert_close(PlainLoss("lp", p=3.0, r=2.0)(out, y), squared.mean())
+    torch.testing.assert_close(PlainLoss("lp", p=3.0)(out, y), ((out - y).abs() ** 3).sum(1).mean())  # as before
+    assert NRAELoss(1.5, p=3.0, kind="lp", r=2.0)(out, y).item() == pytest.approx(
+        reference_nrae(squared, 1.5**3), rel=1e-10
+    )
+    anrat = ANRATLoss(1.5, p=3.0, a=0.0, kind="lp", r=2.0)
+    assert anrat(out, y).item() == pytest.approx(reference_nrae(squared, 1.5**3), rel=1e-6)
+    logits, target = batch(dtype=torch.float64)
+    miss = 1 - torch.softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(PlainLoss("true_class_sq")(logits, target), (miss**2).mean())
+    torch.testing.assert_close(PlainLoss("true_class_sq", r=1.0)(logits, target), miss.mean())
+    assert ", r=2" in repr(NRAELoss(kind="lp", r=2.0)) and ", r=" not in repr(NRAELoss(kind="lp"))
+
+
+def test_bad_exponents_and_parameterizations_are_refused():
+    with pytest.raises(InputError, match="r \\(the error's exponent\\) applies to kind 'lp' and 'true_class_sq' only"):
+        NRAELoss(kind="ce", r=2.0)
+    for bad in (0.0, -2.0, float("inf")):
+        with pytest.raises(InputError, match="r \\(the error's exponent\\) must be a finite number > 0"):
+            PlainLoss("lp", r=bad)
+    with pytest.raises(InputError, match="expected one of \\('log', 'softplus', 'direct'\\)"):
+        ANRATLoss(parameterization="identity")
+    with pytest.raises(InputError, match="lambda must be a finite number > 0"):
+        RAELoss(0.0)

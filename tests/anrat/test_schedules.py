@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anrat.errors import InputError
-from anrat.losses import ANRATLoss, NRAELoss, PlainLoss
+from anrat.losses import ANRATLoss, NRAELoss, PlainLoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
 
@@ -69,6 +69,12 @@ def test_state_round_trip_restores_lambda_and_switch():
         ("q", 0.0, "q must be a finite number > 0"),
         ("gamma", 1.5, "gamma"),
         ("plain_steps", 500, "excursions need"),
+        ("switch_to", "mse", "unknown switch_to 'mse'; expected one of \\('plain', 'rae'\\)"),
+        ("r", 0.0, "r \\(the error's exponent\\) must be a finite number > 0 or None"),
+        ("r", float("nan"), "r \\(the error's exponent\\) must be a finite number > 0 or None"),
+        ("r", 2.0, "r \\(the error's exponent\\) applies to kind 'lp' and 'true_class_sq' only"),
+        ("kind", "hinge", "unknown loss kind 'hinge'"),
+        ("parameterization", "identity", "unknown lambda parameterization 'identity'"),
     ],
 )
 def test_bad_schedule_values_are_refused(field, value, message):
@@ -80,3 +86,47 @@ def test_criterion_objective_is_what_the_trainer_minimises():
     s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=1e-4))
     losses = torch.rand(32)
     assert s.criterion(0).aggregate(losses).item() == pytest.approx(losses.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fixed", "anneal", "adaptive", "excursions"])
+def test_deconvexification_can_switch_to_rae_at_the_lambda_of_the_switch(name):
+    s = LambdaSchedule(ScheduleConfig(name=name, lam0=3.0, p=2.0, switch_when_feasible=True, switch_to="rae"))
+    s.end_epoch(0, max_loss=20.0)  # t * max = 180 (anneal: 92 at lambda 2.4): not representable
+    assert not s.switched and s.criterion_name == name
+    s.end_epoch(1, max_loss=5.0)
+    lam = s.nrae.lam  # the lambda the switch was decided at (anneal: after the epoch's decay)
+    assert s.switch_epoch == 2 and s.criterion_name == "rae"
+    for step in range(10_000, 10_300):  # for good, excursions' plain steps included
+        assert s.criterion(step) is s.rae
+    assert isinstance(s.rae, RAELoss) and s.rae.lam == pytest.approx(lam) and s.lam == pytest.approx(lam)
+    losses = torch.rand(32, dtype=torch.float64)
+    assert s.criterion(0).aggregate(losses).item() == pytest.approx(torch.exp(lam**2 * losses).mean().item())
+    restored = LambdaSchedule(s.config)  # a resumed run trains RAE at the same lambda
+    restored.load_state_dict(s.state_dict())
+    assert isinstance(restored.criterion(0), RAELoss) and restored.rae.lam == s.rae.lam
+
+
+def test_switch_to_plain_is_the_default_and_older_states_load():
+    s = LambdaSchedule(ScheduleConfig(name="fixed", lam0=3.0, switch_when_feasible=True))
+    s.end_epoch(0, max_loss=1.0)
+    assert isinstance(s.criterion(0), PlainLoss) and s.rae is None and s.lam is None
+    assert s.criterion_name == "plain"
+    state = s.state_dict()
+    assert "rae_lam" not in state  # what a checkpoint written before switch_to holds
+    again = LambdaSchedule(ScheduleConfig(name="fixed", lam0=3.0, switch_when_feasible=True))
+    again.load_state_dict(state)
+    assert again.switched and isinstance(again.criterion(0), PlainLoss)
+
+
+def test_rae_needs_a_schedule_with_a_lambda():
+    with pytest.raises(InputError, match="switch_to='rae' needs a schedule with a lambda"):
+        LambdaSchedule(ScheduleConfig(name="plain", switch_to="rae"))
+
+
+def test_the_errors_exponent_reaches_every_loss_of_the_schedule():
+    out, y = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    s = LambdaSchedule(ScheduleConfig(name="excursions", kind="lp", p=3.0, r=2.0, lam0=1.0, period=4, plain_steps=1))
+    squared = ((out - y) ** 2).sum(1)
+    assert s.criterion(3)(out, y).item() == pytest.approx(squared.mean().item())  # plain step
+    assert s.criterion(0).per_sample(out, y).tolist() == pytest.approx(squared.tolist())
+    assert s.nrae.p == 3.0 and s.nrae.r == 2.0

@@ -110,10 +110,8 @@ def test_a_single_configuration_that_diverges_exits_1_as_the_loop(mnist_dir, tmp
 @pytest.mark.parametrize(
     "argv, option",
     [
-        (["--schedule", "excursions"], "the excursions schedule (schedule.name='excursions')"),
         (["--amp"], "amp (train.amp=True)"),
         (["--compile"], "compile (train.compile='default')"),
-        (["--schedule", "fixed", "--normalizer", "running"], "the running normaliser"),
         (["--optimizer", "rmsprop"], "the optimizer 'rmsprop'"),
     ],
 )
@@ -125,3 +123,35 @@ def test_what_batched_cannot_train_is_refused_in_one_line(argv, option, tmp_path
     assert len(lines) == 1 and f"--engine batched cannot train {option}" in lines[0], io.err
     assert lines[0].endswith("; use --engine loop")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # Lo et al.'s excursions with the running normaliser, on the original code's (1 - p_y)^r
+        ["--schedule", "excursions", "--lambda0", "2", "--period", "5", "--plain-steps", "2"]
+        + ["--normalizer", "running", "--loss", "true_class_sq", "--error-exponent", "1.5"],
+        # lambda updated directly, deconvexified to RAE once it is representable
+        ["--schedule", "adaptive", "--lambda0", "1", "--lambda-param", "direct", "--loss", "true_class_sq"]
+        + ["--switch-when-feasible", "--switch-to", "rae"],
+    ],
+    ids=["excursions-running", "direct-rae"],
+)
+def test_the_faithful_variants_train_alike_in_both_engines(argv, mnist_dir, tmp_path, run_cli):
+    common = ["--grid-lr", "0.05,0.1", "--epochs", "2", "--batch-size", "50", "--no-progress", *argv]
+    loop = train(run_cli, mnist_dir, tmp_path / "loop", *common)
+    batched = train(run_cli, mnist_dir, tmp_path / "batched", *common, "--engine", "batched")
+    for key in ("lr", "best_epoch", "switch_epoch"):
+        assert batched["selected"][key] == loop["selected"][key], key
+    assert batched["test"]["error"] == loop["test"]["error"]
+    assert batched["test"]["loss"] == pytest.approx(loop["test"]["loss"], rel=1e-5)
+    assert [r["criterion"] for r in batched["history"]] == [r["criterion"] for r in loop["history"]]
+    assert [r["train_objective"] for r in batched["history"]] == pytest.approx(
+        [r["train_objective"] for r in loop["history"]], rel=1e-5
+    )
+    schedule = loop["config"]["schedule"]
+    if schedule["switch_to"] == "rae":
+        assert [r["criterion"] for r in loop["history"]] == ["adaptive", "rae"]
+        assert schedule["parameterization"] == "direct"
+    else:
+        assert schedule["r"] == 1.5 and schedule["kind"] == "true_class_sq"

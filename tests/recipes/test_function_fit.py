@@ -12,7 +12,16 @@ import torch
 
 from anrat.function_problems import make_problem
 from anrat.recipes import function_fit
-from anrat.recipes.function_fit import METHODS, main, schedule_config, summarise, train_one
+from anrat.recipes.function_fit import (
+    DEFAULT_METHODS,
+    METHODS,
+    Settings,
+    main,
+    schedule_config,
+    summarise,
+    train_batched,
+    train_one,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +51,7 @@ def test_tiny_run_writes_json_table_and_figures(tiny_run):
         image = matplotlib.image.imread(out / figure)
         assert image.shape[0] > 200 and image.shape[1] > 600  # three panels side by side
     assert result["seeds"] == 2 and result["steps"] == 30
-    assert len(result["runs"]) == 3 * len(METHODS) * 2
+    assert len(result["runs"]) == 3 * len(DEFAULT_METHODS) * 2
 
 
 def test_summary_agrees_with_the_per_seed_errors(tiny_run):
@@ -75,7 +84,7 @@ def test_pairing_against_mse_agrees_with_the_per_seed_successes(tiny_run):
     for name, by_method in result["summary"].items():
         success = {(r["method"], r["seed"]): r["success"] for r in result["runs"] if r["problem"] == name}
         assert "vs_mse" not in by_method["mse"]
-        for method in METHODS[1:]:
+        for method in DEFAULT_METHODS[1:]:
             vs = by_method[method]["vs_mse"]
             assert vs["seeds_won"] == sum(success[method, s] and not success["mse", s] for s in (0, 1))
             assert vs["seeds_lost"] == sum(success["mse", s] and not success[method, s] for s in (0, 1))
@@ -114,6 +123,38 @@ def test_methods_use_their_schedules():
     assert record["final_lambda"] is None
     anrat = train_one(problem, "anrat", seed=0, steps=10)
     assert anrat["final_lambda"] != function_fit.SETTINGS.lam  # lambda was learned
+
+
+def test_excursions_are_a_method_on_request_and_both_engines_train_them_alike():
+    """Lo et al.'s NRAE-MSE excursions: NRAE at lam with the plain MSE on the last plain_steps
+    steps of every period; the loop and the batched engine give the same records."""
+    assert "excursions" in METHODS and "excursions" not in DEFAULT_METHODS
+    settings = Settings(period=8, plain_steps=3)  # short cycles, so that 30 steps cross several
+    config = schedule_config("excursions", 30, settings)
+    assert (config.name, config.period, config.plain_steps, config.lam0, config.kind) == (
+        "excursions",
+        8,
+        3,
+        settings.lam,
+        "lp",
+    )
+    problem = make_problem("wave")
+    loop = [train_one(problem, "excursions", seed, 30, settings) for seed in (0, 1)]
+    batched = train_batched(problem, [("excursions", 0), ("excursions", 1)], 30, settings)
+    for a, b in zip(loop, batched):
+        assert b["final_error"] == pytest.approx(a["final_error"], rel=1e-4)
+        assert [e for _, e in b["curve"]] == pytest.approx([e for _, e in a["curve"]], rel=1e-4)
+    nrae_only = train_one(problem, "nrae", 0, 30, settings)  # the same NRAE without the excursions
+    assert nrae_only["final_error"] != pytest.approx(loop[0]["final_error"], rel=1e-3)
+
+
+def test_excursions_run_from_the_command_line(tmp_path):
+    args = ["--seeds", "1", "--steps", "12", "--problems", "wave", "--methods", "mse,excursions", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path), "--workers", "1"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["mse", "excursions"]
+    assert result["schedules"]["excursions"]["name"] == "excursions"
+    assert "NRAE-MSE excursions" in (tmp_path / "results.md").read_text()
 
 
 def test_summary_counts_real_successes():
@@ -161,7 +202,7 @@ def test_the_batched_engine_gives_the_records_of_the_loop(tmp_path):
     assert main([*args, "--out", str(tmp_path / "batched"), "--engine", "batched"]) == 0
     loop, batched = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("loop", "batched"))
     assert (loop["engine"], batched["engine"]) == ("loop", "batched")
-    assert len(batched["runs"]) == len(loop["runs"]) == 2 * 2 * len(METHODS)
+    assert len(batched["runs"]) == len(loop["runs"]) == 2 * 2 * len(DEFAULT_METHODS)
     for a, b in zip(loop["runs"], batched["runs"]):
         assert (b["problem"], b["method"], b["seed"]) == (a["problem"], a["method"], a["seed"])
         assert b["final_error"] == pytest.approx(a["final_error"], rel=1e-4)

@@ -17,7 +17,9 @@ import torch
 
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import load_dataset
+from anrat.errors import InputError
 from anrat.recipes.mnist_prune import FIGURES, build_parser, main, resolve_config
+from anrat.train import run as train_run
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
@@ -227,3 +229,20 @@ def test_missing_data_says_how_to_provide_it(tmp_path):
     [line] = proc.stderr.strip().splitlines()
     assert str(tmp_path / "none") in line and "ANRAT_DATA_DIR" in line and "--data-dir" in line
     assert not (tmp_path / "o").exists()  # nothing written before the data is found
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_the_excursions_schedule_is_reachable_from_the_recipe(engine, mnist_dir, tmp_path):
+    """Lo et al.'s NRAE-MSE excursions through the recipe's flags: the resolved training runs them
+    (here the training stage alone, on a few hundred images), with either engine."""
+    argv = ["--data-dir", str(mnist_dir), "--out", str(tmp_path / "out"), "--schedule", "excursions"]
+    argv += ["--lambda0", "2", "--period", "4", "--plain-steps", "1", "--epochs", "1", "--train-subset", "320"]
+    argv += ["--val-size", "100", "--test-subset", "100", "--no-progress", "--set", f"run.engine='{engine}'"]
+    cfg = resolve_config(build_parser().parse_args(argv))
+    schedule = cfg.run.schedule
+    assert (schedule.name, schedule.period, schedule.plain_steps, cfg.run.engine) == ("excursions", 4, 1, engine)
+    result = train_run(cfg.run)
+    assert [r["criterion"] for r in result["history"]] == ["excursions"]
+    assert result["config"]["schedule"]["period"] == 4
+    with pytest.raises(InputError, match="excursions need period >= 1 and 0 <= plain_steps < period"):
+        resolve_config(build_parser().parse_args([*argv, "--plain-steps", "4"]))
