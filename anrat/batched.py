@@ -557,7 +557,7 @@ class BatchedTrainer:
         )
         ok = self.active[sl] & torch.isfinite(objective)
         if "__theta__" in names:  # "direct": lambda projected back onto its bounds (ANRATLoss.project_)
-            i = names.index("__theta__")
+            i, new = names.index("__theta__"), list(new)
             bounded = torch.clamp(new[i], hyper["lo"].to(new[i].dtype), hyper["hi"].to(new[i].dtype))
             new[i] = torch.where(hyper["direct"], bounded, new[i])
         for name, stepped in zip(names, new):
