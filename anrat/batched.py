@@ -16,11 +16,13 @@ order, a ``torch.Generator`` seeded with ``seed`` as the Trainer's), ``lr``, ``m
 ``l2`` (weight decay on named layers' weights), ``lambda_lr`` and the whole schedule: the plain
 loss (``"plain"``), NRAE at a fixed lambda and p (``"fixed"``), annealed (``"anneal"``), ANRAT
 (``"adaptive"``: lambda0, p, a, q, parameterisation, ``"direct"`` included), Lo et al.'s
-excursions (``"excursions"``: period, plain steps), the normaliser (``"batch"`` or
-``"running"``), the error's exponent r, with the deconvexification switch to the plain loss or to
-RAE. Shared by all members (checked): ``epochs``, ``batch_size``, ``optimizer`` (SGD with momentum
-and weight decay, or Adam), ``eval_batch_size`` and the loss kind (``"ce"``, ``"lp"`` or
-``"true_class_sq"``).
+excursions (``"excursions"``: period, plain steps), the scale-free tilt (``"ess"``: rho0,
+rho_final, rho_epochs, rho_growth; each step's t solved per member from its batch by
+:func:`anrat.functional.tilt_for_ess` on the device, in a fixed number of steps, vectorised over
+the members), the normaliser (``"batch"`` or ``"running"``), the error's exponent r, with the
+deconvexification switch to the plain loss or to RAE. Shared by all members (checked): ``epochs``,
+``batch_size``, ``optimizer`` (SGD with momentum and weight decay, or Adam), ``eval_batch_size``
+and the loss kind (``"ce"``, ``"lp"`` or ``"true_class_sq"``).
 
 **The objective of a member** on a batch of per-sample losses l (B,), as in :mod:`anrat.losses`:
 
@@ -48,6 +50,12 @@ With dropout they cannot agree bit for bit: the Trainer draws its masks from the
 after its model's initialisation, the batched run draws a different mask for each member
 (``vmap(randomness="different")``) from one global stream; each member still has its own masks,
 and a resumed run draws the same ones (the global RNG state is checkpointed).
+
+**Logged per epoch** (lists over the members): as the Trainer's records, with ``train_ess`` and
+``train_ess_fraction``, the effective sample size ``1 / sum_i w_i^2`` of each step's weights
+``w = d value / d l`` (m for the plain loss) averaged over the epoch's steps, accumulated on the
+device and read at the end of the epoch; ``rho`` for ``ess`` members. An ``ess`` member's ``lam``
+is None (its tilt changes every step; the Trainer reports the last batch's).
 
 **Failure isolation.** A member whose objective (or whose updated weights) becomes non-finite is
 frozen at its last finite weights and reported (:attr:`BatchedResult.diverged`); the others go on.
@@ -89,7 +97,8 @@ from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
-from anrat.functional import LossKind, error_exponent, per_sample_loss, tilted_stats
+from anrat.ess import ESSLoss
+from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess, tilted_stats
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, lambda_learning_rate
@@ -397,6 +406,7 @@ class BatchedTrainer:
         self._same_p = len(set(self._exponents)) == 1
         # each member's running estimate of the dataset NRAE (normalizer="running"); NaN: none yet
         self.running_nrae = torch.full((k,), float("nan"), dtype=torch.float32, device=self.device)
+        self._has_ess = any(m.schedule.name == "ess" for m in self.members)  # the tilt solve is traced only then
         self.loss_hyper = self._loss_hyper()
 
     # --- construction --------------------------------------------------------------------------
@@ -499,7 +509,18 @@ class BatchedTrainer:
             hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
         for name, col in zip(("period", "plain_steps"), more[6:]):
             hyper[name] = torch.tensor(col, dtype=torch.int64, device=dev)
+        hyper.update(self._ess_hyper())
         return hyper
+
+    def _ess_hyper(self) -> dict[str, Tensor]:
+        """``ess`` (K,) bool: the member's t is solved from each batch (an ess member not yet
+        switched); ``rho`` (K,) float64: its rho this epoch (1 for the others, unused)."""
+        ess = [isinstance(s.nrae, ESSLoss) and not s.switched for s in self.schedules]
+        rho = [s.nrae.rho if isinstance(s.nrae, ESSLoss) else 1.0 for s in self.schedules]
+        return {
+            "ess": torch.tensor(ess, dtype=torch.bool, device=self.device),
+            "rho": torch.tensor(rho, dtype=torch.float64, device=self.device),
+        }
 
     # --- one step ------------------------------------------------------------------------------
     def _loss_p(self, hyper: dict[str, Tensor]) -> float | Tensor:
@@ -521,19 +542,26 @@ class BatchedTrainer:
         y: Tensor,
         hyper: dict[str, Tensor],
     ):
-        """One member's gradients (weights, theta) and ``(objective, per-sample losses)``."""
+        """One member's gradients (weights, theta) and ``(objective, per-sample losses, ESS)``."""
 
         def surrogate(params: dict[str, Tensor], theta: Tensor):
             with _layout_mode(self.device):
                 out = functional_call(self.base, (params, buffers), (x,))
             losses = self._member_losses(out, y, hyper)
-            value, w, g_theta, running = member_step_objective(losses, theta, hyper)
-            return (w * losses).sum() + g_theta * theta, (value, losses.detach(), running)
+            step_hyper = hyper
+            if self._has_ess:  # an ess member's t: the tilt at which this batch's ESS is rho * m
+                t = tilt_for_ess(losses.detach(), hyper["rho"], backend="torch")
+                step_hyper = {**hyper, "t": torch.where(hyper["ess"], t, hyper["t"])}
+            value, w, g_theta, running = member_step_objective(losses, theta, step_hyper)
+            m = losses.shape[0]
+            ess = torch.where(hyper["plain"], float(m), 1 / w.detach().double().square().sum())  # plain: m
+            return (w * losses).sum() + g_theta * theta, (value, losses.detach(), running, ess)
 
         return grad(surrogate, argnums=(0, 1), has_aux=True)(params, theta)
 
-    def _step_chunk(self, lo: int, hi: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step of members ``lo:hi`` on their batches ``index`` (k, B)."""
+    def _step_chunk(self, lo: int, hi: int, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step of members ``lo:hi`` on their batches ``index`` (k, B); returns their
+        objectives (k,), per-sample losses (k, B) and the ESS of their weights (k,)."""
         sl = slice(lo, hi)
         x, y = self.train_split.x[index], self.train_split.y[index]
         params = {n: p[sl] for n, p in self.params.items()}
@@ -543,7 +571,7 @@ class BatchedTrainer:
         phase = torch.remainder(torch.full_like(hyper["period"], self.step), hyper["period"])
         hyper["plain"] = hyper["plain"] | (hyper["excursions"] & (phase >= hyper["period"] - hyper["plain_steps"]))
         hyper["running_nrae"] = self.running_nrae[sl]
-        (g_params, g_theta), (objective, losses, running) = vmap(self._member_grads, randomness="different")(
+        (g_params, g_theta), (objective, losses, running, ess) = vmap(self._member_grads, randomness="different")(
             params, buffers, self.theta[sl], x, y, hyper
         )
         grads = {**g_params, "__theta__": g_theta}
@@ -575,7 +603,7 @@ class BatchedTrainer:
         newly_frozen = self.active[sl] & ~ok
         self.frozen_step[sl] = torch.where(newly_frozen, self.step, self.frozen_step[sl])
         self.active[sl] &= ok
-        return objective, losses
+        return objective, losses, ess
 
     def train_epoch(self) -> dict[str, Any]:
         """One epoch of every member; returns the epoch's record (per-member lists)."""
@@ -585,13 +613,17 @@ class BatchedTrainer:
         objective_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         max_loss = torch.full((k,), -math.inf, dtype=torch.float64, device=self.device)
+        ess_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+        ess_fraction_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         active_before = self.active.clone()
         n_batches = self.train_split.num_batches(bs)
         for start in range(0, n, bs):
             index = orders[:, start : start + bs]
             for lo in range(0, k, self.chunk):
                 hi = min(lo + self.chunk, k)
-                objective, losses = self._step_chunk(lo, hi, index[lo:hi])
+                objective, losses, ess = self._step_chunk(lo, hi, index[lo:hi])
+                ess_sum[lo:hi] += ess
+                ess_fraction_sum[lo:hi] += ess / losses.shape[1]
                 objective_sum[lo:hi] += objective.double()
                 loss_sum[lo:hi] += losses.double().sum(dim=1)
                 max_loss[lo:hi] = torch.maximum(max_loss[lo:hi], losses.double().amax(dim=1))
@@ -603,6 +635,9 @@ class BatchedTrainer:
             "train_objective": (objective_sum / max(1, n_batches)).tolist(),
             "train_loss": (loss_sum / max(1, n)).tolist(),
             "train_max_loss": max_loss.tolist(),
+            "rho": [s.rho for s in self.schedules],
+            "train_ess": (ess_sum / max(1, n_batches)).tolist(),
+            "train_ess_fraction": (ess_fraction_sum / max(1, n_batches)).tolist(),
         }
         self._end_epoch(record["train_max_loss"])
         record["lam"] = [s.lam for s in self.schedules]

@@ -396,16 +396,206 @@ def losses_rae_feasible(max_loss: float | Tensor, lam: float | Tensor, p: float,
     return bool(t * float(max_loss) < math.log(torch.finfo(dtype).max))
 
 
+# --- effective sample size of the tilted weights, and the tilt that sets it --------------------------
+#
+# For losses l (m,) and tilt t >= 0 the tilted weights are w = softmax(t l), and their effective
+# sample size is ESS = 1 / sum_i w_i^2 = (sum_i e_i)^2 / sum_i e_i^2 for any e_i proportional to
+# exp(t l_i). Shifted by the largest loss M: x_i = t (l_i - M) <= 0, a_i = expm1(x_i) in [-1, 0],
+# e_i = 1 + a_i in [0, 1], and since var(e) = var(a),
+#
+#     m / ESS = mean(e^2) / mean(e)^2 = 1 + R,     R = var(a) / mean(e)^2.
+#
+# R rises from 0 (t = 0: ESS = m) to m/k - 1 (t -> inf: ESS -> k, the number of losses equal to M).
+# Taking var(a) from the expm1 values keeps R accurate to rounding at every t: at small t,
+# a_i ~ t (l_i - M) and R ~ t^2 var(l), with no difference of two numbers near 1; nothing overflows.
+# ESS/m = rho is R = R* = (1 - rho) / rho. In u = log t, log R rises with slope
+#
+#     d log R / d u = 2 t D (1 + R) / R,   D = E_{w^2}[l] - E_w[l] = sum_i e_i (a_i - abar_w) l_i / sum_i e_i^2
+#
+# (w^2 normalised is softmax(2 t l); abar_w = sum_i e_i a_i / sum_i e_i; D >= 0, so ESS falls
+# monotonically in t), which tends to 2 at small t. The root is bracketed in closed form:
+#
+# - from below by t_lo = log(1 / rho) / (M - mean l), since sum_i w_i^2 <= max_i w_i <= exp(t (M - mean l)) / m
+#   (Jensen: sum_j exp(t l_j) >= m exp(t mean l));
+# - from above by t_hi = log((m - k) / (sqrt(k rho m) - k)) / delta, delta = M - (largest loss below M),
+#   since every maximum has weight >= 1 / (k + (m - k) exp(-t delta)), so ESS <= (k + (m - k) exp(-t delta))^2 / k;
+#
+# and found by safeguarded Newton steps in u (rtsafe's rule: the Newton step is taken when it lands
+# inside the bracket and is at most half the step before last, else the bracket is bisected),
+# started from the small-t solution t = sqrt(R* / var(l)) clipped into the bracket.
+ESS_T_MAX = 1e8  # the largest tilt the toolkit uses (lambda = 1e4 at p = 2); "minimax" within log(m) / 1e8
+ESS_ITERATIONS = 24  # steps of the device solve (fixed: no sync; at most 12 were needed in our tests)
+_ESS_TOL = 1e-11  # convergence of the host solve: |step in log t| <= 1e-11
+_ESS_MAX_ITERATIONS = 200  # the host solve's cap, never reached in the tests
+
+
+def _check_rho(rho: float | Tensor) -> None:
+    if isinstance(rho, Tensor):
+        return  # checking would sync the device; tensors come from validated schedules
+    if not (isinstance(rho, (int, float)) and 0 < rho <= 1):  # NaN fails too
+        raise InputError(f"rho (effective sample size / batch size) must be in (0, 1], got {rho!r}")
+
+
+def _rows(losses: Tensor) -> Tensor:
+    """``losses`` (m,) or (K, m) as (K, m) in the working dtype, detached."""
+    if losses.dim() not in (1, 2) or losses.shape[-1] == 0:
+        raise InputError(f"expected losses of shape (m,) or (K, m) with m >= 1, got {tuple(losses.shape)}")
+    l = losses.detach().to(working_dtype(losses))
+    return l.reshape(1, -1) if l.dim() == 1 else l
+
+
+def _per_row(value: float | Tensor, like: Tensor) -> Tensor:
+    """A scalar or (K,) value as a (K,) tensor in ``like``'s dtype and device."""
+    v = value.to(like) if isinstance(value, Tensor) else torch.tensor(value, dtype=like.dtype, device=like.device)
+    return v.expand(like.shape[0]) if v.dim() == 0 else v.reshape(like.shape[0])
+
+
+def _ess_ratio(d: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``R = m / ESS - 1`` of rows ``d = l - max(l)`` (K, m) at finite tilts ``t`` (K,), and
+    ``d log R / d log t``."""
+    a = torch.expm1(t[:, None] * d)
+    e = a + 1
+    s1 = e.sum(dim=1)
+    centred = a - a.mean(dim=1, keepdim=True)
+    r = (centred * centred).sum(dim=1) * d.shape[1] / (s1 * s1)
+    abar_w = (e * a).sum(dim=1) / s1
+    slope = (e * (a - abar_w[:, None]) * d).sum(dim=1) / (e * e).sum(dim=1)
+    return r, 2 * t * slope * (1 + r) / r
+
+
+def effective_sample_size(losses: Tensor, t: float | Tensor) -> Tensor:
+    """``ESS = 1 / sum_i w_i^2`` of the tilted weights ``w = softmax(t * l)`` of ``losses``.
+
+    ``losses``: (m,) or (K, m) (K rows, e.g. the members of a batched run); ``t`` >= 0 (+inf
+    allowed): a number, a 0-d tensor or one per row (K,). Returns the ESS, between k (the number of
+    losses equal to the largest) and m, as a tensor of shape () or (K,) in :func:`working_dtype`
+    (float64 where the device has it), on the losses' device, detached; ``ESS / m`` is the fraction
+    of the batch that the tilted gradient effectively averages. Computed as ``m / (1 + R)`` (module
+    notes above this function: stable for every t, accurate to rounding; ESS = m at t = 0 and k at
+    t = inf exactly). Torch ops only, no sync: usable under ``torch.func.vmap``.
+    """
+    if not isinstance(t, Tensor) and not t >= 0:
+        raise InputError(f"t must be >= 0, got {t!r}")
+    l = _rows(losses)
+    m = l.shape[1]
+    tt = _per_row(t, l)
+    d = l - l.amax(dim=1, keepdim=True)
+    infinite = torch.isinf(tt)
+    a = torch.expm1(torch.where(infinite, 0.0, tt)[:, None] * d)
+    a = torch.where(infinite[:, None], torch.where(d == 0, 0.0, -1.0), a)  # t = inf: the maxima alone
+    e = a + 1
+    s1 = e.sum(dim=1)
+    centred = a - a.mean(dim=1, keepdim=True)
+    ess = m / (1 + (centred * centred).sum(dim=1) * m / (s1 * s1))
+    return ess.reshape(()) if losses.dim() == 1 else ess
+
+
+def tilt_for_ess(
+    losses: Tensor,
+    rho: float | Tensor,
+    *,
+    t_max: float = ESS_T_MAX,
+    backend: TiltedBackend = "auto",
+    iterations: int | None = None,
+) -> Tensor:
+    """The tilt ``t >= 0`` at which the tilted weights ``softmax(t * l)`` have ``ESS / m = rho``.
+
+    ``losses``: (m,) or (K, m); ``rho``: a number in (0, 1] or a tensor, 0-d or one per row (K,).
+    Returns t, shape () or (K,), in :func:`working_dtype` on the losses' device, detached (t is a
+    control variable: nothing is differentiated through the solve).
+
+    - ``rho = 1`` gives t = 0 (the plain mean);
+    - the attainable fractions are (k/m, 1], k the number of losses tied at the maximum (ESS -> k
+      as t -> inf; all losses equal: k = m). For ``rho <= k/m``, and whenever ESS/m stays above
+      rho up to ``t_max``, the answer is ``t_max`` (default 1e8, the toolkit's largest tilt, at
+      which NRAE is within log(m)/1e8 of the maximum loss); ``t_max=math.inf`` returns inf there.
+
+    The solve (notes above :func:`effective_sample_size`): safeguarded Newton steps on log t
+    inside a closed-form bracket, in float64, to 1e-11 relative in t where ESS is well
+    conditioned in t. ``backend`` (as for :func:`tilted_mean`): the host path copies the losses to
+    the CPU (one wait for an accelerator) and steps until converged, typically 4-8 steps; the
+    torch path takes ``iterations`` steps (default :data:`ESS_ITERATIONS`) on the losses' device
+    with no sync, and runs under ``torch.func.vmap``. ``iterations`` given: that many steps on
+    either path.
+    """
+    _check_rho(rho)
+    check_backend(backend)
+    if not t_max > 0:  # NaN too; inf allowed
+        raise InputError(f"t_max must be > 0 (or inf), got {t_max!r}")
+    l = _rows(losses)
+    host = numpy_path(l, backend) and (l.device.type == "cpu" or iterations is None)
+    work = l.cpu() if host else l
+    t = _solve_tilt(
+        work, _per_row(rho, work), t_max, iterations if iterations is not None else (None if host else ESS_ITERATIONS)
+    )
+    t = t.to(l.device)
+    return t.reshape(()) if losses.dim() == 1 else t
+
+
+@torch.no_grad()
+def _solve_tilt(l: Tensor, rho: Tensor, t_max: float, iterations: int | None) -> Tensor:
+    """:func:`tilt_for_ess` on rows ``l`` (K, m), ``rho`` (K,): ``iterations`` steps, or (None)
+    until every row has converged (a host check per step)."""
+    m = l.shape[1]
+    d = l - l.amax(dim=1, keepdim=True)
+    k = (d == 0).sum(dim=1).to(l.dtype)
+    mean_d = d.mean(dim=1)
+    var = ((d - mean_d[:, None]) ** 2).mean(dim=1)
+    delta = -torch.where(d < 0, d, -math.inf).amax(dim=1)
+    r_star = (1 - rho) / rho
+    # solved rows: the target lies strictly inside (0, m/k - 1), with a margin for rho's rounding
+    solve = (r_star > 0) & (var > 0) & (r_star < (m - k) / k * (1 - 1e-12))
+    one = torch.ones_like(r_star)
+    r_star = torch.where(solve, r_star, one)  # placeholders keep the unsolved rows finite
+    var, delta, spread = (torch.where(solve, v, one) for v in (var, delta, -mean_d))
+    root = torch.sqrt(k * m / (1 + r_star)) - k
+    t_lo = torch.log1p(r_star) / spread
+    t_hi = torch.where(root > 0, torch.log((m - k) / torch.where(root > 0, root, one)) / delta, 2 * t_lo)
+    t_hi = t_hi.clamp(max=t_max)
+    t_lo = torch.minimum(t_lo, t_hi)
+    log_target = torch.log(r_star)
+    r_top, _ = _ess_ratio(d, t_hi)
+    short = torch.log(r_top) <= log_target  # ESS/m > rho up to t_hi (= t_max here): answer t_hi
+    u_lo, u_hi = torch.log(t_lo), torch.log(t_hi)
+    u = torch.log(torch.sqrt(r_star / var).clamp(min=t_lo, max=t_hi))
+    step_old = step = u_hi - u_lo
+    active = solve & ~short
+    for _ in range(iterations if iterations is not None else _ESS_MAX_ITERATIONS):
+        r, slope = _ess_ratio(d, u.exp())
+        f = torch.log(r) - log_target
+        u_lo = torch.where(f < 0, u, u_lo)
+        u_hi = torch.where(f > 0, u, u_hi)
+        newton = f / slope
+        candidate = u - newton
+        # a Newton step is taken inside the bracket when it at least halves the step before last,
+        # and always once it is below the tolerance (then it may not move u at all)
+        inside = (candidate > u_lo) & (candidate < u_hi) & (2 * newton.abs() <= step_old.abs())
+        take = torch.isfinite(candidate) & (inside | (newton.abs() <= _ESS_TOL))
+        step_old, step = step, torch.where(take, newton, (u_hi - u_lo) / 2)
+        u_next = torch.where(take, candidate, (u_lo + u_hi) / 2)
+        done = ((u_next - u).abs() <= _ESS_TOL) | (f == 0) | (u_hi - u_lo <= _ESS_TOL)
+        u = torch.where(active, u_next, u)  # a converged row stays where it converged
+        active = active & ~done
+        if iterations is None and not bool(active.any()):
+            break
+    solved = torch.where(short, t_hi, u.exp())
+    return torch.where(solve, solved, torch.where(rho >= 1, 0.0, t_max))
+
+
 __all__ = [
+    "ESS_ITERATIONS",
+    "ESS_T_MAX",
     "KINDS",
     "TILTED_BACKENDS",
     "LossKind",
     "TiltedBackend",
     "error_exponent",
+    "effective_sample_size",
     "losses_rae_feasible",
     "nrae",
     "per_sample_loss",
     "rae",
     "rae_feasible",
+    "tilt_for_ess",
     "tilted_mean",
 ]

@@ -12,8 +12,12 @@ on the device.
 - ``anneal``: ``lam_e = max(lam_min, lam0 * gamma ** e)`` at epoch e (geometric decay).
 - ``excursions`` (Lo's NRAE-MSE method): NRAE at a large fixed lambda, interrupted every
   ``period`` steps by ``plain_steps`` steps of the plain loss.
+- ``ess`` (the scale-free tilt, :mod:`anrat.ess`): every step, NRAE at the tilt t at which the
+  batch's tilted weights have effective sample size ``rho * m``; rho rises once per epoch from
+  ``rho0`` to ``rho_final`` over ``rho_epochs`` epochs (``rho_growth``: geometric or linear), and
+  the schedule deconvexifies (switches to the plain loss for good) when rho reaches 1.
 
-Deconvexification (all schedules): after an epoch, switch to the plain loss when lambda <
+Deconvexification (all schedules but ``ess``): after an epoch, switch to the plain loss when lambda <
 ``switch_below`` or, if ``switch_when_feasible``, when RAE at the current lambda is representable
 in float32 for the largest per-sample loss of the epoch (``t * max(l) < log(float32 max)``).
 With ``switch_to="rae"`` the switch hands over to RAE itself, ``mean_i exp(t * l_i)`` at the lambda
@@ -31,10 +35,11 @@ import torch
 from torch import nn
 
 from anrat.errors import InputError
+from anrat.ess import RHO_GROWTHS, ESSLoss, check_rho, ess_rho
 from anrat.functional import KINDS, LossKind, TiltedBackend, losses_rae_feasible
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss, RAELoss
 
-SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain")
+SCHEDULES = ("fixed", "adaptive", "anneal", "excursions", "plain", "ess")
 SWITCH_TARGETS = ("plain", "rae")  # what deconvexification switches to
 
 
@@ -65,6 +70,12 @@ class ScheduleConfig:
     # for "true_class_sq"; see anrat.functional.error_exponent)
     r: float | None = None
     switch_to: str = "plain"  # what deconvexification switches to: "plain" or "rae" (RAE at the switch's lambda)
+    # ess (the scale-free tilt): ESS / m = rho each step; rho from rho0 to rho_final over rho_epochs
+    # epochs, geometric or linear in the epoch; rho = 1 deconvexifies (anrat.ess.ess_rho)
+    rho0: float = 0.2
+    rho_final: float = 1.0
+    rho_epochs: int = 10
+    rho_growth: str = "geometric"
 
     def validate(self) -> None:
         if self.name not in SCHEDULES:
@@ -98,6 +109,28 @@ class ScheduleConfig:
             raise InputError(f"unknown switch_to {self.switch_to!r}; expected one of {SWITCH_TARGETS}")
         if self.switch_to == "rae" and self.name == "plain":
             raise InputError("switch_to='rae' needs a schedule with a lambda; the plain schedule has none")
+        self._validate_ess()
+
+    def _validate_ess(self) -> None:
+        check_rho("rho0", self.rho0)
+        check_rho("rho_final", self.rho_final)
+        if self.rho_final < self.rho0:
+            raise InputError(f"rho_final must be >= rho0 (rho only rises), got {self.rho_final!r} < {self.rho0!r}")
+        if isinstance(self.rho_epochs, bool) or not isinstance(self.rho_epochs, int) or self.rho_epochs < 1:
+            raise InputError(f"rho_epochs must be an integer >= 1, got {self.rho_epochs!r}")
+        if self.rho_growth not in RHO_GROWTHS:
+            raise InputError(f"unknown rho_growth {self.rho_growth!r}; expected one of {RHO_GROWTHS}")
+        if self.name == "ess" and self.switch_to != "plain":
+            raise InputError("the ess schedule deconvexifies to the plain loss (rho = 1); switch_to must be 'plain'")
+        if self.name == "ess" and (self.switch_below > 0 or self.switch_when_feasible):
+            raise InputError(
+                "switch_below and switch_when_feasible do not apply to the ess schedule "
+                "(it deconvexifies when rho reaches 1); leave them unset"
+            )
+
+    def rho_at(self, epoch: int) -> float:
+        """The ess schedule's rho in (0-based) epoch ``epoch`` (:func:`anrat.ess.ess_rho`)."""
+        return ess_rho(self.rho0, self.rho_final, self.rho_epochs, self.rho_growth, epoch)
 
 
 class LambdaSchedule:
@@ -113,14 +146,18 @@ class LambdaSchedule:
         self.config = config
         c = config
         self.plain = PlainLoss(c.kind, c.p, r=c.r)
-        self.nrae: NRAELoss | ANRATLoss | None = None
+        self.nrae: NRAELoss | ANRATLoss | ESSLoss | None = None
         if c.name == "adaptive":
             self.nrae = ANRATLoss(c.lam0, c.p, c.a, c.q, c.kind, c.parameterization, backend=backend, r=c.r)
+        elif c.name == "ess":
+            self.nrae = ESSLoss(c.rho_at(0), c.p, c.kind, backend=backend, r=c.r)
         elif c.name != "plain":
             self.nrae = NRAELoss(c.lam0, c.p, c.kind, normalizer=c.normalizer, backend=backend, r=c.r)
         self.switch_epoch: int | None = 0 if c.name == "plain" else None
         # with switch_to="rae": RAE at the lambda of the switch, once switched
         self.rae: RAELoss | None = None
+        if c.name == "ess" and c.rho_at(0) >= 1:
+            self.switch_epoch = 0  # rho = 1 from the start: the plain loss
 
     # --- what the trainer calls -------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -150,6 +187,13 @@ class LambdaSchedule:
         name before the switch, ``switch_to`` ("plain" or "rae") after it."""
         return self.config.switch_to if self.switched else self.config.name
 
+    @property
+    def rho(self) -> float | None:
+        """The ess schedule's current rho (1.0 once switched), None for the other schedules."""
+        if not isinstance(self.nrae, ESSLoss):
+            return None
+        return 1.0 if self.switched else self.nrae.rho
+
     def criterion(self, step: int) -> BatchLoss:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
@@ -166,6 +210,11 @@ class LambdaSchedule:
         if self.switched:
             return
         c = self.config
+        if c.name == "ess":  # rho for the next epoch; at 1 the tilt is 0: the plain loss for good
+            self.nrae.rho = c.rho_at(epoch + 1)
+            if self.nrae.rho >= 1:
+                self.switch_epoch = epoch + 1
+            return
         if c.name == "anneal":
             self.nrae.lam = max(c.lam_min, c.lam0 * c.gamma ** (epoch + 1))
         lam = self.nrae.lam
@@ -190,6 +239,8 @@ class LambdaSchedule:
             state["lam"] = self.nrae.lam
         if self.rae is not None:
             state["rae_lam"] = self.rae.lam
+        if isinstance(self.nrae, ESSLoss):
+            state["rho"] = self.nrae.rho
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,6 +249,8 @@ class LambdaSchedule:
             self.nrae.load_state_dict(state["loss"])
             if isinstance(self.nrae, NRAELoss):
                 self.nrae.lam = state["lam"]
+            if isinstance(self.nrae, ESSLoss):
+                self.nrae.rho = state["rho"]
         self.rae = None
         if state.get("rae_lam") is not None:  # absent from checkpoints written before switch_to
             self._make_rae(state["rae_lam"])

@@ -40,6 +40,7 @@ from anrat.config import add_config_arguments, flag, flatten, resolve_from_args
 from anrat.data import DATASETS, DataSplits, load_dataset
 from anrat.distributed import current_world, env_is_main, process_group_from_env
 from anrat.errors import InputError
+from anrat.ess import RHO_GROWTHS
 from anrat.functional import KINDS
 from anrat.losses import LAMBDA_PARAMETERIZATIONS
 from anrat.models import MODELS, build_model
@@ -476,7 +477,8 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         defaults=d,
         choices=SCHEDULES,
         help="fixed: constant lambda; adaptive: ANRAT; anneal: lam0*gamma^epoch; "
-        "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only",
+        "excursions: fixed lambda with periodic plain-loss phases; plain: cross-entropy only; "
+        "ess: each step the tilt at which the weights' effective sample size is rho * batch size",
     )
     flag(g, "--lambda0", key="schedule.lam0", defaults=d, type=float, help="initial (or fixed) lambda, > 0")
     flag(
@@ -555,6 +557,31 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         metavar="R",
         help="exponent r of the error for --loss lp (||f - y||_r^r; default: p) and --loss true_class_sq "
         "((1 - p_y)^r, default 2, the original ANRAT code's); independent of --p",
+    )
+    flag(
+        g,
+        "--rho0",
+        key="schedule.rho0",
+        defaults=d,
+        type=float,
+        help="ess: effective sample size / batch size in the first epoch, in (0, 1]",
+    )
+    flag(
+        g,
+        "--rho-final",
+        key="schedule.rho_final",
+        defaults=d,
+        type=float,
+        help="ess: rho reached after --rho-epochs epochs, in [rho0, 1]; 1 deconvexifies (plain loss from then on)",
+    )
+    flag(g, "--rho-epochs", key="schedule.rho_epochs", defaults=d, type=int, help="ess: epochs from rho0 to rho_final")
+    flag(
+        g,
+        "--rho-growth",
+        key="schedule.rho_growth",
+        defaults=d,
+        choices=RHO_GROWTHS,
+        help="ess: rho rises by the same factor every epoch (geometric) or by the same amount (linear)",
     )
     g = ap.add_argument_group("run")
     flag(g, "--device", key="device", defaults=d, help="auto (CUDA when present), cpu, cuda, cuda:N")

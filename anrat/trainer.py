@@ -7,7 +7,9 @@ trainer adds what a run needs around it:
 - one optimizer for the weights and lambda (ANRAT's theta gets its own learning rate,
   ``lambda_lr``), with an L2 prior (weight decay) on named layers only;
 - per-epoch metrics (training objective, training mean loss, lambda, validation error, seconds)
-  appended to ``metrics.jsonl``, with lambda also sampled within the epoch (``lam_trace``);
+  appended to ``metrics.jsonl``, with lambda also sampled within the epoch (``lam_trace``), and
+  the effective sample size of each step's tilted weights (:func:`step_ess`) averaged over the
+  epoch (``train_ess``, and ``train_ess_fraction`` = mean of ESS / batch size);
 - the best epoch on validation kept in memory and in ``best.pt``;
 - ``last.pt`` after every epoch, written atomically, holding everything needed to resume
   bit-for-bit on the CPU: weights, optimizer, schedule (lambda), epoch, shuffling generator and the
@@ -22,7 +24,8 @@ runs data-parallel: the model is wrapped in DistributedDataParallel, every rank 
 global minibatches of ``batch_size`` samples and trains on its shard of each, the losses (wrapped
 in :class:`~anrat.distributed.GlobalBatchLoss`) aggregate the global batch exactly, lambda's
 gradient is averaged over the ranks, validation sums are reduced over the ranks, and rank 0 alone
-writes files (see :mod:`anrat.distributed`).
+writes files (see :mod:`anrat.distributed`). The logged ESS is then that of each rank's shard,
+averaged over the ranks and steps (the ``ess`` schedule, which needs the global batch's, is refused).
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from anrat.atomic_files import remove_stale_temporaries, write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split, as_split
 from anrat.errors import InputError
-from anrat.functional import LossKind, per_sample_loss
+from anrat.ess import ESSLoss
+from anrat.functional import LossKind, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
-from anrat.losses import ANRATLoss, BatchLoss
+from anrat.losses import ANRATLoss, BatchLoss, NRAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -248,6 +252,32 @@ class TrainResult:
     switch_epoch: int | None
 
 
+def step_ess(losses: Tensor, criterion: BatchLoss) -> Tensor:
+    """``[ESS, ESS / m, 1]`` of one step, in :func:`~anrat.functional.working_dtype` on the
+    losses' device (no sync): the effective sample size ``1 / sum_i w_i^2`` of the weights that
+    ``criterion`` gives the per-sample losses ``losses`` (m,) in its gradient.
+
+    NRAE (fixed, anneal, excursions, either normaliser) and ANRAT: ``w = softmax(t * l)`` at the
+    step's tilt t = lambda^p (the running normaliser's weights exp(t (l - r)) / m are proportional
+    to it, and ESS does not depend on the scale of the weights); ``ess``: the tilt solved for the
+    batch (ESS = rho m to rounding); the plain loss: ``w = 1/m``, so ESS = m by definition, and
+    nothing is computed.
+    """
+    m = losses.shape[0]
+    t: float | Tensor | None = None
+    if isinstance(criterion, ESSLoss):
+        t = criterion.last_t
+    elif isinstance(criterion, ANRATLoss):
+        t = criterion.lambda_tensor().detach().pow(criterion.p)
+    elif isinstance(criterion, NRAELoss):
+        t = criterion.t()
+    if t is None:
+        ess = torch.tensor(float(m), dtype=working_dtype(losses), device=losses.device)
+    else:
+        ess = effective_sample_size(losses.detach(), t)
+    return torch.stack([ess, ess / m, torch.ones_like(ess)])
+
+
 class Trainer:
     """Trains ``model`` on ``train`` with the losses of ``schedule``; selects on ``val``.
 
@@ -346,6 +376,7 @@ class Trainer:
         objective_sum = torch.zeros((), device=device)
         loss_sum = torch.zeros((), device=device)
         max_loss = torch.full((), -math.inf, device=device)
+        ess_sums = torch.zeros(3, dtype=working_dtype(self.train_split.x), device=device)  # ESS, ESS / m, steps
         lam_trace: list[tuple[int, Tensor | float]] = []
         n_batches = self.train_split.num_batches(c.batch_size)
         trace_every = max(1, n_batches // max(1, c.lam_samples_per_epoch))
@@ -355,7 +386,10 @@ class Trainer:
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress_bar, leave=False)
         seen = 0
         for i, (x, y) in enumerate(bar):
+            step_loss = schedule.criterion(self.step)
             objective, losses = self.objective(x, y, self.criterion())
+            if losses.numel():  # before the optimizer step: ANRAT's lambda is the step's
+                ess_sums += step_ess(losses, step_loss)
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if self.world is not None:
@@ -373,6 +407,8 @@ class Trainer:
             if i % trace_every == 0 and schedule.nrae is not None and not schedule.switched:
                 # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
                 lam = schedule.nrae.lambda_tensor().detach() if isinstance(schedule.nrae, ANRATLoss) else schedule.lam
+                if isinstance(schedule.nrae, ESSLoss):  # the last batch's tilt, a device tensor on the torch path
+                    lam = schedule.nrae.last_lambda()
                 lam_trace.append((self.step, lam))
         bar.close()
         if self.world is not None:  # the objective is already the global one on every rank
@@ -380,6 +416,7 @@ class Trainer:
                 torch.stack([loss_sum.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
             ).tolist()
             max_loss = distributed.max_over_ranks(max_loss)
+            ess_sums = distributed.sum_over_ranks(ess_sums)  # each rank's shards (module docstring)
         if not torch.isfinite(objective_sum):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1}: the objective became non-finite "
@@ -393,7 +430,11 @@ class Trainer:
             "train_loss": float(loss_sum) / max(1, seen),
             "train_max_loss": float(max_loss),
             "lam_trace": [[s, float(v)] for s, v in lam_trace],
+            "rho": schedule.rho,
         }
+        ess_total, fraction_total, ess_steps = ess_sums.tolist()
+        record["train_ess"] = ess_total / ess_steps if ess_steps else None
+        record["train_ess_fraction"] = fraction_total / ess_steps if ess_steps else None
         schedule.end_epoch(self.epoch, record["train_max_loss"])
         record["lam"] = schedule.nrae.lam if schedule.nrae is not None else None
         record["switched"] = schedule.switched
