@@ -5,10 +5,11 @@ diverged on an H100 (docs/results.md). This script trains lenet5 with the benchm
 (plain SGD, batch 64, L2 0.05 on fc2, the 10,000-image validation split) under each method and
 records, at every step:
 
-- ``t`` (lambda^p), the largest per-sample cross-entropy of the batch ``max_loss``;
-- the tilted weights w = softmax(t * l) of the batch (w_i = d NRAE / d l_i; 1/m for the plain
-  loss): the largest, as ``w_max * m`` (how many times cross-entropy's weight the worst sample
-  gets), and the effective sample size ESS = 1 / sum_i w_i^2 as a fraction of m;
+- ``t`` (lambda^p, or the ess schedule's solved tilt), the largest per-sample cross-entropy of
+  the batch ``max_loss`` (spikes are judged on cross-entropy whatever loss a method trains);
+- the tilted weights w = softmax(t * l) of the batch's trained per-sample losses
+  (w_i = d NRAE / d l_i; 1/m for the plain loss): the largest, as ``w_max * m`` (how many times
+  cross-entropy's weight the worst sample gets), and the effective sample size ESS = 1 / sum_i w_i^2 as a fraction of m;
 - the norm of the weights' gradient, and the mean cross-entropy of the batch.
 
 A *spike* is a step whose batch mean cross-entropy exceeds ``--spike-factor`` times the median of
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from anrat.data import load_dataset
+from anrat.ess import ESSLoss
 from anrat.functional import per_sample_loss
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.models import build_model
@@ -49,6 +51,11 @@ METHODS: dict[str, ScheduleConfig] = {
     # NRAE at the lambda ANRAT settles at after two epochs at lr 0.1 (0.3-0.4): is the tilt alone
     # (without lambda moving) enough to spike?
     "nrae_lam0.4": ScheduleConfig(name="fixed", lam0=0.4, p=2.0),
+    # the same tilt on the original code's bounded loss (1 - p_y)^2 (anrat.functional, true_class_sq)
+    "nrae_lam0.4_tcsq": ScheduleConfig(name="fixed", lam0=0.4, p=2.0, kind="true_class_sq"),
+    "anrat_tcsq": ScheduleConfig(name="adaptive", lam0=10.0, p=2.0, a=0.01, q=1.0, kind="true_class_sq"),
+    # the scale-free tilt: ESS / m held at rho, rho from 0.5 to 1 over 10 epochs
+    "ess": ScheduleConfig(name="ess", rho0=0.5, rho_final=1.0, rho_epochs=10),
 }
 
 
@@ -73,11 +80,17 @@ def train_traced(method: str, seed: int, splits: Any, epochs: int, lr: float, ba
         model.train()
         for x, y in splits.train.batches(batch_size, shuffle=True, generator=generator):
             criterion = schedule.criterion(step)
-            losses = per_sample_loss(model(x), y, "ce")
-            seen = losses.detach()
+            out = model(x)
+            losses = criterion.per_sample(out, y)
+            seen = per_sample_loss(out.detach(), y, "ce")  # spikes are judged on cross-entropy, whatever the loss
             objective = criterion.aggregate(losses)
-            t = criterion.lam**criterion.p if isinstance(criterion, (ANRATLoss, NRAELoss)) else 0.0
-            w = tilt_weights(losses, t)
+            if isinstance(criterion, (ANRATLoss, NRAELoss)):
+                t = criterion.lam**criterion.p
+            elif isinstance(criterion, ESSLoss):
+                t = float(criterion.last_t)
+            else:
+                t = 0.0
+            w = tilt_weights(losses, t)  # of the trained losses (after the ESS solve: in aggregate)
             m = losses.shape[0]
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -89,6 +102,7 @@ def train_traced(method: str, seed: int, splits: Any, epochs: int, lr: float, ba
                     "t": t,
                     "mean_loss": float(seen.mean()),
                     "max_loss": float(seen.max()),
+                    "trained_max_loss": float(losses.detach().max()),
                     "w_max_m": float(w.max()) * m,
                     "ess_frac": float(1.0 / w.pow(2).sum()) / m,
                     "grad_norm": grad_norm,
@@ -100,7 +114,8 @@ def train_traced(method: str, seed: int, splits: Any, epochs: int, lr: float, ba
                 break
         if diverged_at is not None:
             break
-        schedule.end_epoch(len(val_errors), max(r["max_loss"] for r in trace[-splits.train.num_batches(batch_size) :]))
+        epoch_max = max(r["trained_max_loss"] for r in trace[-splits.train.num_batches(batch_size) :])
+        schedule.end_epoch(len(val_errors), epoch_max)
         val_errors.append(evaluate(model, splits.val)["error"])
     return {"trace": trace, "val_errors": val_errors, "diverged_at_step": diverged_at}
 
