@@ -67,7 +67,15 @@ same members.
 
 **Checkpoints.** ``out_dir/last.pt`` holds the whole stack after every epoch (weights, optimizer
 state, schedules, generators, the global RNG, the best weights and the history), written
-atomically and loadable with ``weights_only=True``; a run resumes from it bit for bit on the CPU.
+atomically and loadable with ``weights_only=True``; a run resumes from it bit for bit on the CPU,
+also with more ``epochs`` than it was started with (a finished run then goes on: the same members
+as a run asked for the larger number from the start).
+
+**Progress.** With ``progress=True`` every epoch prints one line to stderr summarising the members
+(:func:`stack_epoch_line`: the best and median validation score, members training and frozen, the
+epoch's seconds and the time left) and, on a terminal, a bar over the epoch's steps; the epoch
+records (``metrics.jsonl``) hold per-member lists as the single-model Trainer's records hold
+values, ``lam_trace`` (lambda sampled within the epoch) included.
 :meth:`BatchedTrainer.member_checkpoint` exports any member in the single-model checkpoint layout
 (``anrat.checkpoint.FORMAT``) that the pruning and export stages take unchanged.
 
@@ -82,6 +90,9 @@ import contextlib
 import copy
 import json
 import math
+import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import product
@@ -92,6 +103,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
 
 from anrat.atomic_files import write_text_atomic
 from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -107,6 +119,7 @@ BATCHED_FORMAT = "anrat.batched/1"
 OPTIMIZERS = ("sgd", "adam")
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the Trainer uses them
 _SHARED_TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "eval_batch_size")
+_RESUMABLE_TRAIN_FIELDS = ("epochs",)  # a checkpoint resumes with other values of these
 
 
 @dataclass
@@ -227,6 +240,50 @@ class NarrowLinearLayout(TorchFunctionMode):
 def _layout_mode(device: torch.device) -> TorchFunctionMode | contextlib.nullcontext:
     """:class:`NarrowLinearLayout` on the CPU; nothing elsewhere (cuBLAS has no such cliff)."""
     return NarrowLinearLayout() if device.type == "cpu" else contextlib.nullcontext()
+
+
+def _member_settings(members: Sequence[Member]) -> list[dict[str, Any]]:
+    """Each member's settings as a checkpoint stores them (``members``)."""
+    return [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in members]
+
+
+def _fixed_settings(settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a checkpoint must share with the run that resumes it: the members' settings less the
+    options a resumed run may change (``epochs``: more epochs continue the run)."""
+    return [{**m, "train": {n: v for n, v in m["train"].items() if n not in _RESUMABLE_TRAIN_FIELDS}} for m in settings]
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"`` below a minute, ``"3.5 min"`` above."""
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def stack_epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One plain line for a batched epoch's ``record`` (per-member lists), the stack's counterpart
+    of :func:`anrat.trainer.epoch_line`: the best member's validation error (or loss, when the
+    task has no error rate) and the median over the members still training, the median training
+    loss, how many members train and how many are frozen (diverged), the epoch's wall-clock seconds
+    and the time the remaining ``epochs`` would take at that rate."""
+    frozen = set(record["frozen"])
+    k = len(record["train_loss"])
+    alive = [i for i in range(k) if i not in frozen]
+    parts = [f"epoch {record['epoch']}/{epochs}, {k} member{'s' if k != 1 else ''}"]
+    vals = record.get("val")
+    if alive:
+        parts.append(f"training loss median {statistics.median(record['train_loss'][i] for i in alive):.4g}")
+    if vals is not None and alive:
+        key = "error" if "error" in vals[alive[0]] else "loss"
+        scores = {i: vals[i][key] for i in alive}
+        best = min(scores, key=scores.__getitem__)
+        show = (lambda v: f"{v:.2%}") if key == "error" else (lambda v: f"{v:.4g}")  # noqa: E731
+        parts.append(
+            f"validation {key} best {show(scores[best])} (member {best}), "
+            f"median {show(statistics.median(scores.values()))}"
+        )
+    parts.append(f"{len(alive)} training, {len(frozen)} frozen")
+    left = record["seconds"] * (epochs - record["epoch"])
+    parts.append(f"{record['seconds']:.1f} s" + (f", ~{_duration(left)} left" if left > 0 else ""))
+    return "; ".join(parts)
 
 
 # --- the objective of one member: pure tensor code, vmapped over the members -----------------------
@@ -362,6 +419,10 @@ class BatchedTrainer:
         out_dir: where ``last.pt`` and ``metrics.jsonl`` go (None: keep nothing).
         arch: ``{"name": ..., "kwargs": ...}`` stored in exported member checkpoints.
         max_members: at most this many members per forward/backward pass (None: all at once).
+        progress: one line per epoch on stderr (:func:`stack_epoch_line`) and, on a terminal, a
+            progress bar over each epoch's steps.
+        run_config: the options of the run that made the stack (e.g. ``anrat.train.RunConfig`` as
+            a dict), stored in ``last.pt`` so that a resume can be checked against them.
     """
 
     def __init__(
@@ -373,6 +434,8 @@ class BatchedTrainer:
         out_dir: str | Path | None = None,
         arch: dict[str, Any] | None = None,
         max_members: int | None = None,
+        progress: bool = False,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.kind, optimizer = _check_members(members)
         if max_members is not None and max_members < 1:
@@ -381,6 +444,8 @@ class BatchedTrainer:
         self.train_split, self.val_split = train, val
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.arch = arch
+        self.progress, self.progress_bar = progress, progress and sys.stderr.isatty()
+        self.run_config = run_config or {}
         self.device = train.x.device
         self.shared = self.members[0].train
         k = len(self.members)
@@ -608,6 +673,7 @@ class BatchedTrainer:
     def train_epoch(self) -> dict[str, Any]:
         """One epoch of every member; returns the epoch's record (per-member lists)."""
         self.base.train()
+        started = time.perf_counter()
         n, bs, k = len(self.train_split), self.shared.batch_size, len(self.members)
         orders = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
         objective_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
@@ -617,7 +683,13 @@ class BatchedTrainer:
         ess_fraction_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         active_before = self.active.clone()
         n_batches = self.train_split.num_batches(bs)
-        for start in range(0, n, bs):
+        # lambda sampled within the epoch as the Trainer samples it: after step i + 1 when
+        # i % trace_every == 0 (each member's lam_samples_per_epoch); theta read at the epoch's end
+        trace_every = [max(1, n_batches // max(1, m.train.lam_samples_per_epoch)) for m in self.members]
+        traced: list[tuple[int, int, Tensor]] = []  # (batch index, step, theta after the step)
+        starts = range(0, n, bs)
+        bar = tqdm(starts, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress_bar, leave=False)
+        for i, start in enumerate(bar):
             index = orders[:, start : start + bs]
             for lo in range(0, k, self.chunk):
                 hi = min(lo + self.chunk, k)
@@ -628,6 +700,9 @@ class BatchedTrainer:
                 loss_sum[lo:hi] += losses.double().sum(dim=1)
                 max_loss[lo:hi] = torch.maximum(max_loss[lo:hi], losses.double().amax(dim=1))
             self.step += 1
+            if any(i % every == 0 for every in trace_every):
+                traced.append((i, self.step, self.theta.detach().clone()))
+        bar.close()
         self._report_frozen(active_before)
         record = {
             "epoch": self.epoch + 1,
@@ -638,13 +713,37 @@ class BatchedTrainer:
             "rho": [s.rho for s in self.schedules],
             "train_ess": (ess_sum / max(1, n_batches)).tolist(),
             "train_ess_fraction": (ess_fraction_sum / max(1, n_batches)).tolist(),
+            "lam_trace": self._lam_trace(traced, trace_every),
         }
         self._end_epoch(record["train_max_loss"])
         record["lam"] = [s.lam for s in self.schedules]
+        record["switched"] = [s.switched for s in self.schedules]
         record["switch_epoch"] = [s.switch_epoch for s in self.schedules]
         record["frozen"] = sorted(self.diverged)
+        record["train_seconds"] = time.perf_counter() - started  # the whole stack's
         self.epoch += 1
         return record
+
+    def _lam_trace(self, traced: list[tuple[int, int, Tensor]], trace_every: list[int]) -> list[list[list[float]]]:
+        """Per member, ``[[step, lambda], ...]`` within the epoch (the Trainer's ``lam_trace``):
+        ANRAT's lambda from its theta (clamped to its bounds, then exp or softplus, in float32 as
+        :meth:`anrat.losses.ANRATLoss.lambda_tensor`), a fixed or annealed lambda as it stands;
+        empty for members on the plain loss."""
+        if not traced:
+            return [[] for _ in self.members]
+        thetas = torch.stack([theta for _, _, theta in traced]).cpu()  # (samples, K)
+        traces = []
+        for k, s in enumerate(self.schedules):
+            if s.nrae is None or s.switched:
+                traces.append([])
+                continue
+            if isinstance(s.nrae, ANRATLoss):
+                theta = thetas[:, k].clamp(*s.nrae.theta_bounds)
+                lams = (theta.exp() if s.config.parameterization == "log" else nn.functional.softplus(theta)).tolist()
+            else:
+                lams = [s.lam] * len(traced)
+            traces.append([[step, lam] for (i, step, _), lam in zip(traced, lams) if i % trace_every[k] == 0])
+        return traces
 
     def _report_frozen(self, active_before: Tensor) -> None:
         for k in torch.nonzero(active_before & ~self.active).flatten().tolist():
@@ -727,13 +826,16 @@ class BatchedTrainer:
 
     # --- the run -------------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, resume: bool = True) -> BatchedResult:
-        """Train every member until ``epochs`` (default: the members' ``epochs``) are complete."""
+        """Train every member until ``epochs`` (default: the members' ``epochs``) are complete,
+        resuming from ``out_dir/last.pt`` when ``resume`` and it exists (a finished run with fewer
+        epochs goes on from there)."""
         epochs = self.shared.epochs if epochs is None else epochs
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.device))
         if self.best_params is None and self.val_split is not None and self.epoch == 0:
             self._consider(0, self.evaluate(self.val_split))
         while self.epoch < epochs:
+            started = time.perf_counter()
             record = self.train_epoch()
             if self.val_split is not None:
                 vals = self.evaluate(self.val_split)
@@ -741,8 +843,11 @@ class BatchedTrainer:
                 self._consider(self.epoch, vals)
             elif self.epoch == epochs:
                 self._consider(self.epoch, None)
+            record["seconds"] = time.perf_counter() - started
             self.history.append(record)
             self.save()
+            if self.progress:
+                print(stack_epoch_line(record, epochs), file=sys.stderr, flush=True)
         return self.result()
 
     def result(self) -> BatchedResult:
@@ -808,7 +913,8 @@ class BatchedTrainer:
         return {
             "format": BATCHED_FORMAT,
             "arch": copy.deepcopy(self.arch),
-            "members": [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members],
+            "members": _member_settings(self.members),
+            "run_config": copy.deepcopy(self.run_config),
             "params": cpu(self.params),
             "buffers": cpu(self.buffers),
             "theta": self.theta.cpu(),
@@ -838,8 +944,7 @@ class BatchedTrainer:
         # options added since a checkpoint was written are absent from it; their defaults do what it did
         defaults = {"train": asdict(TrainConfig()), "schedule": asdict(ScheduleConfig())}
         saved = [{part: {**defaults[part], **m[part]} for part in defaults} for m in state["members"]]
-        ours = [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in self.members]
-        if saved != ours:
+        if _fixed_settings(saved) != _fixed_settings(_member_settings(self.members)):
             raise InputError(
                 "the checkpoint holds a batched run with other members; start afresh (resume=False) "
                 "or use another out_dir"
@@ -885,5 +990,6 @@ __all__ = [
     "StackedSGD",
     "grid",
     "member_objective",
+    "stack_epoch_line",
     "unsupported_option",
 ]

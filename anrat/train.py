@@ -198,20 +198,18 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         train_subset=cfg.train_subset,
         test_subset=cfg.test_subset,
     )
-    grid = list(itertools.product(cfg.grid_lr or [cfg.train.lr], cfg.grid_a or [cfg.schedule.a]))
-    if len(grid) > 1 and data.val is None:
+    configs = grid_configs(cfg)
+    if len(configs) > 1 and data.val is None:
         raise InputError("a grid search needs a validation split (--val-size > 0)")
     out = make_output_folder(cfg.out_dir)
     trial_cfgs = [
-        (
-            replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a)),
-            out if len(grid) == 1 else out / "grid" / f"lr={lr:g}_a={a:g}",
-        )
-        for lr, a in grid
+        (c, out if len(configs) == 1 else out / "grid" / f"lr={c.train.lr:g}_a={c.schedule.a:g}") for c in configs
     ]
     if cfg.engine == "loop":
         for trial_cfg, trial_dir in trial_cfgs:
             check_resume(trial_cfg, trial_dir)
+    else:  # the stack's last.pt records the options of its first configuration
+        check_resume(configs[0], out / "batched")
     if env_is_main():
         remove_stale_temporaries(out, ("model.pt", "result.json"))
     chosen = (grid_batched if cfg.engine == "batched" else grid_loop)(trial_cfgs, data, out)
@@ -229,6 +227,14 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         save_atomic(chosen.checkpoint(metrics), out / "model.pt")
         write_text_atomic(out / "result.json", json.dumps(result, indent=2))
     return result
+
+
+def grid_configs(cfg: RunConfig) -> list[RunConfig]:
+    """The configurations a run trains: one per (lr, a) of ``grid_lr x grid_a`` (lr slowest; an
+    empty grid stands for the run's own ``train.lr`` or ``schedule.a``), each ``cfg`` with those
+    two values. The batched engine trains them as the members of one stack, in this order."""
+    grid = itertools.product(cfg.grid_lr or [cfg.train.lr], cfg.grid_a or [cfg.schedule.a])
+    return [replace(cfg, train=replace(cfg.train, lr=lr), schedule=replace(cfg.schedule, a=a)) for lr, a in grid]
 
 
 @dataclass
@@ -284,6 +290,8 @@ def grid_batched(trial_cfgs: list[tuple[RunConfig, Path]], data: DataSplits, out
         data.val,
         out_dir=stack_dir,
         arch={"name": cfg.model, "kwargs": kwargs},
+        progress=cfg.progress,
+        run_config=asdict(cfg),
     )
     result = trainer.fit(resume=cfg.resume)
     trials = [_member_trial(trainer, k, c, stack_dir) for k, (c, _) in enumerate(trial_cfgs)]
@@ -332,14 +340,26 @@ def _all_diverged(trials: list[dict[str, Any]], epochs: dict[int, int]) -> str:
     )
 
 
-_MEMBER_KEYS = ("criterion", "train_objective", "train_loss", "train_max_loss", "lam", "switch_epoch")
+_MEMBER_KEYS = (
+    "criterion",
+    "train_objective",
+    "train_loss",
+    "train_max_loss",
+    "lam_trace",
+    "lam",
+    "switched",
+    "switch_epoch",
+)
+_STACK_KEYS = ("train_seconds", "seconds")  # the whole stack's time, not the member's share
 
 
 def _member_history(history: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """Member ``k``'s epochs of a batched history, one value per key as the loop engine's."""
+    """Member ``k``'s epochs of a batched history, one value per key as the loop engine's (keys
+    a record of an older checkpoint lacks are left out; the times are the whole stack's)."""
     records = []
     for r in history:
-        record = {"epoch": r["epoch"], **{key: r[key][k] for key in _MEMBER_KEYS}}
+        record = {"epoch": r["epoch"], **{key: r[key][k] for key in _MEMBER_KEYS if key in r}}
+        record.update({key: r[key] for key in _STACK_KEYS if key in r})
         vals = r.get("val")
         if vals is not None and vals[k] is not None:
             record.update({f"val_{name}": v for name, v in vals[k].items()})

@@ -27,6 +27,13 @@ pruning as in the recipe's ``paper`` preset; with ``--jobs 10`` on one GPU.
 
     python benchmarks/mnist_anrat_vs_ce.py --data-dir /work/shared/data/mnist [--full] [--out runs/bench_mnist]
 
+Each (model, method, seed) trains its learning-rate grid as one batched stack
+(``--engine batched``, the default: the grid's configurations are the members of one
+:class:`anrat.batched.BatchedTrainer`, in ``.../train/batched``) or one configuration after
+another (``--engine loop``, in ``.../train/grid``); both select the same learning rate and epoch
+by the same rule and write the same figures. Each method keeps its own grid. The seeds are not
+stacked: a seed also draws the validation split, and the members of one stack share their data.
+
 Runs go to ``OUT/<model>/<method>/seed<k>`` and each finished unit's figures to
 ``OUT/units/<model>_<method>_seed<k>.json`` (a rerun skips finished units); the table is printed and
 written with every per-seed figure to ``OUT/results.json`` and ``OUT/results.md``. ``--jobs N``
@@ -59,7 +66,7 @@ from anrat.atomic_files import write_text_atomic
 from anrat.cli import OneLineErrorParser
 from anrat.errors import InputError
 from anrat.schedules import ScheduleConfig
-from anrat.train import RunConfig
+from anrat.train import ENGINES, RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainConfig, TrainingDiverged
 from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
@@ -103,6 +110,7 @@ def run_config(
         ),
         schedule=ScheduleConfig(name=METHODS[method], lam0=10.0, a=args.a),
         grid_lr=list(budget["grid_lr"]) if len(budget["grid_lr"]) > 1 else [],
+        engine=args.engine,
     )
 
 
@@ -209,7 +217,7 @@ def run_unit(
     started = time.perf_counter()
     folder = out / model / method / f"seed{seed}"
     cfg = run_config(model, method, seed, budget, args, folder / "train")
-    info: dict[str, Any] = {"model": model, "method": method, "seed": seed}
+    info: dict[str, Any] = {"model": model, "method": method, "seed": seed, "engine": args.engine}
     try:
         if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
             fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
@@ -343,7 +351,8 @@ def machine_description(device: str) -> dict[str, Any]:
     return machine
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:func:`main` checks the values and fills in the budget)."""
     ap = OneLineErrorParser(prog="python benchmarks/mnist_anrat_vs_ce.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=None, help="folder holding the MNIST IDX files; default: $ANRAT_DATA_DIR")
     ap.add_argument("--out", default="runs/bench_mnist", help="folder for the runs and results")
@@ -367,6 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--no-prune", action="store_true", help="skip pruning the ANRAT models")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="batched",
+        help="batched: each unit's learning-rate grid trained at once as one vectorised stack; "
+        "loop: one configuration after another (same selection rule and outputs). Default: batched",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument(
         "--jobs",
@@ -385,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "different --grid-lr), take for each model, method and seed the unit with the lowest "
         "validation error, as a grid over their learning rates would, and tabulate into --out",
     )
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     budget = json.loads(json.dumps(FULL if args.full else DEFAULT))
     try:

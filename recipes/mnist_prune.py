@@ -9,7 +9,10 @@ the presets and the command line.
 1. **Train** (:func:`anrat.train.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
    (ANRAT by default), the best epoch (and, with a grid, the best learning rate and penalty
    weight a) selected on a held-out validation split; the test set is evaluated once, on the
-   selected model.
+   selected model. ``--engine`` (``run.engine``) chooses how a grid is trained: ``batched`` (the
+   ``paper`` preset) trains its nine configurations at once as the members of one
+   :class:`anrat.batched.BatchedTrainer` stack, ``loop`` one after another; both select the same
+   configuration and hand the pruning the same ``train/model.pt``.
 2. **Prune** (:func:`pruning.prune.prune`): Wald tests of every weight and unit, removal of the
    insignificant ones, fine-tuning, round by round with rollback when validation error rises.
 3. **Export** (:func:`pruning.export.export_onnx`, :func:`pruning.export.compare_models`): the
@@ -24,7 +27,8 @@ keep both; in the same folder the finished training is resumed, not repeated).
 
 Outputs in ``OUT``: ``config.json``; ``train/`` (``model.pt``: the trained checkpoint,
 ``metrics.jsonl``, ``result.json``, ``last.pt``/``best.pt`` for resuming); ``pruned.pt`` (the pruned
-checkpoint, :func:`pruning.pruned_checkpoint.load_pruned`); ``model.onnx`` (the pruned network);
+checkpoint, :func:`pruning.pruned_checkpoint.load_pruned`; ``train/batched/`` holds the stack
+of a batched grid, ``train/grid/`` the trainings of a looped one); ``model.onnx`` (the pruned network);
 ``onnx/dense.onnx`` and ``onnx/pruned.onnx`` (the files timed); ``metrics.json`` (every figure of
 the report); ``report.md`` with ``training.png``, ``lambda.png``, ``pruning.png``, ``layers.png``.
 
@@ -47,6 +51,7 @@ from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
 from anrat.errors import InputError
 from anrat.schedules import SCHEDULES
+from anrat.train import ENGINES
 from pruning.pipeline import PipelineConfig, train_prune_export
 from pruning.report import FIGURES  # noqa: F401  (re-exported: the figure files a run writes)
 
@@ -173,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         key="run.schedule.plain_steps",
         type=_int_at_least(0),
         help="excursions: plain-loss steps closing each cycle (fewer than --period)",
+    )
+    flag(
+        ap,
+        "--engine",
+        key="run.engine",
+        choices=ENGINES,
+        help="how a grid over lr and a is trained: batched, all configurations at once as one "
+        "vectorised stack (the paper preset); loop, one after another (quick: a single configuration)",
     )
     flag(ap, "--epochs", key="run.train.epochs", type=_int_at_least(0), help="training epochs (per grid point)")
     flag(

@@ -96,6 +96,10 @@ def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path):
         if single.schedule.lam is not None:
             assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
         assert batched.history[-1]["train_loss"][k] == pytest.approx(single.history[-1]["train_loss"], rel=1e-4)
+        for ours, theirs in zip(batched.history, single.history):  # lambda sampled within the epochs
+            assert [s for s, _ in ours["lam_trace"][k]] == [s for s, _ in theirs["lam_trace"]]
+            assert [v for _, v in ours["lam_trace"][k]] == pytest.approx([v for _, v in theirs["lam_trace"]], rel=1e-5)
+            assert ours["switched"][k] == theirs["switched"]
     assert result.switch_epoch[4] is not None  # the annealed member did switch to the plain loss
 
 
@@ -274,6 +278,59 @@ def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path
     save_atomic(state, tmp_path / "old" / "last.pt")
     again = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
     assert again.fit().best_epoch is not None and again.epoch == 2 and len(again.history) == 2
+
+
+def test_a_finished_run_resumed_with_more_epochs_is_the_longer_run(tmp_path):
+    train, val = data("ce", 128, 0), data("ce", 64, 1)
+
+    def with_epochs(epochs: int) -> list[Member]:
+        return [Member(replace(m.train, epochs=epochs), m.schedule) for m in dropout_members()]
+
+    torch.manual_seed(0)
+    straight = BatchedTrainer(dropout_factory, with_epochs(5), train, val, out_dir=tmp_path / "straight")
+    straight.fit()
+    torch.manual_seed(0)
+    BatchedTrainer(dropout_factory, with_epochs(2), train, val, out_dir=tmp_path / "extended").fit()
+    torch.manual_seed(123)  # a fresh process: everything comes from last.pt
+    extended = BatchedTrainer(dropout_factory, with_epochs(5), train, val, out_dir=tmp_path / "extended")
+    assert extended.fit().best_epoch == straight.best_epoch
+    assert extended.epoch == 5 and extended.step == straight.step
+    for k in range(2):
+        for best in (True, False):
+            for name, value in straight.member_state_dict(k, best).items():
+                assert torch.equal(value, extended.member_state_dict(k, best)[name]), (k, best, name)
+    assert torch.equal(straight.theta, extended.theta)
+    seconds = ("seconds", "train_seconds")
+    assert [{n: v for n, v in r.items() if n not in seconds} for r in extended.history] == [
+        {n: v for n, v in r.items() if n not in seconds} for r in straight.history
+    ]
+    assert extended.member_checkpoint(0)["train"]["epochs"] == 5
+    assert len((tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_progress_prints_one_line_per_epoch_summarising_the_members(capsys):
+    train, val = data("lp", 128, 0), data("lp", 64, 1)
+    base = TrainConfig(epochs=3, batch_size=32)
+    grid_members = [
+        Member(replace(base, seed=0, lr=0.05), ScheduleConfig(name="fixed", kind="lp", lam0=1.0)),
+        Member(replace(base, seed=2, lr=1e30), ScheduleConfig(name="plain", kind="lp")),  # frozen in epoch 1
+        Member(replace(base, seed=1, lr=0.02), ScheduleConfig(name="adaptive", kind="lp", lam0=1.0)),
+    ]
+    quiet = BatchedTrainer(factory, grid_members, train, val)
+    quiet.fit()
+    assert capsys.readouterr().err == ""
+    run = BatchedTrainer(factory, grid_members, train, val, progress=True)
+    run.fit()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    for epoch, (line, record) in enumerate(zip(lines, run.history), start=1):
+        losses = {k: record["val"][k]["loss"] for k in (0, 2)}  # regression: no error rate
+        best = min(losses, key=losses.__getitem__)
+        assert line.startswith(f"epoch {epoch}/3, 3 members; ")
+        assert f"validation loss best {losses[best]:.4g} (member {best}), " in line
+        assert f"median {(losses[0] + losses[2]) / 2:.4g}" in line
+        assert "; 2 training, 1 frozen; " in line
+        assert line.endswith(" left") == (epoch < 3)
 
 
 def test_a_checkpoint_of_other_members_is_refused(tmp_path):

@@ -54,6 +54,10 @@ def test_batched_grid_selects_and_writes_what_the_loop_does(both_engines):
     assert [r["train_loss"] for r in batched["history"]] == pytest.approx(
         [r["train_loss"] for r in loop["history"]], rel=1e-5
     )
+    for ours, theirs in zip(batched["history"], loop["history"]):  # what the report's figures read
+        assert set(ours) == set(theirs)
+        assert [s for s, _ in ours["lam_trace"]] == [s for s, _ in theirs["lam_trace"]]
+        assert [v for _, v in ours["lam_trace"]] == pytest.approx([v for _, v in theirs["lam_trace"]], rel=1e-5)
     assert batched["config"]["engine"] == "batched" and loop["config"]["engine"] == "loop"
     assert (batched_dir / "batched" / "last.pt").is_file() and not (batched_dir / "grid").exists()
 
@@ -83,6 +87,45 @@ def test_the_selected_member_goes_through_pruning(both_engines, mnist_dir, tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["params_before"] == 784 * 16 + 16 + 16 * 10 + 10
     assert (out / "pruned.pt").is_file() and (out / "model.onnx").is_file()
+
+
+def test_a_finished_grid_resumed_with_more_epochs_is_the_longer_run(mnist_dir, tmp_path, run_cli):
+    grid = [*GRID[: GRID.index("--epochs")], "--batch-size", "50", "--no-progress", "--engine", "batched"]
+    straight = train(run_cli, mnist_dir, tmp_path / "straight", *grid, "--epochs", "3")
+    train(run_cli, mnist_dir, tmp_path / "extended", *grid, "--epochs", "1")
+    extended = train(run_cli, mnist_dir, tmp_path / "extended", *grid, "--epochs", "3")
+    assert extended["selected"] == {**straight["selected"], "out_dir": extended["selected"]["out_dir"]}
+    assert extended["test"] == straight["test"]
+    assert [r["val_error"] for r in extended["history"]] == [r["val_error"] for r in straight["history"]]
+    assert len(extended["history"]) == 3
+    ours, theirs = (load_checkpoint(d / "model.pt") for d in (tmp_path / "extended", tmp_path / "straight"))
+    for name, weight in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], weight), name
+
+
+def test_resuming_a_batched_grid_with_other_options_is_refused(mnist_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    train(run_cli, mnist_dir, out, *GRID[:4], "--epochs", "1", "--no-progress", "--engine", "batched")
+    argv = ["--data-dir", str(mnist_dir), "--out", str(out), *SMALL, *GRID[:4], "--epochs", "2", "--no-progress"]
+    code, io = run_cli(main, [*argv, "--engine", "batched", "--train-subset", "300"])
+    assert code == 2
+    lines = io.err.strip().splitlines()
+    assert len(lines) == 1 and "train_subset: 400 there, 300 now" in lines[0], io.err
+
+
+def test_the_batched_grid_prints_one_progress_line_per_epoch(mnist_dir, tmp_path, run_cli):
+    argv = ["--data-dir", str(mnist_dir), *SMALL, "--grid-lr", "0.1,1e6", "--epochs", "2", "--batch-size", "50"]
+    code, io = run_cli(main, [*argv, "--out", str(tmp_path / "shown"), "--engine", "batched"])
+    assert code == 0, io.err
+    lines = [line for line in io.err.splitlines() if line.startswith("epoch ")]
+    result = json.loads((tmp_path / "shown" / "result.json").read_text())
+    assert len(lines) == 2
+    for epoch, (line, record) in enumerate(zip(lines, result["history"]), start=1):
+        assert line.startswith(f"epoch {epoch}/2, 2 members; ")
+        assert f"validation error best {record['val_error']:.2%} (member 0)" in line  # lr 1e6 diverged
+        assert "; 1 training, 1 frozen; " in line
+    code, io = run_cli(main, [*argv, "--out", str(tmp_path / "quiet"), "--engine", "batched", "--no-progress"])
+    assert code == 0 and io.err == "", io.err
 
 
 def test_a_diverged_member_is_a_diverged_trial(mnist_dir, tmp_path, run_cli):

@@ -15,16 +15,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from anrat.batched import BatchedTrainer, Member
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
-from anrat.data import load_dataset
+from anrat.data import Split, load_dataset
 from anrat.errors import InputError
+from anrat.models import build_model
 from anrat.recipes.mnist_prune import FIGURES, build_parser, main, resolve_config
+from anrat.train import grid_configs
 from anrat.train import run as train_run
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
 
 TEST_IMAGES = 2000
+QUICK_ENGINE = "loop"  # recipes/configs/quick.toml: one configuration, faster as a plain loop on the CPU
 
 
 def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
@@ -176,6 +180,46 @@ def test_resuming_with_other_training_options_is_refused(tiny_run, mnist_dir, ru
         f"python -m anrat.recipes.mnist_prune: error: {out} holds a training started with other options "
         "(run.train.epochs differs); pass --no-resume to start it afresh or choose another --out"
     ]
+
+
+def test_the_paper_preset_trains_its_nine_grid_points_as_one_batched_stack():
+    cfg = resolve_config(build_parser().parse_args(["--preset", "paper"]))
+    assert cfg.run.engine == "batched" and cfg.run.train.epochs == 100
+    configs = grid_configs(cfg.run)
+    assert [(c.train.lr, c.schedule.a) for c in configs] == [
+        (lr, a) for lr in (1.0, 0.5, 0.1) for a in (1.0, 0.1, 0.001)
+    ]
+    members = [Member(c.train, c.schedule) for c in configs]
+    images = Split(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    stack = BatchedTrainer(lambda: build_model(cfg.run.model), members, images, None)  # one stack accepts them
+    assert len(stack.members) == 9 and stack.params["conv1.weight"].shape[0] == 9
+    assert resolve_config(build_parser().parse_args(["--preset", "paper", "--engine", "loop"])).run.engine == "loop"
+    assert resolve_config(build_parser().parse_args(["--preset", "quick"])).run.engine == QUICK_ENGINE
+
+
+def test_a_tiny_paper_run_prunes_and_exports_the_selected_member(mnist_dir, tmp_path):
+    """The paper preset's nine members for one epoch on a few hundred images. Its learning rates
+    {1, 0.5, 0.1} blow a ConvNet up this early (and the fine-tuning of the selected member after
+    it), so the grid keeps its shape (3 x 3) with smaller rates: this checks the plumbing."""
+    out = tmp_path / "paper"
+    argv = ["--preset", "paper", "--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "1", "--no-progress"]
+    argv += ["--lambda0", "1", "--set", "run.grid_lr=[0.1, 0.05, 0.02]"]
+    argv += ["--train-subset", "300", "--val-size", "200", "--test-subset", "200", "--set", "prune.max_rounds=1"]
+    argv += ["--set", "prune.max_samples=100", "--set", "prune.fine_tune.epochs=1", "--set", "report.latency_repeats=1"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trials, selected = metrics["training"]["trials"], metrics["training"]["selected"]
+    assert [t["member"] for t in trials] == list(range(9))
+    ranked = [t for t in trials if "diverged" not in t]
+    assert selected["val"]["error"] == min(t["val"]["error"] for t in ranked)
+    assert selected == next(t for t in ranked if t["val"]["error"] == selected["val"]["error"])
+    assert (out / "train" / "batched" / "last.pt").is_file() and not (out / "train" / "grid").exists()
+    trained = load_checkpoint(out / "train" / "model.pt")
+    assert trained["run_config"]["train"]["lr"] == selected["lr"]
+    assert trained["run_config"]["schedule"]["a"] == selected["a"]
+    assert metrics["pruning"]["params_before"] == count_total(model_from_checkpoint(trained))
+    for name in ("model.onnx", "pruned.pt", "report.md", *FIGURES.values()):
+        assert (out / name).is_file(), name
 
 
 def test_help_explains_every_option(assert_help_explains_every_option):
