@@ -349,6 +349,9 @@ _MEMBER_KEYS = (
     "lam",
     "switched",
     "switch_epoch",
+    "rho",
+    "train_ess",
+    "train_ess_fraction",
 )
 _STACK_KEYS = ("train_seconds", "seconds")  # the whole stack's time, not the member's share
 
