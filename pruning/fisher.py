@@ -218,7 +218,8 @@ class Likelihood:
     @classmethod
     def of(cls, loss: LossKind, num_outputs: int, sigma2: float | None = None) -> Likelihood:
         """The likelihood of a network with ``num_outputs`` outputs trained with anrat's loss
-        kind ``loss``: "ce" is softmax (K >= 2) or sigmoid (K = 1), "lp" Gaussian."""
+        kind ``loss``: "ce" is softmax (K >= 2) or sigmoid (K = 1), "lp" Gaussian; "true_class_sq"
+        ((1 - p_y)^r, another criterion on the same softmax outputs) is read as "ce"'s softmax."""
         kind = "gaussian" if loss == "lp" else ("sigmoid" if num_outputs == 1 else "softmax")
         return cls(kind, num_outputs, sigma2)
 

@@ -440,7 +440,7 @@ def small():
         ),
         (dict(layers=["act1"]), r"untestable layer name\(s\) \['act1'\]"),
         (dict(layers=[]), r"layers is empty"),
-        (dict(loss="nll"), r"unknown loss 'nll'; expected one of \['ce', 'lp'\]"),
+        (dict(loss="nll"), r"unknown loss 'nll'; expected one of \['ce', 'lp', 'true_class_sq'\]"),
         (dict(fisher="observed"), r"unknown fisher 'observed'"),
         (dict(damping=-1.0), r"damping must be a finite number >= 0"),
         (dict(n_fit=0), r"n_fit must be a positive integer or None"),
