@@ -301,7 +301,7 @@ def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) ->
 
 
 def member_step_objective(
-    losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]
+    losses: Tensor, theta: Tensor, hyper: dict[str, Tensor], *, with_running: bool = True, with_rae: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`member_objective` and the member's updated running NRAE (float32; meaningful for
     members with ``running`` on the NRAE, as :class:`~anrat.losses.NRAELoss` updates it):
@@ -310,6 +310,9 @@ def member_step_objective(
         running normaliser:          r' = tilted_mean([r, nrae_batch], t, weights=[1 - mom, mom]),
                                      value = r',  w_i = exp(t (l_i - r')) / B
         ANRAT, direct:               lam = theta, dlam/dtheta = 1
+
+    ``with_running=False`` / ``with_rae=False`` skip those branches (no member of the run uses
+    them; they cost a second tilted mean and an exponential per sample at every step).
     """
     l = losses.detach()
     no = torch.zeros_like(hyper["plain"])
@@ -327,19 +330,20 @@ def member_step_objective(
     g_theta = ((p * t / lam) * dtilted_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta
     value = (tilted + penalty).to(l.dtype)
     w = s.to(l.dtype)
-    # the running normaliser, in the order of operations of NRAELoss._running_aggregate
     batch = tilted.to(l.dtype)
-    old = hyper.get("running_nrae", batch)
-    pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
-    mom = hyper.get("momentum", torch.ones_like(t))
-    mix = torch.stack([1.0 - mom, mom]).to(l.dtype)  # 1 - momentum in float64, as the Trainer's Python float
-    r_new = tilted_stats(pair, t, mix, need_t=False)[0].to(l.dtype)
-    value = torch.where(running, r_new, value)
-    w = torch.where(running, torch.exp(t.to(l.dtype) * (l - r_new)) / l.shape[0], w)
-    # RAE at the switch's t, in float64 as RAELoss computes it
-    e = torch.exp(hyper["t"] * l.to(t.dtype))
-    value = torch.where(rae, e.mean().to(l.dtype), value)
-    w = torch.where(rae, (hyper["t"] * e / l.shape[0]).to(l.dtype), w)
+    r_new = batch
+    if with_running:  # the running normaliser, in the order of operations of NRAELoss._running_aggregate
+        old = hyper.get("running_nrae", batch)
+        pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
+        mom = hyper.get("momentum", torch.ones_like(t))
+        mix = torch.stack([1.0 - mom, mom]).to(l.dtype)  # 1 - momentum in float64, as the Trainer's Python float
+        r_new = tilted_stats(pair, t, mix, need_t=False)[0].to(l.dtype)
+        value = torch.where(running, r_new, value)
+        w = torch.where(running, torch.exp(t.to(l.dtype) * (l - r_new)) / l.shape[0], w)
+    if with_rae:  # RAE at the switch's t, in float64 as RAELoss computes it
+        e = torch.exp(hyper["t"] * l.to(t.dtype))
+        value = torch.where(rae, e.mean().to(l.dtype), value)
+        w = torch.where(rae, (hyper["t"] * e / l.shape[0]).to(l.dtype), w)
     value = torch.where(hyper["plain"], l.mean(), value)
     w = torch.where(hyper["plain"], torch.full_like(l, 1.0 / l.shape[0]), w)
     g_theta = torch.where(learned & ~hyper["plain"], g_theta, torch.zeros_like(g_theta))
@@ -472,6 +476,10 @@ class BatchedTrainer:
         # each member's running estimate of the dataset NRAE (normalizer="running"); NaN: none yet
         self.running_nrae = torch.full((k,), float("nan"), dtype=torch.float32, device=self.device)
         self._has_ess = any(m.schedule.name == "ess" for m in self.members)  # the tilt solve is traced only then
+        # the running normaliser's and RAE's branches of the objective are traced only when used
+        self._has_running = any(m.schedule.normalizer == "running" for m in self.members)
+        self._has_rae = any(m.schedule.switch_to == "rae" for m in self.members)
+        self._hyper_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}  # column -> (values, tensor)
         self.loss_hyper = self._loss_hyper()
 
     # --- construction --------------------------------------------------------------------------
@@ -561,19 +569,21 @@ class BatchedTrainer:
                 )
             )
         columns, more = list(zip(*rows)), list(zip(*extra))
-        dev = self.device
-        hyper = {
-            name: torch.tensor(col, dtype=torch.bool, device=dev)
-            for name, col in zip(("plain", "anrat", "log"), columns)
+        named = {
+            **{name: (col, torch.bool) for name, col in zip(("plain", "anrat", "log"), columns)},
+            **{name: (col, torch.float64) for name, col in zip(("t", "p", "a", "q", "lo", "hi"), columns[3:])},
+            **{name: (col, torch.bool) for name, col in zip(("direct", "rae", "running", "excursions"), more)},
+            **{name: (col, torch.float64) for name, col in zip(("momentum", "r"), more[4:])},
+            **{name: (col, torch.int64) for name, col in zip(("period", "plain_steps"), more[6:])},
         }
-        for name, col in zip(("t", "p", "a", "q", "lo", "hi"), columns[3:]):
-            hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
-        for name, col in zip(("direct", "rae", "running", "excursions"), more):
-            hyper[name] = torch.tensor(col, dtype=torch.bool, device=dev)
-        for name, col in zip(("momentum", "r"), more[4:]):
-            hyper[name] = torch.tensor(col, dtype=torch.float64, device=dev)
-        for name, col in zip(("period", "plain_steps"), more[6:]):
-            hyper[name] = torch.tensor(col, dtype=torch.int64, device=dev)
+        # Only the columns that changed since the last epoch become new tensors (an annealed t, a
+        # switch): with one step per epoch (full-batch runs) rebuilding all of them is a cost.
+        cache = self._hyper_cache
+        hyper = {}
+        for name, (col, dtype) in named.items():
+            if name not in cache or cache[name][0] != col:
+                cache[name] = (col, torch.tensor(col, dtype=dtype, device=self.device))
+            hyper[name] = cache[name][1]
         hyper.update(self._ess_hyper())
         return hyper
 
@@ -617,7 +627,9 @@ class BatchedTrainer:
             if self._has_ess:  # an ess member's t: the tilt at which this batch's ESS is rho * m
                 t = tilt_for_ess(losses.detach(), hyper["rho"], backend="torch")
                 step_hyper = {**hyper, "t": torch.where(hyper["ess"], t, hyper["t"])}
-            value, w, g_theta, running = member_step_objective(losses, theta, step_hyper)
+            value, w, g_theta, running = member_step_objective(
+                losses, theta, step_hyper, with_running=self._has_running, with_rae=self._has_rae
+            )
             m = losses.shape[0]
             ess = torch.where(hyper["plain"], float(m), 1 / w.detach().double().square().sum())  # plain: m
             return (w * losses).sum() + g_theta * theta, (value, losses.detach(), running, ess)
@@ -726,9 +738,9 @@ class BatchedTrainer:
 
     def _lam_trace(self, traced: list[tuple[int, int, Tensor]], trace_every: list[int]) -> list[list[list[float]]]:
         """Per member, ``[[step, lambda], ...]`` within the epoch (the Trainer's ``lam_trace``):
-        ANRAT's lambda from its theta (clamped to its bounds, then exp or softplus, in float32 as
-        :meth:`anrat.losses.ANRATLoss.lambda_tensor`), a fixed or annealed lambda as it stands;
-        empty for members on the plain loss."""
+        ANRAT's lambda from its theta (clamped to its bounds, then exp, softplus or itself for
+        ``"direct"``, in float32 as :meth:`anrat.losses.ANRATLoss.lambda_tensor`), a fixed or
+        annealed lambda as it stands; empty for members on the plain loss."""
         if not traced:
             return [[] for _ in self.members]
         thetas = torch.stack([theta for _, _, theta in traced]).cpu()  # (samples, K)
@@ -739,7 +751,8 @@ class BatchedTrainer:
                 continue
             if isinstance(s.nrae, ANRATLoss):
                 theta = thetas[:, k].clamp(*s.nrae.theta_bounds)
-                lams = (theta.exp() if s.config.parameterization == "log" else nn.functional.softplus(theta)).tolist()
+                lam_of = {"log": torch.exp, "softplus": nn.functional.softplus, "direct": lambda v: v}
+                lams = lam_of[s.config.parameterization](theta).tolist()
             else:
                 lams = [s.lam] * len(traced)
             traces.append([[step, lam] for (i, step, _), lam in zip(traced, lams) if i % trace_every[k] == 0])
