@@ -27,12 +27,11 @@ from anrat.functional import (
     ESS_T_MAX,
     LossKind,
     TiltedBackend,
-    check_backend,
     numpy_path,
     tilt_for_ess,
     tilted_mean,
 )
-from anrat.losses import BatchLoss, _check_kind_p, _check_r
+from anrat.losses import BatchLoss, _check_tilted_args
 from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 RHO_GROWTHS = ("geometric", "linear")
@@ -85,9 +84,7 @@ class ESSLoss(BatchLoss):
         r: float | None = None,
     ) -> None:
         super().__init__()
-        _check_kind_p(kind, p)
-        self.r = _check_r(kind, r)
-        check_backend(backend)
+        self.r = _check_tilted_args(kind, p, r, backend)
         if not (t_max > 0 and math.isfinite(t_max)):
             raise InputError(f"t_max must be a finite number > 0, got {t_max!r}")
         self.kind, self.p, self.t_max, self.backend = kind, float(p), float(t_max), backend

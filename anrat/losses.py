@@ -64,6 +64,13 @@ def _check_kind_p(kind: str, p: float) -> None:
         raise InputError(f"p must be a finite number > 0, got {p!r}")
 
 
+def _check_tilted_args(kind: str, p: float, r: float | None, backend: str) -> float | None:
+    """The checks every tilted loss makes of its per-sample loss and backend; returns ``r``."""
+    _check_kind_p(kind, p)
+    check_backend(backend)
+    return _check_r(kind, r)
+
+
 def _check_r(kind: str, r: float | None) -> float | None:
     """``r`` (the error's exponent, independent of t's p) as a float, or None; refused for "ce"."""
     if r is None:
@@ -145,9 +152,7 @@ class NRAELoss(BatchLoss):
         r: float | None = None,
     ) -> None:
         super().__init__()
-        _check_kind_p(kind, p)
-        self.r = _check_r(kind, r)
-        check_backend(backend)
+        self.r = _check_tilted_args(kind, p, r, backend)
         if normalizer not in NORMALIZERS:
             raise InputError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
         if not 0 < momentum <= 1:
@@ -356,9 +361,7 @@ class ANRATLoss(BatchLoss):
         r: float | None = None,
     ) -> None:
         super().__init__()
-        _check_kind_p(kind, p)
-        check_backend(backend)
-        self.r = _check_r(kind, r)
+        self.r = _check_tilted_args(kind, p, r, backend)
         if not (math.isfinite(init_lambda) and init_lambda > 0):
             raise InputError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
         if not (math.isfinite(a) and a >= 0):

@@ -77,24 +77,31 @@ def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: 
     assert error <= rtol, f"relative error {error:.3g} > {rtol:g}"
 
 
+def members_and_single_runs(batched: BatchedTrainer, result, train: Split, val: Split, tmp_path):
+    """Yield ``(k, member, single)`` after checking what every member shares with its single-model
+    run: the last weights (to 1e-5), the selected epoch, the switch epoch and lambda."""
+    assert result.diverged == {}
+    for k, member in enumerate(batched.members):
+        single = single_run(member, train, val, tmp_path / str(k))
+        last = load_checkpoint(tmp_path / str(k) / "last.pt")
+        for name, value in batched.member_state_dict(k, best=False).items():
+            assert_relatively_close(value, last["state_dict"][name])
+        assert result.best_epoch[k] == single.best_epoch
+        assert result.switch_epoch[k] == single.schedule.switch_epoch
+        if single.schedule.lam is not None:
+            assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
+        yield k, member, single
+
+
 @pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("lp", "sgd"), ("ce", "adam")])
 def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path):
     train, val = data(kind, N_TRAIN, 0), data(kind, 96, 1)
     grid_members = members(kind, optimizer)
     batched = BatchedTrainer(factory, grid_members, train, val)
     result = batched.fit()
-    assert result.diverged == {}
-    for k, member in enumerate(grid_members):
-        single = single_run(member, train, val, tmp_path / str(k))
-        last = load_checkpoint(tmp_path / str(k) / "last.pt")
-        for name, value in batched.member_state_dict(k, best=False).items():
-            assert_relatively_close(value, last["state_dict"][name])
-        assert result.best_epoch[k] == single.best_epoch
+    for k, _member, single in members_and_single_runs(batched, result, train, val, tmp_path):
         for name, value in batched.member_state_dict(k).items():  # the selected weights
             assert_relatively_close(value, single.model.state_dict()[name])
-        assert result.switch_epoch[k] == single.schedule.switch_epoch
-        if single.schedule.lam is not None:
-            assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
         assert batched.history[-1]["train_loss"][k] == pytest.approx(single.history[-1]["train_loss"], rel=1e-4)
         for ours, theirs in zip(batched.history, single.history):  # lambda sampled within the epochs
             assert [s for s, _ in ours["lam_trace"][k]] == [s for s, _ in theirs["lam_trace"]]
@@ -144,16 +151,7 @@ def test_the_faithful_variants_are_the_single_model_runs(kind, optimizer, tmp_pa
     grid_members = faithful_members(kind, optimizer)
     batched = BatchedTrainer(factory, grid_members, train, val)
     result = batched.fit()
-    assert result.diverged == {}
-    for k, member in enumerate(grid_members):
-        single = single_run(member, train, val, tmp_path / str(k))
-        last = load_checkpoint(tmp_path / str(k) / "last.pt")
-        for name, value in batched.member_state_dict(k, best=False).items():
-            assert_relatively_close(value, last["state_dict"][name])
-        assert result.best_epoch[k] == single.best_epoch
-        assert result.switch_epoch[k] == single.schedule.switch_epoch
-        if single.schedule.lam is not None:
-            assert batched.schedules[k].lam == pytest.approx(single.schedule.lam, rel=1e-5)
+    for k, member, single in members_and_single_runs(batched, result, train, val, tmp_path):
         assert batched.history[-1]["criterion"][k] == single.history[-1]["criterion"]
         for epoch in (0, EPOCHS - 1):
             assert batched.history[epoch]["train_objective"][k] == pytest.approx(
