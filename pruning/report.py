@@ -261,7 +261,11 @@ def report_markdown(m: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| trained (selected on validation) | {_pct(te['trained'])} | {round(te['trained'] * n)} of {n} |",
         f"| pruned and fine-tuned (PyTorch) | {_pct(te['pruned'])} | {round(te['pruned'] * n)} of {n} |",
-        f"| `model.onnx` under onnxruntime | {_pct(te['onnx'])} | {round(te['onnx'] * n)} of {n} |",
+        *(
+            [f"| `model.onnx` under onnxruntime | {_pct(te['onnx'])} | {round(te['onnx'] * n)} of {n} |"]
+            if te["onnx"] is not None
+            else []
+        ),
         "",
         f"Pruning {verdict} the test error ({100 * delta:+.2f} percentage points, {round(delta * n):+d} images "
         f"of {n}). The source paper claims that pruning improves generalisation; one run on {n} images is "

@@ -290,3 +290,24 @@ def test_the_excursions_schedule_is_reachable_from_the_recipe(engine, mnist_dir,
     assert result["config"]["schedule"]["period"] == 4
     with pytest.raises(InputError, match="excursions need period >= 1 and 0 <= plain_steps < period"):
         resolve_config(build_parser().parse_args([*argv, "--plain-steps", "4"]))
+
+
+def test_a_model_trained_on_the_true_class_error_is_pruned_exported_and_scored(mnist_dir, tmp_path):
+    """The original code's loss (1 - p_y)^2 through the whole main job: the exported model.onnx is
+    scored as a classifier (its test error equals the pruned network's) and the report is written."""
+    out = tmp_path / "out"
+    argv = [
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        'run.schedule.kind="true_class_sq"',
+    ]
+    argv += ["--epochs", "1", "--train-subset", "500", "--val-size", "200", "--test-subset", "200"]
+    assert main([*argv, "--set", "prune.max_rounds=1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["run"]["schedule"]["kind"] == "true_class_sq"
+    assert metrics["test_error"]["onnx"] == pytest.approx(metrics["test_error"]["pruned"], abs=1 / 200)
+    assert "`model.onnx` under onnxruntime" in (out / "report.md").read_text()
