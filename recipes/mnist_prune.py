@@ -1,4 +1,4 @@
-"""Train the paper's ConvNet on MNIST with ANRAT, prune it by statistical significance, export a verified ONNX model.
+"""Train the paper's ConvNet on MNIST with a risk-averting criterion, prune it by statistical significance, export ONNX.
 
 ``python -m anrat.recipes.mnist_prune`` runs the whole pipeline of the toolkit in one command and
 reports what happened and what it cost:
@@ -7,7 +7,8 @@ The pipeline is the library's (:func:`pruning.pipeline.train_prune_export`); thi
 the presets and the command line.
 
 1. **Train** (:func:`anrat.train.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
-   (ANRAT by default), the best epoch (and, with a grid, the best learning rate and penalty
+   (the quick preset: the scale-free tilt ``ess``, chosen on validation; the paper preset: ANRAT),
+   the best epoch (and, with a grid, the best learning rate and penalty
    weight a) selected on a held-out validation split; the test set is evaluated once, on the
    selected model. ``--engine`` (``run.engine``) chooses how a grid is trained: ``batched`` (the
    ``paper`` preset) trains its nine configurations at once as the members of one

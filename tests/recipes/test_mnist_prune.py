@@ -32,7 +32,7 @@ QUICK_ENGINE = "loop"  # recipes/configs/quick.toml: one configuration, faster a
 
 
 def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
-    """A few thousand images and one pruning round. lambda0 = 1 (not the preset's 10) so that two
+    """A few thousand images and one pruning round, ANRAT (not the preset's ess). lambda0 = 1 (not 10) so that two
     short epochs already learn something, and a switch to the plain loss once lambda < 2, that is
     after epoch 1; tolerance 1.0 keeps the pruning round whatever it costs, so that the exported
     network is the smaller one."""
@@ -49,6 +49,8 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
         str(TEST_IMAGES),
         "--epochs",
         "2",
+        "--schedule",
+        "adaptive",
         "--lambda0",
         "1",
         "--seed",
