@@ -631,7 +631,9 @@ class BatchedTrainer:
                 losses, theta, step_hyper, with_running=self._has_running, with_rae=self._has_rae
             )
             m = losses.shape[0]
-            ess = torch.where(hyper["plain"], float(m), 1 / w.detach().double().square().sum())  # plain: m
+            # ESS = (sum w)^2 / sum w^2: the running normaliser's and RAE's weights do not sum to 1
+            wd = w.detach().double()
+            ess = torch.where(hyper["plain"], float(m), wd.sum().square() / wd.square().sum())  # plain: m
             return (w * losses).sum() + g_theta * theta, (value, losses.detach(), running, ess)
 
         return grad(surrogate, argnums=(0, 1), has_aux=True)(params, theta)

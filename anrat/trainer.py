@@ -52,7 +52,7 @@ from anrat.errors import InputError
 from anrat.ess import ESSLoss
 from anrat.functional import LossKind, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
-from anrat.losses import ANRATLoss, BatchLoss, NRAELoss
+from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -259,7 +259,8 @@ def step_ess(losses: Tensor, criterion: BatchLoss) -> Tensor:
 
     NRAE (fixed, anneal, excursions, either normaliser) and ANRAT: ``w = softmax(t * l)`` at the
     step's tilt t = lambda^p (the running normaliser's weights exp(t (l - r)) / m are proportional
-    to it, and ESS does not depend on the scale of the weights); ``ess``: the tilt solved for the
+    to it, and ESS does not depend on the scale of the weights), RAE after a switch to it (weights
+    exp(t l), likewise); ``ess``: the tilt solved for the
     batch (ESS = rho m to rounding); the plain loss: ``w = 1/m``, so ESS = m by definition, and
     nothing is computed.
     """
@@ -269,7 +270,7 @@ def step_ess(losses: Tensor, criterion: BatchLoss) -> Tensor:
         t = criterion.last_t
     elif isinstance(criterion, ANRATLoss):
         t = criterion.lambda_tensor().detach().pow(criterion.p)
-    elif isinstance(criterion, NRAELoss):
+    elif isinstance(criterion, (NRAELoss, RAELoss)):  # RAE's weights exp(t l) are proportional to softmax(t l)
         t = criterion.t()
     if t is None:
         ess = torch.tensor(float(m), dtype=working_dtype(losses), device=losses.device)

@@ -91,6 +91,7 @@ def mlp_checkpoint(path: Path, poison: float | None = None) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Paths the rows refer to by name (``{data}``, ``{ckpt}``...)."""
+    torch.manual_seed(0)  # the same weights every run: whether a pruning round fine-tunes depends on them
     root = tmp_path_factory.mktemp("inputs")
     data = write_idx_folder(root / "idx")
     (root / "user_models.py").write_text(USER_MODULE)
@@ -231,6 +232,11 @@ CASES = [
     ("train", TRAIN + ["--set", "schedule.switch_to=mse"], "unknown switch_to 'mse'; expected one of ('plain', 'rae')"),
     ("train", TRAIN + ["--schedule", "plain", "--switch-to", "rae"], "switch_to='rae' needs a schedule with a lambda"),
     ("train", TRAIN + ["--lambda-param", "identity"], "--lambda-param: invalid choice: 'identity'"),
+    ("train", TRAIN + ["--schedule", "ess", "--rho0", "0"], "rho0 (effective sample size / batch size)"),
+    ("train", TRAIN + ["--schedule", "ess", "--rho0", "0.5", "--rho-final", "0.2"], "rho_final must be >= rho0"),
+    ("train", TRAIN + ["--schedule", "ess", "--rho-epochs", "0"], "rho_epochs must be an integer >= 1"),
+    ("train", TRAIN + ["--schedule", "ess", "--switch-below", "1"], "do not apply to the ess schedule"),
+    ("train", TRAIN + ["--schedule", "ess", "--switch-to", "rae"], "the ess schedule deconvexifies to the plain loss"),
     ("train", TRAIN + ["--loss", "hinge"], "--loss: invalid choice: 'hinge'"),
     ("train", TRAIN + ["--set", "schedule.kind=hinge"], "'schedule.kind' must be one of 'ce', 'lp', 'true_class_sq'"),
     ("train", TRAIN + ["--optimizer", "Optimizer"], "unknown optimizer 'Optimizer'"),

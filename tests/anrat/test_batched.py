@@ -157,6 +157,7 @@ def test_the_faithful_variants_are_the_single_model_runs(kind, optimizer, tmp_pa
             assert batched.history[epoch]["train_objective"][k] == pytest.approx(
                 single.history[epoch]["train_objective"], rel=1e-5
             ), (k, epoch)
+            assert batched.history[epoch]["train_ess"][k] == pytest.approx(single.history[epoch]["train_ess"], rel=1e-4)
         if member.schedule.normalizer == "running":
             running = batched.schedules[k].nrae.running_nrae
             assert running.item() == pytest.approx(single.schedule.nrae.running_nrae.item(), rel=1e-5)
