@@ -113,7 +113,7 @@ from anrat.ess import ESSLoss
 from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess, tilted_stats
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, lambda_learning_rate
+from anrat.trainer import TrainConfig, lambda_learning_rate, lr_factor
 
 BATCHED_FORMAT = "anrat.batched/1"
 OPTIMIZERS = ("sgd", "adam")
@@ -459,13 +459,13 @@ class BatchedTrainer:
         self.theta = torch.stack([self._initial_theta(s) for s in self.schedules]).to(self.device)
         self.optimizer = _OPTIMIZER_CLASSES[optimizer]()
         self.opt_state = {name: self.optimizer.init_state(p) for name, p in self._trained().items()}
+        self.epoch = 0  # epochs completed
         self.hp = self._optimizer_hyper()
         self.generators = [torch.Generator().manual_seed(m.train.seed) for m in self.members]
         self.active = torch.ones(k, dtype=torch.bool, device=self.device)  # not frozen
         self.frozen_step = torch.full((k,), -1, dtype=torch.int64, device=self.device)
         self.diverged: dict[int, str] = {}
         self.diverged_epoch: dict[int, int] = {}
-        self.epoch = 0  # epochs completed
         self.step = 0  # steps taken
         self.history: list[dict[str, Any]] = []
         self.best_epoch = [0] * k
@@ -521,7 +521,10 @@ class BatchedTrainer:
         for name, p in self._trained().items():
             theta = name == "__theta__"
             layer, _, leaf = name.rpartition(".")
-            lrs = [lambda_learning_rate(m.train, m.schedule) if theta else m.train.lr for m in self.members]
+            lrs = [
+                lambda_learning_rate(m.train, m.schedule) if theta else m.train.lr * lr_factor(m.train, self.epoch)
+                for m in self.members
+            ]
             decay = [0.0 if theta or leaf != "weight" else m.train.l2.get(layer, 0.0) for m in self.members]
             hp[name] = {
                 "lr": _per_member(lrs, p, torch.float64),
@@ -696,6 +699,8 @@ class BatchedTrainer:
         ess_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         ess_fraction_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         active_before = self.active.clone()
+        if any(m.train.lr_decay != "none" for m in self.members):
+            self.hp = self._optimizer_hyper()  # this epoch's learning rates
         n_batches = self.train_split.num_batches(bs)
         # lambda sampled within the epoch as the Trainer samples it: after step i + 1 when
         # i % trace_every == 0 (each member's lam_samples_per_epoch); theta read at the epoch's end
@@ -728,6 +733,7 @@ class BatchedTrainer:
             "train_ess": (ess_sum / max(1, n_batches)).tolist(),
             "train_ess_fraction": (ess_fraction_sum / max(1, n_batches)).tolist(),
             "lam_trace": self._lam_trace(traced, trace_every),
+            "lr": [m.train.lr * lr_factor(m.train, self.epoch) for m in self.members],
         }
         self._end_epoch(record["train_max_loss"])
         record["lam"] = [s.lam for s in self.schedules]

@@ -45,7 +45,7 @@ from anrat.functional import KINDS
 from anrat.losses import LAMBDA_PARAMETERIZATIONS
 from anrat.models import MODELS, build_model
 from anrat.schedules import SCHEDULES, SWITCH_TARGETS, LambdaSchedule, ScheduleConfig
-from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer, TrainingDiverged, evaluate
+from anrat.trainer import COMPILE_MODES, LR_DECAYS, TrainConfig, Trainer, TrainingDiverged, evaluate
 
 ENGINES = ("loop", "batched")
 
@@ -452,6 +452,14 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     )
     flag(g, "--optimizer", key="train.optimizer", defaults=d, help="torch.optim class name (sgd, adam, adamw, ...)")
     flag(g, "--momentum", key="train.momentum", defaults=d, type=float, help="SGD momentum (the paper: 0)")
+    flag(
+        g,
+        "--lr-decay",
+        key="train.lr_decay",
+        defaults=d,
+        choices=list(LR_DECAYS),
+        help="the weights' learning rate over the epochs: none (constant) or cosine (annealed to 0 by the last epoch)",
+    )
     flag(
         g,
         "--l2",

@@ -72,6 +72,9 @@ class TrainConfig:
     lambda_lr: float | None = None
     optimizer: str = "sgd"  # any class name in torch.optim; the paper uses plain SGD
     momentum: float = 0.0  # SGD only
+    # The weights' learning rate over the epochs: "none" (constant) or "cosine" (lr_factor; lambda's
+    # learning rate stays constant, its schedule has its own dynamics)
+    lr_decay: str = "none"
     l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
     seed: int = 0
     amp: bool = False  # bfloat16 autocast for the forward pass; losses stay float32
@@ -92,6 +95,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}")
         if not (math.isfinite(self.momentum) and self.momentum >= 0):
             raise InputError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise InputError(f"unknown lr_decay {self.lr_decay!r}; expected one of {LR_DECAYS}")
         if self.optimizer.lower() not in _OPTIMIZER_NAMES:
             raise InputError(
                 f"unknown optimizer {self.optimizer!r}; expected a torch.optim class such as 'sgd', 'adam', 'adamw'"
@@ -105,6 +110,22 @@ class TrainConfig:
     @property
     def effective_lambda_lr(self) -> float:
         return self.lambda_lr if self.lambda_lr is not None else self.lr * 0.1
+
+
+LR_DECAYS = ("none", "cosine")
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """The multiple of ``config.lr`` the weights train with in epoch ``epoch`` (0-based).
+
+    ``"none"``: 1. ``"cosine"``: ``(1 + cos(pi * e / E)) / 2`` with ``E = config.epochs`` (SGDR's
+    cosine annealing to 0, stepped once per epoch, as ``torch.optim.lr_scheduler.CosineAnnealingLR``
+    with ``T_max = E`` and ``eta_min = 0``); epochs past ``E`` (a resumed, longer run) train at 0.
+    """
+    if config.lr_decay == "none":
+        return 1.0
+    horizon = max(1, config.epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
 
 
 def lambda_learning_rate(config: TrainConfig, schedule: ScheduleConfig) -> float:
@@ -341,6 +362,16 @@ class Trainer:
             self.objective = torch.compile(self._objective, mode=config.compile)
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
+        # The weights' learning-rate decay, stepped after each epoch; lambda's group keeps its rate.
+        self.lr_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if config.lr_decay != "none":
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer,
+                [
+                    (lambda epoch: 1.0) if group.get("name") == "lambda" else (lambda epoch: lr_factor(config, epoch))
+                    for group in self.optimizer.param_groups
+                ],
+            )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -437,6 +468,9 @@ class Trainer:
         record["train_ess"] = ess_total / ess_steps if ess_steps else None
         record["train_ess_fraction"] = fraction_total / ess_steps if ess_steps else None
         schedule.end_epoch(self.epoch, record["train_max_loss"])
+        record["lr"] = self.optimizer.param_groups[0]["lr"]  # the weights' (lambda's group is last)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         record["lam"] = schedule.nrae.lam if schedule.nrae is not None else None
         record["switched"] = schedule.switched
         record["switch_epoch"] = schedule.switch_epoch
@@ -524,6 +558,7 @@ class Trainer:
         state.update(
             {
                 "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                 "schedule_state": self.schedule.state_dict(),
                 "step": self.step,
                 "history": self.history,
@@ -543,6 +578,8 @@ class Trainer:
         self.model.load_state_dict(state["state_dict"])
         self.schedule.load_state_dict(state["schedule_state"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = list(state["history"])
         self.best_epoch, self.best_val = state["best_epoch"], state["best_val"]

@@ -53,6 +53,7 @@ from anrat.config import add_config_arguments, flag, flag_values, read_config_fi
 from anrat.errors import InputError
 from anrat.schedules import SCHEDULES
 from anrat.train import ENGINES
+from anrat.trainer import LR_DECAYS
 from pruning.pipeline import PipelineConfig, train_prune_export
 from pruning.report import FIGURES  # noqa: F401  (re-exported: the figure files a run writes)
 
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         "vectorised stack (the paper preset); loop, one after another (quick: a single configuration)",
     )
     flag(ap, "--epochs", key="run.train.epochs", type=_int_at_least(0), help="training epochs (per grid point)")
+    flag(
+        ap,
+        "--lr-decay",
+        key="run.train.lr_decay",
+        choices=list(LR_DECAYS),
+        help="the weights' learning rate over the epochs: none (constant) or cosine (annealed to 0)",
+    )
     flag(
         ap,
         "--train-subset",

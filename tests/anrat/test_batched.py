@@ -40,7 +40,8 @@ def data(kind: str, n: int, seed: int) -> Split:
 
 
 def members(kind: str, optimizer: str) -> list[Member]:
-    """Plain, fixed NRAE, ANRAT and annealed NRAE with a switch, each with its own seed and settings."""
+    """Plain, fixed NRAE, ANRAT and annealed NRAE with a switch, each with its own seed and settings
+    (two with the cosine learning-rate decay)."""
     base = TrainConfig(epochs=EPOCHS, batch_size=BATCH, optimizer=optimizer)
     lr = 0.01 if optimizer == "adam" else 0.1 if kind == "ce" else 0.005
     return [
@@ -49,7 +50,7 @@ def members(kind: str, optimizer: str) -> list[Member]:
             replace(base, seed=1, lr=lr / 2, momentum=0.5), ScheduleConfig(name="fixed", kind=kind, lam0=2.0, p=2.0)
         ),
         Member(
-            replace(base, seed=2, lr=lr, lambda_lr=0.05, momentum=0.9, l2={"fc1": 0.001}),
+            replace(base, seed=2, lr=lr, lambda_lr=0.05, momentum=0.9, l2={"fc1": 0.001}, lr_decay="cosine"),
             ScheduleConfig(name="adaptive", kind=kind, lam0=3.0, a=0.1, q=1.0),
         ),
         Member(
@@ -57,7 +58,7 @@ def members(kind: str, optimizer: str) -> list[Member]:
             ScheduleConfig(name="adaptive", kind=kind, lam0=1.5, p=1.5, a=0.05, q=2.0, parameterization="softplus"),
         ),
         Member(
-            replace(base, seed=4, lr=lr),
+            replace(base, seed=4, lr=lr, lr_decay="cosine"),
             ScheduleConfig(name="anneal", kind=kind, lam0=2.0, gamma=0.7, lam_min=0.1, switch_below=0.5),
         ),
     ]

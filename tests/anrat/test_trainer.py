@@ -1,6 +1,7 @@
 """The trainer: resume equality, model selection, metrics, and a short real MNIST run."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from anrat.data import Split, load_dataset
 from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, Trainer, evaluate
+from anrat.trainer import TrainConfig, Trainer, evaluate, lr_factor
 
 ARCH = {"name": "convnet_dropout", "kwargs": {"conv1": 4, "conv2": 4, "fc1": 16}}
 
@@ -23,11 +24,11 @@ def synthetic_split(n: int, seed: int) -> Split:
     return Split(x, y)
 
 
-def make_trainer(out_dir, seed_init: int, epochs: int = 3) -> Trainer:
+def make_trainer(out_dir, seed_init: int, epochs: int = 3, lr_decay: str = "none") -> Trainer:
     torch.manual_seed(seed_init)
     model = build_model(ARCH["name"], **ARCH["kwargs"])  # has dropout: the global RNG matters
     schedule = LambdaSchedule(ScheduleConfig(name="adaptive", lam0=3.0))
-    config = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, lambda_lr=0.05, momentum=0.9, seed=7)
+    config = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, lambda_lr=0.05, momentum=0.9, seed=7, lr_decay=lr_decay)
     return Trainer(
         model,
         schedule,
@@ -44,12 +45,13 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    straight = make_trainer(tmp_path / "straight", seed_init=0)
+@pytest.mark.parametrize("lr_decay", ["none", "cosine"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, lr_decay):
+    straight = make_trainer(tmp_path / "straight", seed_init=0, lr_decay=lr_decay)
     straight.fit()
     final_straight = load_checkpoint(tmp_path / "straight" / "last.pt")
 
-    interrupted = make_trainer(tmp_path / "interrupted", seed_init=0)
+    interrupted = make_trainer(tmp_path / "interrupted", seed_init=0, lr_decay=lr_decay)
     calls = {"n": 0}
 
     def crash(module, inputs):
@@ -64,7 +66,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert load_checkpoint(tmp_path / "interrupted" / "last.pt")["epoch"] == 2
 
     # a fresh process: different initial weights, everything comes from last.pt
-    resumed = make_trainer(tmp_path / "interrupted", seed_init=123)
+    resumed = make_trainer(tmp_path / "interrupted", seed_init=123, lr_decay=lr_decay)
     result = resumed.fit()
     final_resumed = load_checkpoint(tmp_path / "interrupted" / "last.pt")
     for key, value in final_straight["state_dict"].items():
@@ -75,6 +77,28 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_cosine_decay_anneals_the_weights_learning_rate_and_not_lambdas():
+    assert [lr_factor(TrainConfig(epochs=4, lr_decay="cosine"), e) for e in range(6)] == pytest.approx(
+        [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0]
+    )
+    assert lr_factor(TrainConfig(epochs=4), 3) == 1.0
+    trainer = make_trainer(None, seed_init=0, epochs=4, lr_decay="cosine")
+    seen = []  # (weights' lr, lambda's lr) during each epoch's training steps
+
+    def record(module, inputs):
+        if module.training:
+            seen.append((trainer.optimizer.param_groups[0]["lr"], trainer.optimizer.param_groups[-1]["lr"]))
+
+    trainer.model.register_forward_pre_hook(record)
+    trainer.fit()
+    per_epoch = sorted(set(seen), reverse=True)
+    assert [w for w, _ in per_epoch] == pytest.approx([0.05 * lr_factor(trainer.config, e) for e in range(4)])
+    assert {lam for _, lam in per_epoch} == {0.05}  # lambda_lr, constant
+    assert [r["lr"] for r in trainer.history] == pytest.approx([w for w, _ in per_epoch])
+    with pytest.raises(InputError, match="unknown lr_decay 'step'"):
+        TrainConfig(lr_decay="step").validate()
 
 
 def test_metrics_and_checkpoints_describe_the_run(tmp_path):
