@@ -25,6 +25,9 @@ Problems (each built deterministically from ``seed``):
   ``f(x) = sum_j (-1)^j tanh(beta * (x - c_j))``, fitted by a one-hidden-layer tanh MLP with
   exactly ``hidden`` units: each unit must find its own transition ``c_j``; units that pile up on
   the same transition leave oscillations unfitted (a classic poor minimum).
+- ``relu_sum``: Safran & Shamir's exact setting, a sum of k ReLUs of orthonormal rows fitted by a
+  student of the same form with its output weights fixed at 1 and no biases: spurious local
+  minima are proven to exist there (6 <= k <= 20), so a failure is a local minimum, not a plateau.
 - ``parity``: N-bit parity of {0, 1}^N, all 2^N patterns, fitted by a tanh MLP with N hidden
   units, the fewest that can represent it (parity is a classic backpropagation benchmark since
   Rumelhart, Hinton & Williams 1986; with so few units plain MSE training stalls from most seeds
@@ -279,10 +282,51 @@ def parity(seed: int = 0, bits: int = 6, gain: float = 40.0) -> FunctionProblem:
     )
 
 
+def relu_sum_teacher(seed: int = 0, k: int = 10, num_samples: int = 2000) -> FunctionProblem:
+    """Safran & Shamir's exact setting: ``y = sum_{j=1}^{k} relu(w_j . x)`` with orthonormal
+    ``w_j`` in k dimensions, fitted by a student of the same form (:func:`anrat.models.relu_sum`:
+    k ReLU units, output weights fixed at 1, no biases; only the rows are trained).
+
+    For this very network and input distribution (x ~ N(0, I)), Safran & Shamir (ICML 2018) prove
+    that the population loss has spurious local minima for 6 <= k <= 20, and found that gradient
+    descent from random initialisation ends in one with a probability that grows with k. Unlike
+    ``teacher`` (trainable output weights and biases) the obstacle here is known to be a local
+    minimum, not a plateau or slow fitting. Targets are standardised; the student's fixed output
+    scale and shift (``1/std``, ``-mean/std``) are part of the architecture, so the teacher's rows
+    fit the data exactly and the global minimum is 0. ``num_samples`` >> k^2 keeps the empirical
+    loss close to the population loss.
+    """
+    _check_int("k", k, 1, 1000)
+    _check_int("num_samples", num_samples, 1, 10**7)
+    g = torch.Generator().manual_seed(seed)
+    w1, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    x = torch.randn(num_samples, k, generator=g, dtype=torch.float64)
+    y, mean, std = _standardise(torch.relu(x @ w1.T).sum(dim=1, keepdim=True))
+    scale, shift = 1.0 / std, -mean / std
+    arch = {"name": "relu_sum", "kwargs": {"in_features": k, "hidden": k, "scale": scale, "shift": shift}}
+    state = {
+        "fc1.weight": w1.float(),
+        "scale": torch.tensor(scale, dtype=torch.float32),
+        "shift": torch.tensor(shift, dtype=torch.float32),
+    }
+    return FunctionProblem(
+        name="relu_sum",
+        description=f"sum of {k} ReLUs, output weights fixed (Safran & Shamir's spurious minima), {num_samples} inputs",
+        train=Split(x.float(), y.float()),
+        arch=arch,
+        threshold=SUCCESS_THRESHOLD,
+        global_minimum=0.0,
+        reference_state=state,
+        seed=seed,
+        params={"k": k, "num_samples": num_samples},
+    )
+
+
 PROBLEMS: dict[str, Callable[..., FunctionProblem]] = {
     "teacher": student_teacher,
     "wave": oscillating_wave,
     "parity": parity,
+    "relu_sum": relu_sum_teacher,
 }
 
 
@@ -303,5 +347,6 @@ __all__ = [
     "make_problem",
     "oscillating_wave",
     "parity",
+    "relu_sum_teacher",
     "student_teacher",
 ]

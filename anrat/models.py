@@ -12,7 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from anrat.errors import InputError
 
@@ -131,10 +132,37 @@ def mlp_widths(model: nn.Module) -> dict[str, list[int]]:
     return {"hidden": [m.out_features for m in linears[:-1]]}
 
 
+class ReLUSum(nn.Module):
+    """``x -> scale * sum_j relu(w_j . x) + shift``: Safran & Shamir's two-layer network, whose
+    output weights are fixed at 1 and which has no biases; only ``fc1.weight`` (the rows ``w_j``)
+    is trained. ``scale`` and ``shift`` are constants (buffers), so a standardised target of such a
+    network is fitted exactly by its rows."""
+
+    def __init__(self, in_features: int, hidden: int, scale: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("shift", torch.tensor(float(shift)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc1(x.flatten(1))).sum(dim=1, keepdim=True) * self.scale + self.shift
+
+
+def relu_sum(in_features: int = 10, hidden: int = 10, scale: float = 1.0, shift: float = 0.0) -> ReLUSum:
+    """:class:`ReLUSum` with ``hidden`` units on ``in_features`` inputs."""
+    return ReLUSum(in_features, hidden, scale, shift)
+
+
+def relu_sum_widths(model: nn.Module) -> dict[str, int]:
+    """Width arguments of a (pruned) :func:`relu_sum`: ``{"hidden": units}``."""
+    return {"hidden": _layer_units(model, "relu_sum", {"fc1": nn.Linear})["fc1"]}
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "convnet_dropout": convnet_dropout,
     "mlp": mlp,
+    "relu_sum": relu_sum,
 }
 
 #: Each registered model's width rule: merged into its kwargs, the widths read off a pruned
@@ -143,6 +171,7 @@ WIDTH_RULES: dict[str, WidthRule] = {
     "lenet5": lenet5_widths,
     "convnet_dropout": convnet_dropout_widths,
     "mlp": mlp_widths,
+    "relu_sum": relu_sum_widths,
 }
 
 
@@ -173,4 +202,7 @@ __all__ = [
     "lenet5_widths",
     "mlp",
     "mlp_widths",
+    "ReLUSum",
+    "relu_sum",
+    "relu_sum_widths",
 ]

@@ -99,3 +99,22 @@ def test_bad_arguments_are_input_errors():
         make_problem("parity", bits=0)
     with pytest.raises(InputError, match="bad arguments"):
         make_problem("teacher", width=3)
+
+
+def test_relu_sum_is_safran_and_shamirs_network_and_its_teacher_fits_exactly():
+    problem = make_problem("relu_sum", seed=4, k=6, num_samples=500)
+    student = problem.build_model()
+    assert [name for name, _ in student.named_parameters()] == ["fc1.weight"]  # rows only: no biases
+    assert student.fc1.weight.shape == (6, 6)
+    assert training_mse(student, problem) > 0.1
+    student.load_state_dict(problem.reference_state)
+    assert training_mse(student, problem) < 1e-10
+    w = problem.reference_state["fc1.weight"].double()
+    assert torch.allclose(w @ w.T, torch.eye(6, dtype=torch.float64), atol=1e-6)
+    # the output is the sum of the units, standardised by constants of the architecture
+    x = problem.train.x[:5]
+    raw = torch.relu(x.double() @ w.T).sum(dim=1, keepdim=True)
+    kwargs = problem.arch["kwargs"]
+    expected = raw * kwargs["scale"] + kwargs["shift"]
+    assert torch.allclose(student(x).double(), expected, atol=1e-5)
+    assert torch.allclose(expected.float(), problem.train.y[:5], atol=1e-5)
