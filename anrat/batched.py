@@ -192,6 +192,8 @@ def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | No
         return f"compile (train.compile={train.compile!r})"
     if train.optimizer.lower() not in OPTIMIZERS:
         return f"the optimizer {train.optimizer!r} (train.optimizer; supported: {', '.join(OPTIMIZERS)})"
+    if schedule.class_weight is not None:
+        return "class_weight (schedule.class_weight)"
     return None
 
 

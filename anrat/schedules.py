@@ -76,6 +76,9 @@ class ScheduleConfig:
     rho_final: float = 1.0
     rho_epochs: int = 10
     rho_growth: str = "geometric"
+    # per-class weights of the per-sample loss, w[y_i] * l_i, as nn.CrossEntropyLoss(weight=w,
+    # reduction="none") (None: unweighted); the criterion then aggregates the weighted losses
+    class_weight: list[float] | None = None
 
     def validate(self) -> None:
         if self.name not in SCHEDULES:
@@ -110,6 +113,22 @@ class ScheduleConfig:
         if self.switch_to == "rae" and self.name == "plain":
             raise InputError("switch_to='rae' needs a schedule with a lambda; the plain schedule has none")
         self._validate_ess()
+        if self.class_weight is not None:
+            w = self.class_weight
+            if (
+                not isinstance(w, (list, tuple))
+                or not w
+                or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0)
+                    for v in w
+                )
+                or not any(v > 0 for v in w)
+            ):
+                raise InputError(
+                    f"class_weight must be a list of finite numbers >= 0, one per class, not all 0; got {w!r}"
+                )
+            if self.kind == "lp":
+                raise InputError("class_weight applies to the classification losses ('ce', 'true_class_sq'), not 'lp'")
 
     def _validate_ess(self) -> None:
         check_rho("rho0", self.rho0)

@@ -360,6 +360,15 @@ class Trainer:
             if self.world is not None:
                 raise InputError("compile is not supported under torch.distributed yet; train without it")
             self.objective = torch.compile(self._objective, mode=config.compile)
+        self.class_weight = None  # per class, on the device (ScheduleConfig.class_weight)
+        if schedule.config.class_weight is not None:
+            self.class_weight = torch.tensor(schedule.config.class_weight, dtype=torch.float32, device=device)
+            classes = int(train.y.max()) + 1
+            if len(schedule.config.class_weight) < classes:
+                raise InputError(
+                    f"class_weight has {len(schedule.config.class_weight)} weights, but the training labels "
+                    f"go up to {classes - 1}: expected one weight per class"
+                )
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         # The weights' learning-rate decay, stepped after each epoch; lambda's group keeps its rate.
@@ -398,6 +407,8 @@ class Trainer:
             out = self.step_model(x)
         c = self.schedule.config
         losses = per_sample_loss(out, y, c.kind, c.p, r=c.r)
+        if self.class_weight is not None:
+            losses = losses * self.class_weight[y]
         return criterion.aggregate(losses), losses
 
     def train_epoch(self) -> dict[str, Any]:

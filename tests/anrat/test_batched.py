@@ -419,3 +419,5 @@ def test_members_that_cannot_share_a_run_are_refused():
         )
     with pytest.raises(InputError, match="unknown layers"):
         BatchedTrainer(factory, [Member(TrainConfig(l2={"conv9": 0.1}), ScheduleConfig(name="plain"))], train, None)
+    with pytest.raises(InputError, match="class_weight .* is not supported by the batched trainer"):
+        BatchedTrainer(factory, [Member(TrainConfig(), ScheduleConfig(class_weight=[1.0, 2.0, 1.0]))], train, None)

@@ -215,3 +215,31 @@ def test_progress_prints_one_plain_line_per_epoch_off_a_terminal(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "validation error" in lines[0] and " left" in lines[0] and " left" not in lines[1]
+
+
+@pytest.mark.parametrize("name", ["plain", "fixed"])
+def test_class_weight_weights_each_sample_loss_as_torchs_cross_entropy_does(name):
+    torch.manual_seed(0)
+    model = build_model(ARCH["name"], **ARCH["kwargs"]).eval()  # no dropout: the same forward twice
+    weight = [0.5, 2.0, 1.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]
+    schedule = LambdaSchedule(ScheduleConfig(name=name, lam0=1.5, class_weight=weight))
+    train = synthetic_split(64, 0)
+    trainer = Trainer(model, schedule, train, None, TrainConfig(epochs=1, batch_size=64), progress=False)
+    objective, losses = trainer.objective(train.x, train.y, trainer.criterion())
+    expected = torch.nn.functional.cross_entropy(model(train.x), train.y, weight=torch.tensor(weight), reduction="none")
+    assert torch.allclose(losses, expected, rtol=1e-5)
+    if name == "plain":
+        assert float(objective.detach()) == pytest.approx(float(expected.detach().mean()), rel=1e-5)
+    else:  # NRAE of the weighted losses: log(mean(exp(t l))) / t
+        t = 1.5**2
+        expected_nrae = (torch.logsumexp(t * expected.detach().double(), 0) - math.log(64)) / t
+        assert float(objective.detach()) == pytest.approx(float(expected_nrae), rel=1e-5)
+    # a class missing from the weights, a weight below 0, a regression loss: refused
+    with pytest.raises(InputError, match="one weight per class"):
+        Trainer(
+            model, LambdaSchedule(ScheduleConfig(class_weight=[1.0, 1.0])), train, None, TrainConfig(), progress=False
+        )
+    with pytest.raises(InputError, match="class_weight must be a list of finite numbers >= 0"):
+        ScheduleConfig(class_weight=[1.0, -1.0]).validate()
+    with pytest.raises(InputError, match="not 'lp'"):
+        ScheduleConfig(kind="lp", class_weight=[1.0]).validate()
