@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default="quick",
-        help="quick: 4 epochs on the full training split, ~2 min on 2 idle CPU cores; paper: the "
+        help="quick: 10 epochs on the full training split, ~3.5 min on 2 idle CPU cores; paper: the "
         "paper's grid over lr and a, 100 epochs each (a GPU is recommended). Default: quick",
     )
     add_config_arguments(ap, "prune.max_rounds=2 --set prune.fine_tune.epochs=2 --set run.grid_lr=[0.1,0.5]")
