@@ -12,7 +12,7 @@ Two commands, the first before the second:
     python benchmarks/function_fit_claims.py study --out runs/ff_claims    # the reported runs
 
 ``select`` trains every (problem, method, optimizer) at each learning rate of :data:`LR_GRID` on
-the selection seeds (1000-1009, disjoint from the reported ones) and keeps, per (problem, method,
+the selection seeds (1000-1004, disjoint from the reported ones) and keeps, per (problem, method,
 optimizer), the rate with the most successes (ties: the lower median final error); it writes
 ``benchmarks/function_fit_claims_lrs.json``, which is committed before ``study`` runs. ``study``
 trains the reported seeds (0-99) at the selected rates and prints, per problem, method and
@@ -55,10 +55,13 @@ from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig
 
 PROBLEMS = ("teacher", "wave", "parity", "relu_sum")
-PROBLEM_KWARGS: dict[str, dict[str, Any]] = {"relu_sum": {"k": 10}}  # the others at their defaults
+# relu_sum's size, chosen from runs of MSE alone (20 seeds, 2000 steps, 1000 inputs): k = 6, 8, 10, 12
+# failed from 1, 4, 8, 16 seeds under Adam 1e-2 and 5, 17, 20, 20 under GD 0.1; k = 8 leaves room
+# both ways at a quarter of k = 12's cost. The other problems at their defaults.
+PROBLEM_KWARGS: dict[str, dict[str, Any]] = {"relu_sum": {"k": 8, "num_samples": 1000}}
 STEPS = 5000
 REPORT_SEEDS = tuple(range(100))
-SELECT_SEEDS = tuple(range(1000, 1010))  # disjoint from the reported seeds
+SELECT_SEEDS = tuple(range(1000, 1005))  # disjoint from the reported seeds
 OPTIMIZERS = {"adam": "adam", "gd": "sgd"}  # plain gradient descent: SGD, full batch, no momentum
 LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "gd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
 LRS_FILE = Path(__file__).with_name("function_fit_claims_lrs.json")
