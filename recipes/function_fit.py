@@ -1,8 +1,8 @@
 """Does convexification escape poor local minima? Function fitting with known global minima, seed by seed.
 
 ``python -m anrat.recipes.function_fit`` trains the small MLPs of :mod:`anrat.function_problems`
-(a student-teacher problem, a one-dimensional wave, N-bit parity: each has a known global minimum
-of 0) from many initial seeds with four methods under the same optimizer and the same number of
+(a student-teacher problem, a one-dimensional wave, N-bit parity, Safran & Shamir's sum of ReLUs:
+each has a known global minimum of 0) from many initial seeds with four methods under the same optimizer and the same number of
 full-batch gradient steps, and reports, per problem and method, how often the final training
 error falls below the problem's threshold, the median and worst final errors, and the number of
 steps to the threshold. The source paper claims that convexification makes training independent

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from anrat.function_problems import make_problem
+from anrat.function_problems import PROBLEMS, make_problem
 from anrat.recipes import function_fit
 from anrat.recipes.function_fit import (
     DEFAULT_METHODS,
@@ -49,9 +49,9 @@ def test_tiny_run_writes_json_table_and_figures(tiny_run):
         assert (out / name).stat().st_size > 0
     for figure in ("errors.png", "curves.png"):
         image = matplotlib.image.imread(out / figure)
-        assert image.shape[0] > 200 and image.shape[1] > 600  # three panels side by side
+        assert image.shape[0] > 200 and image.shape[1] > 600  # one panel per problem, side by side
     assert result["seeds"] == 2 and result["steps"] == 30
-    assert len(result["runs"]) == 3 * len(DEFAULT_METHODS) * 2
+    assert len(result["runs"]) == len(PROBLEMS) * len(DEFAULT_METHODS) * 2
 
 
 def test_summary_agrees_with_the_per_seed_errors(tiny_run):
