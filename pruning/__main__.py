@@ -53,7 +53,7 @@ from pruning.pipeline import ReportOptions, prune_save_export
 from pruning.prune import PruneConfig, round_line
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
-from pruning.significance import ESTIMATORS
+from pruning.significance import COVARIANCES, ESTIMATORS
 
 DEFAULT_VAL_SIZE = 10_000
 
@@ -439,6 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag(
         g, "--max-samples", key="max_samples", defaults=d, type=int, help="training samples the Fisher is estimated on"
+    )
+    flag(
+        g,
+        "--covariance",
+        key="covariance",
+        defaults=d,
+        choices=COVARIANCES,
+        help="fisher (maximum likelihood) or sandwich (robust; for NRAE-trained models, with --tilt; "
+        "needs --estimator full or diagonal)",
+    )
+    flag(
+        g,
+        "--tilt",
+        key="tilt",
+        defaults=d,
+        type=float,
+        help="t = lambda^p of the NRAE trained (with --covariance sandwich)",
     )
     g = p.add_argument_group("pruning (pruning.prune.PruneConfig; --config and --set reach every option)")
     flag(

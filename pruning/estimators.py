@@ -43,6 +43,15 @@ class LayerTests(NamedTuple):
     unit_chi2: Tensor
 
 
+class Sandwich(NamedTuple):
+    """A layer's sandwich estimate (:func:`pruning.significance.wald_test` with
+    ``covariance="sandwich"``): Cov = bread^-1 meat bread^-1 / n, each of the estimator's form
+    (a dense block for ``"full"``, a diagonal for ``"diagonal"``)."""
+
+    bread: Tensor
+    meat: Tensor
+
+
 class FisherEstimator(ABC):
     """One way to estimate a layer's Fisher information and invert it into Wald statistics."""
 
@@ -166,6 +175,9 @@ class FullEstimator(FisherEstimator):
     ) -> LayerTests:
         """The zeros of identified softmax columns are fixed, not parameters: their rows and columns
         are dropped from the block before it is inverted, and their se is inf."""
+        sandwich = estimate if isinstance(estimate, Sandwich) else None
+        if sandwich is not None:
+            estimate = sandwich.bread
         rows = weight.reshape(weight.shape[0], -1)
         out, fan_in = rows.shape
         size = out * fan_in
@@ -181,6 +193,8 @@ class FullEstimator(FisherEstimator):
         inverse = _damped_inverse(estimate[kept][:, kept], damping, f"layer {name!r}", null)
         if inverse is None:
             return _uninformative(weight)
+        if sandwich is not None:  # over the whole block (bias included) before the weights are read off
+            inverse = inverse @ sandwich.meat.to(torch.float64)[kept][:, kept] @ inverse
         kept_w = kept[:size]
         cov = torch.zeros(size, size, dtype=torch.float64)
         cov[kept_w.nonzero(), kept_w.nonzero().T] = inverse[: int(kept_w.sum()), : int(kept_w.sum())] / n
@@ -227,15 +241,29 @@ class DiagonalEstimator(FisherEstimator):
         self, name: str, weight: Tensor, estimate: Tensor, *, n: int, damping: float, free: Tensor | None
     ) -> LayerTests:
         """Free softmax columns take the pseudo-inverse of diag(f_1j..f_Kj) on the sum-to-zero
-        subspace, 1/f_kj - (1/f_kj)^2 / sum_k' 1/f_k'j; zeros of identified columns get se = inf."""
+        subspace, 1/f_kj - (1/f_kj)^2 / sum_k' 1/f_k'j; zeros of identified columns get se = inf.
+        A :class:`Sandwich` gives meat_j / bread_j^2, and on a free column the diagonal of
+        P diag(meat) P with P that pseudo-inverse of the bread."""
+        meat = None
+        if isinstance(estimate, Sandwich):
+            estimate, meat = estimate.bread, estimate.meat.to(torch.float64)
         scale = float(estimate.mean())
         if not scale > 0:
             return _uninformative(weight)
         inverse = 1.0 / (estimate + damping * scale)
+        variance = inverse if meat is None else meat * inverse.square()
         if free is not None:
-            projected = torch.nan_to_num(inverse - inverse.square() / inverse.sum(dim=0, keepdim=True), nan=math.inf)
-            inverse = torch.where(free, projected, torch.where(weight != 0, inverse, math.inf))
-        se = (inverse / n).sqrt()
+            total = inverse.sum(dim=0, keepdim=True)
+            if meat is None:
+                projected = inverse - inverse.square() / total
+            else:  # [P diag(m) P]_kk, P = diag(inv) - inv inv^T / total, per column
+                projected = (
+                    meat * inverse.square() * (1 - 2 * inverse / total)
+                    + inverse.square() * (meat * inverse.square()).sum(dim=0, keepdim=True) / total.square()
+                )
+            projected = torch.nan_to_num(projected, nan=math.inf)
+            variance = torch.where(free, projected, torch.where(weight != 0, variance, math.inf))
+        se = (variance / n).sqrt()
         return LayerTests(se, (weight / se).square().reshape(weight.shape[0], -1).sum(dim=1))
 
 

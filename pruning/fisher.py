@@ -263,6 +263,9 @@ class FisherData:
     n_data: int
     likelihood: Likelihood
     output_layer: str | None
+    # Per-sample weights of the outer products (float64, one per sample used; None: all 1): the
+    # sandwich covariance weights each sample's terms by its tilted weight (pruning.significance).
+    weights: Tensor | None = None
 
     @property
     def n_used(self) -> int:
@@ -271,6 +274,11 @@ class FisherData:
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, self.n_used, batch_size):
             yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+
+    def weight_batches(self, batch_size: int) -> Iterator[Tensor | None]:
+        """The weights of the samples of each of :meth:`batches` (None when unweighted)."""
+        for start in range(0, self.n_used, batch_size):
+            yield None if self.weights is None else self.weights[start : start + batch_size]
 
 
 def prepare(
@@ -405,10 +413,12 @@ def _grad_chunks(
     per_sample_bytes = m * sum(params[name].numel() for name in names) * params[names[0]].element_size()
     chunk = max(1, min(batch_size, GRAD_MEMORY_BYTES // max(per_sample_bytes, 1)))
     with eval_mode(model), _progress(fd.n_used, progress, what) as bar:
-        for xb, yb in fd.batches(batch_size):
+        for (xb, yb), wb in zip(fd.batches(batch_size), fd.weight_batches(batch_size)):
             xb = xb.to(device=device, dtype=dtype)
             with torch.no_grad():
                 v = fd.likelihood.cotangents(model(xb), yb.to(device), fisher)
+            if wb is not None:  # w_i (J^T v)(J^T v)^T = (J^T sqrt(w_i) v)(...)^T
+                v = v * wb.to(device=device, dtype=torch.float64).sqrt().to(v.dtype)[:, None, None]
             for start in range(0, xb.shape[0], chunk):
                 yield per_sample_grads(model, xb[start : start + chunk], v[start : start + chunk], names)
                 bar.update(min(chunk, xb.shape[0] - start))
@@ -423,8 +433,8 @@ def diagonal_fisher(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Diagonal of the per-sample Fisher, F_jj = mean_i sum_m (J_i^T v_im)_j^2, for the parameters
-    ``names``: float64 tensors of the parameters' shapes, on the CPU."""
+    """Diagonal of the per-sample Fisher, F_jj = mean_i w_i sum_m (J_i^T v_im)_j^2 (w_i: ``fd.weights``,
+    else 1), for the parameters ``names``: float64 tensors of the parameters' shapes, on the CPU."""
     sums: dict[str, Tensor] = {}
     for grads in _grad_chunks(model, fd, names, fisher, batch_size, progress, "diagonal Fisher"):
         for name, g in grads.items():
@@ -442,8 +452,9 @@ def dense_fisher(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Dense per-sample Fisher block of each layer over its parameters in the order
-    ``[weight.flatten(), bias]`` (bias omitted when the layer has none): float64 (P_l, P_l) on the CPU."""
+    """Dense per-sample Fisher block of each layer, mean_i w_i sum_m (J_i^T v_im)(J_i^T v_im)^T (w_i:
+    ``fd.weights``, else 1), over its parameters in the order ``[weight.flatten(), bias]`` (bias
+    omitted when the layer has none): float64 (P_l, P_l) on the CPU."""
     layer_params = {
         layer: [weight_name(layer)] + ([bias_name(layer)] if getattr(module, "bias", None) is not None else [])
         for layer, module in layers.items()
@@ -516,6 +527,10 @@ def kfac_factors(
     the output of sample i is that sample's own gradient.
     """
     _check_fisher(fisher)
+    if fd.weights is not None:
+        raise InputError(
+            "the KFAC factors take no per-sample weights (the sandwich covariance needs 'full' or 'diagonal')"
+        )
     device, dtype = model_device_dtype(model)
     m = fd.likelihood.num_cotangents(fisher)
     A: dict[str, Tensor] = {}

@@ -40,7 +40,7 @@ from pruning.importance import Importance, make_importance
 from pruning.layers import is_convolution, output_layer, prunable_layers, weight_name
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent
 from pruning.saliency import masks_at_sparsity
-from pruning.significance import WaldResult, check_test_options, wald_test
+from pruning.significance import WaldResult, check_covariance, check_test_options, wald_test
 from pruning.surgery import prune_units
 
 
@@ -246,11 +246,17 @@ class PruneConfig:
             has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
             work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
         fine_tune: how each round fine-tunes (:class:`FineTune`).
+        covariance, tilt: ``"fisher"`` or ``"sandwich"`` covariance of the Wald tests and the t of
+            the NRAE the model was trained (and is fine-tuned) to minimise
+            (:func:`pruning.significance.wald_test`; the sandwich needs ``estimator`` ``"full"`` or
+            ``"diagonal"``).
     """
 
     alpha: float = 0.05
     method: str = "holm"
     estimator: str = "kfac"
+    covariance: str = "fisher"
+    tilt: float = 0.0
     max_samples: int | None = 10_000
     structured: bool = True
     unstructured: bool = True
@@ -264,6 +270,7 @@ class PruneConfig:
     def validate(self) -> None:
         """Refuse what :func:`prune` cannot run, before any work (NaN fails every comparison)."""
         check_test_options(self.alpha, self.estimator, self.method)
+        check_covariance(self.covariance, self.tilt, self.estimator)
         if not (self.structured or self.unstructured):
             raise InputError("nothing to do: both structured and unstructured pruning are off")
         if (
@@ -357,6 +364,8 @@ def prune(
             method=method,
             max_samples=max_samples,
             progress=progress,
+            covariance=config.covariance,
+            tilt=config.tilt,
         )
         test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
         zeroed = _zero_(model, _capped_masks(test, step)) if unstructured else 0

@@ -88,16 +88,38 @@ Kronecker model only when A is diagonal; the output layer's unit statistics keep
 form). Exact zeros in other layers are not treated specially: they are free parameters estimated
 at 0 (z = 0). Biases are not tested and keep their values.
 
-Caveat: the tests treat the network as the maximum-likelihood fit of ``loss``; for a network
-trained with a risk-averting loss at a large lambda the estimate is an M-estimator whose covariance
-is a sandwich, not F^-1 / n.
+The sandwich covariance (``covariance="sandwich"``)
+---------------------------------------------------
+F^-1 / n is the covariance of a maximum-likelihood fit of a correctly specified model: the
+Hessian of the expected loss (the "bread") equals the variance of the per-sample scores (the
+"meat"), and both are F. It is valid when the network was trained to minimise the plain loss
+(``ce`` or ``lp``: mean cross-entropy or squared error; NRAE as t -> 0, an ESS schedule that has
+reached rho = 1) *and* the likelihood is right. A network trained to minimise NRAE at t > 0 is
+not a likelihood fit but an M-estimator: it solves sum_i psi_i = 0 with psi_i = exp(t L_i) grad L_i
+(L the training loss), whose covariance is the sandwich A^-1 B A^-1 / n with
+A = E[d psi / d theta] and B = E[psi psi^T]. With self-normalised weights
+w_i = exp(t L_i) / mean_j exp(t L_j) (the scale cancels), this module estimates
+
+    bread = mean_i w_i (F_i + t' g_i g_i^T),   meat = mean_i w_i^2 g_i g_i^T,
+
+where F_i is sample i's model Fisher (the Gauss-Newton part of the Hessian of its loss: exact for
+a single layer, the usual approximation for a network), g_i its likelihood score (the empirical
+Fisher's gradient), and t' = t for cross-entropy, 2 sigma^2 t for the squared error (L = 2 sigma^2
+times the Gaussian negative log-likelihood). At t = 0 this is the heteroscedasticity-robust (HC0)
+covariance F^-1 F_emp F^-1 / n, which stays valid when the likelihood is misspecified (it
+reproduces ``statsmodels``' ``cov_type="HC0"``). ``tilt`` is the t the network ended its training
+at (ANRAT's final lambda^p; 0 after a switch to the plain loss). The population tilted risk is
+what the sandwich describes; a network trained on minibatches minimised the mean of per-batch
+NRAEs, which it approximates for large batches. Supported with ``"full"`` and ``"diagonal"``
+(the diagonal estimator takes the diagonals of bread and meat); KFAC's factorisation does not
+carry per-sample weights. Not for ``true_class_sq``, whose scores are not the likelihood's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,11 +128,11 @@ from statsmodels.stats.multitest import multipletests, multitest_alias
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from anrat.functional import LossKind
-from pruning.estimators import DENSE_MAX_PARAMS, ESTIMATORS, FisherEstimator, LayerTests, fisher_estimator
-from pruning.fisher import FISHERS, FisherData, prepare
+from anrat.functional import LossKind, per_sample_loss
+from pruning.estimators import DENSE_MAX_PARAMS, ESTIMATORS, FisherEstimator, LayerTests, Sandwich, fisher_estimator
+from pruning.fisher import FISHERS, FisherData, model_device_dtype, prepare
 from pruning.flat import flatten, unflatten
-from pruning.layers import select_layers, weight_name
+from pruning.layers import eval_mode, select_layers, weight_name
 
 # statsmodels' Hommel procedure takes O(m^2) time (2.4 s for 20,000 p-values, ~20 min for LeNet-5).
 HOMMEL_MAX_TESTS = 20_000
@@ -227,6 +249,71 @@ def check_test_options(
         raise InputError(f"unknown fisher {fisher!r}; expected one of {list(FISHERS)}")
 
 
+COVARIANCES = ("fisher", "sandwich")
+
+
+def check_covariance(covariance: str, tilt: float, estimator: str | FisherEstimator, loss: str | None = None) -> None:
+    """Refuse (:class:`InputError`) a covariance option :func:`wald_test` cannot honour, before any work."""
+    if covariance not in COVARIANCES:
+        raise InputError(f"unknown covariance {covariance!r}; expected one of {list(COVARIANCES)}")
+    if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not (math.isfinite(tilt) and tilt >= 0):
+        raise InputError(f"tilt (t = lambda^p of the NRAE trained) must be a finite number >= 0, got {tilt!r}")
+    if covariance == "fisher":
+        if tilt:
+            raise InputError("tilt is used by covariance='sandwich' only; the Fisher covariance assumes the plain loss")
+        return
+    name = fisher_estimator(estimator).name
+    if name not in ("full", "diagonal"):
+        raise InputError(f"covariance 'sandwich' needs estimator 'full' or 'diagonal', not {name!r}")
+    if loss == "true_class_sq":
+        raise InputError(
+            "covariance 'sandwich' covers models trained on 'ce' or 'lp' (r = 2); the scores of 'true_class_sq' "
+            "are not the likelihood's"
+        )
+
+
+def sandwich_estimates(
+    strategy: FisherEstimator,
+    model: nn.Module,
+    fd: FisherData,
+    layers: dict[str, nn.Module],
+    tilt: float,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Sandwich]:
+    """Each layer's bread and meat (module docstring, "The sandwich covariance") on the samples of
+    ``fd``: w_i = exp(t L_i) / mean_j exp(t L_j) with L the training loss, bread = mean_i w_i
+    (F_i + t' g_i g_i^T) (F_i the sample's model Fisher, g_i its likelihood score, t' = t for
+    cross-entropy and 2 sigma^2 t for the squared error), meat = mean_i w_i^2 g_i g_i^T."""
+    weights = None
+    t_scores = tilt
+    if tilt:
+        device, dtype = model_device_dtype(model)
+        kind: LossKind = "lp" if fd.likelihood.kind == "gaussian" else "ce"
+        with torch.no_grad(), eval_mode(model):
+            losses = torch.cat(
+                [
+                    per_sample_loss(model(xb.to(device=device, dtype=dtype)), yb.to(device), kind, 2.0)
+                    .double()
+                    .reshape(-1)
+                    for xb, yb in fd.batches(batch_size)
+                ]
+            )
+        weights = torch.softmax(tilt * losses, dim=0).cpu() * fd.n_used  # mean 1
+        if fd.likelihood.kind == "gaussian":  # L = ||z - y||^2 = 2 sigma^2 * the Gaussian NLL (+ const)
+            t_scores = 2 * fd.likelihood.sigma2 * tilt
+    kwargs = {"batch_size": batch_size, "progress": progress}
+    weighted = replace(fd, weights=weights)
+    bread = strategy.estimate(model, weighted, layers, fisher="model", **kwargs)
+    scores = strategy.estimate(model, weighted, layers, fisher="empirical", **kwargs)
+    meat = scores
+    if tilt:
+        bread = {name: bread[name] + t_scores * scores[name] for name in layers}
+        meat = strategy.estimate(model, replace(fd, weights=weights.square()), layers, fisher="empirical", **kwargs)
+    return {name: Sandwich(bread[name], meat[name]) for name in layers}
+
+
 def _correct(pvalues: dict[str, Tensor], alpha: float, method: str) -> dict[str, Tensor]:
     """multipletests over all entries of ``pvalues`` as one family; bool rejections per key."""
     reject = multipletests(flatten(pvalues).numpy(), alpha=alpha, method=method)[0]
@@ -249,6 +336,8 @@ def wald_test(
     n_fit: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    covariance: str = "fisher",
+    tilt: float = 0.0,
 ) -> WaldResult:
     """Wald tests of H0: w_j = 0 for every weight, and H0: w_g = 0 for every unit, of the tested
     layers (module docstring for the statistics, estimators and damping).
@@ -275,8 +364,14 @@ def wald_test(
         damping: relative Tikhonov damping (module docstring), >= 0.
         n_fit: samples the model was fitted on; default ``len(data)``.
         progress: show a tqdm progress bar.
+        covariance: ``"fisher"`` (F^-1 / n, the maximum-likelihood covariance) or ``"sandwich"``
+            (the M-estimator's bread^-1 meat bread^-1 / n; module docstring), with ``"full"`` or
+            ``"diagonal"``; ``fisher`` is then not used.
+        tilt: the t = lambda^p of the NRAE the model was trained to minimise (``covariance="sandwich"``
+            only; 0: the plain loss, the robust covariance of maximum likelihood).
     """
     check_test_options(alpha, estimator, method, damping, n_fit, fisher)
+    check_covariance(covariance, tilt, estimator, loss)
     strategy = fisher_estimator(estimator)
     modules = select_layers(model, layers)
     strategy.check_layers(modules)
@@ -298,7 +393,10 @@ def wald_test(
         if name == softmax_layer:
             weights[name], free[name] = _identified_softmax_weights(weights[name])
 
-    estimates = strategy.estimate(model, fd, modules, fisher=fisher, batch_size=batch_size, progress=progress)
+    if covariance == "sandwich":
+        estimates = sandwich_estimates(strategy, model, fd, modules, tilt, batch_size=batch_size, progress=progress)
+    else:
+        estimates = strategy.estimate(model, fd, modules, fisher=fisher, batch_size=batch_size, progress=progress)
     tests: dict[str, LayerTests] = {
         name: strategy.layer_tests(name, weights[name], estimates[name], n=n, damping=damping, free=free[name])
         for name in modules
@@ -334,4 +432,14 @@ def wald_test(
     )
 
 
-__all__ = ["DENSE_MAX_PARAMS", "ESTIMATORS", "WaldResult", "center_softmax_layer", "check_test_options", "wald_test"]
+__all__ = [
+    "COVARIANCES",
+    "DENSE_MAX_PARAMS",
+    "ESTIMATORS",
+    "WaldResult",
+    "center_softmax_layer",
+    "check_covariance",
+    "check_test_options",
+    "sandwich_estimates",
+    "wald_test",
+]

@@ -62,6 +62,39 @@ def test_prune_removes_irrelevant_inputs_and_keeps_validation_error(trained):
     assert kept and all(r["val_error"] <= base + 0.01 for r in kept)
 
 
+def test_an_nrae_trained_model_is_pruned_with_the_sandwich_covariance_and_fine_tuned_by_its_criterion(trained):
+    """A model trained by NRAE at t = 1, tested with the M-estimator's sandwich at that tilt and
+    fine-tuned by the same NRAE: the irrelevant inputs go (nearly all) and the error holds."""
+    _, train, val = trained
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=10, hidden=[12], out_features=3)
+    nrae = ScheduleConfig(name="fixed", lam0=1.0)
+    Trainer(
+        model, LambdaSchedule(nrae), train, val, TrainConfig(epochs=15, lr=0.2, batch_size=64), progress=False
+    ).fit()
+    base = evaluate(model, val)["error"]
+    assert base < 0.05
+    result = prune(
+        model,
+        train,
+        val,
+        estimator="full",
+        covariance="sandwich",
+        tilt=1.0,
+        max_samples=4000,
+        tolerance=0.01,
+        fine_tune=FineTune(epochs=2, lr=0.05, optimizer="sgd", schedule=nrae),
+        max_rounds=6,
+    )
+    w = result.model.fc1.weight.detach()
+    # The sandwich's standard errors are smaller than the Fisher's here (the labels are a
+    # deterministic function of x: the realised scores vary less than the model's own predictive
+    # variance says), so a few more weights test significant than under the Fisher.
+    assert (w[:, RELEVANT:] != 0).float().mean() <= 0.1, "most connections from irrelevant features must go"
+    assert (w[:, :RELEVANT] != 0).any(dim=0).all(), "a relevant feature lost every connection"
+    assert result.final_val["error"] <= base + 0.01
+
+
 def test_fine_tuning_keeps_pruned_weights_at_zero(trained):
     model, train, val = trained
     result = prune(

@@ -502,3 +502,110 @@ def test_wald_test_takes_a_dataloader():
     b = wald_test(model, DataLoader(TensorDataset(x, y), batch_size=64), max_samples=None)
     for key in a.z:
         torch.testing.assert_close(a.z[key], b.z[key])
+
+
+# ---- the sandwich covariance ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["full", "diagonal"])
+def test_sandwich_at_tilt_0_is_statsmodels_robust_hc0_covariance(logit_fit, estimator):
+    """bread^-1 meat bread^-1 / n with the model Fisher as bread and the outer product of scores as
+    meat: statsmodels' heteroscedasticity-robust (HC0) standard errors of the logistic fit; the
+    diagonal estimator takes the diagonals of both."""
+    X, y, res = logit_fit
+    robust = sm.Logit(y, sm.add_constant(X)).fit(disp=0, method="newton", tol=1e-12, maxiter=100, cov_type="HC0")
+    model = linear_model(res.params[None, 1:], res.params[:1])
+    data = (torch.tensor(X), torch.tensor(y))
+    result = wald_test(model, data, estimator=estimator, covariance="sandwich", max_samples=None, damping=0.0)
+    se = result.se["out.weight"].numpy().ravel()
+    if estimator == "full":
+        np.testing.assert_allclose(se, robust.bse[1:], rtol=1e-10)
+    else:
+        Xc = sm.add_constant(X)
+        p = 1 / (1 + np.exp(-(Xc @ res.params)))
+        bread = (Xc**2 * (p * (1 - p))[:, None]).mean(0)
+        meat = (Xc**2 * ((y - p) ** 2)[:, None]).mean(0)
+        np.testing.assert_allclose(se, np.sqrt(meat / bread**2 / len(y))[1:], rtol=1e-10)
+    assert not np.allclose(se, res.bse[1:], rtol=1e-3)  # not the Fisher's
+
+
+def test_sandwich_of_a_tilted_fit_is_the_m_estimators_covariance(logit_fit):
+    """A logistic layer fitted to the tilted risk mean_i exp(t l_i) (NRAE's minimiser): its estimating
+    equation sum_i psi_i = 0, psi_i = grad exp(t l_i) = t exp(t l_i) grad l_i, gives Cov = A^-1 B A^-1 / n
+    with A the Hessian of mean_i exp(t l_i) and B = mean_i psi_i psi_i^T, both computed here directly."""
+    X, y, res = logit_fit
+    t = 0.7
+    Xc = torch.tensor(sm.add_constant(X))
+    yt = torch.tensor(y)
+
+    def losses(beta):
+        return F.binary_cross_entropy_with_logits(Xc @ beta, yt, reduction="none")
+
+    def risk(beta):
+        return torch.exp(t * losses(beta)).mean()
+
+    beta = torch.tensor(res.params).clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([beta], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16)
+
+    def closure():
+        optimizer.zero_grad()
+        value = risk(beta)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    beta = beta.detach()
+    assert float(torch.autograd.functional.jacobian(risk, beta).norm()) < 1e-7  # a stationary point
+    A = torch.autograd.functional.hessian(risk, beta)
+    p = torch.sigmoid(Xc @ beta)
+    scores = (p - yt)[:, None] * Xc  # grad l_i
+    psi = t * torch.exp(t * losses(beta))[:, None] * scores
+    B = (psi[:, :, None] * psi[:, None, :]).mean(0)
+    cov = torch.linalg.solve(A, torch.linalg.solve(A, B).T) / len(y)
+    model = linear_model(beta[None, 1:].numpy(), beta[:1].numpy())
+    result = wald_test(
+        model, (torch.tensor(X), yt), estimator="full", covariance="sandwich", tilt=t, max_samples=None, damping=0.0
+    )
+    np.testing.assert_allclose(result.se["out.weight"].numpy().ravel(), cov.diagonal().sqrt()[1:].numpy(), rtol=1e-8)
+    plain = wald_test(model, (torch.tensor(X), yt), estimator="full", covariance="sandwich", max_samples=None)
+    assert not torch.allclose(plain.se["out.weight"], result.se["out.weight"], rtol=1e-3)  # the tilt matters
+
+
+def test_sandwich_on_a_softmax_layer_is_finite_and_the_diagonal_projection_matches_the_dense_one(mnlogit_fit):
+    """On the centred softmax layer the diagonal sandwich takes P diag(meat) P with P the bread's
+    pseudo-inverse on the sum-to-zero subspace: for a layer with one input (no cross-input terms)
+    and a diagonal meat it must equal the dense computation on that subspace."""
+    X, y, res, coef = mnlogit_fit
+    weights = (coef[1:] - coef[1:].mean(1, keepdims=True)).T
+    model = linear_model(weights, coef[0] - coef[0].mean())
+    data = (torch.tensor(X), torch.tensor(y))
+    for estimator in ("full", "diagonal"):
+        result = wald_test(model, data, estimator=estimator, covariance="sandwich", tilt=0.3, max_samples=None)
+        assert torch.isfinite(result.se["out.weight"]).all() and (result.se["out.weight"] > 0).all()
+    bread, meat = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.3, 1.2, 0.7])
+    from pruning.estimators import DiagonalEstimator, Sandwich
+
+    weight = torch.tensor([[0.2], [-0.5], [0.3]], dtype=torch.float64)
+    tests = DiagonalEstimator().layer_tests(
+        "out", weight, Sandwich(bread[:, None], meat[:, None]), n=1, damping=0.0, free=torch.tensor([True])
+    )
+    inv = 1 / bread.double()
+    P = torch.diag(inv) - torch.outer(inv, inv) / inv.sum()
+    expected = (P @ torch.diag(meat.double()) @ P).diagonal().sqrt()
+    torch.testing.assert_close(tests.se.flatten(), expected)
+
+
+def test_sandwich_options_are_refused_where_they_do_not_apply(logit_fit):
+    X, y, res = logit_fit
+    model = linear_model(res.params[None, 1:], res.params[:1])
+    data = (torch.tensor(X), torch.tensor(y))
+    with pytest.raises(InputError, match="needs estimator 'full' or 'diagonal', not 'kfac'"):
+        wald_test(model, data, estimator="kfac", covariance="sandwich")
+    with pytest.raises(InputError, match="unknown covariance 'robust'"):
+        wald_test(model, data, covariance="robust")
+    with pytest.raises(InputError, match="tilt is used by covariance='sandwich' only"):
+        wald_test(model, data, tilt=1.0)
+    with pytest.raises(InputError, match="tilt .* must be a finite number >= 0"):
+        wald_test(model, data, estimator="full", covariance="sandwich", tilt=-1.0)
+    with pytest.raises(InputError, match="'true_class_sq'"):
+        wald_test(model, data, loss="true_class_sq", estimator="full", covariance="sandwich")
