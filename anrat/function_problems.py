@@ -151,6 +151,21 @@ def _two_layer_problem(
         "name": "mlp",
         "kwargs": {"in_features": x.shape[1], "hidden": [w1.shape[0]], "out_features": 1, "activation": activation},
     }
+    return _exact_problem(name, description, x, y, arch, state, seed, params)
+
+
+def _exact_problem(
+    name: str,
+    description: str,
+    x: Tensor,
+    y: Tensor,
+    arch: dict[str, Any],
+    state: dict[str, Tensor],
+    seed: int,
+    params: dict[str, Any],
+) -> FunctionProblem:
+    """A problem whose reference weights ``state`` of ``arch`` fit ``(x, y)`` exactly (float32 data):
+    global minimum 0, success below :data:`SUCCESS_THRESHOLD`."""
     return FunctionProblem(
         name=name,
         description=description,
@@ -309,17 +324,8 @@ def relu_sum_teacher(seed: int = 0, k: int = 10, num_samples: int = 2000) -> Fun
         "scale": torch.tensor(scale, dtype=torch.float32),
         "shift": torch.tensor(shift, dtype=torch.float32),
     }
-    return FunctionProblem(
-        name="relu_sum",
-        description=f"sum of {k} ReLUs, output weights fixed (Safran & Shamir's spurious minima), {num_samples} inputs",
-        train=Split(x.float(), y.float()),
-        arch=arch,
-        threshold=SUCCESS_THRESHOLD,
-        global_minimum=0.0,
-        reference_state=state,
-        seed=seed,
-        params={"k": k, "num_samples": num_samples},
-    )
+    description = f"sum of {k} ReLUs, output weights fixed (Safran & Shamir's spurious minima), {num_samples} inputs"
+    return _exact_problem("relu_sum", description, x, y, arch, state, seed, {"k": k, "num_samples": num_samples})
 
 
 PROBLEMS: dict[str, Callable[..., FunctionProblem]] = {

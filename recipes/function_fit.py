@@ -2,12 +2,12 @@
 
 ``python -m anrat.recipes.function_fit`` trains the small MLPs of :mod:`anrat.function_problems`
 (a student-teacher problem, a one-dimensional wave, N-bit parity, Safran & Shamir's sum of ReLUs:
-each has a known global minimum of 0) from many initial seeds with four methods under the same optimizer and the same number of
-full-batch gradient steps, and reports, per problem and method, how often the final training
-error falls below the problem's threshold, the median and worst final errors, and the number of
-steps to the threshold. The source paper claims that convexification makes training independent
-of the initialisation ("no repeated trainings"); here every method starts each seed from the same
-initial weights, so the comparison is paired.
+each has a known global minimum of 0) from many initial seeds with four methods under the same
+optimizer and the same number of full-batch gradient steps, and reports, per problem and method,
+how often the final training error falls below the problem's threshold, the median and worst
+final errors, and the number of steps to the threshold. The source paper claims that
+convexification makes training independent of the initialisation ("no repeated trainings"); here
+every method starts each seed from the same initial weights, so the comparison is paired.
 
 Methods (settings fixed once, from the library's defaults and the reasoning in the docstring of
 :class:`Settings`, never from these results):

@@ -3,23 +3,15 @@ a stack's records are the runs asked for."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from anrat.function_problems import make_problem
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "function_fit_claims.py"
-
 
 @pytest.fixture(scope="module")
-def claims():
-    spec = importlib.util.spec_from_file_location("function_fit_claims", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def claims(load_benchmark):
+    return load_benchmark("function_fit_claims")
 
 
 def test_diagnostics_find_the_global_minimum_stationary_and_a_random_point_not(claims):

@@ -3,23 +3,16 @@ and scores what the loop selects (the unit's RunConfig, trained on a few hundred
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from anrat.train import run as train_run
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mnist_anrat_vs_ce.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("mnist_anrat_vs_ce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("mnist_anrat_vs_ce")
 
 
 def test_engine_flag_defaults_to_batched_and_reaches_the_run_config(bench, tmp_path):
