@@ -352,6 +352,7 @@ _MEMBER_KEYS = (
     "rho",
     "train_ess",
     "train_ess_fraction",
+    "lr",
 )
 _STACK_KEYS = ("train_seconds", "seconds")  # the whole stack's time, not the member's share
 
