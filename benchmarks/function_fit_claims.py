@@ -57,7 +57,7 @@ from anrat.trainer import TrainConfig
 PROBLEMS = ("teacher", "wave", "parity", "relu_sum")
 # relu_sum's size, chosen from runs of MSE alone (20 seeds, 2000 steps, 1000 inputs): k = 6, 8, 10, 12
 # failed from 1, 4, 8, 16 seeds under Adam 1e-2 and 5, 17, 20, 20 under GD 0.1; k = 8 leaves room
-# both ways at a quarter of k = 12's cost. The other problems at their defaults.
+# both ways at a quarter of k = 12's cost (benchmarks/relu_sum_size.py). The other problems at their defaults.
 PROBLEM_KWARGS: dict[str, dict[str, Any]] = {"relu_sum": {"k": 8, "num_samples": 1000}}
 STEPS = 5000
 REPORT_SEEDS = tuple(range(100))
