@@ -1,29 +1,33 @@
 """Does ANRAT beat cross-entropy on MNIST under the same budget, and does pruning improve test error?
 
 Baseline: the same ConvNet trained with the cross-entropy (schedule ``plain``). For each model
-(``lenet5``, the paper's ConvNet, and ``convnet_dropout``) and each seed, ANRAT (schedule
-``adaptive`` from lambda = 10) and cross-entropy are trained side by side in one run with the same
-budget: the same initial weights, validation split and minibatch order (all from the seed), the
-same epochs, the same learning-rate grid, the best epoch and learning rate selected on the same
-10,000 validation images, the test set evaluated once on the selected model. ANRAT's penalty
-weight a is fixed (``--a``), so both methods train the same number of configurations; plain SGD,
-L2 0.05 on the softmax layer fc2, as in the paper.
+(``lenet5``, the paper's ConvNet, and ``convnet_dropout``) and each seed, the methods
+(:data:`METHODS`, ``--methods``) are trained side by side in one run with the same budget: ANRAT
+as the paper states it (schedule ``adaptive`` from lambda = 10), the project's scale-free tilt
+(``ess``, ESS / m from 0.5 to 1 over the run) and cross-entropy; the same initial weights,
+validation split and minibatch order (all from the seed), the same epochs, the same
+learning-rate grid (ANRAT's crossed with its penalty weights ``--grid-a``), the best epoch and
+configuration selected on the same 10,000 validation images, the test set evaluated once on the
+selected model. Plain SGD, no momentum, L2 0.05 on the softmax layer fc2, as in the paper.
 
 Reported per model: test error mean and standard deviation over seeds for each method, and the
-paired difference ANRAT - CE (percentage points) with ``scipy.stats.ttest_rel`` and
-``scipy.stats.wilcoxon`` (two-sided; with 5 seeds the smallest exact Wilcoxon p-value is 0.0625).
-Then each seed's ANRAT model goes through ``python -m anrat.recipes.mnist_prune``'s pipeline with
-a small pruning budget, and the test error before and after pruning is compared the same way.
+paired difference of each method against cross-entropy (percentage points) with
+``scipy.stats.ttest_rel`` and ``scipy.stats.wilcoxon`` (two-sided; with 5 seeds the smallest exact
+Wilcoxon p-value is 0.0625). Then every selected model goes through
+``python -m anrat.recipes.mnist_prune``'s pipeline (:func:`pruning_config`: Wald tests and
+fine-tuning by the criterion the model was trained with, the sandwich covariance for ANRAT), and
+its test error before and after pruning is compared the same way.
 
-Default (estimated at about 50 minutes on 2 idle CPU cores: ~11 s per 20,000-image lenet5 epoch
-with validation, 40 trainings, 10 prunings): 5 seeds, the first 20,000 training images after the
-10,000-image validation split, 5 epochs, the learning-rate grid {0.1, 0.03}, pruning at most 2
-rounds with a Fisher on 1,000 images and 1 fine-tuning epoch. The grid has two points because one
-is not enough for a fair comparison: on an H100 with 20 epochs of 50,000 images, lr 0.1 suits
+Default (about 50 minutes on 2 idle CPU cores for two methods: ~11 s per 20,000-image lenet5
+epoch with validation): 5 seeds, the first 20,000 training images after the 10,000-image
+validation split, 5 epochs, the learning-rate grid {0.1, 0.03} (ANRAT's a = 0.01), pruning at most
+2 rounds with a Fisher on 1,000 images and 1 fine-tuning epoch. The grid has two points because
+one is not enough for a fair comparison: on an H100 with 20 epochs of 50,000 images, lr 0.1 suits
 cross-entropy but made ANRAT diverge in 4 of 10 runs, and lr 0.03 the other way round
-(docs/results.md). ``--full``: the paper's budget, for a GPU: 10 seeds, all 50,000 training
-images, 100 epochs, the paper's learning-rate grid {1, 0.5, 0.1} and 0.03 for the same reason,
-pruning as in the recipe's ``paper`` preset; with ``--jobs 10`` on one GPU.
+(docs/results.md). ``--full``: the paper's protocol, for a GPU: 10 seeds, all 50,000 training
+images, 100 epochs, the paper's grid {1, 0.5, 0.1} x a {1, 0.1, 0.001} with lr 0.03 added for
+the same reason, pruning as in the recipe's ``paper`` preset; with ``--jobs 10`` on one GPU
+(docs/usage.md has the command).
 
     python benchmarks/mnist_anrat_vs_ce.py --data-dir /work/shared/data/mnist [--full] [--out runs/bench_mnist]
 
@@ -31,7 +35,7 @@ Each (model, method, seed) trains its learning-rate grid as one batched stack
 (``--engine batched``, the default: the grid's configurations are the members of one
 :class:`anrat.batched.BatchedTrainer`, in ``.../train/batched``) or one configuration after
 another (``--engine loop``, in ``.../train/grid``); both select the same learning rate and epoch
-by the same rule and write the same figures. Each method keeps its own grid. The seeds are not
+by the same rule and write the same figures. The seeds are not
 stacked: a seed also draws the validation split, and the members of one stack share their data.
 
 Runs go to ``OUT/<model>/<method>/seed<k>`` and each finished unit's figures to
@@ -56,6 +60,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +78,16 @@ from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
 from pruning.prune import FineTune, PruneConfig
 
 MODELS = ("lenet5", "convnet_dropout")
-METHODS = {"ce": "plain", "anrat": "adaptive"}
+# The criteria compared, cross-entropy first (the baseline every other is paired against):
+# ANRAT as the paper states it (adaptive lambda from 10), and the project's scale-free tilt with
+# ESS / m rising from 0.5 to 1 (the plain loss) over the run, the main job's default criterion.
+METHODS = ("ce", "anrat", "ess")
 DEFAULT = {
     "seeds": 5,
     "train_subset": 20_000,
     "epochs": 5,
     "grid_lr": [0.1, 0.03],
+    "grid_a": [0.01],
     "prune": {"max_rounds": 2, "max_samples": 1000, "tolerance": 0.002},
     "fine_tune_epochs": 1,
 }
@@ -87,15 +96,28 @@ FULL = {
     "train_subset": None,
     "epochs": 100,
     "grid_lr": [1.0, 0.5, 0.1, 0.03],
+    "grid_a": [1.0, 0.1, 0.001],
     "prune": {"max_rounds": 10, "max_samples": 10_000, "tolerance": 0.001},
     "fine_tune_epochs": 2,
 }
 
 
+def schedule(method: str, budget: dict[str, Any]) -> ScheduleConfig:
+    """The training criterion of ``method`` (ANRAT's penalty weight a: the first of ``grid_a``)."""
+    if method == "ce":
+        return ScheduleConfig(name="plain")
+    if method == "anrat":
+        return ScheduleConfig(name="adaptive", lam0=10.0, a=budget["grid_a"][0])
+    return ScheduleConfig(name="ess", rho0=0.5, rho_final=1.0, rho_epochs=budget["epochs"])
+
+
 def run_config(
     model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace, out: Path
 ) -> RunConfig:
-    """The training of one (model, method, seed); everything but the schedule is shared by the methods."""
+    """The training of one (model, method, seed); everything but the criterion is shared by the methods.
+
+    Each method's grid is the learning rates ``grid_lr``; ANRAT's is ``grid_lr x grid_a``.
+    """
     return RunConfig(
         dataset="mnist",
         data_dir=args.data_dir,
@@ -108,10 +130,39 @@ def run_config(
         train=TrainConfig(
             epochs=budget["epochs"], lr=budget["grid_lr"][0], optimizer="sgd", momentum=0.0, l2={"fc2": 0.05}, seed=seed
         ),
-        schedule=ScheduleConfig(name=METHODS[method], lam0=10.0, a=args.a),
+        schedule=schedule(method, budget),
         grid_lr=list(budget["grid_lr"]) if len(budget["grid_lr"]) > 1 else [],
+        grid_a=list(budget["grid_a"]) if method == "anrat" and len(budget["grid_a"]) > 1 else [],
         engine=args.engine,
     )
+
+
+def pruning_config(method: str, trained: dict[str, Any], budget: dict[str, Any], seed: int) -> PruneConfig:
+    """How a trained model of ``method`` is pruned: Wald tests and fine-tuning by the criterion the
+    model was minimising at its selected epoch (issue 15, claim 4).
+
+    - cross-entropy: the Fisher covariance (a likelihood: valid), fine-tuned by cross-entropy;
+    - ANRAT: NRAE at the selected epoch's t = lambda^p is not a likelihood, so the tests use the
+      sandwich covariance at that tilt (``estimator="diagonal"``: the sandwich has no KFAC form), and
+      fine-tuning minimises NRAE at that fixed lambda; the plain loss if ANRAT had switched to it;
+    - ess: fine-tuned at the selected epoch's ESS / m, held fixed (the plain loss once it reached 1).
+      Its tilt is set afresh in every batch, not one t, so there is no fixed NRAE for a sandwich:
+      the tests use the Fisher, exact at ESS / m = 1.
+    Every fine-tuning is plain SGD at 0.05 for ``fine_tune_epochs``, the same for all methods.
+    """
+    selected = trained["selected"]
+    epoch = next((h for h in trained["history"] if h["epoch"] == selected["best_epoch"]), None)
+    criterion = ScheduleConfig(name="plain")
+    covariance, tilt, estimator = "fisher", 0.0, "kfac"
+    if method == "anrat" and epoch is not None and not epoch.get("switched") and epoch.get("lam"):
+        lam = float(epoch["lam"])
+        criterion = ScheduleConfig(name="fixed", lam0=lam, p=2.0)
+        covariance, tilt, estimator = "sandwich", lam**2.0, "diagonal"
+    elif method == "ess" and epoch is not None and epoch.get("rho") is not None and epoch["rho"] < 1:
+        rho = float(epoch["rho"])
+        criterion = ScheduleConfig(name="ess", rho0=rho, rho_final=rho, rho_epochs=1)
+    fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05, schedule=criterion)
+    return PruneConfig(**budget["prune"], estimator=estimator, covariance=covariance, tilt=tilt, fine_tune=fine_tune)
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -161,13 +212,13 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
-        ce = [e for e in r["test_error"]["ce"] if e is not None]
-        for method in METHODS:
-            errors = [e for e in r["test_error"][method] if e is not None]
+        ce = [e for e in r["test_error"].get("ce", []) if e is not None]
+        for method, all_errors in r["test_error"].items():
+            errors = [e for e in all_errors if e is not None]
             ratio = f"{statistics.fmean(errors) / statistics.fmean(ce):.3f}" if errors and ce and any(ce) else "-"
             lines.append(
                 f"| {model} | {method.upper()} | {len(errors)} | {_mean_sd(errors)} | {ratio} | "
-                f"{sum(e is None for e in r['test_error'][method])} |"
+                f"{sum(e is None for e in all_errors)} |"
             )
     lines += [
         "",
@@ -175,23 +226,24 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
-        lines.append(_diff_row(f"{model}: ANRAT - CE", r["anrat_minus_ce"]))
+        for method, comparison in r["minus_ce"].items():
+            lines.append(_diff_row(f"{model}: {method.upper()} - CE", comparison))
     for model, r in results["models"].items():
-        if "pruning" in r:
-            lines.append(_diff_row(f"{model}: ANRAT pruned - unpruned", r["pruning"]["after_minus_before"]))
-    pruned = [(m, r["pruning"]) for m, r in results["models"].items() if "pruning" in r]
-    if pruned:
+        for method, p in r["pruning"].items():
+            lines.append(_diff_row(f"{model}: {method.upper()} pruned - unpruned", p["after_minus_before"]))
+    if any(r["pruning"] for r in results["models"].values()):
         lines += [
             "",
-            "| model | test error before pruning | after pruning | parameters kept (nonzero / dense) |",
-            "|---|---|---|---|",
+            "| model | method | test error before pruning | after pruning | parameters kept (nonzero / dense) |",
+            "|---|---|---|---|---|",
         ]
-        for model, p in pruned:
-            kept = p["kept_fraction"]
-            lines.append(
-                f"| {model} | {_mean_sd(p['before'])} | {_mean_sd(p['after'])} | "
-                f"{100 * statistics.fmean(kept):.1f}% (range {100 * min(kept):.1f}-{100 * max(kept):.1f}%) |"
-            )
+        for model, r in results["models"].items():
+            for method, p in r["pruning"].items():
+                kept = p["kept_fraction"]
+                lines.append(
+                    f"| {model} | {method.upper()} | {_mean_sd(p['before'])} | {_mean_sd(p['after'])} | "
+                    f"{100 * statistics.fmean(kept):.1f}% (range {100 * min(kept):.1f}-{100 * max(kept):.1f}%) |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +255,7 @@ def unit_record(out: str | Path, model: str, method: str, seed: int) -> Path:
 def run_unit(
     model: str, method: str, seed: int, budget: dict[str, Any], args: argparse.Namespace, command: str
 ) -> dict[str, Any]:
-    """Train one (model, method, seed) and, for ANRAT, prune it; the figures go to ``OUT/units/*.json``.
+    """Train one (model, method, seed) and prune it; the figures go to ``OUT/units/*.json``.
 
     A finished unit is read back instead of run again, so an interrupted benchmark resumes and
     ``--collect`` can tabulate whatever has finished.
@@ -219,26 +271,32 @@ def run_unit(
     cfg = run_config(model, method, seed, budget, args, folder / "train")
     info: dict[str, Any] = {"model": model, "method": method, "seed": seed, "engine": args.engine}
     try:
-        if method == "anrat" and not args.no_prune:  # the recipe's whole pipeline
-            fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
-            pipeline = PipelineConfig(
-                out_dir=str(folder),
-                run=cfg,
-                prune=PruneConfig(**budget["prune"], fine_tune=fine_tune),
-                report=ReportOptions(latency_repeats=5),
-            )
-            metrics = train_prune_export(pipeline, command, "python -m anrat.recipes.mnist_prune")
-            info["test_error"] = metrics["test_error"]["trained"]
-            info["pruned_test_error"] = metrics["test_error"]["pruned"]
-            info["kept_fraction"] = metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"]
-            info["selected"] = metrics["training"]["selected"]
-        else:
-            trained = train_run(cfg)
-            info["test_error"] = trained["test"]["error"]
-            info["selected"] = trained["selected"]
+        trained = train_run(cfg)
+        info["test_error"] = trained["test"]["error"]
+        info["selected"] = trained["selected"]
     except TrainingDiverged as exc:  # every grid point diverged: recorded, not hidden
+        trained = None
         info["test_error"] = None
         info["diverged"] = str(exc)
+    if trained is not None and not args.no_prune:  # the recipe's pipeline; its training is the one above, read back
+        prune_cfg = pruning_config(method, trained, budget, seed)
+        info["pruning"] = {
+            "covariance": prune_cfg.covariance,
+            "tilt": prune_cfg.tilt,
+            "estimator": prune_cfg.estimator,
+            "fine_tune_schedule": asdict(prune_cfg.fine_tune.schedule),
+        }
+        report = ReportOptions(latency_repeats=5)
+        pipeline = PipelineConfig(out_dir=str(folder), run=cfg, prune=prune_cfg, report=report)
+        try:
+            metrics = train_prune_export(pipeline, command, "python -m anrat.recipes.mnist_prune")
+        except TrainingDiverged as exc:  # the fine-tuning diverged: the trained figures stand
+            info["pruning"]["diverged"] = str(exc)
+        else:
+            info["pruned_test_error"] = metrics["test_error"]["pruned"]
+            info["kept_fraction"] = metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"]
+            info["pruning"]["rounds"] = metrics["pruning"]["rounds"]
+            info["pruning"]["test_error_trained_again"] = metrics["test_error"]["trained"]
     info["seconds"] = time.perf_counter() - started
     info["machine"] = machine_description(args.device)
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -265,38 +323,41 @@ def validation_error(unit: dict[str, Any]) -> float:
 def collect(
     args: argparse.Namespace, budget: dict[str, Any], units: dict[tuple[str, str, int], dict[str, Any]]
 ) -> dict[str, Any]:
-    """The table's figures from the finished units; a seed missing a method is left out of the pairs."""
-    results: dict[str, Any] = {"budget": budget, "a": args.a, "models": {}}
+    """The table's figures from the finished units: per model, each method's test errors, each
+    other method paired against cross-entropy on the seeds both finished, and each method's pruned
+    against unpruned test error."""
+    results: dict[str, Any] = {"budget": budget, "methods": args.methods, "models": {}}
     for model in args.models:
-        errors: dict[str, list[float | None]] = {m: [] for m in METHODS}
-        pairs: list[tuple[float, float]] = []
-        prune_before, prune_after, kept = [], [], []
-        seeds_info = []
-        for seed in range(budget["seeds"]):
-            found = {m: units.get((model, m, seed)) for m in METHODS}
-            seeds_info.append({"seed": seed, **{m: u for m, u in found.items() if u is not None}})
-            for method, unit in found.items():
-                if unit is not None:
-                    errors[method].append(unit["test_error"])
-            a, c = (found[m]["test_error"] if found[m] else None for m in ("anrat", "ce"))
-            if a is not None and c is not None:
-                pairs.append((a, c))
-            if found["anrat"] is not None and found["anrat"].get("pruned_test_error") is not None:
-                prune_before.append(found["anrat"]["test_error"])
-                prune_after.append(found["anrat"]["pruned_test_error"])
-                kept.append(found["anrat"]["kept_fraction"])
+        found = {(m, s): units.get((model, m, s)) for m in args.methods for s in range(budget["seeds"])}
+        errors = {m: [found[m, s]["test_error"] for s in range(budget["seeds"]) if found[m, s]] for m in args.methods}
         entry: dict[str, Any] = {
             "test_error": errors,
-            "seeds": seeds_info,
-            "anrat_minus_ce": paired([a for a, _ in pairs], [c for _, c in pairs]),
+            "seeds": [
+                {"seed": s, **{m: found[m, s] for m in args.methods if found[m, s] is not None}}
+                for s in range(budget["seeds"])
+            ],
+            "minus_ce": {},
+            "pruning": {},
         }
-        if prune_before:
-            entry["pruning"] = {
-                "before": prune_before,
-                "after": prune_after,
-                "kept_fraction": kept,
-                "after_minus_before": paired(prune_after, prune_before),
-            }
+        for method in args.methods:
+            if method != "ce" and "ce" in args.methods:
+                pairs = [
+                    (found[method, s]["test_error"], found["ce", s]["test_error"])
+                    for s in range(budget["seeds"])
+                    if found[method, s] and found["ce", s]
+                    if found[method, s]["test_error"] is not None and found["ce", s]["test_error"] is not None
+                ]
+                entry["minus_ce"][method] = paired([a for a, _ in pairs], [c for _, c in pairs])
+            pruned = [u for (m, _), u in found.items() if m == method and u and u.get("pruned_test_error") is not None]
+            if pruned:
+                before = [u["test_error"] for u in pruned]
+                after = [u["pruned_test_error"] for u in pruned]
+                entry["pruning"][method] = {
+                    "before": before,
+                    "after": after,
+                    "kept_fraction": [u["kept_fraction"] for u in pruned],
+                    "after_minus_before": paired(after, before),
+                }
         results["models"][model] = entry
     return results
 
@@ -304,7 +365,7 @@ def collect(
 def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) -> dict[str, Any]:
     """Run (or, with ``--collect``, only read) every unit, seed by seed, ``--jobs`` at a time."""
     started = time.perf_counter()
-    todo = [(model, method, seed) for seed in range(budget["seeds"]) for model in args.models for method in METHODS]
+    todo = [(model, m, seed) for seed in range(budget["seeds"]) for model in args.models for m in args.methods]
     units: dict[tuple[str, str, int], dict[str, Any]] = {}
     if args.collect or args.select_from:
         for key in todo:
@@ -359,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--full",
         action="store_true",
-        help="the paper's budget (10 seeds, 50k images, 100 epochs, lr grid {1, 0.5, 0.1, 0.03}); a GPU is recommended",
+        help="the paper's protocol, for a GPU (10 seeds, 50k images, 100 epochs, lr {1,.5,.1,.03} x a {1,.1,.001})",
     )
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; 10 with --full)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 5; 100 with --full)")
@@ -372,9 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--grid-lr", default=None, help="comma-separated learning rates (default 0.1,0.03; 1,0.5,0.1,0.03 with --full)"
     )
-    ap.add_argument("--a", type=float, default=0.01, help="ANRAT's penalty weight a (fixed: the same trials for both)")
+    ap.add_argument(
+        "--grid-a",
+        default=None,
+        help="comma-separated penalty weights a of ANRAT's grid, crossed with --grid-lr "
+        "(default 0.01; 1,0.1,0.001 with --full)",
+    )
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: all)"
+    )
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    ap.add_argument("--no-prune", action="store_true", help="skip pruning the ANRAT models")
+    ap.add_argument("--no-prune", action="store_true", help="train only: prune no model")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument(
         "--engine",
@@ -414,6 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 budget[key] = getattr(args, key)
         if args.grid_lr is not None:
             budget["grid_lr"] = [float(v) for v in args.grid_lr.split(",") if v.strip()]
+        if args.grid_a is not None:
+            budget["grid_a"] = [float(v) for v in args.grid_a.split(",") if v.strip()]
+        if not budget["grid_lr"] or not budget["grid_a"]:
+            raise InputError("--grid-lr and --grid-a each need at least one value")
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not set(args.methods) <= set(METHODS) or not args.methods:
+            raise InputError(f"--methods must name some of {', '.join(METHODS)}, got {','.join(args.methods)!r}")
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not set(args.models) <= set(MODELS) or not args.models:
             raise InputError(f"--models must name some of {', '.join(MODELS)}, got {','.join(args.models)!r}")
