@@ -1,5 +1,7 @@
 """``benchmarks/mnist_anrat_vs_ce.py``: each unit's learning-rate grid as one batched stack selects
-and scores what the loop selects (the unit's RunConfig, trained on a few hundred images)."""
+and scores what the loop selects (the unit's RunConfig, trained on a few hundred images); each
+method's model is pruned by the criterion it was trained with; the table pairs each method with
+cross-entropy."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from anrat.train import run as train_run
+from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def test_engine_flag_defaults_to_batched_and_reaches_the_run_config(bench, tmp_p
     assert cfg.engine == "loop" and cfg.grid_lr == bench.DEFAULT["grid_lr"] and cfg.train.seed == 1
 
 
-@pytest.mark.parametrize("method", ["ce", "anrat"])
+@pytest.mark.parametrize("method", ["ce", "anrat", "ess"])
 def test_both_engines_select_the_same_learning_rate_and_test_error(bench, method, mnist_dir, tmp_path):
     budget = {**bench.DEFAULT, "train_subset": 400, "epochs": 1}
     results = {}
@@ -44,3 +47,84 @@ def test_both_engines_select_the_same_learning_rate_and_test_error(bench, method
         assert ours["val"]["loss"] == pytest.approx(theirs["val"]["loss"], rel=1e-4)
     assert batched["test"]["error"] == pytest.approx(loop["test"]["error"], abs=one_image)
     assert batched["test"]["loss"] == pytest.approx(loop["test"]["loss"], rel=1e-4)
+
+
+def test_anrat_grid_crosses_the_penalty_weights_and_the_others_do_not(bench, tmp_path):
+    args = bench.build_parser().parse_args([])
+    budget = {**bench.DEFAULT, "grid_a": [1.0, 0.1, 0.001]}
+    anrat = bench.run_config("lenet5", "anrat", 0, budget, args, tmp_path)
+    assert anrat.grid_a == [1.0, 0.1, 0.001] and anrat.schedule.name == "adaptive"
+    for method, name in (("ce", "plain"), ("ess", "ess")):
+        cfg = bench.run_config("lenet5", method, 0, budget, args, tmp_path)
+        assert cfg.grid_a == [] and cfg.schedule.name == name
+    assert bench.run_config("lenet5", "ess", 0, {**budget, "epochs": 7}, args, tmp_path).schedule.rho_epochs == 7
+
+
+def _trained(best_epoch: int, **selected_epoch) -> dict:
+    """A training's result as far as pruning_config reads it: the selection and the history."""
+    history = [{"epoch": e, "lam": 9.0, "rho": 0.5, "switched": False} for e in (1, 2, 3)]
+    history[best_epoch - 1].update(selected_epoch)
+    return {"selected": {"best_epoch": best_epoch}, "history": history}
+
+
+def test_pruning_tests_and_fine_tunes_by_the_criterion_at_the_selected_epoch(bench):
+    anrat = bench.pruning_config("anrat", _trained(2, lam=0.5), bench.DEFAULT, seed=3)
+    assert (anrat.covariance, anrat.estimator) == ("sandwich", "diagonal")
+    assert anrat.tilt == pytest.approx(0.25)  # t = lambda^p, p = 2, at epoch 2's lambda, not the last one's
+    schedule = anrat.fine_tune.schedule
+    assert (schedule.name, schedule.lam0, schedule.p) == ("fixed", 0.5, 2.0)
+    assert anrat.fine_tune.seed == 3 and anrat.max_rounds == bench.DEFAULT["prune"]["max_rounds"]
+    switched = bench.pruning_config("anrat", _trained(3, switched=True), bench.DEFAULT, seed=0)
+    assert (switched.covariance, switched.tilt, switched.fine_tune.schedule.name) == ("fisher", 0.0, "plain")
+    ess = bench.pruning_config("ess", _trained(1, rho=0.6), bench.DEFAULT, seed=0)
+    assert (ess.covariance, ess.estimator) == ("fisher", "kfac")
+    assert (ess.fine_tune.schedule.name, ess.fine_tune.schedule.rho0, ess.fine_tune.schedule.rho_final) == (
+        "ess",
+        0.6,
+        0.6,
+    )
+    assert bench.pruning_config("ess", _trained(1, rho=1.0), bench.DEFAULT, seed=0).fine_tune.schedule.name == "plain"
+    ce = bench.pruning_config("ce", _trained(3), bench.DEFAULT, seed=0)
+    assert (ce.covariance, ce.fine_tune.schedule.name) == ("fisher", "plain")
+    for config in (anrat, switched, ess, ce):
+        config.validate()  # each one a configuration prune() runs
+
+
+def test_a_trained_anrat_unit_is_read_back_and_pruned_with_the_sandwich(bench, mnist_dir, tmp_path):
+    budget = {**bench.DEFAULT, "train_subset": 300, "epochs": 1, "grid_lr": [0.03]}
+    budget["prune"] = {**budget["prune"], "max_rounds": 1, "max_samples": 200}
+    args = bench.build_parser().parse_args(["--data-dir", str(mnist_dir), "--no-progress"])
+    cfg = bench.run_config("lenet5", "anrat", 0, budget, args, tmp_path / "train")
+    cfg = replace(cfg, val_size=300, test_subset=300)
+    trained = train_run(cfg)
+    prune_cfg = bench.pruning_config("anrat", trained, budget, seed=0)
+    assert prune_cfg.covariance == "sandwich" and 0 < prune_cfg.tilt < 100  # lambda fell from 10
+    pipeline = PipelineConfig(out_dir=str(tmp_path), run=cfg, prune=prune_cfg, report=ReportOptions(latency_repeats=1))
+    metrics = train_prune_export(pipeline, "test", "test")
+    # the pipeline read the finished training back: the same selection and test figures
+    assert metrics["training"]["history"] == trained["history"]
+    assert metrics["test_error"]["trained"] == trained["test"]["error"]
+    assert metrics["config"]["prune"]["covariance"] == "sandwich"
+    assert metrics["pruning"]["params_before"] > 0 and metrics["test_error"]["pruned"] is not None
+
+
+def test_the_table_pairs_every_method_with_cross_entropy_on_common_seeds(bench):
+    args = bench.build_parser().parse_args(["--models", "lenet5"])
+    args.models, args.methods = ["lenet5"], list(bench.METHODS)
+    budget = {**bench.DEFAULT, "seeds": 3}
+    ce = [0.010, 0.012, 0.011]
+    units = {("lenet5", "ce", s): {"test_error": e} for s, e in enumerate(ce)}
+    for s, e in enumerate([0.009, 0.010, 0.012]):
+        units["lenet5", "anrat", s] = {"test_error": e, "pruned_test_error": e + 0.001 * (s + 1), "kept_fraction": 0.5}
+    units["lenet5", "ess", 0] = {"test_error": 0.008}
+    units["lenet5", "ess", 1] = {"test_error": None, "diverged": "nan"}
+    results = bench.collect(args, budget, units)["models"]["lenet5"]
+    anrat = results["minus_ce"]["anrat"]
+    assert anrat["n"] == 3 and (anrat["better"], anrat["worse"]) == (2, 1)
+    assert anrat["mean_diff"] == pytest.approx((-0.001 - 0.002 + 0.001) / 3)
+    assert results["minus_ce"]["ess"]["n"] == 1  # seed 1 diverged, seed 2 is missing
+    assert results["test_error"]["ess"] == [0.008, None]
+    assert list(results["pruning"]) == ["anrat"]
+    assert results["pruning"]["anrat"]["after_minus_before"]["worse"] == 3
+    table = bench.markdown({"models": {"lenet5": results}})
+    assert "| lenet5: ESS - CE |" in table and "| lenet5 | ESS | 1 |" in table and "diverged" in table
