@@ -444,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--no-prune", action="store_true", help="train only: prune no model")
+    ap.add_argument("--prune-rounds", type=int, default=None, help="pruning rounds at most (default 2; 10 with --full)")
+    ap.add_argument(
+        "--prune-step",
+        type=float,
+        default=None,
+        help="largest fraction of the remaining weights removed per round (PruneConfig.step; default 0.5)",
+    )
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument(
         "--engine",
@@ -485,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget["grid_lr"] = [float(v) for v in args.grid_lr.split(",") if v.strip()]
         if args.grid_a is not None:
             budget["grid_a"] = [float(v) for v in args.grid_a.split(",") if v.strip()]
+        if args.prune_rounds is not None:
+            budget["prune"]["max_rounds"] = args.prune_rounds
+        if args.prune_step is not None:
+            budget["prune"]["step"] = args.prune_step
+        PruneConfig(**budget["prune"]).validate()  # a bad round count or step is refused before any training
         if not budget["grid_lr"] or not budget["grid_a"]:
             raise InputError("--grid-lr and --grid-a each need at least one value")
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
