@@ -28,7 +28,7 @@ wording, "RAE once it is numerically feasible".
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -150,6 +150,57 @@ class ScheduleConfig:
     def rho_at(self, epoch: int) -> float:
         """The ess schedule's rho in (0-based) epoch ``epoch`` (:func:`anrat.ess.ess_rho`)."""
         return ess_rho(self.rho0, self.rho_final, self.rho_epochs, self.rho_growth, epoch)
+
+
+def criterion_at_epoch(config: ScheduleConfig, record: dict[str, Any]) -> ScheduleConfig:
+    """The criterion ``config``'s schedule minimised in one epoch, held fixed from then on.
+
+    ``record`` is that epoch's entry of a training's history (:meth:`anrat.trainer.Trainer.fit`):
+    its ``criterion`` (what the epoch's steps minimised), ``lam`` (lambda at the epoch's end) and
+    ``rho``. The result trains a model further by the criterion it was trained with (pruning's
+    fine-tuning, :class:`pruning.prune.FineTune`):
+
+    - the plain loss, after a deconvexification switch or for ``plain``;
+    - ``fixed`` NRAE at the epoch's lambda for ``adaptive`` (ANRAT's lambda at the epoch's end)
+      and ``anneal`` (the lambda the epoch used, ``max(lam_min, lam0 * gamma ** (epoch - 1))``);
+      ``fixed`` and ``excursions`` as they are (their lambda does not move);
+    - ``ess`` at the epoch's ESS / m held constant (the plain loss at 1).
+
+    The loss kind, exponents and class weights are kept; the switching rules are turned off, so
+    the criterion stays what it was. RAE after a ``switch_to="rae"`` switch has no fixed schedule
+    and is refused.
+    """
+    criterion = record.get("criterion", config.name)
+    steady = replace(config, switch_below=0.0, switch_when_feasible=False, switch_to="plain")
+    if criterion == "rae":
+        raise InputError(
+            "the model was trained by RAE after its switch (switch_to='rae'), which no schedule holds "
+            "fixed; set the fine-tuning schedule explicitly"
+        )
+    if criterion == "plain":
+        return replace(steady, name="plain")
+    if criterion == "ess":
+        rho = record.get("rho")
+        if rho is None or rho >= 1:
+            return replace(steady, name="plain")
+        return replace(steady, rho0=float(rho), rho_final=float(rho), rho_epochs=1)
+    if criterion == "adaptive":
+        lam = record.get("lam")
+        if lam is None or not math.isfinite(lam) or lam <= 0:
+            raise InputError(f"epoch {record.get('epoch')}'s record holds no lambda (got {lam!r})")
+        return replace(steady, name="fixed", lam0=float(lam))
+    if criterion == "anneal":
+        lam = max(config.lam_min, config.lam0 * config.gamma ** (int(record["epoch"]) - 1))
+        return replace(steady, name="fixed", lam0=lam)
+    return steady  # fixed, excursions: the same lambda every epoch
+
+
+def fixed_tilt(config: ScheduleConfig) -> float | None:
+    """The tilt t = lambda^p of a criterion that is NRAE at one t for every step (``fixed``), for
+    the sandwich covariance of :func:`pruning.significance.wald_test`; None for the others (the
+    plain loss: t = 0 is the Fisher's case; ``ess``, ``adaptive``, ``anneal``, ``excursions``:
+    their t moves)."""
+    return config.lam0**config.p if config.name == "fixed" else None
 
 
 class LambdaSchedule:

@@ -60,7 +60,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -137,32 +136,23 @@ def run_config(
     )
 
 
-def pruning_config(method: str, trained: dict[str, Any], budget: dict[str, Any], seed: int) -> PruneConfig:
-    """How a trained model of ``method`` is pruned: Wald tests and fine-tuning by the criterion the
-    model was minimising at its selected epoch (issue 15, claim 4).
+def pruning_config(method: str, budget: dict[str, Any], seed: int) -> PruneConfig:
+    """How a trained model of ``method`` is pruned (issue 15, claim 4), before the pipeline sets the
+    criterion (``prune_by_training_criterion``, :meth:`pruning.prune.PruneConfig.for_criterion`):
+    Wald tests and fine-tuning by the criterion the model minimised at its selected epoch.
 
     - cross-entropy: the Fisher covariance (a likelihood: valid), fine-tuned by cross-entropy;
     - ANRAT: NRAE at the selected epoch's t = lambda^p is not a likelihood, so the tests use the
-      sandwich covariance at that tilt (``estimator="diagonal"``: the sandwich has no KFAC form), and
-      fine-tuning minimises NRAE at that fixed lambda; the plain loss if ANRAT had switched to it;
+      sandwich covariance at that t (``estimator="diagonal"``: the sandwich has no KFAC form), and
+      fine-tuning minimises NRAE at that fixed lambda;
     - ess: fine-tuned at the selected epoch's ESS / m, held fixed (the plain loss once it reached 1).
       Its tilt is set afresh in every batch, not one t, so there is no fixed NRAE for a sandwich:
-      the tests use the Fisher, exact at ESS / m = 1.
+      the tests use the Fisher (KFAC), exact at ESS / m = 1.
     Every fine-tuning is plain SGD at 0.05 for ``fine_tune_epochs``, the same for all methods.
     """
-    selected = trained["selected"]
-    epoch = next((h for h in trained["history"] if h["epoch"] == selected["best_epoch"]), None)
-    criterion = ScheduleConfig(name="plain")
-    covariance, tilt, estimator = "fisher", 0.0, "kfac"
-    if method == "anrat" and epoch is not None and not epoch.get("switched") and epoch.get("lam"):
-        lam = float(epoch["lam"])
-        criterion = ScheduleConfig(name="fixed", lam0=lam, p=2.0)
-        covariance, tilt, estimator = "sandwich", lam**2.0, "diagonal"
-    elif method == "ess" and epoch is not None and epoch.get("rho") is not None and epoch["rho"] < 1:
-        rho = float(epoch["rho"])
-        criterion = ScheduleConfig(name="ess", rho0=rho, rho_final=rho, rho_epochs=1)
-    fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05, schedule=criterion)
-    return PruneConfig(**budget["prune"], estimator=estimator, covariance=covariance, tilt=tilt, fine_tune=fine_tune)
+    fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
+    estimator = "diagonal" if method == "anrat" else "kfac"
+    return PruneConfig(**budget["prune"], estimator=estimator, fine_tune=fine_tune)
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -279,24 +269,30 @@ def run_unit(
         info["test_error"] = None
         info["diverged"] = str(exc)
     if trained is not None and not args.no_prune:  # the recipe's pipeline; its training is the one above, read back
-        prune_cfg = pruning_config(method, trained, budget, seed)
-        info["pruning"] = {
-            "covariance": prune_cfg.covariance,
-            "tilt": prune_cfg.tilt,
-            "estimator": prune_cfg.estimator,
-            "fine_tune_schedule": asdict(prune_cfg.fine_tune.schedule),
-        }
         report = ReportOptions(latency_repeats=5)
-        pipeline = PipelineConfig(out_dir=str(folder), run=cfg, prune=prune_cfg, report=report)
+        pipeline = PipelineConfig(
+            out_dir=str(folder),
+            run=cfg,
+            prune=pruning_config(method, budget, seed),
+            report=report,
+            prune_by_training_criterion=True,
+        )
         try:
             metrics = train_prune_export(pipeline, command, "python -m anrat.recipes.mnist_prune")
         except TrainingDiverged as exc:  # the fine-tuning diverged: the trained figures stand
-            info["pruning"]["diverged"] = str(exc)
+            info["pruning"] = {"diverged": str(exc)}
         else:
             info["pruned_test_error"] = metrics["test_error"]["pruned"]
             info["kept_fraction"] = metrics["pruning"]["nonzero_after"] / metrics["pruning"]["params_before"]
-            info["pruning"]["rounds"] = metrics["pruning"]["rounds"]
-            info["pruning"]["test_error_trained_again"] = metrics["test_error"]["trained"]
+            pruned_by = metrics["pruning"]["config"]
+            info["pruning"] = {
+                "covariance": pruned_by["covariance"],
+                "tilt": pruned_by["tilt"],
+                "estimator": pruned_by["estimator"],
+                "fine_tune_schedule": pruned_by["fine_tune"]["schedule"],
+                "rounds": metrics["pruning"]["rounds"],
+                "test_error_trained_again": metrics["test_error"]["trained"],
+            }
     info["seconds"] = time.perf_counter() - started
     info["machine"] = machine_description(args.device)
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from anrat.data import DataSplits, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
+from anrat.schedules import ScheduleConfig, criterion_at_epoch
 from anrat.train import RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
@@ -41,6 +42,7 @@ from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
 from pruning.pruned_checkpoint import save_pruned
 from pruning.report import FIGURES, write_report
+from pruning.significance import check_covariance
 from pruning.surgery import widths_of
 
 
@@ -76,6 +78,10 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     report: ReportOptions = field(default_factory=ReportOptions)
+    # prune by the criterion the selected model was trained with (PruneConfig.for_criterion): the
+    # fine-tuning minimises it, and NRAE at one t is tested with the sandwich covariance at that t.
+    # Off: prune.fine_tune.schedule and prune.covariance as configured (the plain loss, the Fisher)
+    prune_by_training_criterion: bool = False
 
     def validate(self) -> None:
         if self.run.val_size < 1:
@@ -85,6 +91,31 @@ class PipelineConfig:
         self.run.validate()
         self.prune.validate()
         self.report.validate()
+        if not isinstance(self.prune_by_training_criterion, bool):
+            raise InputError(
+                f"prune_by_training_criterion must be true or false, got {self.prune_by_training_criterion!r}"
+            )
+        lambda_schedule = self.run.schedule.name in ("fixed", "adaptive", "anneal")
+        if self.prune_by_training_criterion and lambda_schedule and self.prune.estimator == "kfac":
+            # refused now, not after the training: NRAE at one t is tested with the sandwich
+            raise InputError(
+                f"prune_by_training_criterion with the {self.run.schedule.name!r} schedule tests with the sandwich "
+                "covariance, which has no KFAC form; set prune.estimator to 'diagonal' or 'full'"
+            )
+        if self.prune_by_training_criterion and lambda_schedule:
+            check_covariance("sandwich", 0.0, self.prune.estimator, loss=self.run.schedule.kind)
+
+
+def training_criterion(schedule: ScheduleConfig, trained: dict[str, Any]) -> ScheduleConfig:
+    """The criterion a training (:func:`anrat.train.run`'s result) minimised at its selected epoch,
+    held fixed (:func:`anrat.schedules.criterion_at_epoch`); ``schedule`` is the run's, with the
+    selected penalty weight."""
+    selected = trained["selected"]
+    schedule = replace(schedule, a=selected.get("a", schedule.a))
+    record = next((h for h in trained["history"] if h["epoch"] == selected["best_epoch"]), None)
+    if record is None:  # the model before its first epoch: the schedule's starting criterion
+        record = {"epoch": 1, "criterion": schedule.name, "lam": schedule.lam0, "rho": schedule.rho_at(0)}
+    return criterion_at_epoch(schedule, record)
 
 
 @dataclass
@@ -254,11 +285,14 @@ def train_prune_export(
     ckpt = load_checkpoint(Path(cfg.run.out_dir) / "model.pt")
     model = model_from_checkpoint(ckpt).to(device)
     kind = cfg.run.schedule.kind
+    prune_cfg = cfg.prune
+    if cfg.prune_by_training_criterion:
+        prune_cfg = cfg.prune.for_criterion(training_criterion(cfg.run.schedule, trained))
     try:
         done = prune_save_export(
             model,
             data,
-            cfg.prune,
+            prune_cfg,
             out,
             kind=kind,
             description={"arch": ckpt["arch"]},
@@ -295,6 +329,7 @@ def train_prune_export(
             "steps_per_epoch": data.train.num_batches(cfg.run.train.batch_size),
         },
         "pruning": {
+            "config": asdict(prune_cfg),  # as run: by the training criterion, if asked
             "rounds": done.result.rounds,
             "base_val": done.result.base_val,
             "final_val": done.result.final_val,

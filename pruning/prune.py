@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.functional import LossKind
-from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.schedules import LambdaSchedule, ScheduleConfig, fixed_tilt
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.flat import flatten, unflatten
 from pruning.importance import Importance, make_importance
@@ -291,6 +291,24 @@ class PruneConfig:
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
             raise InputError(f"max_samples must be >= 1 (or None: all), got {self.max_samples!r}")
         self.fine_tune.train_config()
+
+    def for_criterion(self, criterion: ScheduleConfig) -> PruneConfig:
+        """A copy that tests and fine-tunes by ``criterion``, the criterion the model was trained
+        with (:func:`anrat.schedules.criterion_at_epoch`): the fine-tuning minimises it, and when
+        it is NRAE at one tilt t (:func:`anrat.schedules.fixed_tilt`), which is not a likelihood,
+        the Wald tests use the sandwich covariance at that t. Otherwise the covariance stays as
+        configured (the Fisher is valid for the plain loss; ``ess`` moves its t every batch).
+        """
+        tilted = replace(self, fine_tune=replace(self.fine_tune, schedule=criterion))
+        tilt = fixed_tilt(criterion)
+        if tilt is None:
+            return replace(tilted, tilt=0.0)
+        if self.estimator == "kfac":
+            raise InputError(
+                f"the model was trained by NRAE at t = {tilt:.4g}: its Wald tests need the sandwich "
+                "covariance, which has no KFAC form; set the pruning estimator to 'diagonal' or 'full'"
+            )
+        return replace(tilted, covariance="sandwich", tilt=tilt)
 
     def with_options(self, **options: Any) -> PruneConfig:
         """A copy with the named fields replaced; an unknown name is refused."""

@@ -215,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train afresh even if OUT/train holds a started run",
     )
     flag(ap, "--no-progress", key="run.progress", action="store_const", const=False, help="no progress bars")
+    flag(
+        ap,
+        "--prune-by-training-criterion",
+        key="prune_by_training_criterion",
+        action="store_const",
+        const=True,
+        help="fine-tune each pruning round by the criterion the selected model was trained with, and test "
+        'NRAE-trained models with the sandwich covariance at their t (needs --set prune.estimator="diagonal" '
+        "for a lambda schedule)",
+    )
     return ap
 
 

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from anrat.data import Split
 from anrat.errors import InputError
 from anrat.losses import ANRATLoss, NRAELoss, PlainLoss, RAELoss
-from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.models import build_model
+from anrat.schedules import LambdaSchedule, ScheduleConfig, criterion_at_epoch, fixed_tilt
+from anrat.trainer import TrainConfig, Trainer
 
 
 def test_fixed_keeps_lambda_and_uses_nrae():
@@ -130,3 +133,55 @@ def test_the_errors_exponent_reaches_every_loss_of_the_schedule():
     assert s.criterion(3)(out, y).item() == pytest.approx(squared.mean().item())  # plain step
     assert s.criterion(0).per_sample(out, y).tolist() == pytest.approx(squared.tolist())
     assert s.nrae.p == 3.0 and s.nrae.r == 2.0
+
+
+def _history(config: ScheduleConfig, epochs: int = 2) -> list[dict]:
+    """The history of a short real training with ``config`` (a small MLP on separable data)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=g)
+    split = Split(x, (x[:, 0, 10:18, 10:18].mean(dim=(1, 2)) > 0).long())
+    torch.manual_seed(0)
+    trainer = Trainer(
+        build_model("mlp", hidden=[16]),
+        LambdaSchedule(config),
+        split,
+        None,
+        TrainConfig(epochs=epochs, batch_size=32, lr=0.1, lambda_lr=0.5),
+        progress=False,
+    )
+    trainer.fit()
+    return trainer.history
+
+
+def test_criterion_at_epoch_holds_anrats_lambda_at_the_epochs_end_fixed():
+    config = ScheduleConfig(name="adaptive", lam0=3.0, a=0.01)
+    history = _history(config)
+    criterion = criterion_at_epoch(config, history[0])
+    assert criterion.name == "fixed" and criterion.lam0 == history[0]["lam"] != history[1]["lam"]
+    assert criterion.lam0 == pytest.approx(history[0]["lam_trace"][-1][1], rel=1e-6)  # lambda at the end of epoch 1
+    losses = torch.rand(64) * 3
+    held = LambdaSchedule(criterion)
+    assert float(held.criterion(0).aggregate(losses)) == pytest.approx(
+        float(NRAELoss(history[0]["lam"], 2.0).aggregate(losses)), rel=1e-6
+    )
+    assert fixed_tilt(criterion) == pytest.approx(history[0]["lam"] ** 2)
+    held.end_epoch(0, max_loss=0.0)
+    assert not held.switched and held.lam == criterion.lam0  # held fixed: it neither moves nor switches
+
+
+def test_criterion_at_epoch_for_anneal_ess_and_after_a_switch():
+    anneal = ScheduleConfig(name="anneal", lam0=4.0, gamma=0.5, lam_min=0.1)
+    history = _history(anneal, epochs=3)
+    assert [criterion_at_epoch(anneal, h).lam0 for h in history] == [4.0, 2.0, 1.0]  # the lambda each epoch used
+    ess = ScheduleConfig(name="ess", rho0=0.25, rho_final=1.0, rho_epochs=2)
+    history = _history(ess, epochs=3)
+    held = [criterion_at_epoch(ess, h) for h in history]
+    assert (held[0].name, held[0].rho0, held[0].rho_final) == ("ess", 0.25, 0.25)
+    assert [h.name for h in held[1:]] == ["ess", "plain"]  # rho 0.5, then 1: the plain loss
+    assert fixed_tilt(held[0]) is None and fixed_tilt(held[2]) is None
+    switching = ScheduleConfig(name="anneal", lam0=1.0, gamma=0.5, switch_below=0.7)
+    history = _history(switching, epochs=2)
+    assert [criterion_at_epoch(switching, h).name for h in history] == ["fixed", "plain"]
+    to_rae = ScheduleConfig(name="anneal", lam0=1.0, gamma=0.5, switch_below=0.7, switch_to="rae")
+    with pytest.raises(InputError, match="RAE"):
+        criterion_at_epoch(to_rae, _history(to_rae, epochs=2)[1])

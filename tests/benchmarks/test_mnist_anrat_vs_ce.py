@@ -60,52 +60,30 @@ def test_anrat_grid_crosses_the_penalty_weights_and_the_others_do_not(bench, tmp
     assert bench.run_config("lenet5", "ess", 0, {**budget, "epochs": 7}, args, tmp_path).schedule.rho_epochs == 7
 
 
-def _trained(best_epoch: int, **selected_epoch) -> dict:
-    """A training's result as far as pruning_config reads it: the selection and the history."""
-    history = [{"epoch": e, "lam": 9.0, "rho": 0.5, "switched": False} for e in (1, 2, 3)]
-    history[best_epoch - 1].update(selected_epoch)
-    return {"selected": {"best_epoch": best_epoch}, "history": history}
-
-
-def test_pruning_tests_and_fine_tunes_by_the_criterion_at_the_selected_epoch(bench):
-    anrat = bench.pruning_config("anrat", _trained(2, lam=0.5), bench.DEFAULT, seed=3)
-    assert (anrat.covariance, anrat.estimator) == ("sandwich", "diagonal")
-    assert anrat.tilt == pytest.approx(0.25)  # t = lambda^p, p = 2, at epoch 2's lambda, not the last one's
-    schedule = anrat.fine_tune.schedule
-    assert (schedule.name, schedule.lam0, schedule.p) == ("fixed", 0.5, 2.0)
-    assert anrat.fine_tune.seed == 3 and anrat.max_rounds == bench.DEFAULT["prune"]["max_rounds"]
-    switched = bench.pruning_config("anrat", _trained(3, switched=True), bench.DEFAULT, seed=0)
-    assert (switched.covariance, switched.tilt, switched.fine_tune.schedule.name) == ("fisher", 0.0, "plain")
-    ess = bench.pruning_config("ess", _trained(1, rho=0.6), bench.DEFAULT, seed=0)
-    assert (ess.covariance, ess.estimator) == ("fisher", "kfac")
-    assert (ess.fine_tune.schedule.name, ess.fine_tune.schedule.rho0, ess.fine_tune.schedule.rho_final) == (
-        "ess",
-        0.6,
-        0.6,
-    )
-    assert bench.pruning_config("ess", _trained(1, rho=1.0), bench.DEFAULT, seed=0).fine_tune.schedule.name == "plain"
-    ce = bench.pruning_config("ce", _trained(3), bench.DEFAULT, seed=0)
-    assert (ce.covariance, ce.fine_tune.schedule.name) == ("fisher", "plain")
-    for config in (anrat, switched, ess, ce):
-        config.validate()  # each one a configuration prune() runs
-
-
-def test_a_trained_anrat_unit_is_read_back_and_pruned_with_the_sandwich(bench, mnist_dir, tmp_path):
+def test_a_trained_anrat_unit_is_read_back_and_pruned_by_its_own_criterion(bench, mnist_dir, tmp_path):
+    """The pipeline reads the unit's finished training back (no second training) and prunes it as
+    pruning_config and prune_by_training_criterion say: the sandwich at the selected epoch's t,
+    fine-tuning by NRAE at that epoch's lambda."""
     budget = {**bench.DEFAULT, "train_subset": 300, "epochs": 1, "grid_lr": [0.03]}
     budget["prune"] = {**budget["prune"], "max_rounds": 1, "max_samples": 200}
     args = bench.build_parser().parse_args(["--data-dir", str(mnist_dir), "--no-progress"])
     cfg = bench.run_config("lenet5", "anrat", 0, budget, args, tmp_path / "train")
     cfg = replace(cfg, val_size=300, test_subset=300)
     trained = train_run(cfg)
-    prune_cfg = bench.pruning_config("anrat", trained, budget, seed=0)
-    assert prune_cfg.covariance == "sandwich" and 0 < prune_cfg.tilt < 100  # lambda fell from 10
-    pipeline = PipelineConfig(out_dir=str(tmp_path), run=cfg, prune=prune_cfg, report=ReportOptions(latency_repeats=1))
+    prune = bench.pruning_config("anrat", budget, seed=0)
+    assert prune.estimator == "diagonal" and prune.fine_tune.optimizer == "sgd"
+    report = ReportOptions(latency_repeats=1)
+    pipeline = PipelineConfig(str(tmp_path), cfg, prune, report, prune_by_training_criterion=True)
     metrics = train_prune_export(pipeline, "test", "test")
-    # the pipeline read the finished training back: the same selection and test figures
-    assert metrics["training"]["history"] == trained["history"]
+    assert metrics["training"]["history"] == trained["history"]  # read back: the same training
     assert metrics["test_error"]["trained"] == trained["test"]["error"]
-    assert metrics["config"]["prune"]["covariance"] == "sandwich"
-    assert metrics["pruning"]["params_before"] > 0 and metrics["test_error"]["pruned"] is not None
+    lam = trained["history"][0]["lam"]
+    assert 0 < lam < 10  # lambda fell from 10
+    pruned_by = metrics["pruning"]["config"]
+    assert (pruned_by["covariance"], pruned_by["tilt"]) == ("sandwich", pytest.approx(lam**2))
+    assert (pruned_by["fine_tune"]["schedule"]["name"], pruned_by["fine_tune"]["schedule"]["lam0"]) == ("fixed", lam)
+    assert metrics["test_error"]["pruned"] is not None
+    assert bench.pruning_config("ce", budget, seed=0).estimator == "kfac"
 
 
 def test_the_table_pairs_every_method_with_cross_entropy_on_common_seeds(bench):

@@ -9,7 +9,7 @@ from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
-from pruning.prune import FineTune, prune, prune_to_sparsity
+from pruning.prune import FineTune, PruneConfig, prune, prune_to_sparsity
 
 RELEVANT = 3  # of 10 input features, only the first 3 decide the class
 
@@ -274,3 +274,15 @@ def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
     for (step, rolled_back), (next_step, _) in zip(steps, steps[1:]):
         assert next_step == (step / 2 if rolled_back else min(0.8, 2 * step))
     assert any(rb for _, rb in steps) and any(not rb for _, rb in steps)
+
+
+def test_for_criterion_fine_tunes_by_it_and_tests_nrae_with_the_sandwich():
+    nrae = ScheduleConfig(name="fixed", lam0=0.5, p=2.0)
+    config = PruneConfig(estimator="diagonal").for_criterion(nrae)
+    assert (config.covariance, config.tilt, config.fine_tune.schedule) == ("sandwich", 0.25, nrae)
+    config.validate()
+    for moving in (ScheduleConfig(name="plain"), ScheduleConfig(name="ess", rho0=0.5, rho_final=0.5)):
+        config = PruneConfig().for_criterion(moving)  # KFAC stays: the Fisher is used
+        assert (config.covariance, config.tilt, config.fine_tune.schedule.name) == ("fisher", 0.0, moving.name)
+    with pytest.raises(InputError, match="no KFAC form"):
+        PruneConfig(estimator="kfac").for_criterion(nrae)

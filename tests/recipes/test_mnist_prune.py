@@ -246,6 +246,7 @@ def test_help_explains_every_option(assert_help_explains_every_option):
         (["--set", "run.train.compile='fast'"], "unknown compile mode 'fast'"),
         (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
         (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
+        (["--schedule", "adaptive", "--prune-by-training-criterion"], "has no KFAC form"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
@@ -313,3 +314,24 @@ def test_a_model_trained_on_the_true_class_error_is_pruned_exported_and_scored(m
     assert metrics["config"]["run"]["schedule"]["kind"] == "true_class_sq"
     assert metrics["test_error"]["onnx"] == pytest.approx(metrics["test_error"]["pruned"], abs=1 / 200)
     assert "`model.onnx` under onnxruntime" in (out / "report.md").read_text()
+
+
+def test_an_anrat_model_is_pruned_by_its_own_criterion_with_the_sandwich(mnist_dir, tmp_path):
+    """--prune-by-training-criterion: the fine-tuning minimises NRAE at the selected epoch's lambda
+    and the Wald tests use the sandwich covariance at t = lambda^2 (issue 15, claim 4)."""
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(mnist_dir), "--out", str(out), "--no-progress", "--schedule", "adaptive"]
+    argv += ["--epochs", "2", "--train-subset", "400", "--val-size", "200", "--test-subset", "200"]
+    argv += ["--prune-by-training-criterion", "--set", 'prune.estimator="diagonal"', "--set", "prune.max_rounds=1"]
+    argv += ["--set", "prune.max_samples=100", "--set", "report.latency_repeats=1"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["training"]["selected"]["best_epoch"]
+    lam = next(h["lam"] for h in metrics["training"]["history"] if h["epoch"] == best)
+    pruned_by = metrics["pruning"]["config"]
+    assert metrics["config"]["prune_by_training_criterion"] is True
+    assert metrics["config"]["prune"]["covariance"] == "fisher"  # as configured; resolved after training:
+    assert (pruned_by["covariance"], pruned_by["tilt"]) == ("sandwich", pytest.approx(lam**2))
+    fine_tune = pruned_by["fine_tune"]["schedule"]
+    assert (fine_tune["name"], fine_tune["lam0"], fine_tune["switch_below"]) == ("fixed", lam, 0.0)
+    assert lam < 10.0  # ANRAT moved lambda from lambda0: the tilt is the trained one, not the initial
