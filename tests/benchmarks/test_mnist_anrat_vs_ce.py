@@ -26,7 +26,11 @@ def test_engine_flag_defaults_to_batched_and_reaches_the_run_config(bench, tmp_p
     assert cfg.engine == "loop" and cfg.grid_lr == bench.DEFAULT["grid_lr"] and cfg.train.seed == 1
 
 
-@pytest.mark.parametrize("method", ["ce", "anrat", "ess"])
+# ess is left out: its tilt is solved per batch by torch ops in the stack and on the host in the
+# loop (the same equation, other rounding), and after one epoch on 400 images (validation error
+# ~87%) that moved 2 of 300 validation images across a boundary in CI; tests/anrat/test_ess_training.py checks its
+# members against single runs on data where the comparison is well posed.
+@pytest.mark.parametrize("method", ["ce", "anrat"])
 def test_both_engines_select_the_same_learning_rate_and_test_error(bench, method, mnist_dir, tmp_path):
     budget = {**bench.DEFAULT, "train_subset": 400, "epochs": 1}
     results = {}
