@@ -5,12 +5,12 @@ cross-entropy."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from anrat.train import run as train_run
-from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
 
 
 @pytest.fixture(scope="module")
@@ -64,30 +64,34 @@ def test_anrat_grid_crosses_the_penalty_weights_and_the_others_do_not(bench, tmp
     assert bench.run_config("lenet5", "ess", 0, {**budget, "epochs": 7}, args, tmp_path).schedule.rho_epochs == 7
 
 
-def test_a_trained_anrat_unit_is_read_back_and_pruned_by_its_own_criterion(bench, mnist_dir, tmp_path):
-    """The pipeline reads the unit's finished training back (no second training) and prunes it as
-    pruning_config and prune_by_training_criterion say: the sandwich at the selected epoch's t,
-    fine-tuning by NRAE at that epoch's lambda."""
+def test_an_anrat_unit_is_pruned_by_its_own_criterion_and_its_control_fine_tuned_alike(bench, mnist_dir, tmp_path):
+    """One unit through run_unit (a few hundred training images): the pipeline reads the finished
+    training back and prunes it as pruning_config and prune_by_training_criterion say (the
+    sandwich at the selected epoch's t, fine-tuning by NRAE at that epoch's lambda); then
+    add_control fine-tunes the unpruned model once per kept round and records its test error."""
     budget = {**bench.DEFAULT, "train_subset": 300, "epochs": 1, "grid_lr": [0.03]}
-    budget["prune"] = {**budget["prune"], "max_rounds": 1, "max_samples": 200}
-    args = bench.build_parser().parse_args(["--data-dir", str(mnist_dir), "--no-progress"])
-    cfg = bench.run_config("lenet5", "anrat", 0, budget, args, tmp_path / "train")
-    cfg = replace(cfg, val_size=300, test_subset=300)
-    trained = train_run(cfg)
-    prune = bench.pruning_config("anrat", budget, seed=0)
-    assert prune.estimator == "diagonal" and prune.fine_tune.optimizer == "sgd"
-    report = ReportOptions(latency_repeats=1)
-    pipeline = PipelineConfig(str(tmp_path), cfg, prune, report, prune_by_training_criterion=True)
-    metrics = train_prune_export(pipeline, "test", "test")
-    assert metrics["training"]["history"] == trained["history"]  # read back: the same training
-    assert metrics["test_error"]["trained"] == trained["test"]["error"]
-    lam = trained["history"][0]["lam"]
+    budget["prune"] = {**budget["prune"], "max_rounds": 2, "max_samples": 200, "step": 0.1, "tolerance": 0.05}
+    args = bench.build_parser().parse_args(["--data-dir", str(mnist_dir), "--out", str(tmp_path), "--no-progress"])
+    unit = bench.run_unit("lenet5", "anrat", 0, budget, args, "test")
+    folder = tmp_path / "lenet5" / "anrat" / "seed0"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["training"]["history"] == json.loads((folder / "train" / "result.json").read_text())["history"]
+    assert unit["pruning"]["test_error_trained_again"] == unit["test_error"]  # read back, not trained again
+    lam = metrics["training"]["history"][0]["lam"]
     assert 0 < lam < 10  # lambda fell from 10
-    pruned_by = metrics["pruning"]["config"]
-    assert (pruned_by["covariance"], pruned_by["tilt"]) == ("sandwich", pytest.approx(lam**2))
-    assert (pruned_by["fine_tune"]["schedule"]["name"], pruned_by["fine_tune"]["schedule"]["lam0"]) == ("fixed", lam)
-    assert metrics["test_error"]["pruned"] is not None
-    assert bench.pruning_config("ce", budget, seed=0).estimator == "kfac"
+    assert (unit["pruning"]["covariance"], unit["pruning"]["tilt"]) == ("sandwich", pytest.approx(lam**2))
+    assert (unit["pruning"]["fine_tune_schedule"]["name"], unit["pruning"]["fine_tune_schedule"]["lam0"]) == (
+        "fixed",
+        lam,
+    )
+    assert unit["pruning"]["estimator"] == "diagonal" and unit["kept_fraction"] <= 1
+    kept = sum(1 for r in unit["pruning"]["rounds"] if "params" in r and not r.get("rolled_back"))
+    controlled = bench.add_control("lenet5", "anrat", 0, budget, args)
+    assert controlled["control"]["fine_tune_rounds"] == kept
+    if kept == 0:  # no fine-tuning: the control is the unpruned model itself
+        assert controlled["control"]["test_error"] == unit["test_error"]
+    assert json.loads(bench.unit_record(tmp_path, "lenet5", "anrat", 0).read_text())["control"] == controlled["control"]
+    assert bench.add_control("lenet5", "anrat", 0, budget, args) == controlled  # recorded: not run again
 
 
 def test_the_table_pairs_every_method_with_cross_entropy_on_common_seeds(bench):
@@ -108,5 +112,13 @@ def test_the_table_pairs_every_method_with_cross_entropy_on_common_seeds(bench):
     assert results["test_error"]["ess"] == [0.008, None]
     assert list(results["pruning"]) == ["anrat"]
     assert results["pruning"]["anrat"]["after_minus_before"]["worse"] == 3
+    assert "control" not in results["pruning"]["anrat"]
+    for s in range(3):  # the unpruned models fine-tuned alike: 0.5-0.7 points better
+        unit = units["lenet5", "anrat", s]
+        unit["control"] = {"test_error": unit["test_error"] - 0.005 - 0.001 * s}
+    controlled = bench.collect(args, budget, units)["models"]["lenet5"]["pruning"]["anrat"]
+    assert controlled["control_minus_before"]["better"] == 3
+    assert controlled["after_minus_control"]["worse"] == 3
+    assert controlled["after_minus_control"]["mean_diff"] == pytest.approx(0.008)
     table = bench.markdown({"models": {"lenet5": results}})
     assert "| lenet5: ESS - CE |" in table and "| lenet5 | ESS | 1 |" in table and "diverged" in table
