@@ -62,6 +62,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -331,9 +332,9 @@ def add_control(model: str, method: str, seed: int, budget: dict[str, Any], args
         return unit
     started = time.perf_counter()
     folder = Path(args.out) / model / method / f"seed{seed}"
-    pruning = json.loads((folder / "metrics.json").read_text())["pruning"]
-    settings = pruning["config"]["fine_tune"]
-    ft = FineTune(**{**settings, "schedule": ScheduleConfig(**settings["schedule"])})
+    pruning = unit["pruning"]
+    criterion = ScheduleConfig(**pruning["fine_tune_schedule"])
+    ft = replace(pruning_config(method, budget, seed).fine_tune, schedule=criterion)
     rounds = sum(1 for r in pruning["rounds"] if "params" in r and not r.get("rolled_back"))
     cfg = run_config(model, method, seed, budget, args, folder / "train")
     device = resolve_device(args.device)
