@@ -20,8 +20,8 @@ its test error before and after pruning is compared the same way. ``--fine-tune-
 afterwards fine-tunes each unpruned model exactly as its pruned model was (:func:`add_control`),
 so that pruning is told apart from the extra epochs of training that came with it.
 
-Default (about 50 minutes on 2 idle CPU cores for two methods: ~11 s per 20,000-image lenet5
-epoch with validation): 5 seeds, the first 20,000 training images after the 10,000-image
+Default (38 minutes on 2 idle CPU cores for two methods, about an hour for three: ~11 s per
+20,000-image lenet5 epoch with validation): 5 seeds, the first 20,000 training images after the 10,000-image
 validation split, 5 epochs, the learning-rate grid {0.1, 0.03} (ANRAT's a = 0.01), pruning at most
 2 rounds with a Fisher on 1,000 images and 1 fine-tuning epoch. The grid has two points because
 one is not enough for a fair comparison: on an H100 with 20 epochs of 50,000 images, lr 0.1 suits
