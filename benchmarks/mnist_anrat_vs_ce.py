@@ -143,18 +143,12 @@ def run_config(
 
 
 def pruning_config(method: str, budget: dict[str, Any], seed: int) -> PruneConfig:
-    """How a trained model of ``method`` is pruned (issue 15, claim 4), before the pipeline sets the
-    criterion (``prune_by_training_criterion``, :meth:`pruning.prune.PruneConfig.for_criterion`):
-    Wald tests and fine-tuning by the criterion the model minimised at its selected epoch.
-
-    - cross-entropy: the Fisher covariance (a likelihood: valid), fine-tuned by cross-entropy;
-    - ANRAT: NRAE at the selected epoch's t = lambda^p is not a likelihood, so the tests use the
-      sandwich covariance at that t (``estimator="diagonal"``: the sandwich has no KFAC form), and
-      fine-tuning minimises NRAE at that fixed lambda;
-    - ess: fine-tuned at the selected epoch's ESS / m, held fixed (the plain loss once it reached 1).
-      Its tilt is set afresh in every batch, not one t, so there is no fixed NRAE for a sandwich:
-      the tests use the Fisher (KFAC), exact at ESS / m = 1.
-    Every fine-tuning is plain SGD at 0.05 for ``fine_tune_epochs``, the same for all methods.
+    """How a trained model of ``method`` is pruned (issue 15, claim 4). The pipeline then sets the
+    criterion (``prune_by_training_criterion``): fine-tuning by what the model minimised at its
+    selected epoch, and for ANRAT (NRAE at one t, not a likelihood) the sandwich covariance at that
+    t, which needs ``estimator="diagonal"`` here (it has no KFAC form); cross-entropy and ess
+    (whose t moves every batch) keep the Fisher, by KFAC. Every fine-tuning is plain SGD at 0.05
+    for ``fine_tune_epochs``, the same for all methods.
     """
     fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
     estimator = "diagonal" if method == "anrat" else "kfac"

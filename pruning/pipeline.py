@@ -18,7 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from anrat.data import DataSplits, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
-from anrat.schedules import ScheduleConfig, criterion_at_epoch
+from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.train import RunConfig
 from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
@@ -91,30 +91,33 @@ class PipelineConfig:
         self.run.validate()
         self.prune.validate()
         self.report.validate()
-        if not isinstance(self.prune_by_training_criterion, bool):
-            raise InputError(
-                f"prune_by_training_criterion must be true or false, got {self.prune_by_training_criterion!r}"
-            )
-        lambda_schedule = self.run.schedule.name in ("fixed", "adaptive", "anneal")
-        if self.prune_by_training_criterion and lambda_schedule and self.prune.estimator == "kfac":
-            # refused now, not after the training: NRAE at one t is tested with the sandwich
-            raise InputError(
-                f"prune_by_training_criterion with the {self.run.schedule.name!r} schedule tests with the sandwich "
-                "covariance, which has no KFAC form; set prune.estimator to 'diagonal' or 'full'"
-            )
-        if self.prune_by_training_criterion and lambda_schedule:
-            check_covariance("sandwich", 0.0, self.prune.estimator, loss=self.run.schedule.kind)
+        if self.prune_by_training_criterion:  # refused now, not after the training
+            schedule = self.run.schedule
+            if schedule.switch_to == "rae":
+                raise InputError(
+                    "prune_by_training_criterion cannot hold RAE (switch_to='rae') fixed for the fine-tuning; "
+                    "set prune.fine_tune.schedule yourself"
+                )
+            if fixed_tilt(criterion_at_epoch(schedule, _first_epoch(schedule))) is not None:
+                try:
+                    check_covariance("sandwich", 0.0, self.prune.estimator, loss=schedule.kind)
+                except InputError as exc:
+                    raise InputError(
+                        f"prune_by_training_criterion tests a model trained by NRAE at one t ({schedule.name!r} "
+                        f"schedule) with the sandwich covariance: {exc}"
+                    ) from None
+
+
+def _first_epoch(schedule: ScheduleConfig) -> dict[str, Any]:
+    """A history record of the criterion ``schedule`` starts with (the model before any epoch)."""
+    return {"epoch": 1, "criterion": schedule.name, "lam": schedule.lam0, "rho": schedule.rho_at(0)}
 
 
 def training_criterion(schedule: ScheduleConfig, trained: dict[str, Any]) -> ScheduleConfig:
-    """The criterion a training (:func:`anrat.train.run`'s result) minimised at its selected epoch,
-    held fixed (:func:`anrat.schedules.criterion_at_epoch`); ``schedule`` is the run's, with the
-    selected penalty weight."""
-    selected = trained["selected"]
-    schedule = replace(schedule, a=selected.get("a", schedule.a))
-    record = next((h for h in trained["history"] if h["epoch"] == selected["best_epoch"]), None)
-    if record is None:  # the model before its first epoch: the schedule's starting criterion
-        record = {"epoch": 1, "criterion": schedule.name, "lam": schedule.lam0, "rho": schedule.rho_at(0)}
+    """The criterion a training (:func:`anrat.train.run`'s result, ``schedule`` its schedule)
+    minimised at its selected epoch, held fixed (:func:`anrat.schedules.criterion_at_epoch`)."""
+    best = trained["selected"]["best_epoch"]
+    record = next((h for h in trained["history"] if h["epoch"] == best), _first_epoch(schedule))
     return criterion_at_epoch(schedule, record)
 
 

@@ -246,7 +246,11 @@ def test_help_explains_every_option(assert_help_explains_every_option):
         (["--set", "run.train.compile='fast'"], "unknown compile mode 'fast'"),
         (["--val-size", "1", "--set", "run.val_size=0"], "needs a validation split"),
         (["--config", "nowhere.toml"], "cannot read config file 'nowhere.toml'"),
-        (["--schedule", "adaptive", "--prune-by-training-criterion"], "has no KFAC form"),
+        (["--schedule", "adaptive", "--prune-by-training-criterion"], "needs estimator 'full' or 'diagonal'"),
+        (
+            ["--prune-by-training-criterion", "--schedule", "anneal", "--set", 'run.schedule.switch_to="rae"'],
+            "cannot hold RAE",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(argv, message, run_cli, tmp_path):
