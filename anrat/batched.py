@@ -194,6 +194,8 @@ def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | No
         return f"the optimizer {train.optimizer!r} (train.optimizer; supported: {', '.join(OPTIMIZERS)})"
     if schedule.class_weight is not None:
         return "class_weight (schedule.class_weight)"
+    if train.lr_decay == "cosine_step":
+        return "lr_decay='cosine_step' (train.lr_decay; 'cosine' is stepped per epoch)"
     return None
 
 
@@ -831,13 +833,15 @@ class BatchedTrainer:
 
     def _consider(self, epoch: int, vals: list[dict[str, float]] | None) -> None:
         """Keep each member's weights of ``epoch`` if they beat its best validation score so far
-        (strictly, as the Trainer), or unconditionally when there is no validation split."""
+        (strictly, as the Trainer), or unconditionally when there is no validation split or the
+        member keeps its last epoch (``train.select = "last"``)."""
         k = len(self.members)
         improved = []
         for i in range(k):
             val, best = (vals[i] if vals is not None else None), self.best_val[i]
             key = "error" if val is not None and "error" in val else "loss"
-            better = val is None or best is None or val[key] < best[key]
+            last = self.members[i].train.select == "last"
+            better = val is None or last or best is None or val[key] < best[key]
             if better:
                 self.best_epoch[i], self.best_val[i] = epoch, val
             improved.append(better)

@@ -152,6 +152,29 @@ def per_sample_loss(
     return _sum_per_sample((x - y).abs().pow(p))
 
 
+def distillation_loss(input: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample knowledge-distillation loss (Hinton et al. 2015) of shape (N,), float32:
+
+        T^2 * KL(softmax(teacher / T) || softmax(input / T)),
+
+    the divergence of the student's logits ``input`` (N, C) from the teacher's (N, C) at
+    temperature ``T`` (> 0), scaled by T^2 so that its gradient keeps the size of the hard-target
+    loss's as T changes. It is 0 where the student's softened predictions equal the teacher's.
+    ``torch.nn.functional.kl_div`` (log-space targets) computes it; this only fixes the scaling
+    and keeps one value per sample, so that the tilted criteria can weigh samples."""
+    if input.dim() != 2 or tuple(teacher.shape) != tuple(input.shape):
+        raise InputError(
+            f"distillation needs (N, C) logits from the student and the teacher, got {tuple(input.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    if not temperature > 0:
+        raise InputError(f"the distillation temperature must be > 0, got {temperature!r}")
+    student = F.log_softmax(input.float() / temperature, dim=1)
+    target = F.log_softmax(teacher.detach().float() / temperature, dim=1)
+    kl = F.kl_div(student, target, reduction="none", log_target=True).sum(dim=1)
+    return kl * temperature**2
+
+
 def _true_class_error(x: Tensor, target: Tensor, r: float | Tensor) -> Tensor:
     """``(1 - softmax(x)_y) ** r`` per row of (N, C) logits ``x``, in log space (see
     :func:`per_sample_loss`): ``1 - p_y = sum_{k != y} p_k = exp(lse_{k != y} x_k - lse_k x_k)``."""

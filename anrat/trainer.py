@@ -50,7 +50,7 @@ from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.ess import ESSLoss
-from anrat.functional import LossKind, effective_sample_size, per_sample_loss, working_dtype
+from anrat.functional import LossKind, distillation_loss, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
@@ -72,8 +72,10 @@ class TrainConfig:
     lambda_lr: float | None = None
     optimizer: str = "sgd"  # any class name in torch.optim; the paper uses plain SGD
     momentum: float = 0.0  # SGD only
-    # The weights' learning rate over the epochs: "none" (constant) or "cosine" (lr_factor; lambda's
-    # learning rate stays constant, its schedule has its own dynamics)
+    # The weights' learning rate over the run: "none" (constant), "cosine" (annealed to 0 over the
+    # epochs, stepped per epoch) or "cosine_step" (the same curve stepped per optimizer step; for a
+    # run of one or two epochs such as a pruning round's recovery). lambda's learning rate stays
+    # constant, its schedule has its own dynamics (lr_factor)
     lr_decay: str = "none"
     l2: dict[str, float] = field(default_factory=dict)  # layer name -> weight decay on its weight
     seed: int = 0
@@ -82,6 +84,9 @@ class TrainConfig:
     compile: str | None = None
     lam_samples_per_epoch: int = 20
     eval_batch_size: int = 1000
+    # Which epoch the run keeps: "best" on validation, or "last" (validation is still recorded but
+    # selects nothing, so it stays unbiased for later decisions such as the pruning's acceptance test)
+    select: str = "best"
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -95,6 +100,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}")
         if not (math.isfinite(self.momentum) and self.momentum >= 0):
             raise InputError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
+        if self.select not in SELECTIONS:
+            raise InputError(f"unknown select {self.select!r}; expected one of {SELECTIONS}")
         if self.lr_decay not in LR_DECAYS:
             raise InputError(f"unknown lr_decay {self.lr_decay!r}; expected one of {LR_DECAYS}")
         if self.optimizer.lower() not in _OPTIMIZER_NAMES:
@@ -112,20 +119,42 @@ class TrainConfig:
         return self.lambda_lr if self.lambda_lr is not None else self.lr * 0.1
 
 
-LR_DECAYS = ("none", "cosine")
+LR_DECAYS = ("none", "cosine", "cosine_step")
+SELECTIONS = ("best", "last")
 
 
-def lr_factor(config: TrainConfig, epoch: int) -> float:
-    """The multiple of ``config.lr`` the weights train with in epoch ``epoch`` (0-based).
+def lr_factor(config: TrainConfig, epoch: int, steps_per_epoch: int = 1) -> float:
+    """The multiple of ``config.lr`` the weights train with in epoch ``epoch`` (0-based), or, for
+    ``"cosine_step"``, at optimizer step ``epoch`` (0-based) of ``steps_per_epoch`` per epoch.
 
     ``"none"``: 1. ``"cosine"``: ``(1 + cos(pi * e / E)) / 2`` with ``E = config.epochs`` (SGDR's
     cosine annealing to 0, stepped once per epoch, as ``torch.optim.lr_scheduler.CosineAnnealingLR``
     with ``T_max = E`` and ``eta_min = 0``); epochs past ``E`` (a resumed, longer run) train at 0.
+    ``"cosine_step"``: the same curve over ``E * steps_per_epoch`` steps, so that the last step
+    trains near 0 even in a one-epoch run.
     """
     if config.lr_decay == "none":
         return 1.0
-    horizon = max(1, config.epochs)
+    horizon = max(1, config.epochs * (steps_per_epoch if config.lr_decay == "cosine_step" else 1))
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation from ``teacher`` (a model in eval mode on the data's device): each
+    sample's loss becomes ``(1 - weight) * l_i + weight * distillation_loss_i`` at
+    ``temperature`` (:func:`anrat.functional.distillation_loss`), so the schedule's criterion
+    (mean or tilted) aggregates the mixed losses. Classification (``kind="ce"``) only."""
+
+    teacher: nn.Module
+    weight: float = 0.5
+    temperature: float = 4.0
+
+    def validate(self) -> None:
+        if not (isinstance(self.weight, int | float) and 0 <= self.weight <= 1):
+            raise InputError(f"the distillation weight must be in [0, 1], got {self.weight!r}")
+        if not (isinstance(self.temperature, int | float) and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InputError(f"the distillation temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 def lambda_learning_rate(config: TrainConfig, schedule: ScheduleConfig) -> float:
@@ -317,6 +346,7 @@ class Trainer:
             on a terminal also a progress bar within each epoch.
         input_norm: the normalisation the training inputs received, recorded in checkpoints so
             that later stages feed the model the same way.
+        distill: distil from a teacher model (:class:`Distillation`; classification only).
     """
 
     def __init__(
@@ -332,8 +362,17 @@ class Trainer:
         progress: bool = True,
         run_config: dict[str, Any] | None = None,
         input_norm: InputNorm | None = None,
+        distill: Distillation | None = None,
     ) -> None:
         config.validate()
+        if distill is not None:
+            distill.validate()
+            if schedule.config.kind != "ce":
+                raise InputError(
+                    f"distillation needs a classifier trained with kind='ce', got {schedule.config.kind!r}"
+                )
+            distill.teacher.eval()
+        self.distill = distill
         self.model, self.schedule, self.train_split, self.val_split = model, schedule, train, val
         self.config, self.arch, self.run_config, self.input_norm = config, arch, run_config or {}, input_norm
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -372,15 +411,20 @@ class Trainer:
         groups = param_groups(model, schedule, config)
         self.optimizer = optimizer_factory(groups) if optimizer_factory else make_optimizer(groups, config)
         # The weights' learning-rate decay, stepped after each epoch; lambda's group keeps its rate.
+        # "cosine_step" is stepped after every optimizer step instead.
         self.lr_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         if config.lr_decay != "none":
+            steps = train.num_batches(config.batch_size)
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer,
                 [
-                    (lambda epoch: 1.0) if group.get("name") == "lambda" else (lambda epoch: lr_factor(config, epoch))
+                    (lambda epoch: 1.0)
+                    if group.get("name") == "lambda"
+                    else (lambda epoch: lr_factor(config, epoch, steps))
                     for group in self.optimizer.param_groups
                 ],
             )
+        self.lr_per_step = config.lr_decay == "cosine_step"
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -409,6 +453,11 @@ class Trainer:
         losses = per_sample_loss(out, y, c.kind, c.p, r=c.r)
         if self.class_weight is not None:
             losses = losses * self.class_weight[y]
+        if self.distill is not None:
+            d = self.distill
+            with torch.no_grad():
+                teacher_out = d.teacher(x)
+            losses = (1 - d.weight) * losses + d.weight * distillation_loss(out, teacher_out, d.temperature)
         return criterion.aggregate(losses), losses
 
     def train_epoch(self) -> dict[str, Any]:
@@ -438,6 +487,8 @@ class Trainer:
             if self.world is not None:
                 distributed.average_gradients(schedule.parameters())  # DDP averages the model's
             self.optimizer.step()
+            if self.lr_per_step and self.lr_scheduler is not None:
+                self.lr_scheduler.step()
             if isinstance(schedule.nrae, ANRATLoss):
                 schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
             self.step += 1
@@ -480,7 +531,7 @@ class Trainer:
         record["train_ess_fraction"] = fraction_total / ess_steps if ess_steps else None
         schedule.end_epoch(self.epoch, record["train_max_loss"])
         record["lr"] = self.optimizer.param_groups[0]["lr"]  # the weights' (lambda's group is last)
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and not self.lr_per_step:
             self.lr_scheduler.step()
         record["lam"] = schedule.nrae.lam if schedule.nrae is not None else None
         record["switched"] = schedule.switched
@@ -535,9 +586,11 @@ class Trainer:
         return TrainResult(self.best_epoch, self.best_val, self.history, self.schedule.switch_epoch)
 
     def _consider(self, epoch: int, val: dict[str, float] | None) -> None:
-        """Keep the weights of ``epoch`` if they beat the best validation score so far."""
+        """Keep the weights of ``epoch`` if they beat the best validation score so far, or always
+        when the run keeps its last epoch (``select="last"``)."""
         key = "error" if val is not None and "error" in val else "loss"
-        if val is None or self.best_val is None or val[key] < self.best_val[key]:
+        last = self.config.select == "last"
+        if val is None or last or self.best_val is None or val[key] < self.best_val[key]:
             self.best_epoch, self.best_val = epoch, val
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir is not None and epoch > 0 and self.writes_files:
