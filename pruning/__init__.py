@@ -17,6 +17,7 @@ The path a model takes: :func:`wald_test` (which connections and units are signi
 from anrat.data import Split, as_split
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
+from pruning.acceptance import NonInferiority, paired_noninferiority
 from pruning.estimators import DiagonalEstimator, FisherEstimator, FullEstimator, KfacEstimator, fisher_estimator
 from pruning.export import (
     ExportReport,
@@ -29,7 +30,7 @@ from pruning.export import (
 from pruning.importance import Importance, MagnitudeImportance, OBDImportance, WaldImportance, make_importance
 from pruning.layers import output_layer, prunable_layers
 from pruning.masks import apply_masks, count_nonzero, count_total, make_permanent, permanent_copy, sparsity
-from pruning.prune import FineTune, PruneResult, prune, prune_to_sparsity, round_line
+from pruning.prune import FineTune, PruneConfig, PruneResult, Target, prune, prune_to_sparsity, round_line
 from pruning.pruned_checkpoint import import_factory, load_pruned, save_pruned
 from pruning.saliency import magnitude_scores, masks_at_sparsity, obd_scores
 from pruning.significance import WaldResult, center_softmax_layer, wald_test
@@ -46,9 +47,12 @@ __all__ = [
     "InputNorm",
     "KfacEstimator",
     "MagnitudeImportance",
+    "NonInferiority",
     "OBDImportance",
+    "PruneConfig",
     "PruneResult",
     "Split",
+    "Target",
     "WaldImportance",
     "WaldResult",
     "apply_masks",
@@ -69,6 +73,7 @@ __all__ = [
     "obd_scores",
     "onnx_latency",
     "output_layer",
+    "paired_noninferiority",
     "permanent_copy",
     "prunable_layers",
     "prune",

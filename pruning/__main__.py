@@ -48,9 +48,10 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
+from pruning.layers import prunable_layers
 from pruning.masks import count_nonzero, count_total
 from pruning.pipeline import ReportOptions, prune_save_export
-from pruning.prune import PruneConfig, round_line
+from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.significance import COVARIANCES, ESTIMATORS
@@ -238,8 +239,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         )
     model.to(device)
     check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
+    config.target.validate(sum(int(m.weight.numel()) for m in prunable_layers(model).values()))
     if not held_out_by_training and not args.val_data and not args.quiet:
-        print(f"warning: validation data is {data.sources['val']}; give held-out data with --val-data", file=sys.stderr)
+        print(
+            f"warning: validation data is {data.sources['val']}: if the model was trained on them, pruning cannot be "
+            "judged there; give held-out images the model never saw with --val-data",
+            file=sys.stderr,
+        )
     out = make_output_folder(args.out)
 
     def log(record: dict[str, Any]) -> None:
@@ -256,6 +262,10 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     test_before = evaluate(model, data.test)
     if not args.quiet:
         print(f"test error before pruning: {test_before['error']:.2%}", file=sys.stderr, flush=True)
+        val_before = evaluate(model, data.val)
+        warning = validation_warning(val_before["error"], len(data.val), test_before["error"], "the test images")
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     # 200 alternating calls: with 50, the batch-1 speed-up of one model moved between 0.93x and 1.46x
     done = prune_save_export(
         model,
@@ -279,6 +289,9 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         "test_after": done.test_after,
         "val_before": result.base_val,
         "val_after": result.final_val,
+        "acceptance": result.acceptance,
+        "final_recovery": result.final_recovery,
+        "warning": result.warning,
         "onnx_test_error": done.onnx_test_error,
         "input_norm": {**norm.as_dict(), "origin": norm_origin},
         "data": data.sources,
@@ -298,6 +311,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         f"{done.test_before['error']:.2%} -> {done.test_after['error']:.2%}; ONNX {sizes['dense']['onnx_bytes']:,} -> "
         f"{sizes['pruned']['onnx_bytes']:,} bytes; {sizes['speedup']['summary']}"
     )
+    if result.acceptance is not None:
+        print(f"on validation the pruned model is {paired_line(result.acceptance)}")
     print(
         f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
         f"{out / 'report.json'}"
@@ -489,10 +504,59 @@ def build_parser() -> argparse.ArgumentParser:
         key="tolerance",
         defaults=d,
         type=float,
-        help="largest allowed rise of validation error over the unpruned model (0.001 = 0.1 points)",
+        help="the margin: the largest rise of validation error you accept (0.001 = 0.1 points); a round is kept "
+        "when a paired non-inferiority test shows its rise below it, in (0, 1)",
+    )
+    flag(
+        g,
+        "--acceptance-alpha",
+        key="acceptance_alpha",
+        defaults=d,
+        type=float,
+        help="level of that test: a round truly costing the margin or more is kept at most this often, in (0, 1)",
+    )
+    flag(
+        g,
+        "--target-params",
+        key="target.params",
+        type=float,
+        help="prune until at most N nonzero weights (an integer) or this fraction of them (in (0, 1)) remain, "
+        "whatever it costs; the cost is reported with its confidence bound",
+    )
+    flag(
+        g,
+        "--target-speedup",
+        key="target.speedup",
+        type=float,
+        help="prune until model.onnx runs this many times faster than the unpruned model in onnxruntime at "
+        "batch 1 (> 1, measured each round), whatever it costs",
     )
     flag(g, "--fine-tune-epochs", key="fine_tune.epochs", defaults=d, type=int, help="fine-tuning epochs per round")
     flag(g, "--fine-tune-lr", key="fine_tune.lr", defaults=d, type=float, help="fine-tuning learning rate")
+    flag(
+        g,
+        "--distill",
+        key="fine_tune.distill",
+        defaults=d,
+        type=float,
+        help="weight in [0, 1] of distillation from the unpruned model in each recovery (0: off)",
+    )
+    flag(
+        g,
+        "--distill-temperature",
+        key="fine_tune.temperature",
+        defaults=d,
+        type=float,
+        help="temperature (> 0) of the distillation's soft targets",
+    )
+    flag(
+        g,
+        "--final-epochs",
+        key="fine_tune.final_epochs",
+        defaults=d,
+        type=int,
+        help="recovery epochs after the last kept round",
+    )
     flag(
         g,
         "--fine-tune-optimizer",

@@ -14,6 +14,8 @@ takes one (or its name, :func:`make_importance`).
   approximated by the Fisher's (:func:`pruning.fisher.diagonal_fisher`; for cross-entropy the
   model Fisher is the Gauss-Newton matrix, the usual OBD approximation; for ``"lp"`` it is the
   Gauss-Newton matrix divided by sigma^2, which rescales every score alike);
+- :class:`TaylorImportance` (Molchanov et al. 2019): sum over minibatches b of (g_bj * w_j)^2, the
+  squared first-order change of the minibatch loss when w_j is set to zero;
 - :class:`WaldImportance`: |z_j| = |w_j| / se_j (:func:`pruning.significance.wald_test`).
 """
 
@@ -28,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from anrat.errors import InputError
-from anrat.functional import LossKind
+from anrat.functional import LossKind, per_sample_loss
 from pruning.estimators import FisherEstimator
 from pruning.fisher import diagonal_fisher, prepare
-from pruning.layers import select_layers, weight_name
+from pruning.layers import eval_mode, select_layers, weight_name
 from pruning.significance import wald_test
 
 
@@ -109,6 +111,38 @@ class OBDImportance(Importance):
 
 
 @dataclass(frozen=True)
+class TaylorImportance(Importance):
+    """First-order Taylor importance (Molchanov, Mallya, Tyree, Frosio & Kautz 2019, "Importance
+    estimation for neural network pruning"): sum_b (g_bj * w_j)^2 over minibatches b of
+    ``batch_size`` samples drawn from at most ``max_samples`` of the data, g_b the gradient of the
+    minibatch's mean loss. At a minimum of the full-data loss the mean gradient vanishes, so the
+    squares of minibatch gradients carry the signal. Cost: one forward and backward pass per
+    minibatch (the model in eval mode, so dropout is off)."""
+
+    name: ClassVar[str] = "taylor"
+    loss: LossKind = "ce"
+    layers: Sequence[str] | None = None
+    max_samples: int | None = 10_000
+    batch_size: int = 64
+    seed: int = 0
+
+    def __call__(self, model: nn.Module, data: Any = None) -> dict[str, Tensor]:
+        modules = select_layers(model, self.layers)
+        fd = prepare(model, data, loss=self.loss, layers=modules, max_samples=self.max_samples, seed=self.seed)
+        params = {weight_name(name): module.weight for name, module in modules.items()}
+        sums = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
+        device = next(model.parameters()).device
+        with eval_mode(model):
+            for x, y in fd.batches(self.batch_size):
+                out = model(x.to(device))
+                mean = per_sample_loss(out, y.to(device), self.loss).mean()
+                grads = torch.autograd.grad(mean, list(params.values()))
+                for (name, p), g in zip(params.items(), grads):
+                    sums[name] += (g.detach() * p.detach()).double().cpu().square()
+        return sums
+
+
+@dataclass(frozen=True)
 class WaldImportance(Importance):
     """|z_j|, the Wald statistic of H0: w_j = 0 (:func:`pruning.significance.wald_test` with
     these options). A tested softmax output layer is then centred in place
@@ -148,7 +182,7 @@ class WaldImportance(Importance):
 
 #: The criterion names and their classes: the one place a name becomes an importance.
 IMPORTANCES: dict[str, type[Importance]] = {
-    cls.name: cls for cls in (MagnitudeImportance, OBDImportance, WaldImportance)
+    cls.name: cls for cls in (MagnitudeImportance, OBDImportance, TaylorImportance, WaldImportance)
 }
 
 
@@ -165,4 +199,12 @@ def make_importance(criterion: str | Importance, **options: Any) -> Importance:
     return cls(**{key: value for key, value in options.items() if key in accepted})
 
 
-__all__ = ["IMPORTANCES", "Importance", "MagnitudeImportance", "OBDImportance", "WaldImportance", "make_importance"]
+__all__ = [
+    "IMPORTANCES",
+    "Importance",
+    "MagnitudeImportance",
+    "OBDImportance",
+    "TaylorImportance",
+    "WaldImportance",
+    "make_importance",
+]

@@ -310,6 +310,12 @@ def train_prune_export(
     seconds = {"train": train_seconds, **done.seconds, "total": time.perf_counter() - started}
     arch_name, pruned = ckpt["arch"]["name"], done.model
     test_trained = trained["test"]
+    acceptance_data = (
+        f"the {len(data.val):,} validation images, which the training recorded but selected nothing on (select='last')"
+        if cfg.run.train.select == "last" and not cfg.run.grid_lr and not cfg.run.grid_a
+        else f"the {len(data.val):,} validation images that selected the trained model: its error there is "
+        "optimistic, so the test is conservative (it refuses more rounds)"
+    )
     metrics = {
         "command": command,
         "program": program,
@@ -339,6 +345,10 @@ def train_prune_export(
             "params_before": done.result.params_before,
             "params_after": done.result.params_after,
             "nonzero_after": done.result.nonzero_after,
+            "acceptance": done.result.acceptance,
+            "acceptance_data": acceptance_data,
+            "final_recovery": done.result.final_recovery,
+            "warning": done.result.warning,
             "widths_before": widths_of(done.dense, arch_name),
             "widths_after": widths_of(pruned, arch_name),
             "layers": layer_counts(done.dense, pruned),

@@ -168,7 +168,7 @@ def plot_pruning(metrics: dict[str, Any], path: Path) -> None:
         color="grey",
         linestyle="--",
         linewidth=1,
-        label=f"unpruned + tolerance ({100 * tolerance:g} points)",
+        label=f"unpruned + margin ({100 * tolerance:g} points)",
     )
     _axes_style(ax_err, [])
     ax_err.set_xlabel("pruning round (0: unpruned)")
@@ -314,25 +314,61 @@ def report_markdown(m: dict[str, Any]) -> str:
         "## Pruning",
         "",
         f"Wald tests ({cfg['prune']['estimator']} Fisher on up to {cfg['prune']['max_samples']} training images, "
-        f"{cfg['prune']['method']} at alpha {cfg['prune']['alpha']:g}), at most {cfg['prune']['step']:g} of the "
-        f"remaining weights per round, {cfg['prune']['fine_tune']['epochs']} fine-tuning epoch(s) per round, "
-        f"rollback above "
-        f"validation error {_pct(p['base_val']['error'])} + {100 * cfg['prune']['tolerance']:g} points. "
+        f"{cfg['prune']['method']} at alpha {cfg['prune']['alpha']:g}) rank what goes first, at most "
+        f"{cfg['prune']['step']:g} of the remaining weights per round; each round recovers for "
+        f"{cfg['prune']['fine_tune']['epochs']} epoch(s) and is kept when a one-sided non-inferiority test on the "
+        f"validation images' paired outcomes shows it within {100 * cfg['prune']['tolerance']:g} points of the "
+        f"unpruned model at level {cfg['prune'].get('acceptance_alpha', 0.05):g} (the margin). "
         f"Validation error {_pct(p['base_val']['error'])} -> {_pct(p['final_val']['error'])}. "
         f"Pruning took {m['seconds']['prune']:.0f} s.",
         "",
-        "| round | weights zeroed | units removed | nonzero | parameters | validation error | step | outcome |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    if p.get("warning"):
+        lines += [f"**{p['warning']}**", ""]
+    if p.get("acceptance_data"):
+        lines += [f"Acceptance images: {p['acceptance_data']}.", ""]
+    if p.get("acceptance"):
+        a = p["acceptance"]
+        lines += [
+            f"The delivered model against the unpruned one on the {a['n']:,} validation images: "
+            f"{100 * a['estimate']:+.2f} points ({a['worse']} images worse, {a['better']} better), "
+            f"{100 * (1 - a['alpha']):.0f}% upper bound {100 * a['upper']:+.2f} points: "
+            + ("within" if a["accepted"] else "**not shown to be within**")
+            + f" the margin of {100 * a['margin']:g} points.",
+            "",
+        ]
+    blind = [r for r in p["rounds"] if r.get("statistics")]
+    if blind:
+        lines += [f"In {len(blind)} of {len(p['rounds'])} rounds {blind[0]['statistics']}.", ""]
+    lines += [
+        "| round | weights zeroed | units removed | significant weights / units | nonzero | parameters | "
+        "validation error | difference [upper bound] | step | outcome |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["rounds"]:
         units = ", ".join(f"{k} {v}" for k, v in (r.get("units_removed") or {}).items()) or "-"
         outcome = "rolled back" if r.get("rolled_back") else "kept" if "val_error" in r else "-"
         if r.get("stopped"):
             outcome += f"; stopped: {r['stopped']}"
+        significant = f"{r['weights_significant']:,} / {r['units_significant']}" if "weights_significant" in r else "-"
+        a = r.get("acceptance")
+        diff = f"{100 * a['estimate']:+.2f} [{100 * a['upper']:+.2f}]" if a else "-"
         lines.append(
-            f"| {r['round']} | {r['weights_zeroed']:,} | {units} | {r.get('nonzero', '-')} | "
-            f"{r.get('params', '-')} | {_pct(r.get('val_error'))} | {r.get('step', '-')} | {outcome} |"
+            f"| {r['round']} | {r['weights_zeroed']:,} | {units} | {significant} | {r.get('nonzero', '-')} | "
+            f"{r.get('params', '-')} | {_pct(r.get('val_error'))} | {diff} | {r.get('step', '-')} | {outcome} |"
         )
+    final = p.get("final_recovery")
+    if final:
+        lines += [
+            "",
+            f"Final recovery: {final['epochs']} epoch(s), validation error {_pct(final.get('val_error'))}"
+            + (
+                " (undone: the model before it passed the test, the recovered one did not)"
+                if final.get("kept") is False
+                else ""
+            )
+            + ".",
+        ]
     lines += [
         "",
         f"![pruning rounds]({FIGURES['pruning']})",

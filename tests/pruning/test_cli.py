@@ -83,6 +83,22 @@ def test_prune_a_trainer_checkpoint_end_to_end(trained_checkpoint, mnist_dir, tm
     assert error == pytest.approx(report["test_after"]["error"])
 
 
+def test_prune_to_a_weight_target_reports_the_cost_with_its_bound(trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    out = tmp_path / "target"
+    argv = ["prune", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir), "--out", str(out)]
+    code, io = run_cli(
+        main, argv + ["--max-samples", "500", "--max-rounds", "8", "--target-params", "0.2", "--step", "0.5", *SUBSETS]
+    )
+    assert code == 0, io.err
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert rounds[-1]["stopped"] == "target reached" and not any(r.get("rolled_back") for r in rounds)
+    assert rounds[-1]["nonzero"] <= report["params_before"]  # parameters include the biases
+    assert rounds[-1]["target_params"] <= int(0.2 * report["params_before"])
+    a = report["acceptance"]  # the delivered model's cost, with its bound, whatever it is
+    assert a["n"] == 1000 and a["upper"] >= a["estimate"] and "upper bound" in io.out
+
+
 def test_export_any_checkpoint(trained_checkpoint, mnist_dir, tmp_path, run_cli):
     code, io = run_cli(
         main, ["export", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--data-dir", str(mnist_dir)]
