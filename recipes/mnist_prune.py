@@ -7,15 +7,19 @@ The pipeline is the library's (:func:`pruning.pipeline.train_prune_export`); thi
 the presets and the command line.
 
 1. **Train** (:func:`anrat.train.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
-   (the quick preset: the scale-free tilt ``ess``, chosen on validation; the paper preset: ANRAT),
-   the best epoch (and, with a grid, the best learning rate and penalty
-   weight a) selected on a held-out validation split; the test set is evaluated once, on the
-   selected model. ``--engine`` (``run.engine``) chooses how a grid is trained: ``batched`` (the
-   ``paper`` preset) trains its nine configurations at once as the members of one
+   (the quick preset: the scale-free tilt ``ess``, chosen on validation; the paper preset: ANRAT);
+   the quick preset keeps the last epoch (its learning rate is annealed to 0), so the held-out
+   validation images select nothing and stay unbiased for the pruning's acceptance test; with a
+   grid (the paper preset) the best learning rate, penalty weight a and epoch are selected on
+   them. The test set is evaluated once, on the selected model. ``--engine`` (``run.engine``)
+   chooses how a grid is trained: ``batched`` (the ``paper`` preset) trains its nine
+   configurations at once as the members of one
    :class:`anrat.batched.BatchedTrainer` stack, ``loop`` one after another; both select the same
    configuration and hand the pruning the same ``train/model.pt``.
-2. **Prune** (:func:`pruning.prune.prune`): Wald tests of every weight and unit, removal of the
-   insignificant ones, fine-tuning, round by round with rollback when validation error rises.
+2. **Prune** (:func:`pruning.prune.prune`): Wald tests of every weight and unit rank what goes,
+   a share of the least significant is removed, the network recovers (distilling from the
+   unpruned model), and the round is kept only when a paired non-inferiority test on the
+   validation images shows it within the margin of the unpruned model.
 3. **Export** (:func:`pruning.export.export_onnx`, :func:`pruning.export.compare_models`): the
    pruned network as one ONNX file, checked by ``onnx.checker`` and against onnxruntime; sizes and
    onnxruntime latencies of the dense and the pruned network side by side.
@@ -164,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         key="run.schedule.name",
         choices=SCHEDULES,
-        help="lambda schedule: adaptive (ANRAT), fixed, anneal, excursions, or plain (cross-entropy)",
+        help="lambda schedule: ess (the scale-free tilt, quick's default), adaptive (ANRAT), fixed, anneal, "
+        "excursions, or plain (cross-entropy)",
     )
     flag(ap, "--lambda0", key="run.schedule.lam0", type=float, help="initial (or fixed) lambda")
     flag(

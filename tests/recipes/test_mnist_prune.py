@@ -34,8 +34,8 @@ QUICK_ENGINE = "loop"  # recipes/configs/quick.toml: one configuration, faster a
 def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
     """A few thousand images and one pruning round, ANRAT (not the preset's ess). lambda0 = 1 (not 10) so that two
     short epochs already learn something, and a switch to the plain loss once lambda < 2, that is
-    after epoch 1; tolerance 1.0 keeps the pruning round whatever it costs, so that the exported
-    network is the smaller one."""
+    after epoch 1; a target of 80% of the weights keeps the pruning round whatever it costs, so that
+    the exported network is the smaller one."""
     return [
         "--data-dir",
         str(mnist_dir),
@@ -62,9 +62,11 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
         "--set",
         "prune.max_samples=500",
         "--set",
-        "prune.tolerance=1.0",
+        "prune.target.params=0.8",
         "--set",
         "prune.fine_tune.epochs=1",
+        "--set",
+        "prune.fine_tune.final_epochs=0",
         "--set",
         "report.latency_repeats=2",
         "--set",
