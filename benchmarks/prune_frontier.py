@@ -83,7 +83,11 @@ def frontier(case: dict, ranking: str, args: argparse.Namespace, scratch: Path) 
     def point(round_: int, model: torch.nn.Module, seconds: float) -> dict:
         export_onnx(copy.deepcopy(model).eval(), scratch / "point.onnx", example)
         times = paired_latency(
-            {"dense": scratch / "dense.onnx", "pruned": scratch / "point.onnx"}, 1, repeats=args.repeats, warmup=20
+            {"dense": scratch / "dense.onnx", "pruned": scratch / "point.onnx"},
+            1,
+            repeats=args.repeats,
+            warmup=20,
+            threads=1,  # one onnxruntime thread: steadier on a shared machine, as prune_user_model.py
         )
         return {
             "round": round_,
