@@ -178,8 +178,9 @@ def main() -> None:
     cases = [("lenet5", i, p, lenet5_case) for i, p in enumerate(args.lenet5)]
     cases += [("user_cnn", i, p, cnn_case) for i, p in enumerate(args.cnn)]
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name, seed, source, load in cases:
-            for ranking in args.rankings:
+        # every seed of a ranking before the next ranking: an interrupted run still compares the first ones
+        for ranking in args.rankings:
+            for model_name, seed, source, load in cases:
                 key = f"{model_name}/{seed}/{ranking}"
                 if key in points:
                     continue

@@ -143,7 +143,8 @@ def plot_lambda(metrics: dict[str, Any], path: Path) -> None:
 
 
 def plot_pruning(metrics: dict[str, Any], path: Path) -> None:
-    """Validation error and nonzero parameters after each pruning round (kept and rolled back)."""
+    """Each round's validation error difference from the unpruned model with the acceptance test's
+    upper bound, against the margin, and the nonzero parameters (kept and rolled back rounds)."""
     p = metrics["pruning"]
     tolerance = metrics["config"]["prune"]["tolerance"]
     rounds = [r for r in p["rounds"] if "val_error" in r]
@@ -151,28 +152,36 @@ def plot_pruning(metrics: dict[str, Any], path: Path) -> None:
     kept = [r for r in rounds if not r.get("rolled_back")]
     back = [r for r in rounds if r.get("rolled_back")]
     base = p["base_val"]["error"]
-    ax_err.plot(
-        [0] + [r["round"] for r in kept], [100 * base] + [100 * r["val_error"] for r in kept], "o-", label="kept round"
+
+    def bounds(rs: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
+        """Estimated difference (points) and its one-sided bound as an upward error bar."""
+        est = [100 * r["acceptance"]["estimate"] if "acceptance" in r else 100 * (r["val_error"] - base) for r in rs]
+        up = [100 * r["acceptance"]["upper"] - e if "acceptance" in r else 0.0 for r, e in zip(rs, est)]
+        return est, [[0.0] * len(rs), up]
+
+    est, err = bounds(kept)
+    ax_err.errorbar(
+        [r["round"] for r in kept], est, yerr=err, fmt="o-", capsize=3, label="kept round (bar: 95% upper bound)"
     )
     if back:
-        ax_err.plot(
+        est_b, err_b = bounds(back)
+        ax_err.errorbar(
             [r["round"] for r in back],
-            [100 * r["val_error"] for r in back],
-            "x",
+            est_b,
+            yerr=err_b,
+            fmt="x",
             color="C3",
             markersize=9,
+            capsize=3,
             label="rolled back",
         )
     ax_err.axhline(
-        100 * (base + tolerance),
-        color="grey",
-        linestyle="--",
-        linewidth=1,
-        label=f"unpruned + margin ({100 * tolerance:g} points)",
+        100 * tolerance, color="grey", linestyle="--", linewidth=1, label=f"margin ({100 * tolerance:g} points)"
     )
+    ax_err.axhline(0, color="black", linewidth=0.5)
     _axes_style(ax_err, [])
-    ax_err.set_xlabel("pruning round (0: unpruned)")
-    ax_err.set_ylabel("validation error (%)")
+    ax_err.set_xlabel("pruning round")
+    ax_err.set_ylabel("validation error - unpruned (points)")
     ax_err.legend(fontsize=7)
     ax_nz.plot(
         [0] + [r["round"] for r in kept],
