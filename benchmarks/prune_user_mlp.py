@@ -37,6 +37,9 @@ import torch
 from anrat.data import load_dataset
 from anrat.models import mlp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from user_training import fit_plain  # noqa: E402  (beside this script)
+
 KWARGS = {"hidden": [300, 100]}
 
 
@@ -49,14 +52,7 @@ def train(data_dir: str, seed: int, epochs: int, folder: Path) -> dict:
     steps = epochs * data.train.num_batches(128)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        for x, y in data.train.batches(128, shuffle=True, generator=torch.Generator().manual_seed(1000 * seed + epoch)):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            scheduler.step()
-    model.eval()
+    fit_plain(model, data.train, optimizer, epochs, seed, scheduler=scheduler)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / "my.pt")
     test = data.test

@@ -49,6 +49,7 @@ from pruning.export import paired_latency
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from user_cnn import build  # noqa: E402  (the user's module, beside this script)
+from user_training import fit_plain  # noqa: E402
 
 TARGETS = {
     "removed_default": 0.80,
@@ -71,13 +72,7 @@ def train_user_model(data_dir: str, seed: int, epochs: int, folder: Path) -> dic
     model = build()
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        for x, y in data.train.batches(128, shuffle=True, generator=torch.Generator().manual_seed(1000 * seed + epoch)):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    model.eval()
+    fit_plain(model, data.train, optimizer, epochs, seed)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / "my.pt")
     torch.save({"x": data.val.x, "y": data.val.y}, folder / "val.pt")
