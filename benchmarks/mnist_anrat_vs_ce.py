@@ -150,7 +150,16 @@ def pruning_config(method: str, budget: dict[str, Any], seed: int) -> PruneConfi
     (whose t moves every batch) keep the Fisher, by KFAC. Every fine-tuning is plain SGD at 0.05
     for ``fine_tune_epochs``, the same for all methods.
     """
-    fine_tune = FineTune(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
+    fine_tune = FineTune(
+        epochs=budget["fine_tune_epochs"],
+        seed=seed,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.0,
+        lr_decay="none",
+        distill=0.0,
+        final_epochs=0,
+    )
     estimator = "diagonal" if method == "anrat" else "kfac"
     return PruneConfig(**budget["prune"], estimator=estimator, fine_tune=fine_tune)
 
@@ -338,7 +347,7 @@ def add_control(model: str, method: str, seed: int, budget: dict[str, Any], args
     net = model_from_checkpoint(load_checkpoint(folder / "train" / "model.pt")).to(device)
     kind = cfg.schedule.kind
     for _ in range(rounds):
-        fine_tune(net, data.train, data.val, ft, kind)  # no zero weights: no mask holds anything
+        fine_tune(net, data.train, ft, kind)  # no zero weights: no mask holds anything
     unit["control"] = {
         "fine_tune_rounds": rounds,
         "test_error": evaluate(net, data.test, kind)["error"],

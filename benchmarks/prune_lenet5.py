@@ -23,6 +23,7 @@ import copy
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,7 +75,17 @@ def main() -> None:
         args.checkpoint = str(out / "train" / "model.pt")
     dense = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
     data = load_dataset("mnist", args.data_dir, val_size=10_000, seed=args.seed, device=device)
-    ft = FineTune(epochs=args.fine_tune_epochs, seed=args.seed, optimizer="sgd", lr=0.05)
+    # plain SGD at a constant 0.05, no distillation: the recovery issue 3's figures were measured with
+    ft = FineTune(
+        epochs=args.fine_tune_epochs,
+        seed=args.seed,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.0,
+        lr_decay="none",
+        distill=0.0,
+        final_epochs=0,
+    )
 
     rows = {"unpruned": {"model": dense, "val": evaluate(dense, data.val), "seconds": 0.0}}
     t = time.perf_counter()
@@ -106,7 +117,7 @@ def main() -> None:
             data.val,
             criterion=criterion,
             fraction_removed=target,
-            fine_tune_config=FineTune(epochs=ft_epochs, seed=args.seed, optimizer="sgd", lr=0.05),
+            fine_tune_config=replace(ft, epochs=ft_epochs),
             max_samples=args.obd_samples,
         )
         rows[criterion] = {"model": base.model, "val": base.final_val, "seconds": time.perf_counter() - t}

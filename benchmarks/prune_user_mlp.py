@@ -55,9 +55,10 @@ def train(data_dir: str, seed: int, epochs: int, folder: Path) -> dict:
     fit_plain(model, data.train, optimizer, epochs, seed, scheduler=scheduler)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / "my.pt")
+    raw = load_dataset("mnist", data_dir, val_size=0, input_norm="none").test  # files hold pixel / 255
+    torch.save({"x": raw.x[:5000], "y": raw.y[:5000]}, folder / "val.pt")
+    torch.save({"x": raw.x[5000:], "y": raw.y[5000:]}, folder / "test.pt")
     test = data.test
-    torch.save({"x": test.x[:5000], "y": test.y[:5000]}, folder / "val.pt")
-    torch.save({"x": test.x[5000:], "y": test.y[5000:]}, folder / "test.pt")
     with torch.no_grad():
         train_error = float((model(data.train.x).argmax(1) != data.train.y).double().mean())
         test_error = float((model(test.x[5000:]).argmax(1) != test.y[5000:]).double().mean())
@@ -77,6 +78,8 @@ def prune_command(data_dir: str, folder: Path, name: str, held_out: bool) -> dic
         json.dumps(KWARGS),
         "--weights",
         str(folder / "my.pt"),
+        "--dataset",
+        "mnist",
         "--data-dir",
         data_dir,
         "--input-norm",

@@ -403,3 +403,44 @@ def test_distillation_pulls_the_student_to_the_teacher(trained):
         agree[weight] = float((student(val.x).argmax(1) == model(val.x).argmax(1)).float().mean())
     assert agree[1.0] > agree[0.0] + 0.2  # labels are noise here: only the teacher can teach
     assert wrong_outcomes(model, val).dtype == torch.bool
+
+
+def test_a_speed_target_is_measured_in_onnxruntime_every_round():
+    """A small CNN on synthetic images: each round exports the pruned network and times it against
+    the unpruned one at batch 1; the loop ends when the target is reached or says it was not."""
+    from pruning.prune import Target
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 1, 12, 12, generator=g)
+    y = (x[:, 0, :6].mean(dim=(1, 2)) > 0).long()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 8 * 8, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 2),
+    )
+    train, val = Split(x[:400], y[:400]), Split(x[400:], y[400:])
+    Trainer(
+        model, LambdaSchedule(ScheduleConfig(name="plain")), train, None, TrainConfig(epochs=3, lr=0.05), progress=False
+    ).fit()
+    result = prune(
+        model,
+        train,
+        val,
+        max_samples=200,
+        step=0.5,
+        max_rounds=3,
+        channel_multiple=1,
+        fine_tune=FineTune(epochs=1, final_epochs=0),
+        target=Target(speedup=1.5),
+    )
+    timed = [r for r in result.rounds if "speedup_batch1" in r]
+    assert timed and all(r["speedup_batch1"] > 0 for r in timed)
+    last = result.rounds[-1]
+    assert last["stopped"] in ("target reached", "the target was not reached within max_rounds or units left")
+    if last["stopped"] == "target reached":
+        assert timed[-1]["speedup_batch1"] >= 1.5
