@@ -16,6 +16,7 @@ from pruning.importance import (
     Importance,
     MagnitudeImportance,
     OBDImportance,
+    TaylorImportance,
     WaldImportance,
     make_importance,
 )
@@ -67,7 +68,12 @@ def test_wald_is_the_absolute_z_and_puts_the_softmax_layer_in_its_tested_form(fi
 
 
 def test_names_map_to_the_classes_with_the_options_each_takes():
-    assert IMPORTANCES == {"magnitude": MagnitudeImportance, "obd": OBDImportance, "wald": WaldImportance}
+    assert IMPORTANCES == {
+        "magnitude": MagnitudeImportance,
+        "obd": OBDImportance,
+        "taylor": TaylorImportance,
+        "wald": WaldImportance,
+    }
     assert make_importance("magnitude", loss="lp", max_samples=5) == MagnitudeImportance()
     assert make_importance("obd", loss="lp", max_samples=5) == OBDImportance(loss="lp", max_samples=5)
     assert make_importance("wald", loss="lp", max_samples=5) == WaldImportance(loss="lp", max_samples=5)
@@ -75,7 +81,8 @@ def test_names_map_to_the_classes_with_the_options_each_takes():
     assert make_importance(custom, loss="lp") is custom
     assert all(isinstance(make_importance(name), Importance) for name in IMPORTANCES)
     with pytest.raises(
-        InputError, match=r"unknown pruning criterion 'random'; expected one of \['magnitude', 'obd', 'wald'\]"
+        InputError,
+        match=r"unknown pruning criterion 'random'; expected one of \['magnitude', 'obd', 'taylor', 'wald'\]",
     ):
         make_importance("random")
 
@@ -109,3 +116,20 @@ def test_prune_to_sparsity_takes_an_importance_or_its_name():
         assert torch.equal(by_object.model.state_dict()[key], value), key
     with pytest.raises(InputError, match="unknown pruning criterion 'random'"):
         prune_to_sparsity(copy.deepcopy(model), split, split, criterion="random", fraction_removed=0.5)
+
+
+def test_taylor_scores_are_the_summed_squares_of_minibatch_gradient_times_weight():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, generator=g)
+    x[:, 2] = 0.0  # an input that is always zero: its weights change nothing, their score is 0
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    scores = TaylorImportance(batch_size=16, max_samples=None)(model, (x, y))
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    w = model[0].weight
+    for start in range(0, 64, 16):
+        loss = torch.nn.functional.cross_entropy(model(x[start : start + 16]), y[start : start + 16])
+        (grad,) = torch.autograd.grad(loss, [w])
+        expected += (grad * w).detach().double().square()
+    assert torch.allclose(scores["0.weight"], expected, rtol=1e-5, atol=1e-12)
+    assert (scores["0.weight"][:, 2] == 0).all() and (scores["0.weight"][:, :2] > 0).all()
