@@ -385,9 +385,9 @@ class PruneConfig:
     tolerance: float = 0.002
     acceptance_alpha: float = 0.05
     max_rounds: int = 10
-    step: float = 0.5
+    step: float = 0.25
     min_step: float = 0.05
-    step_growth: float = 2.0
+    step_growth: float = 1.0
     channel_multiple: int = 16
     fine_tune: FineTune = field(default_factory=FineTune)
     target: Target = field(default_factory=Target)

@@ -269,6 +269,7 @@ def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
         tolerance=0.005,
         step=0.8,
         min_step=0.05,
+        step_growth=2.0,
         fine_tune=FineTune(epochs=0),
         max_rounds=6,
         structured=False,
