@@ -4,17 +4,18 @@ Issue 23's third case. For each seed, a LeNet-300-100-shaped MLP (784-300-100-10
 al. 2015's baseline) is trained with plain PyTorch (SGD, momentum 0.9, lr 0.05 annealed to 0 over
 ``--epochs``, batch 128) on **all** 60,000 training images, normalised by the training set's mean
 and std, as users do when they keep no hold-out. The only images it never saw are the 10,000 test
-images: the first 5,000 become ``val.pt`` (the held-out data the acceptance test judges on), the
-last 5,000 ``test.pt`` (scored once per model). Then, each as a separate process exactly as a
-user types it:
+images: a random half of them (seeded) becomes ``val.pt`` (the held-out data the acceptance test
+judges on), the other half ``test.pt`` (scored once per model). Then, each as a separate process
+exactly as a user types it:
 
 - ``python -m pruning prune --factory anrat.models:mlp --factory-kwargs '{"hidden": [300, 100]}'
   --weights my.pt --input-norm dataset --val-data val.pt --test-data test.pt`` (defaults otherwise);
 - the same without ``--val-data``: validation images are then held out of the training data,
-  images the model trained on, and the command must say so in one line.
+  images the model trained on, and the command must say so in one line;
+- the first command with ``--target-params 0.1``: ten times fewer weights, whatever it costs.
 
 Printed per seed and as medians [min, max]: weights removed (x fewer), test error change on the
-last 5,000 test images, the acceptance test's estimate and bound, seconds, and whether the
+test half, the acceptance test's estimate and bound, seconds, and whether the
 warning was printed. Targets (issue 23): >= 10x fewer nonzero weights at <= +0.1 points with
 ``--val-data`` (Han et al.: 12x at 1.64 -> 1.59%); without it, the one-line warning.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from anrat.data import load_dataset
+from anrat.data import Split, hold_out_indices, load_dataset
 from anrat.models import mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,17 +56,20 @@ def train(data_dir: str, seed: int, epochs: int, folder: Path) -> dict:
     fit_plain(model, data.train, optimizer, epochs, seed, scheduler=scheduler)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / "my.pt")
+    # Two random halves of the test set: its first 5,000 images are not like its last 5,000 (this MLP
+    # erred on 2.2% of the first and 1.0% of the last), so a split by position biases the comparison.
     raw = load_dataset("mnist", data_dir, val_size=0, input_norm="none").test  # files hold pixel / 255
-    torch.save({"x": raw.x[:5000], "y": raw.y[:5000]}, folder / "val.pt")
-    torch.save({"x": raw.x[5000:], "y": raw.y[5000:]}, folder / "test.pt")
-    test = data.test
+    val_index, test_index = hold_out_indices(len(raw), 5000, seed)
+    torch.save({"x": raw.x[val_index], "y": raw.y[val_index]}, folder / "val.pt")
+    torch.save({"x": raw.x[test_index], "y": raw.y[test_index]}, folder / "test.pt")
+    test = Split(data.test.x[test_index], data.test.y[test_index])
     with torch.no_grad():
         train_error = float((model(data.train.x).argmax(1) != data.train.y).double().mean())
-        test_error = float((model(test.x[5000:]).argmax(1) != test.y[5000:]).double().mean())
+        test_error = float((model(test.x).argmax(1) != test.y).double().mean())
     return {"train_error": train_error, "dense_test_error": test_error, "train_seconds": time.perf_counter() - start}
 
 
-def prune_command(data_dir: str, folder: Path, name: str, held_out: bool) -> dict:
+def prune_command(data_dir: str, folder: Path, name: str, held_out: bool, extra: tuple[str, ...] = ()) -> dict:
     out = folder / name
     command = [
         sys.executable,
@@ -89,6 +93,7 @@ def prune_command(data_dir: str, folder: Path, name: str, held_out: bool) -> dic
         "--out",
         str(out),
         *(["--val-data", str(folder / "val.pt")] if held_out else []),
+        *extra,
     ]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -127,6 +132,7 @@ def main() -> None:
         record = {"seed": seed, **train(args.data_dir, seed, args.epochs, folder)}
         record["held_out"] = prune_command(args.data_dir, folder, "held_out", True)
         record["no_val_data"] = prune_command(args.data_dir, folder, "no_val_data", False)
+        record["target_10x"] = prune_command(args.data_dir, folder, "target_10x", True, ("--target-params", "0.1"))
         path.write_text(json.dumps(record, indent=1))
         records.append(record)
         h, n = record["held_out"], record["no_val_data"]
@@ -142,7 +148,7 @@ def main() -> None:
         return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
 
     print(f"\n{len(records)} seeds, median [min, max]")
-    for name in ("held_out", "no_val_data"):
+    for name in ("held_out", "no_val_data", "target_10x"):
         rs = [r[name] for r in records]
         print(
             f"{name}: {stat([r['fewer'] for r in rs], '.1f')}x fewer nonzero weights, test error change "

@@ -223,12 +223,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True, help="folder with the Fashion-MNIST IDX files")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (model initialisation, batches, split)")
+    ap.add_argument("--only-seed", type=int, default=None, help="run this seed alone (e.g. in a second process)")
     ap.add_argument("--epochs", type=int, default=6, help="the user's training epochs")
     ap.add_argument("--latency-repeats", type=int, default=300, help="alternating onnxruntime calls per model")
     ap.add_argument("--out", default="runs/bench_prune_user_model", help="output folder")
     args = ap.parse_args()
     records = []
-    for seed in range(args.seeds):
+    for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
         path = Path(args.out) / f"seed{seed}.json"
         if path.exists():
             records.append(json.loads(path.read_text()))
