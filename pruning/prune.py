@@ -162,12 +162,13 @@ def _zero_(model: nn.Module, keep: dict[str, Tensor]) -> int:
     return removed
 
 
-def _capped_masks(test: WaldResult, step: float) -> dict[str, Tensor]:
+def _capped_masks(test: WaldResult, step: float, significant_too: bool = False) -> dict[str, Tensor]:
     """Keep-masks that prune the insignificant weights with the largest p-values, at most a
-    fraction ``step`` of the weights still nonzero (over all tested layers)."""
+    fraction ``step`` of the weights still nonzero (over all tested layers). ``significant_too``
+    (a target to reach): the significant ones may go as well, after the others (larger p first)."""
     pvals = flatten(test.pvalues)
     alive = flatten({n: z != 0 for n, z in test.z.items()})  # z = 0 <=> w = 0 (already pruned)
-    candidate = ~flatten(test.significant) & alive
+    candidate = alive if significant_too else ~flatten(test.significant) & alive
     budget = min(int(candidate.sum()), int(step * int(alive.sum())))
     drop = torch.zeros_like(candidate)
     if budget > 0:
@@ -186,11 +187,20 @@ def _unit_budget(width: int, step: float, block: int) -> int:
     return int(step * width)
 
 
-def _capped_units(test: WaldResult, step: float, blocks: dict[str, int] | None = None) -> dict[str, Tensor]:
+def _capped_units(
+    test: WaldResult, step: float, blocks: dict[str, int] | None = None, significant_too: bool = False
+) -> dict[str, Tensor]:
     """Jointly insignificant units with the largest p-values, at most ``step`` of each layer
-    (:func:`_unit_budget`; ``blocks`` maps a layer to its block size, 1 if absent)."""
+    (:func:`_unit_budget`; ``blocks`` maps a layer to its block size, 1 if absent).
+    ``significant_too`` (a target to reach): every unit but the output layer's is a candidate,
+    the insignificant ones first since their p-values are larger."""
+    candidates = test.redundant_units()
+    if significant_too:
+        candidates = {
+            layer: torch.arange(p.numel()) for layer, p in test.unit_pvalues.items() if layer != test.output_layer
+        }
     units = {}
-    for layer, idx in test.redundant_units().items():
+    for layer, idx in candidates.items():
         budget = _unit_budget(test.unit_pvalues[layer].numel(), step, (blocks or {}).get(layer, 1))
         if idx.numel() and budget:
             order = torch.argsort(test.unit_pvalues[layer][idx], descending=True)
@@ -608,7 +618,10 @@ def prune(
                 tilt=config.tilt,
             )
             test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
-            keep, candidates, output = _capped_masks(test, step), _capped_units(test, step, blocks), test.output_layer
+            # a target is reached whatever it costs: the significant go too, the least significant first
+            keep = _capped_masks(test, step, significant_too=target.active)
+            candidates = _capped_units(test, step, blocks, significant_too=target.active)
+            output = test.output_layer
             counts = _significant_counts(test)
         else:
             scores = make_importance(config.ranking, loss=kind, max_samples=max_samples)(model, train_data)

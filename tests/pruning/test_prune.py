@@ -445,3 +445,19 @@ def test_a_speed_target_is_measured_in_onnxruntime_every_round():
     assert last["stopped"] in ("target reached", "the target was not reached within max_rounds or units left")
     if last["stopped"] == "target reached":
         assert timed[-1]["speedup_batch1"] >= 1.5
+
+
+def test_a_target_below_the_significant_weights_removes_significant_ones_last(trained):
+    """The tests keep about a dozen of this model's weights; a target of 5% of them (7 weights)
+    can only be reached by removing significant weights, which go after every insignificant one."""
+    from pruning.prune import Target, count_nonzero_weights
+    from pruning.significance import wald_test
+
+    model, train, val = trained
+    dense = clone(model)
+    significant = sum(int(s.sum()) for s in wald_test(clone(model), train, max_samples=1000).significant.values())
+    weights = count_nonzero_weights(dense)
+    assert int(0.05 * weights) < significant  # the target is below what the tests call significant
+    result = prune(dense, train, val, max_samples=1000, max_rounds=20, target=Target(params=0.05))
+    assert result.rounds[-1]["stopped"] == "target reached"
+    assert count_nonzero_weights(result.model) <= int(0.05 * weights)
