@@ -442,8 +442,8 @@ def test_fine_tuning_that_diverges_exits_1_and_keeps_earlier_results(inputs, tmp
         "sgd",
         "--fine-tune-lr",
         "1e30",
-        "--alpha",
-        "0.5",
+        "--target-params",
+        "0.5",  # a round that surely prunes, and so fine-tunes, whatever the tests find
         "--set",
         "fine_tune.batch_size=4",
     ]
