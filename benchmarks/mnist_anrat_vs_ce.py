@@ -150,16 +150,7 @@ def pruning_config(method: str, budget: dict[str, Any], seed: int) -> PruneConfi
     (whose t moves every batch) keep the Fisher, by KFAC. Every fine-tuning is plain SGD at 0.05
     for ``fine_tune_epochs``, the same for all methods.
     """
-    fine_tune = FineTune(
-        epochs=budget["fine_tune_epochs"],
-        seed=seed,
-        optimizer="sgd",
-        lr=0.05,
-        momentum=0.0,
-        lr_decay="none",
-        distill=0.0,
-        final_epochs=0,
-    )
+    fine_tune = FineTune.constant_rate(epochs=budget["fine_tune_epochs"], seed=seed, optimizer="sgd", lr=0.05)
     estimator = "diagonal" if method == "anrat" else "kfac"
     return PruneConfig(**budget["prune"], estimator=estimator, fine_tune=fine_tune)
 

@@ -76,16 +76,7 @@ def main() -> None:
     dense = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
     data = load_dataset("mnist", args.data_dir, val_size=10_000, seed=args.seed, device=device)
     # plain SGD at a constant 0.05, no distillation: the recovery issue 3's figures were measured with
-    ft = FineTune(
-        epochs=args.fine_tune_epochs,
-        seed=args.seed,
-        optimizer="sgd",
-        lr=0.05,
-        momentum=0.0,
-        lr_decay="none",
-        distill=0.0,
-        final_epochs=0,
-    )
+    ft = FineTune.constant_rate(epochs=args.fine_tune_epochs, seed=args.seed, optimizer="sgd", lr=0.05)
 
     rows = {"unpruned": {"model": dense, "val": evaluate(dense, data.val), "seconds": 0.0}}
     t = time.perf_counter()

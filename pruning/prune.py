@@ -75,6 +75,13 @@ class FineTune:
     final_epochs: int = 1
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
 
+    @classmethod
+    def constant_rate(cls, **options: Any) -> FineTune:
+        """The recovery before issue 23: a constant learning rate, no momentum, no distillation, no
+        final recovery (``options`` set the rest: ``lr``, ``optimizer``, ``epochs``...). The
+        benchmarks whose recorded figures were measured with it use it."""
+        return cls(**{"momentum": 0.0, "lr_decay": "none", "distill": 0.0, "final_epochs": 0, **options})
+
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         """The trainer settings of one fine-tuning of ``epochs`` (default ``self.epochs``), validated
         with the schedule and the distillation options: a bad optimizer, rate, lambda, weight or
