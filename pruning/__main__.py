@@ -48,7 +48,6 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
-from pruning.layers import prunable_layers
 from pruning.masks import count_nonzero, count_total
 from pruning.pipeline import ReportOptions, prune_save_export
 from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
@@ -239,7 +238,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         )
     model.to(device)
     check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
-    config.target.validate(sum(int(m.weight.numel()) for m in prunable_layers(model).values()))
+    config.target.validate_for(model)
     if not held_out_by_training and not args.val_data and not args.quiet:
         print(
             f"warning: validation data is {data.sources['val']}: if the model was trained on them, pruning cannot be "

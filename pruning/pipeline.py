@@ -33,8 +33,9 @@ from anrat.data import DataSplits, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
+from anrat.models import build_model
 from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
-from anrat.train import RunConfig
+from anrat.train import RunConfig, model_kwargs
 from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import compare_models, onnx_test_error
@@ -277,6 +278,8 @@ def train_prune_export(
         train_subset=cfg.run.train_subset,
         test_subset=cfg.run.test_subset,
     )
+    # a size target the model cannot reach is refused now, not after the training
+    cfg.prune.target.validate_for(build_model(cfg.run.model, **model_kwargs(cfg.run, data)))
     out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
     config_record = record if record is not None else asdict(cfg)

@@ -134,6 +134,12 @@ class Target:
         if sp is not None and (isinstance(sp, bool) or not isinstance(sp, int | float) or not 1 < sp < 1000):
             raise InputError(f"target speedup must be a number in (1, 1000), got {sp!r}")
 
+    def validate_for(self, model: nn.Module) -> int:
+        """:meth:`validate` against ``model``'s prunable weights; returns their count."""
+        total = sum(int(m.weight.numel()) for m in prunable_layers(model).values())
+        self.validate(total)
+        return total
+
     def weights(self, total: int) -> int | None:
         """The most nonzero weights the target allows, of ``total``; None: no weight target."""
         if self.params is None:
@@ -580,8 +586,7 @@ def prune(
     if not layers:
         raise InputError("nothing to prune: the model has no nn.Linear or nn.Conv2d layer")
     target = config.target
-    total_weights = sum(int(m.weight.numel()) for m in prunable_layers(model).values())
-    target.validate(total_weights)
+    total_weights = target.validate_for(model)
     device = next(model.parameters()).device
     train_data, val_data = as_split(train_data, "train_data", device), as_split(val_data, "val_data", device)
     ft = config.fine_tune

@@ -315,7 +315,6 @@ def test_a_weight_target_is_pruned_to_whatever_it_costs(trained):
     from pruning.prune import Target, count_nonzero_weights
 
     model, train, val = trained
-    total = sum(m.weight.numel() for m in (model.fc1, model.fc2)) if hasattr(model, "fc1") else None
     dense = clone(model)
     weights = count_nonzero_weights(dense)
     result = prune(
@@ -325,7 +324,6 @@ def test_a_weight_target_is_pruned_to_whatever_it_costs(trained):
     assert result.rounds[-1]["stopped"] == "target reached"
     assert not any(r.get("rolled_back") for r in result.rounds)  # a target keeps every round
     assert "acceptance" in result.rounds[-1] and result.acceptance is not None  # the cost, with its bound
-    assert total is None or total == weights
 
 
 @pytest.mark.parametrize(
@@ -391,7 +389,7 @@ def test_distillation_pulls_the_student_to_the_teacher(trained):
     """With distillation only (weight 1) a student recovers towards the teacher's predictions: after
     recovery it agrees with the teacher on more validation points than without distillation,
     where it learns the labels only."""
-    from pruning.prune import fine_tune, wrong_outcomes
+    from pruning.prune import fine_tune
 
     model, train, val = trained
     noisy = Split(train.x, torch.randint(0, 3, train.y.shape, generator=torch.Generator().manual_seed(0)))
@@ -403,7 +401,6 @@ def test_distillation_pulls_the_student_to_the_teacher(trained):
         fine_tune(student, noisy, FineTune(epochs=2, lr=0.05, distill=weight), teacher=clone(model).eval())
         agree[weight] = float((student(val.x).argmax(1) == model(val.x).argmax(1)).float().mean())
     assert agree[1.0] > agree[0.0] + 0.2  # labels are noise here: only the teacher can teach
-    assert wrong_outcomes(model, val).dtype == torch.bool
 
 
 def test_a_speed_target_is_measured_in_onnxruntime_every_round():

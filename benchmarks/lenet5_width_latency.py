@@ -1,0 +1,42 @@
+"""onnxruntime batch-1 latency of LeNet-5 by layer widths: which pruned shapes run fast.
+
+Untrained LeNet-5s of the given widths (conv1, conv2, fc1) are exported to ONNX and timed in
+alternation against the unpruned (20, 50, 500) with :func:`pruning.export.paired_latency`; the
+speed-up depends on the shapes only, not on the weights. Prints each shape's speed-up, per repeat
+of the whole timing.
+
+    python benchmarks/lenet5_width_latency.py --repeats 400 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from anrat.models import lenet5
+from pruning.export import export_onnx, paired_latency
+
+WIDTHS = [(20, 50, 500), (10, 18, 130), (10, 17, 123), (10, 16, 128), (8, 16, 128), (10, 20, 130), (9, 17, 123)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=400, help="alternating calls per model")
+    ap.add_argument("--rounds", type=int, default=2, help="times the whole timing is repeated")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for widths in WIDTHS:
+            paths[widths] = Path(folder) / f"{'_'.join(map(str, widths))}.onnx"
+            export_onnx(lenet5(*widths).eval(), paths[widths], torch.randn(2, 1, 28, 28))
+        for _ in range(args.rounds):
+            times = paired_latency(paths, 1, repeats=args.repeats, warmup=20)
+            dense = times[WIDTHS[0]]
+            print("  ".join(f"{w}: {dense / t:.2f}x" for w, t in times.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
