@@ -6,6 +6,10 @@ speed-up depends on the shapes only, not on the weights. Prints each shape's spe
 of the whole timing.
 
     python benchmarks/lenet5_width_latency.py --repeats 400 --rounds 2
+
+With ``--runs OUT ...`` it times instead the dense and pruned ONNX files that the main job wrote
+(``OUT/onnx/dense.onnx`` and ``OUT/onnx/pruned.onnx``), each pair in alternation: a steadier
+reading than the report's own 20 calls.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=400, help="alternating calls per model")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole timing is repeated")
+    ap.add_argument("--runs", nargs="*", default=[], help="main-job output folders whose ONNX pair to time")
     args = ap.parse_args()
+    for run in args.runs:
+        pair = {name: Path(run) / "onnx" / f"{name}.onnx" for name in ("dense", "pruned")}
+        speedups = []
+        for _ in range(args.rounds):
+            times = paired_latency(pair, 1, repeats=args.repeats, warmup=20)
+            speedups.append(times["dense"] / times["pruned"])
+        print(f"{run}: batch-1 speed-up " + ", ".join(f"{s:.2f}x" for s in speedups), flush=True)
+    if args.runs:
+        return
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
         for widths in WIDTHS:

@@ -116,7 +116,7 @@ def upper_bound(b: int, c: int, n: int, alpha: float) -> float:
     estimate = (b - c) / n
     top = 1.0 - 1e-12
     f = lambda delta: float(score_statistic(b, c, n, delta)) + z  # noqa: E731
-    if f(top) > 0:  # cannot happen for n >= 1 and alpha < 1/2 ... kept as a guard
+    if f(top) > 0:  # no root below 1: the bound is the whole range
         return top
     return float(optimize.brentq(f, estimate, top, xtol=1e-10))
 
@@ -135,6 +135,7 @@ def paired_noninferiority(
         )
     n = ref.numel()
     b, c = int((~ref & cand).sum()), int((ref & ~cand).sum())
+    z = float(score_statistic(b, c, n, margin))
     return NonInferiority(
         n=n,
         worse=b,
@@ -143,8 +144,8 @@ def paired_noninferiority(
         upper=upper_bound(b, c, n, alpha),
         margin=margin,
         alpha=alpha,
-        pvalue=float(stats.norm.cdf(score_statistic(b, c, n, margin))),
-        accepted=bool(score_statistic(b, c, n, margin) < -stats.norm.ppf(1.0 - alpha)),
+        pvalue=float(stats.norm.cdf(z)),
+        accepted=bool(z < -stats.norm.ppf(1.0 - alpha)),
     )
 
 
