@@ -31,7 +31,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=400, help="alternating calls per model")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole timing is repeated")
     ap.add_argument("--runs", nargs="*", default=[], help="main-job output folders whose ONNX pair to time")
+    ap.add_argument(
+        "--widths", nargs="*", default=[], metavar="C1,C2,F1", help="shapes to time instead of the built-in list"
+    )
     args = ap.parse_args()
+    try:
+        shapes = [tuple(int(w) for w in text.split(",")) for text in args.widths]
+    except ValueError:
+        ap.error(f"--widths takes comma-separated integers such as 10,16,128, got {args.widths}")
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+        ap.error(f"--widths takes three positive widths (conv1, conv2, fc1) per shape, got {args.widths}")
+    widths_list = [WIDTHS[0], *shapes] if shapes else WIDTHS
     for run in args.runs:
         pair = {name: Path(run) / "onnx" / f"{name}.onnx" for name in ("dense", "pruned")}
         speedups = []
@@ -43,12 +53,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
-        for widths in WIDTHS:
+        for widths in widths_list:
             paths[widths] = Path(folder) / f"{'_'.join(map(str, widths))}.onnx"
             export_onnx(lenet5(*widths).eval(), paths[widths], torch.randn(2, 1, 28, 28))
         for _ in range(args.rounds):
             times = paired_latency(paths, 1, repeats=args.repeats, warmup=20)
-            dense = times[WIDTHS[0]]
+            dense = times[widths_list[0]]
             print("  ".join(f"{w}: {dense / t:.2f}x" for w, t in times.items()), flush=True)
 
 

@@ -494,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
         "faster than the unpruned layer); 1: off",
     )
     flag(
+        g,
+        "--final-channel-multiple",
+        key="final_channel_multiple",
+        defaults=d,
+        type=int,
+        help="after the last kept round, narrow each convolution to a multiple of this many filters "
+        "(rounded down, weakest filters first), then the final recovery; undone if the acceptance "
+        "test then fails; 1: off",
+    )
+    flag(
         g, "--step", key="step", defaults=d, type=float, help="largest fraction of remaining weights removed per round"
     )
     flag(g, "--max-rounds", key="max_rounds", defaults=d, type=int, help="test/prune/fine-tune rounds at most")

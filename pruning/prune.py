@@ -327,6 +327,22 @@ def _remove_units(
     return {name: int(idx.numel()) for name, idx in plan.items()}
 
 
+def _align_filters(model: nn.Module, multiple: int, example_input: Tensor, output_layer: str | None) -> dict[str, int]:
+    """Narrow each convolution wider than ``multiple`` filters (the output layer aside) to a
+    multiple of it, rounded down, removing its weakest filters (smallest L1 norm of their
+    weights); return the filters removed per layer."""
+    plan = {}
+    for name, module in prunable_layers(model).items():
+        width = module.weight.shape[0]
+        if name == output_layer or not is_convolution(module) or width <= multiple or width % multiple == 0:
+            continue
+        norms = module.weight.detach().reshape(width, -1).abs().sum(dim=1).cpu()
+        plan[name] = torch.argsort(norms)[: width % multiple].sort().values
+    if plan:
+        prune_units(model, plan, example_input)
+    return {name: int(idx.numel()) for name, idx in plan.items()}
+
+
 def fine_tune(
     model: nn.Module,
     train: Split,
@@ -385,6 +401,12 @@ class PruneConfig:
         channel_multiple: a convolution is left with a multiple of this many filters (or all it
             has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
             work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
+        final_channel_multiple: after the last kept round, each convolution wider than this is
+            narrowed to a multiple of it, rounded down, its weakest filters (smallest L1 norm)
+            going (:func:`_align_filters`); the final recovery follows and the acceptance test
+            judges the result, undoing the alignment if it fails. Unlike ``channel_multiple`` it
+            leaves the rounds' steps fine. 16 is onnxruntime's block on AVX-512 CPUs and a multiple
+            of the AVX2 block of 8; 1: off.
         fine_tune: how each round recovers (:class:`FineTune`).
         ranking: what goes first: ``"wald"`` (the tests' p-values, weights and units by their joint
             tests; insignificant ones only) or a baseline importance of :mod:`pruning.importance`
@@ -412,6 +434,7 @@ class PruneConfig:
     min_step: float = 0.05
     step_growth: float = 1.0
     channel_multiple: int = 16
+    final_channel_multiple: int = 1
     fine_tune: FineTune = field(default_factory=FineTune)
     target: Target = field(default_factory=Target)
     ranking: str = "wald"
@@ -429,12 +452,10 @@ class PruneConfig:
             raise InputError(f"need 0 < min_step <= step <= 1, got step={self.step!r}, min_step={self.min_step!r}")
         if not 1 <= self.step_growth <= 16:
             raise InputError(f"step_growth must be in [1, 16], got {self.step_growth!r}")
-        if (
-            isinstance(self.channel_multiple, bool)
-            or not isinstance(self.channel_multiple, int)
-            or self.channel_multiple < 1
-        ):
-            raise InputError(f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}")
+        for name in ("channel_multiple", "final_channel_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
             raise InputError(f"max_samples must be >= 1 (or None: all), got {self.max_samples!r}")
         self.fine_tune.train_config()
@@ -631,8 +652,9 @@ def prune(
                 tilt=config.tilt,
             )
             test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
-            # a target is reached whatever it costs: the significant go too, the least significant first
-            keep = _capped_masks(test, step, significant_too=target.active)
+            # a target is reached whatever it costs: the significant go too, the least significant first;
+            # weights only for a size target: zeroed weights bring no speed in a dense ONNX model
+            keep = _capped_masks(test, step, significant_too=weight_target is not None)
             candidates = _capped_units(test, step, blocks, significant_too=target.active)
             output = test.output_layer
             counts = _significant_counts(test)
@@ -708,20 +730,37 @@ def prune(
         if log:
             log(rounds[-1])
     final = None
-    if kept_any and ft.final_epochs > 0:  # a longer recovery after the last kept round
+    if kept_any and (ft.final_epochs > 0 or config.final_channel_multiple > 1):
+        # a longer recovery after the last kept round, after the convolutions' final alignment
         start = time.perf_counter()
         before = copy.deepcopy(model)
-        fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=ft.final_epochs)
+        output = output_layer(model, example_input)
+        aligned = _align_filters(model, config.final_channel_multiple, example_input, output)
+        epochs = max(1, ft.final_epochs) if aligned else ft.final_epochs
+        if epochs:
+            fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=epochs)
         val, acceptance, passed = _judge(model, val_data, kind, reference_wrong, base_val, config)
-        final = {"epochs": ft.final_epochs, f"val_{key}": val[key], "seconds": time.perf_counter() - start}
+        if aligned and not passed and not target.active:  # the alignment cost too much: recover without it
+            model = copy.deepcopy(before)
+            if ft.final_epochs:
+                fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=ft.final_epochs)
+            val, acceptance, passed = _judge(model, val_data, kind, reference_wrong, base_val, config)
+            aligned = {name: 0 for name in aligned}
+            alignment = "undone: the aligned model was not shown to be within the tolerance"
+        else:
+            alignment = "kept"
+        final = {"epochs": ft.final_epochs, f"val_{key}": val[key]}
+        if any(aligned.values()) or alignment != "kept":
+            final.update({"filters_aligned": aligned, "alignment": alignment})
         if acceptance is not None:
             final["acceptance"] = acceptance.as_dict()
         if not passed and not target.active:
             kept = [r_ for r_ in rounds if "acceptance" in r_ and not r_.get("rolled_back")]
             if kept and kept[-1]["acceptance"]["accepted"]:
                 model, final["kept"] = before, False  # the recovery made the accepted model fail: undo it
+        final["seconds"] = time.perf_counter() - start
         if log:
-            log({"round": "final", "weights_zeroed": 0, "units_removed": {}, **final})
+            log({"round": "final", "weights_zeroed": 0, "units_removed": aligned, **final})
     if scratch is not None:
         scratch.cleanup()
     final_val = evaluate(model, val_data, kind)
@@ -753,6 +792,10 @@ def round_line(record: dict[str, Any]) -> str:
     """One plain line for a round's record of :func:`prune` (for logs and terminals alike)."""
     if record.get("round") == "final":
         parts = [f"final recovery: {record['epochs']} epoch(s)"]
+        if record.get("alignment") == "kept":
+            parts.insert(0, "aligned filters " + ", ".join(f"{k}: -{v}" for k, v in record["filters_aligned"].items()))
+        elif record.get("alignment"):
+            parts.insert(0, f"filter alignment {record['alignment']}")
         if "acceptance" in record:
             parts.append(paired_line(record["acceptance"]))
         if record.get("kept") is False:

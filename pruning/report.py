@@ -234,6 +234,16 @@ def plot_layers(metrics: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def _alignment_text(final: dict[str, Any]) -> str:
+    """The final alignment of the convolutions' widths (PruneConfig.final_channel_multiple), if any."""
+    if final.get("alignment") == "kept":
+        removed = ", ".join(f"{name} -{n}" for name, n in final["filters_aligned"].items() if n)
+        return f"Convolutions aligned to the width multiple ({removed} filters), kept. "
+    if final.get("alignment"):
+        return f"Convolutions' alignment to the width multiple {final['alignment']}. "
+    return ""
+
+
 def write_report(metrics: dict[str, Any], out: Path) -> None:
     """Draw the figures and write ``report.md`` from ``metrics`` (what ``metrics.json`` holds)."""
     plot_training(metrics, out / FIGURES["training"])
@@ -370,7 +380,8 @@ def report_markdown(m: dict[str, Any]) -> str:
     if final:
         lines += [
             "",
-            f"Final recovery: {final['epochs']} epoch(s), validation error {_pct(final.get('val_error'))}"
+            _alignment_text(final)
+            + f"Final recovery: {final['epochs']} epoch(s), validation error {_pct(final.get('val_error'))}"
             + (
                 " (undone: the model before it passed the test, the recovered one did not)"
                 if final.get("kept") is False

@@ -1,5 +1,7 @@
 """The iterative loop: irrelevant inputs go, accuracy stays, masks hold, a bad round is rolled back."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils import prune as torch_prune
@@ -9,7 +11,7 @@ from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
-from pruning.prune import FineTune, PruneConfig, prune, prune_to_sparsity
+from pruning.prune import FineTune, PruneConfig, Target, prune, prune_to_sparsity, round_line
 
 RELEVANT = 3  # of 10 input features, only the first 3 decide the class
 
@@ -242,6 +244,71 @@ def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
     # off
     model, x = model_and_input()
     assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=1) == {"0": 15}
+
+
+def test_the_final_alignment_narrows_convolutions_to_a_multiple_by_their_weakest_filters():
+    from pruning.prune import _align_filters
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 27, 3),  # 27 -> 16: the 11 weakest go
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(27, 16, 3),  # already a multiple: kept
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 10, 3),  # narrower than one block: kept
+        torch.nn.Flatten(),
+        torch.nn.Linear(10 * 2 * 2, 30),  # not a convolution: kept
+        torch.nn.ReLU(),
+        torch.nn.Linear(30, 3),
+    )
+    with torch.no_grad():  # filter k of the first layer has weights k + 1, in shuffled order
+        order = torch.randperm(27, generator=torch.Generator().manual_seed(0))
+        model[0].weight.copy_((order.float() + 1).reshape(27, 1, 1, 1).expand(27, 1, 3, 3))
+    x = torch.rand(2, 1, 8, 8)
+    assert _align_filters(model, 16, x, "8") == {"0": 11}
+    assert [model[i].out_channels for i in (0, 2, 4)] == [16, 16, 10] and model[2].in_channels == 16
+    assert sorted(model[0].weight[:, 0, 0, 0].tolist()) == [float(k) for k in range(12, 28)]
+    assert model[6].out_features == 30 and model(x).shape == (2, 3)
+    assert _align_filters(model, 16, x, "8") == {}  # aligned already: nothing to do
+
+
+def test_the_final_alignment_is_judged_by_the_acceptance_test():
+    """A CNN pruned to widths that are not multiples of 8: the final round aligns them, recovers
+    and keeps the result when the test passes at a wide margin; a margin no round can meet undoes it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 1, 10, 10, generator=g)
+    y = (x[:, 0, :5].mean(dim=(1, 2)) > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 20, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(20 * 8 * 8, 2),
+    )
+    train, val = Split(x[:600], y[:600]), Split(x[600:], y[600:])
+    Trainer(
+        model, LambdaSchedule(ScheduleConfig(name="plain")), train, None, TrainConfig(epochs=3, lr=0.05), progress=False
+    ).fit()
+    options = dict(
+        max_samples=200,
+        step=0.25,
+        max_rounds=1,
+        unstructured=False,
+        channel_multiple=1,
+        final_channel_multiple=8,
+        fine_tune=FineTune(epochs=1, final_epochs=1),
+        target=Target(params=0.7),  # the round removes a quarter of the 20 filters: 15 are left
+    )
+    kept = prune(copy.deepcopy(model), train, val, **options)
+    assert kept.model[0].out_channels == 8
+    assert kept.final_recovery["alignment"] == "kept" and kept.final_recovery["filters_aligned"] == {"0": 7}
+    assert "aligned filters 0: -7" in round_line({"round": "final", **kept.final_recovery})
+    # without a target and at a margin of 1e-6: the round (15 filters, better than this briefly
+    # trained reference) is shown non-inferior, the aligned model is not, so the alignment is undone
+    options.pop("target")
+    strict = prune(copy.deepcopy(model), train, val, **{**options, "tolerance": 1e-6})
+    assert strict.rounds[0]["acceptance"]["accepted"] and strict.model[0].out_channels == 15
+    assert strict.final_recovery["alignment"].startswith("undone") and strict.final_recovery["acceptance"]["accepted"]
+    assert "filter alignment undone" in round_line({"round": "final", **strict.final_recovery})
 
 
 def test_a_convolutions_budget_is_counted_in_whole_blocks():
