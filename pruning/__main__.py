@@ -41,7 +41,7 @@ from anrat.atomic_files import check_output_file, make_output_folder, write_text
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
-from anrat.data import DATASET_NORMS, DATASETS, DataSplits, load_dataset
+from anrat.data import DATASET_NORMS, DATASETS, DataSplits, Split, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
 from anrat.errors import InputError
@@ -49,10 +49,11 @@ from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
 from pruning.masks import count_nonzero, count_total
-from pruning.pipeline import ReportOptions, prune_save_export
+from pruning.pipeline import ExportOptions, ReportOptions, prune_save_export
 from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
+from pruning.quantize import QUANTIZE_CHOICES, write_int8
 from pruning.significance import COVARIANCES, ESTIMATORS
 
 DEFAULT_VAL_SIZE = 10_000
@@ -210,8 +211,24 @@ def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str)
     return (DEFAULT_VAL_SIZE if args.val_size is None else args.val_size), args.seed, False
 
 
-def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    """``--quantize``, ``--calibration-images``, ``--quantize-tolerance``, checked."""
+    options = ExportOptions(args.quantize, args.calibration_images, args.quantize_tolerance)
+    options.validate()
+    return options
+
+
+def _int8_status(int8: dict[str, Any] | None) -> int:
+    """Print the int8 verdict; 1 if the int8 model asked for was not written (the float files stand)."""
+    if int8 is None:
+        return 0
+    print(int8["line"], file=sys.stdout if int8["written"] else sys.stderr)
+    return 0 if int8["written"] else 1
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
     config = prune_config(args)
+    export = export_options(args)
     device = resolve_device(args.device)
     loaded = load_model(args, args.checkpoint)
     model = loaded.model
@@ -275,6 +292,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         input_norm=norm,
         test_before=test_before,
         report=ReportOptions(latency_repeats=200),
+        export=export,
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
     )
@@ -297,6 +315,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         "deployment": sizes["speedup"],
         "rounds": result.rounds,
         "onnx": sizes,
+        "int8": done.int8,
         "seconds": done.seconds["prune"],
         "config": asdict(config),
         "options": {k: v for k, v in vars(args).items() if k != "func"},
@@ -316,11 +335,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         f"input normalisation: {norm.describe()}; wrote {out / 'pruned.pt'}, {out / 'model.onnx'}, "
         f"{out / 'report.json'}"
     )
-    return report
+    return _int8_status(done.int8)
 
 
-def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_export(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
+    export = export_options(args)
     loaded = load_model(args, args.checkpoint, allow_factories=args.allow_factory or ())
     model = loaded.model.eval()
     norm, norm_origin = resolve_input_norm(args, loaded, args.dataset)
@@ -347,6 +367,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             verify = norm.apply(verify)
     exported = with_preprocessing(model, norm) if args.include_preprocessing else model
     check_fits(exported, verify, source)
+    data = None
+    if export.quantize != "none":  # read and checked before anything is written
+        data = _quantize_data(args, loaded, feed_norm)
+        check_fits(exported, data[0].x[:2], f"calibration inputs from {data[2]}")
     report = export_onnx(
         exported,
         args.out,
@@ -364,7 +388,53 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         f"parameters); checked with onnx.checker and onnxruntime on {source}: max |diff| "
         f"{max(report.max_abs_diff.values()):.2e}; input: {feed} ({norm_origin})"
     )
-    return {"bytes": report.onnx_bytes}
+    if data is None:
+        return 0
+    val, test, source = data
+    calibration = val.x[: export.calibration_images]
+    int8 = write_int8(args.out, _int8_path(args.out), calibration, val, test, tolerance=export.quantize_tolerance)
+    tested = (
+        f"; test error {int8['error']['test']['float']:.2%} float, {int8['error']['test']['int8']:.2%} int8"
+        if "test" in int8["error"]
+        else ""
+    )
+    print(
+        f"int8: {int8['bytes']['int8']:,} bytes ({int8['bytes_ratio']:.1f}x smaller); calibrated on "
+        f"{int8['quantization']['calibration_inputs']} inputs of {source}{tested}"
+    )
+    return _int8_status(int8)
+
+
+def _int8_path(out: str) -> str:
+    """``model.onnx`` -> ``model.int8.onnx``, beside it."""
+    return out[: -len(".onnx")] + ".int8.onnx" if out.endswith(".onnx") else out + ".int8.onnx"
+
+
+def _quantize_data(args: argparse.Namespace, loaded: LoadedModel, norm: InputNorm) -> tuple[Split, Split | None, str]:
+    """Labelled validation data (calibration, the tolerance check), test data if any, and where
+    the validation data came from, for ``export --quantize``, fed as the exported graph takes them."""
+    if not (args.val_data or args.data_dir):
+        raise InputError(
+            "--quantize needs labelled validation data to calibrate on and to check the int8 model: "
+            "give --val-data FILE (held-out images) or --data-dir (the dataset's held-out training images)"
+        )
+    dataset = args.dataset or loaded.run_config.get("dataset") or "mnist"
+    named = None
+    if args.data_dir:
+        args.train_data, args.val_size, args.seed = None, None, 0  # export takes no training data
+        val_size, seed, _ = _split_defaults(args, loaded, dataset)
+        named = load_dataset(dataset, args.data_dir, val_size=val_size, seed=seed, input_norm=norm)
+    if args.val_data:
+        split = load_data_file(args.val_data, "--val-data", args.image_mode).split
+        val, source = Split(norm.apply(split.x), split.y), args.val_data
+    else:
+        val, source = named.val, f"{len(named.val):,} held-out {dataset} training images"
+    if args.test_data:
+        split = load_data_file(args.test_data, "--test-data", args.image_mode).split
+        test = Split(norm.apply(split.x), split.y)
+    else:
+        test = named.test if named is not None else None
+    return val, test, source
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -384,6 +454,29 @@ def _add_input_norm_option(p: argparse.ArgumentParser) -> None:
         help="normalisation the model expects on [0, 1] pixels: none, dataset (its training-set mean "
         "and std), MEAN,STD, or per channel M1,M2,M3:S1,S2,S3. Default: recorded in our "
         "checkpoints; none for --factory models (inputs used as given)",
+    )
+
+
+def _add_quantize_options(p: argparse.ArgumentParser, where: str) -> None:
+    g = p.add_argument_group("int8 model (onnxruntime static quantisation)")
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help=f"int8: also write an int8 copy ({where}), calibrated on validation inputs; if its validation "
+        "error rises more than --quantize-tolerance, it is not written and the command exits 1",
+    )
+    g.add_argument(
+        "--quantize-tolerance",
+        type=float,
+        default=ExportOptions.quantize_tolerance,
+        help="largest rise of validation error the int8 model may add (a fraction: 0.001 = 0.1 point)",
+    )
+    g.add_argument(
+        "--calibration-images",
+        type=int,
+        default=ExportOptions.calibration_images,
+        help="validation inputs the int8 activation ranges are calibrated on",
     )
 
 
@@ -577,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the validation split")
+    _add_quantize_options(p, "model.int8.onnx beside model.onnx")
     g.add_argument("--out", default="runs/prune", help="output folder")
     g.add_argument("--quiet", action="store_true", help="no per-round lines on stderr, no progress bars")
 
@@ -605,6 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-data", default=None, help="verify on inputs from this tensor file or image folder")
     e.add_argument("--image-mode", choices=IMAGE_MODES, default=None, help="mode for --test-data image folders")
     e.add_argument(
+        "--val-data",
+        default=None,
+        help="--quantize: held-out labelled data to calibrate on and check the int8 model with (else the "
+        "--data-dir dataset's held-out training images)",
+    )
+    _add_quantize_options(e, "OUT with .int8.onnx for .onnx")
+    e.add_argument(
         "--allow-factory",
         action="append",
         default=[],
@@ -615,8 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        args.func(args)
-        return 0
+        return args.func(args)
 
     return run_command(build_parser(), body, argv, prog=lambda args: f"anrat-prune {args.command}")
 

@@ -11,6 +11,7 @@ node metadata) and both match PyTorch to ~1e-7. The dynamo path costs ~2 s per e
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Mapping
@@ -136,6 +137,16 @@ def _store_sparse(path: Path) -> list[str]:
     return names
 
 
+def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node debugging records in place (``metadata_props`` such as
+    ``pkg.torch.onnx.stack_trace``, and doc strings): about 10 KB on LeNet-5, more than a pruned
+    network's int8 weights would need, and they name source files of the machine that exported it."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return model
+
+
 def _set_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     """Add ``metadata`` to the model's ``metadata_props`` (what onnxruntime's
     ``get_modelmeta().custom_metadata_map`` reads back)."""
@@ -215,6 +226,7 @@ def export_onnx(
     path = Path(path)
     with atomic_path(path) as tmp:
         _export_dynamo(exported, example, tmp, opset, n_outputs)
+        onnx.save(strip_debug_info(onnx.load(str(tmp))), str(tmp))
         sparse_names = _store_sparse(tmp) if sparse_initializers else []
         if metadata:
             _set_metadata(tmp, metadata)
@@ -244,6 +256,19 @@ _ORT_DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere), for
+    latency figures: onnxruntime's speed, int8's above all, depends on the instruction set."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _random_feed(session: ort.InferenceSession, batch_size: int) -> dict[str, np.ndarray]:
@@ -424,8 +449,10 @@ __all__ = [
     "ExportReport",
     "ExportVerificationError",
     "compare_models",
+    "cpu_model",
     "export_onnx",
     "onnx_latency",
     "paired_latency",
     "speedup_summary",
+    "strip_debug_info",
 ]

@@ -38,10 +38,11 @@ from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.train import RunConfig, model_kwargs
 from anrat.train import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
-from pruning.export import compare_models, onnx_test_error
+from pruning.export import compare_models, cpu_model, onnx_test_error
 from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
 from pruning.pruned_checkpoint import save_pruned
+from pruning.quantize import check_quantize_options, write_int8
 from pruning.report import FIGURES, write_report
 from pruning.significance import check_covariance
 from pruning.surgery import widths_of
@@ -54,21 +55,39 @@ class ReportOptions:
     latency_repeats: int = 50
     latency_warmup: int = 5
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
-    latency_threads: int | None = None  # onnxruntime intra-op threads; None: its default
+    # onnxruntime intra-op threads (None: its default, one per physical core). One thread is how a
+    # small model is served at batch 1, and its timing holds on a shared machine: with another
+    # process busy on one of 2 cores, a pruned LeNet-5 read 2.4x with 2 threads where it read 4.0x
+    # alone, and 4.1-4.2x with 1 thread either way (docs/results.md, issue 23)
+    latency_threads: int | None = 1
     verify_images: int = 256  # test inputs the exports are checked on against PyTorch
 
     def validate(self) -> None:
         if (
             self.latency_repeats < 1
             or self.latency_warmup < 0
+            or (self.latency_threads is not None and self.latency_threads < 1)
             or self.verify_images < 1
             or not self.latency_batch_sizes
             or min(self.latency_batch_sizes) < 1
         ):
             raise InputError(
-                "report needs latency_repeats >= 1, latency_warmup >= 0, verify_images >= 1 and "
+                "report needs latency_repeats >= 1, latency_warmup >= 0, latency_threads >= 1 (or None), "
+                "verify_images >= 1 and "
                 f"batch sizes >= 1, got {asdict(self)}"
             )
+
+
+@dataclass
+class ExportOptions:
+    """The deployable files written beside ``model.onnx``."""
+
+    quantize: str = "none"  # "int8": also model.int8.onnx (pruning.quantize, onnxruntime static QDQ)
+    calibration_images: int = 512  # validation inputs the int8 activation ranges are calibrated on
+    quantize_tolerance: float = 0.001  # largest rise of validation error the int8 model may add (0.1 point)
+
+    def validate(self) -> None:
+        check_quantize_options(self.quantize, self.calibration_images, self.quantize_tolerance)
 
 
 @dataclass
@@ -79,6 +98,7 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     report: ReportOptions = field(default_factory=ReportOptions)
+    export: ExportOptions = field(default_factory=ExportOptions)
     # prune by the criterion the selected model was trained with (PruneConfig.for_criterion): the
     # fine-tuning minimises it, and NRAE at one t is tested with the sandwich covariance at that t.
     # Off: prune.fine_tune.schedule and prune.covariance as configured (the plain loss, the Fisher)
@@ -92,6 +112,12 @@ class PipelineConfig:
         self.run.validate()
         self.prune.validate()
         self.report.validate()
+        self.export.validate()
+        if self.export.quantize != "none" and self.run.schedule.kind != "ce":
+            raise InputError(
+                f"export.quantize={self.export.quantize!r} scores the quantised model by its classification error; "
+                f"this run's loss is {self.run.schedule.kind!r}, so set export.quantize='none'"
+            )
         if self.prune_by_training_criterion:  # refused now, not after the training
             schedule = self.run.schedule
             if schedule.switch_to == "rae":
@@ -134,6 +160,7 @@ class PrunedModel:
     export: dict[str, Any]  # model.onnx: path, bytes, opset, max |diff| against PyTorch
     comparison: dict[str, Any]  # compare_models: sizes, latencies, speed-ups
     seconds: dict[str, float] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None  # pruning.quantize.write_int8's record, if asked for
 
     @property
     def model(self) -> nn.Module:
@@ -150,6 +177,7 @@ def prune_save_export(
     description: dict[str, Any],
     input_norm: InputNorm,
     report: ReportOptions | None = None,
+    export: ExportOptions | None = None,
     test_before: dict[str, float] | None = None,
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
@@ -157,7 +185,10 @@ def prune_save_export(
     """Prune ``model`` on ``data`` (its train and validation splits), then write ``out/pruned.pt``
     (``description``: ``{"arch": ...}`` or ``{"factory": ..., "factory_kwargs": ...}``),
     ``out/model.onnx`` (verified against PyTorch on up to ``report.verify_images`` test inputs),
-    and ``out/onnx/{dense,pruned}.onnx`` (the files timed). ``model`` is pruned in place;
+    and ``out/onnx/{dense,pruned}.onnx`` (the files timed); with ``export.quantize = "int8"`` also
+    ``out/model.int8.onnx``, calibrated on validation inputs and written only if its validation
+    error is within ``export.quantize_tolerance`` of model.onnx's (:func:`pruning.quantize.write_int8`;
+    the result's ``int8`` says which). ``model`` is pruned in place;
     ``test_before``, if given, is its test figures (else they are evaluated here)."""
     report = report or ReportOptions()
     seconds: dict[str, float] = {}
@@ -201,6 +232,23 @@ def prune_save_export(
     onnx_error = None if y_test.is_floating_point() else onnx_test_error(out / "model.onnx", x_test, y_test)
     seconds["export"] = time.perf_counter() - t0
     seconds["compare"] = compare_seconds
+    int8 = None
+    export = export or ExportOptions()
+    if export.quantize == "int8":
+        t0 = time.perf_counter()
+        int8 = write_int8(
+            out / "model.onnx",
+            out / "model.int8.onnx",
+            data.val.x[: export.calibration_images].cpu(),
+            data.val,
+            data.test,
+            tolerance=export.quantize_tolerance,
+            batch_sizes=tuple(report.latency_batch_sizes),
+            repeats=report.latency_repeats,
+            warmup=report.latency_warmup,
+            threads=report.latency_threads,
+        )
+        seconds["int8"] = time.perf_counter() - t0
     save_pruned(
         pruned,
         out / "pruned.pt",
@@ -215,7 +263,7 @@ def prune_save_export(
             "val_after": result.final_val,
         },
     )
-    return PrunedModel(result, dense, test_before, test_after, onnx_error, exported, comparison, seconds)
+    return PrunedModel(result, dense, test_before, test_after, onnx_error, exported, comparison, seconds, int8)
 
 
 def check_resume(cfg: PipelineConfig, out: Path) -> None:
@@ -236,7 +284,7 @@ def check_resume(cfg: PipelineConfig, out: Path) -> None:
 
 def machine(device: torch.device) -> dict[str, Any]:
     """The hardware and versions a run's figures were measured on."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "device": str(device),
         "device_name": name,
@@ -304,6 +352,7 @@ def train_prune_export(
             description={"arch": ckpt["arch"]},
             input_norm=data.input_norm,
             report=cfg.report,
+            export=cfg.export,
             test_before=trained["test"],  # the training evaluated the selected model once already
             progress=progress,
             log=(lambda record: log(round_line(record))) if log else None,
@@ -362,13 +411,14 @@ def train_prune_export(
             "onnx": done.onnx_test_error,
             "images": len(data.test),
         },
-        "export": {"model_onnx": done.export, "compare": done.comparison},
+        "export": {"model_onnx": done.export, "compare": done.comparison, "int8": done.int8},
         "seconds": seconds,
         "files": {
             "config": "config.json",
             "trained_checkpoint": "train/model.pt",
             "pruned_checkpoint": "pruned.pt",
             "onnx": "model.onnx",
+            **({"int8_onnx": "model.int8.onnx"} if done.int8 and done.int8["written"] else {}),
             "report": "report.md",
             "figures": dict(FIGURES),
         },
@@ -379,6 +429,7 @@ def train_prune_export(
 
 
 __all__ = [
+    "ExportOptions",
     "PipelineConfig",
     "PrunedModel",
     "ReportOptions",

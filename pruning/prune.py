@@ -558,10 +558,11 @@ def _judge(
 def _speedup(dense_onnx: Path, model: nn.Module, example: Tensor, folder: Path) -> float:
     """Batch-1 onnxruntime speed-up of ``model`` over the ONNX file ``dense_onnx``, timed in
     alternation (:func:`pruning.export.paired_latency`; 300 calls each: with 100, one CNN's readings
-    moved between 1.3x and 2.0x from round to round on a busy machine)."""
+    moved between 1.3x and 2.0x from round to round on a busy machine) on one onnxruntime thread
+    (steady when other work shares the cores; :class:`pruning.pipeline.ReportOptions`)."""
     path = folder / "candidate.onnx"
     export_onnx(copy.deepcopy(model).cpu().eval(), path, example.cpu())
-    times = paired_latency({"dense": dense_onnx, "pruned": path}, 1, repeats=300, warmup=20)
+    times = paired_latency({"dense": dense_onnx, "pruned": path}, 1, repeats=300, warmup=20, threads=1)
     return times["dense"] / times["pruned"]
 
 

@@ -22,7 +22,11 @@ the presets and the command line.
    validation images shows it within the margin of the unpruned model.
 3. **Export** (:func:`pruning.export.export_onnx`, :func:`pruning.export.compare_models`): the
    pruned network as one ONNX file, checked by ``onnx.checker`` and against onnxruntime; sizes and
-   onnxruntime latencies of the dense and the pruned network side by side.
+   onnxruntime latencies of the dense and the pruned network side by side. With ``--quantize int8``
+   (``export.quantize``) also an int8 copy, ``model.int8.onnx`` (:func:`pruning.quantize.write_int8`:
+   onnxruntime static quantisation calibrated on validation images), written only if its validation
+   error stays within ``--quantize-tolerance`` of ``model.onnx``'s; otherwise the command says so and
+   exits 1, the float files in place.
 
 Options come from a preset (``recipes/configs/<preset>.toml``: ``quick``, the default, or
 ``paper``) or a ``--config`` file (TOML, or the ``config.json`` of an earlier run), then from the
@@ -33,7 +37,8 @@ keep both; in the same folder the finished training is resumed, not repeated).
 Outputs in ``OUT``: ``config.json``; ``train/`` (``model.pt``: the trained checkpoint,
 ``metrics.jsonl``, ``result.json``, ``last.pt``/``best.pt`` for resuming); ``pruned.pt`` (the pruned
 checkpoint, :func:`pruning.pruned_checkpoint.load_pruned`; ``train/batched/`` holds the stack
-of a batched grid, ``train/grid/`` the trainings of a looped one); ``model.onnx`` (the pruned network);
+of a batched grid, ``train/grid/`` the trainings of a looped one); ``model.onnx`` (the pruned network;
+``model.int8.onnx`` beside it when asked for);
 ``onnx/dense.onnx`` and ``onnx/pruned.onnx`` (the files timed); ``metrics.json`` (every figure of
 the report); ``report.md`` with ``training.png``, ``lambda.png``, ``pruning.png``, ``layers.png``.
 
@@ -59,6 +64,7 @@ from anrat.schedules import SCHEDULES
 from anrat.train import ENGINES
 from anrat.trainer import LR_DECAYS
 from pruning.pipeline import PipelineConfig, train_prune_export
+from pruning.quantize import QUANTIZE_CHOICES
 from pruning.report import FIGURES  # noqa: F401  (re-exported: the figure files a run writes)
 
 PROG = "python -m anrat.recipes.mnist_prune"
@@ -222,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     flag(ap, "--no-progress", key="run.progress", action="store_const", const=False, help="no progress bars")
     flag(
         ap,
+        "--quantize",
+        key="export.quantize",
+        choices=QUANTIZE_CHOICES,
+        help="int8: also write model.int8.onnx (onnxruntime static quantisation, calibrated on validation "
+        "images), kept only within --quantize-tolerance of model.onnx's validation error",
+    )
+    flag(
+        ap,
+        "--quantize-tolerance",
+        key="export.quantize_tolerance",
+        type=float,
+        help="largest rise of validation error the int8 model may add, a fraction (0.001 = 0.1 point)",
+    )
+    flag(
+        ap,
+        "--calibration-images",
+        key="export.calibration_images",
+        type=int,
+        help="validation images the int8 activation ranges are calibrated on",
+    )
+    flag(
+        ap,
         "--prune-by-training-criterion",
         key="prune_by_training_criterion",
         action="store_const",
@@ -252,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{p['nonzero_after']:,} of {p['params_before']:,} parameters kept; {metrics['seconds']['total']:.0f} s"
         )
         print(f"wrote {Path(cfg.out_dir) / 'report.md'}")
+        int8 = metrics["export"]["int8"]
+        if int8 is not None:
+            print(int8["line"], file=None if int8["written"] else sys.stderr)
+            if not int8["written"]:  # the float files stand; the int8 model the user asked for does not
+                return 1
         return 0
 
     return run_command(build_parser(), body, argv)

@@ -121,6 +121,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.save({"x": x, "y": torch.arange(40) % 13}, root / "labels13.pt")
     torch.save({"x": x.clone().fill_(float("nan")), "y": torch.arange(40) % 10}, root / "nan_inputs.pt")
     torch.save({"x": x, "y": torch.arange(40) % 10}, root / "good_data.pt")
+    torch.save({"x": torch.rand(40, 3, 32, 32, generator=g), "y": torch.arange(40) % 10}, root / "rgb32.pt")
     paths = {
         "data": data,
         "ckpt": mlp_checkpoint(root / "model.pt"),
@@ -137,6 +138,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "labels13": root / "labels13.pt",
         "nan_inputs": root / "nan_inputs.pt",
         "good_data": root / "good_data.pt",
+        "rgb32": root / "rgb32.pt",
     }
     # broken datasets, one defect each
     for name, damage in {
@@ -294,6 +296,15 @@ CASES = [
     ("prune", PRUNE + ["--set", "fine_tune.schedule.lam0=nan"], "lam0 must be a finite number > 0"),
     ("prune", PRUNE + ["--set", "min_step=nan"], "min_step"),
     ("prune", PRUNE + ["--set", "channel_multiple=0"], "channel_multiple"),
+    ("prune", PRUNE + ["--set", "final_channel_multiple=0"], "final_channel_multiple"),
+    ("prune", PRUNE + ["--quantize", "int4"], "--quantize: invalid choice: 'int4'"),
+    (
+        "prune",
+        PRUNE + ["--quantize", "int8", "--calibration-images", "0"],
+        "calibration_images must be an integer >= 1",
+    ),
+    ("prune", PRUNE + ["--quantize", "int8", "--quantize-tolerance", "-0.1"], "quantize_tolerance must be in [0, 1)"),
+    ("prune", PRUNE + ["--quantize-tolerance", "nan"], "quantize_tolerance must be in [0, 1)"),
     ("prune", PRUNE + ["--train-subset", "0"], "--train-subset"),
     ("prune", PRUNE + ["--val-data", "test"], "test split cannot serve as validation data"),
     # pruning prune: the model and its data
@@ -337,12 +348,20 @@ CASES = [
     ("export", EXPORT + ["--input-shape", "3,32,32"], "does not accept"),
     ("export", EXPORT + ["--test-data", "{root}/missing.pt"], "missing.pt"),
     ("export", EXPORT + ["--input-norm", "0.5,-1"], "std"),
+    ("export", EXPORT + ["--quantize", "int4"], "--quantize: invalid choice: 'int4'"),
+    ("export", EXPORT + ["--quantize", "int8", "--calibration-images", "-3"], "calibration_images must be"),
+    ("export", EXPORT + ["--quantize", "int8", "--quantize-tolerance", "-1"], "quantize_tolerance must be in [0, 1)"),
+    ("export", EXPORT + ["--quantize", "int8"], "--quantize needs labelled validation data"),
+    ("export", EXPORT + ["--quantize", "int8", "--val-data", "{rgb32}"], "does not accept calibration inputs"),
     # the recipe
     ("recipe", RECIPE + ["--config", "{bad_toml}"], "bad.toml"),
     ("recipe", RECIPE + ["--config", "{root}/missing.toml"], "missing.toml"),
     ("recipe", RECIPE + ["--set", "prune.fine_tune.lr=inf"], "lr must be a finite number > 0"),
     ("recipe", RECIPE + ["--set", "prune.target.params=1e9"], "is not below the model's"),
     ("recipe", RECIPE + ["--set", "prune.tolerance=0"], "margin (tolerance) must be in (0, 1)"),
+    ("recipe", RECIPE + ["--quantize", "int4"], "--quantize: invalid choice: 'int4'"),
+    ("recipe", RECIPE + ["--calibration-images", "0"], "calibration_images must be"),
+    ("recipe", RECIPE + ["--quantize-tolerance", "-1"], "quantize_tolerance must be in [0, 1)"),
     ("recipe", RECIPE + ["--set", "prune.fine_tune.distill=2"], "distillation weight must be in [0, 1]"),
     ("recipe", RECIPE + ["--set", "run.nosuch=1"], "nosuch"),
     ("recipe", RECIPE + ["--set", 'run.train.lr_decay="linear"'], "unknown lr_decay 'linear'"),

@@ -354,6 +354,49 @@ def test_export_with_preprocessing_takes_raw_pixels(trained_checkpoint, mnist_di
     assert meta["in_graph"] is True and meta["mean"] == [0.1307]
 
 
+def test_export_an_int8_model_beside_the_float_one(trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    argv = ["export", str(trained_checkpoint), "--out", str(tmp_path / "raw.onnx"), "--include-preprocessing"]
+    code, io = run_cli(
+        main, argv + ["--data-dir", str(mnist_dir), "--quantize", "int8", "--quantize-tolerance", "0.01"]
+    )
+    assert code == 0, io.err
+    assert "wrote" in io.out and "int8 validation error" in io.out
+    float_bytes, int8_bytes = (tmp_path / "raw.onnx").stat().st_size, (tmp_path / "raw.int8.onnx").stat().st_size
+    assert int8_bytes < float_bytes / 3  # int8 weights of a 784-24-10 MLP, a quarter of float32's plus overheads
+    # it takes raw pixels too (the normalisation is in the graph) and classifies as the float model does
+    pixels = load_dataset("mnist", mnist_dir, val_size=0, test_subset=500, input_norm="none").test.x.numpy()
+    scores = {
+        name: ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(
+            None, {"input": pixels}
+        )[0]
+        for name in ("raw.onnx", "raw.int8.onnx")
+    }
+    assert (scores["raw.onnx"].argmax(1) == scores["raw.int8.onnx"].argmax(1)).mean() >= 0.97
+    session = ort.InferenceSession(str(tmp_path / "raw.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["anrat.input_norm"])["in_graph"] is True
+
+
+def test_an_int8_model_over_the_tolerance_is_not_written_and_exits_1(trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    """Calibrated on one blank image, the activation ranges are far too narrow for real digits: the
+    int8 model's validation error rises past the tolerance, so only the float file is written."""
+    pixels = load_dataset("mnist", mnist_dir, val_size=0, test_subset=300, input_norm="none").test
+    blank_first = {"x": torch.cat([torch.zeros(1, 1, 28, 28), pixels.x]), "y": torch.cat([pixels.y[:1], pixels.y])}
+    torch.save(blank_first, tmp_path / "val.pt")
+    argv = [
+        "export",
+        str(trained_checkpoint),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--val-data",
+        str(tmp_path / "val.pt"),
+    ]
+    code, io = run_cli(main, argv + ["--quantize", "int8", "--calibration-images", "1"])
+    assert code == 1, io.out + io.err
+    assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.int8.onnx").exists()
+    assert len(io.err.strip().splitlines()) == 1 and "m.int8.onnx not written" in io.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "val.pt"]  # no temporary left behind
+
+
 def test_a_trainer_checkpoint_records_its_normalisation(trained_checkpoint):
     ckpt = load_checkpoint(trained_checkpoint)
     assert ckpt["input_norm"]["mean"] == [0.1307] and ckpt["input_norm"]["std"] == [0.3081]

@@ -71,6 +71,12 @@ def tiny_argv(mnist_dir: Path, out: Path) -> list[str]:
         "report.latency_repeats=2",
         "--set",
         "report.latency_batch_sizes=[1, 32]",
+        "--quantize",
+        "int8",
+        "--quantize-tolerance",
+        "0.02",
+        "--calibration-images",
+        "256",
         "--no-progress",
     ]
 
@@ -82,6 +88,23 @@ def tiny_run(mnist_dir, tmp_path_factory):
     metrics = json.loads((out / "metrics.json").read_text())
     data = load_dataset("mnist", mnist_dir, val_size=1000, seed=3, train_subset=3000, test_subset=TEST_IMAGES)
     return out, metrics, data
+
+
+def test_the_int8_model_is_written_scored_and_reported(tiny_run):
+    out, metrics, data = tiny_run
+    int8 = metrics["export"]["int8"]
+    assert int8["written"] and (out / "model.int8.onnx").is_file() and metrics["files"]["int8_onnx"]
+    assert int8["bytes"]["int8"] == (out / "model.int8.onnx").stat().st_size < int8["bytes"]["float"] / 2.5
+    assert int8["quantization"]["calibration_inputs"] == 256
+    # its test error, recomputed here under onnxruntime on the same images
+    session = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"input": data.test.x.numpy()})[0]
+    assert int8["error"]["test"]["int8"] == pytest.approx(float((scores.argmax(1) != data.test.y.numpy()).mean()))
+    assert int8["error"]["test"]["float"] == pytest.approx(metrics["test_error"]["onnx"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["anrat.input_norm"])["mean"] == data.input_norm.as_dict()["mean"]
+    report = (out / "report.md").read_text()
+    assert "### int8" in report and f"{int8['bytes']['int8']:,}" in report and int8["cpu"] in report
 
 
 def test_every_output_file_is_written_and_described(tiny_run):
