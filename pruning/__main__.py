@@ -49,7 +49,7 @@ from anrat.input_norm import InputNorm, with_preprocessing
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
 from pruning.masks import count_nonzero, count_total
-from pruning.pipeline import ExportOptions, ReportOptions, prune_save_export
+from pruning.pipeline import ExportOptions, ReportOptions, check_int8_data, prune_save_export
 from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
@@ -256,6 +256,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model.to(device)
     check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
     config.target.validate_for(model)
+    check_int8_data(export, data)
     if not held_out_by_training and not args.val_data and not args.quiet:
         print(
             f"warning: validation data is {data.sources['val']}: if the model was trained on them, pruning cannot be "
@@ -371,6 +372,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if export.quantize != "none":  # read and checked before anything is written
         data = _quantize_data(args, loaded, feed_norm)
         check_fits(exported, data[0].x[:2], f"calibration inputs from {data[2]}")
+        if data[0].y.is_floating_point():
+            raise InputError(
+                f"--quantize judges the int8 model by its classification error; {data[2]} holds no class labels"
+            )
     report = export_onnx(
         exported,
         args.out,

@@ -90,6 +90,15 @@ class ExportOptions:
         check_quantize_options(self.quantize, self.calibration_images, self.quantize_tolerance)
 
 
+def check_int8_data(export: ExportOptions, data: DataSplits) -> None:
+    """An int8 model is judged by its classification error: refuse it for data without class labels."""
+    if export.quantize != "none" and data.val.y.is_floating_point():
+        raise InputError(
+            f"quantize={export.quantize!r} judges the quantised model by its classification error, and these "
+            "validation targets are not class labels; export without --quantize"
+        )
+
+
 @dataclass
 class PipelineConfig:
     """Everything :func:`train_prune_export` needs; written resolved to ``OUT/config.json``."""
@@ -113,11 +122,6 @@ class PipelineConfig:
         self.prune.validate()
         self.report.validate()
         self.export.validate()
-        if self.export.quantize != "none" and self.run.schedule.kind != "ce":
-            raise InputError(
-                f"export.quantize={self.export.quantize!r} scores the quantised model by its classification error; "
-                f"this run's loss is {self.run.schedule.kind!r}, so set export.quantize='none'"
-            )
         if self.prune_by_training_criterion:  # refused now, not after the training
             schedule = self.run.schedule
             if schedule.switch_to == "rae":
@@ -191,6 +195,8 @@ def prune_save_export(
     the result's ``int8`` says which). ``model`` is pruned in place;
     ``test_before``, if given, is its test figures (else they are evaluated here)."""
     report = report or ReportOptions()
+    export = export or ExportOptions()
+    check_int8_data(export, data)
     seconds: dict[str, float] = {}
     dense = copy.deepcopy(model).cpu().eval()
     test_before = test_before if test_before is not None else evaluate(model, data.test, kind)
@@ -233,7 +239,6 @@ def prune_save_export(
     seconds["export"] = time.perf_counter() - t0
     seconds["compare"] = compare_seconds
     int8 = None
-    export = export or ExportOptions()
     if export.quantize == "int8":
         t0 = time.perf_counter()
         int8 = write_int8(
@@ -430,6 +435,7 @@ def train_prune_export(
 
 __all__ = [
     "ExportOptions",
+    "check_int8_data",
     "PipelineConfig",
     "PrunedModel",
     "ReportOptions",
