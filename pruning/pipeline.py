@@ -239,6 +239,8 @@ def prune_save_export(
     seconds["export"] = time.perf_counter() - t0
     seconds["compare"] = compare_seconds
     int8 = None
+    if export.quantize == "none":  # an int8 copy of the folder's earlier model.onnx would pass for this one's
+        (out / "model.int8.onnx").unlink(missing_ok=True)
     if export.quantize == "int8":
         t0 = time.perf_counter()
         int8 = write_int8(

@@ -231,7 +231,8 @@ def write_int8(
 ) -> dict[str, Any]:
     """Quantise the classifier at ``float_path`` (:func:`quantize_onnx`), score the float and int8
     models under onnxruntime on ``val`` (and ``test``), and write ``out_path`` only if the int8
-    validation error is at most ``tolerance`` (a fraction: 0.001 = 0.1 point) above the float one.
+    validation error is at most ``tolerance`` (a fraction: 0.001 = 0.1 point) above the float one;
+    otherwise a file already at ``out_path`` (an int8 copy of an earlier float model) is removed.
 
     Also times both files in alternation at each batch size (median of ``repeats`` calls,
     :func:`pruning.export.paired_latency`). Returns a JSON-ready dict: ``written``, ``line`` (the
@@ -260,14 +261,22 @@ def write_int8(
             )
             for kind in latency:
                 latency[kind][str(size)] = times[kind]
+        stale = not ok and out_path.exists()
         if ok:
             with atomic_path(out_path) as tmp:
                 shutil.copyfile(candidate, tmp)
+        elif stale:  # an int8 copy of an earlier float model: it must not pass for this one's
+            out_path.unlink()
     speedup = {size: latency["float"][size] / latency["int8"][size] for size in latency["float"]}
     return {
         "written": ok,
         "path": str(out_path) if ok else None,
-        "line": line + (f"; wrote {out_path}" if ok else f"; {out_path.name} not written"),
+        "line": line
+        + (
+            f"; wrote {out_path}"
+            if ok
+            else f"; {out_path.name} not written" + (" (the earlier one removed)" if stale else "")
+        ),
         "tolerance": tolerance,
         "bytes": {"float": report.float_bytes, "int8": report.onnx_bytes},
         "bytes_ratio": report.float_bytes / report.onnx_bytes,
