@@ -287,8 +287,24 @@ def write_int8(
         "latency": f"median of {repeats} calls after {warmup} warm-up calls, float and int8 alternating, "
         f"onnxruntime threads={threads or 'default (one per physical core)'}",
         "cpu": cpu_model(),
+        "int8_instructions": int8_dot_product(),
         "quantization": report.as_dict(),
     }
+
+
+def int8_dot_product() -> str:
+    """Whether this CPU has int8 dot-product instructions, as /proc/cpuinfo lists them (Linux):
+    ``"VNNI"`` (x86), ``"dot-product"`` (ARM ``asimddp``), ``"none"``, or ``"unknown"``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return "unknown"
+    if flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}:
+        return "VNNI"
+    if "asimddp" in flags:
+        return "dot-product"
+    return "none" if flags else "unknown"
 
 
 def check_quantize_options(quantize: str, calibration_images: int, tolerance: float) -> None:
@@ -307,6 +323,7 @@ __all__ = [
     "check_calibration",
     "check_quantize_options",
     "compact_names",
+    "int8_dot_product",
     "int8_verdict",
     "quantize_onnx",
     "write_int8",

@@ -274,11 +274,18 @@ def _int8_lines(int8: dict[str, Any] | None) -> list[str]:
             f"{int8['speedup'][size]:.2f}x |"
         )
     if int8["slower_at"]:
+        has = int8.get("int8_instructions", "unknown")
+        instructions = {
+            "VNNI": "it has int8 dot-product instructions (VNNI)",
+            "dot-product": "it has int8 dot-product instructions",
+            "none": "it has no int8 dot-product instructions (VNNI on x86, dot-product on ARM)",
+        }.get(has, "whether it has int8 dot-product instructions is unknown")
         lines += [
             "",
             f"The int8 model ran **slower** than the float one at batch {', '.join(map(str, int8['slower_at']))} "
-            "on this CPU: onnxruntime's int8 kernels pay off where the CPU has int8 dot-product instructions "
-            "(VNNI on x86, dot-product on ARM); its size advantage holds everywhere.",
+            f"on this CPU ({instructions}). onnxruntime's int8 kernels gain most on wide layers and on CPUs with "
+            "such instructions; in a network this narrow, quantising and dequantising the activations between "
+            "layers can cost more than the int8 arithmetic saves. Its size advantage holds everywhere.",
         ]
     return lines
 

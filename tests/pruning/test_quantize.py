@@ -16,6 +16,7 @@ from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
 from pruning.export import export_onnx
 from pruning.quantize import check_calibration, check_quantize_options, quantize_onnx, write_int8
+from pruning.report import _int8_lines
 
 
 def make_images(n: int, seed: int) -> Split:
@@ -116,8 +117,18 @@ def test_write_int8_scores_both_models_and_writes_within_the_tolerance(trained_c
     assert set(errors) == {"val", "test"} and errors["val"]["int8"] - errors["val"]["float"] <= 0.01
     assert errors["test"]["float"] < 0.2  # the model learned the task
     assert set(record["latency_s"]["int8"]) == {"1", "8"} and record["bytes"]["int8"] == out.stat().st_size
-    assert record["cpu"] and "wrote" in record["line"]
+    assert (
+        record["cpu"]
+        and "wrote" in record["line"]
+        and record["int8_instructions"] in ("VNNI", "dot-product", "none", "unknown")
+    )
     json.dumps(record)  # JSON-ready
+    # the report's section: the same figures, and a plain word wherever int8 was slower
+    text = "\n".join(_int8_lines(record))
+    assert f"| ONNX file (bytes) | {record['bytes']['float']:,} | {record['bytes']['int8']:,} |" in text
+    assert ("ran **slower**" in text) == bool(record["slower_at"])
+    slower = {**record, "slower_at": [1], "int8_instructions": "none"}
+    assert "ran **slower** than the float one at batch 1 on this CPU (it has no int8" in "\n".join(_int8_lines(slower))
 
 
 def test_a_badly_calibrated_int8_model_is_not_written(trained_cnn, tmp_path):
