@@ -12,7 +12,11 @@ exactly as a user types it:
   --weights my.pt --input-norm dataset --val-data val.pt --test-data test.pt`` (defaults otherwise);
 - the same without ``--val-data``: validation images are then held out of the training data,
   images the model trained on, and the command must say so in one line;
-- the first command with ``--target-params 0.1``: ten times fewer weights, whatever it costs.
+- the first command with ``--target-params 0.1``: ten times fewer weights, whatever it costs;
+- the same as a sparsity target (``sparse_10x``): ``--target-params 0.1 --no-structured
+  --fine-tune-epochs 3 --final-epochs 10 --distill 1``, weights only (no units removed) and a longer
+  recovery, distilling from the dense model alone. Chosen on seed 0's validation half among five
+  variants (docs/results.md); seeds 1 and 2 are its check.
 
 Printed per seed and as medians [min, max]: weights removed (x fewer), test error change on the
 test half, the acceptance test's estimate and bound, seconds, and whether the
@@ -37,11 +41,32 @@ import torch
 
 from anrat.data import Split, hold_out_indices, load_dataset
 from anrat.models import mlp
+from pruning.pruned_checkpoint import load_pruned
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from user_training import fit_plain  # noqa: E402  (beside this script)
 
 KWARGS = {"hidden": [300, 100]}
+DENSE_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+COMMANDS = {
+    "held_out": (True, ()),
+    "no_val_data": (False, ()),
+    "target_10x": (True, ("--target-params", "0.1")),
+    "sparse_10x": (
+        True,
+        (
+            "--target-params",
+            "0.1",
+            "--no-structured",
+            "--fine-tune-epochs",
+            "3",
+            "--final-epochs",
+            "10",
+            "--distill",
+            "1",
+        ),
+    ),
+}
 
 
 def train(data_dir: str, seed: int, epochs: int, folder: Path) -> dict:
@@ -100,11 +125,14 @@ def prune_command(data_dir: str, folder: Path, name: str, held_out: bool, extra:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text())
+    pruned = load_pruned(out / "pruned.pt", allow_factories=["anrat.models:mlp"])
+    weights = [m.weight for m in pruned.modules() if isinstance(m, torch.nn.Linear)]
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     return {
         "command": " ".join(command[1:]),
         "seconds": time.perf_counter() - start,
-        "fewer": report["params_before"] / report["nonzero_after"],
+        "fewer": report["params_before"] / report["nonzero_after"],  # parameters, biases included
+        "fewer_weights": DENSE_WEIGHTS / sum(int((w != 0).sum()) for w in weights),
         "test_before": report["test_before"]["error"],
         "test_after": report["test_after"]["error"],
         "delta_points": 100 * (report["test_after"]["error"] - report["test_before"]["error"]),
@@ -125,16 +153,18 @@ def main() -> None:
     records = []
     for seed in range(args.seeds):
         path = Path(args.out) / f"seed{seed}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
-            continue
         folder = Path(args.out) / f"seed{seed}"
-        record = {"seed": seed, **train(args.data_dir, seed, args.epochs, folder)}
-        record["held_out"] = prune_command(args.data_dir, folder, "held_out", True)
-        record["no_val_data"] = prune_command(args.data_dir, folder, "no_val_data", False)
-        record["target_10x"] = prune_command(args.data_dir, folder, "target_10x", True, ("--target-params", "0.1"))
+        record = json.loads(path.read_text()) if path.exists() else None
+        if record is None:
+            record = {"seed": seed, **train(args.data_dir, seed, args.epochs, folder)}
+        missing = [name for name in COMMANDS if name not in record]  # a record from before a command was added
+        for name in missing:
+            held_out, extra = COMMANDS[name]
+            record[name] = prune_command(args.data_dir, folder, name, held_out, extra)
         path.write_text(json.dumps(record, indent=1))
         records.append(record)
+        if not missing:
+            continue
         h, n = record["held_out"], record["no_val_data"]
         print(
             f"seed {seed}: trained to {record['train_error']:.2%} training, "
@@ -148,20 +178,24 @@ def main() -> None:
         return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
 
     print(f"\n{len(records)} seeds, median [min, max]")
-    for name in ("held_out", "no_val_data", "target_10x"):
+    for name in COMMANDS:
         rs = [r[name] for r in records]
+        weights = (
+            f" ({stat([r['fewer_weights'] for r in rs], '.1f')}x fewer weights)" if "fewer_weights" in rs[0] else ""
+        )
         print(
-            f"{name}: {stat([r['fewer'] for r in rs], '.1f')}x fewer nonzero weights, test error change "
+            f"{name}: {stat([r['fewer'] for r in rs], '.1f')}x fewer nonzero parameters{weights}, test error change "
             f"{stat([r['delta_points'] for r in rs], '+.2f')} points, upper bound "
             f"{stat([100 * r['acceptance']['upper'] for r in rs], '+.2f')} points, "
             f"{stat([r['seconds'] for r in rs], '.0f')} s, "
             f"warned in {sum(bool(r['warnings']) for r in rs)} of {len(rs)}"
         )
-    held = [r["held_out"] for r in records]
-    fewer, delta = statistics.median(r["fewer"] for r in held), statistics.median(r["delta_points"] for r in held)
-    print(
-        f"target >= 10x fewer at <= +0.1 points with --val-data: {'met' if fewer >= 10 and delta <= 0.1 else 'NOT met'}"
-    )
+    for name in ("held_out", "target_10x", "sparse_10x"):
+        runs = [r[name] for r in records]
+        key = "fewer_weights" if all("fewer_weights" in r for r in runs) else "fewer"
+        fewer, delta = statistics.median(r[key] for r in runs), statistics.median(r["delta_points"] for r in runs)
+        met = "met" if fewer >= 10 and delta <= 0.1 else "NOT met"
+        print(f"target >= 10x fewer weights at <= +0.1 points with --val-data, {name}: {met}")
     warned = all(r["no_val_data"]["warnings"] for r in records)
     print(f"target: the one-line warning without --val-data: {'met' if warned else 'NOT met'}")
 
