@@ -305,6 +305,7 @@ CASES = [
     ),
     ("prune", PRUNE + ["--quantize", "int8", "--quantize-tolerance", "-0.1"], "quantize_tolerance must be in [0, 1)"),
     ("prune", PRUNE + ["--quantize-tolerance", "nan"], "quantize_tolerance must be in [0, 1)"),
+    ("prune", PRUNE + ["--quantize", "int8", "--val-data", "{rgb32}"], "3, 32, 32"),
     ("prune", PRUNE + ["--train-subset", "0"], "--train-subset"),
     ("prune", PRUNE + ["--val-data", "test"], "test split cannot serve as validation data"),
     # pruning prune: the model and its data
