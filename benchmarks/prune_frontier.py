@@ -207,7 +207,33 @@ def main() -> None:
                 error, fewer, faster = (_median(runs, i, k) for k in ("test_error", "compression", "speedup_batch1"))
                 cells.append(f"{100 * error:.2f} [{fewer:.1f}, {faster:.2f}]")
             print(f"  {ranking:9s} " + " | ".join(cells))
+        print_verdicts(points, model_name)
     print(f"\nwrote {store} and {out / 'frontier.png'}")
+
+
+def print_verdicts(points: dict, model_name: str) -> None:
+    """The declared verdict rule (docs/results.md): at rounds 3 to 8 that both rankings reached, the
+    median over seeds of the paired test-error difference (wald - other, same seed and round);
+    wald ranks better if it is negative at more rounds than positive, worse if the reverse."""
+    for other in RANKINGS[1:]:
+        seeds = sorted({k.split("/")[1] for k in points if k.startswith(f"{model_name}/")})
+        pairs = [
+            (points[f"{model_name}/{s}/wald"], points[f"{model_name}/{s}/{other}"])
+            for s in seeds
+            if f"{model_name}/{s}/wald" in points and f"{model_name}/{s}/{other}" in points
+        ]
+        if not pairs:
+            continue
+        reached = min(min(len(w), len(o)) for w, o in pairs)
+        cells, signs = [], []
+        for i in range(3, min(9, reached)):
+            diffs = [100 * (w[i]["test_error"] - o[i]["test_error"]) for w, o in pairs]
+            median = statistics.median(diffs)
+            signs.append((median > 0) - (median < 0))
+            cells.append(f"round {i}: {median:+.2f} [{min(diffs):+.2f}, {max(diffs):+.2f}]")
+        better, worse = signs.count(-1), signs.count(1)
+        verdict = "wald ranks better" if better > worse else "wald ranks worse" if worse > better else "no difference"
+        print(f"  wald - {other}: " + "; ".join(cells) + f" -> {verdict}")
 
 
 if __name__ == "__main__":
