@@ -11,6 +11,11 @@ Subcommands:
     ``weights_only=True`` and rebuilds the smaller network), ``model.onnx`` (verified against
     PyTorch), ``report.json``, ``rounds.jsonl``.
 
+``test``
+    The same model and data options; runs the Wald tests alone and writes ``summary.md`` (a
+    statsmodels-style summary per layer and unit) and ``removable.pt`` (``{parameter name: bool
+    mask}``, True where the test calls the weight removable).
+
 ``export``
     Turns any checkpoint (trainer or pruned) or a plain state_dict with its factory into a
     verified ONNX file; ``--include-preprocessing`` makes the graph take [0, 1] pixels.
@@ -28,6 +33,7 @@ refused. Bad input exits with status 2 and one line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -37,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
+from anrat.atomic_files import atomic_path, check_output_file, make_output_folder, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
@@ -54,7 +60,7 @@ from pruning.prune import PruneConfig, paired_line, round_line, validation_warni
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.quantize import QUANTIZE_CHOICES, write_int8
-from pruning.significance import COVARIANCES, ESTIMATORS
+from pruning.significance import COVARIANCES, ESTIMATORS, wald_test
 
 DEFAULT_VAL_SIZE = 10_000
 
@@ -226,12 +232,21 @@ def _int8_status(int8: dict[str, Any] | None) -> int:
     return 0 if int8["written"] else 1
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    config = prune_config(args)
-    export = export_options(args)
-    device = resolve_device(args.device)
+@dataclass
+class LoadedData:
+    """A model to test or prune, on its device, and its data, checked against each other."""
+
+    loaded: LoadedModel
+    data: DataSplits
+    norm: InputNorm
+    norm_origin: str
+    held_out_by_training: bool  # the validation images are the ones our trainer held out
+
+
+def load_model_and_data(args: argparse.Namespace, device: torch.device) -> LoadedData:
+    """The model (``--checkpoint`` or ``--factory``/``--weights``) and its splits (a dataset and/or
+    files), fed as the model was trained; a model that does not fit its data is refused here."""
     loaded = load_model(args, args.checkpoint)
-    model = loaded.model
     dataset = args.dataset or (loaded.run_config.get("dataset") if not (args.train_data and args.test_data) else None)
     norm, norm_origin = resolve_input_norm(args, loaded, dataset)
     val_size, split_seed, held_out_by_training = _split_defaults(args, loaded, dataset or "mnist")
@@ -253,8 +268,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         data.sources["val"] = (
             f"the {val_size} training images {loaded.source} held out for validation (seed {split_seed})"
         )
-    model.to(device)
-    check_labels(check_fits(model, data.train.x, f"inputs from {data.sources['train']}"), data)
+    loaded.model.to(device)
+    check_labels(check_fits(loaded.model, data.train.x, f"inputs from {data.sources['train']}"), data)
+    return LoadedData(loaded, data, norm, norm_origin, held_out_by_training)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    config = prune_config(args)
+    export = export_options(args)
+    device = resolve_device(args.device)
+    inputs = load_model_and_data(args, device)
+    loaded, model, data, held_out_by_training = (
+        inputs.loaded,
+        inputs.loaded.model,
+        inputs.data,
+        inputs.held_out_by_training,
+    )
+    norm, norm_origin = inputs.norm, inputs.norm_origin
     config.target.validate_for(model)
     check_int8_data(export, data)
     if not held_out_by_training and not args.val_data and not args.quiet:
@@ -337,6 +367,49 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{out / 'report.json'}"
     )
     return _int8_status(done.int8)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Test every weight and unit; print and write the summary and the removable masks."""
+    config = prune_config(args)
+    device = resolve_device(args.device)
+    inputs = load_model_and_data(args, device)
+    model = inputs.loaded.model.eval()
+    out = make_output_folder(args.out)
+    result = wald_test(
+        model,
+        inputs.data.train,
+        estimator=config.estimator,
+        alpha=config.alpha,
+        method=config.method,
+        max_samples=config.max_samples,
+        covariance=config.covariance,
+        tilt=config.tilt,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    tested = copy.deepcopy(model)
+    result.center_layers(tested)  # the removable masks refer to the weights as tested
+    weights = {name: p.detach().cpu() for name, p in tested.named_parameters()}
+    removable = result.removable()
+    total, gone = sum(m.numel() for m in removable.values()), sum(int(m.sum()) for m in removable.values())
+    text = (
+        f"# Significance of {inputs.loaded.source}\n\nFisher estimated on {inputs.data.sources['train']}.\n\n"
+        + result.summary(weights, units=None)
+    )
+    with atomic_path(out / "removable.pt") as tmp:
+        torch.save({name: mask.cpu() for name, mask in removable.items()}, tmp)
+    write_text_atomic(out / "summary.md", text)
+    print(result.summary(weights, units=args.units), end="")
+    print(
+        f"removable at alpha = {config.alpha:g}: {gone:,} of {total:,} weights ({gone / max(1, total):.1%}); "
+        f"wrote {out / 'removable.pt'} and {out / 'summary.md'}"
+    )
+    if gone >= 0.99 * total:
+        print(
+            "the tests call (almost) every weight removable: a network that fits its training data sits where "
+            "the likelihood is flat (docs/pruning.md), so this does not mean the weights can go at once"
+        )
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -485,21 +558,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, where: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineErrorParser(
-        prog="anrat-prune", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    p = sub.add_parser(
-        "prune",
-        help="test significance, prune, fine-tune, export",
-        description="Test significance, prune, fine-tune, export. "
-        + __doc__.split("\n\n")[4].replace("``", "").replace("**", ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.set_defaults(func=cmd_prune)
-    p.add_argument("--checkpoint", help="model.pt written by anrat-train")
-    _add_model_options(p)
+def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "data (a named dataset, and/or files: a tensor file .pt with 'x' and 'y', or an image "
         "folder root/<class>/<image>)"
@@ -535,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--train-subset", type=int, default=None, help="use the first N remaining training images")
     g.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
-    d = PruneConfig()
+
+
+def _add_statistics_options(p: argparse.ArgumentParser, d: PruneConfig) -> None:
     g = p.add_argument_group("statistics")
     flag(g, "--alpha", key="alpha", defaults=d, type=float, help="level of the tests, in (0, 1)")
     flag(
@@ -569,6 +630,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="t = lambda^p of the NRAE trained (with --covariance sandwich)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineErrorParser(
+        prog="anrat-prune", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    p = sub.add_parser(
+        "prune",
+        help="test significance, prune, fine-tune, export",
+        description="Test significance, prune, fine-tune, export. "
+        + __doc__.split("\n\n")[5].replace("``", "").replace("**", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.set_defaults(func=cmd_prune)
+    p.add_argument("--checkpoint", help="model.pt written by anrat-train")
+    _add_model_options(p)
+    d = PruneConfig()
+    _add_data_options(p)
+    _add_statistics_options(p, d)
     g = p.add_argument_group("pruning (pruning.prune.PruneConfig; --config and --set reach every option)")
     flag(
         g,
@@ -678,6 +759,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_options(p, "model.int8.onnx beside model.onnx")
     g.add_argument("--out", default="runs/prune", help="output folder")
     g.add_argument("--quiet", action="store_true", help="no per-round lines on stderr, no progress bars")
+
+    t = sub.add_parser(
+        "test",
+        help="test every weight's and unit's significance; write removable.pt and summary.md",
+        description="Wald tests of every weight and unit, a statsmodels-style summary per layer, and "
+        "OUT/removable.pt: {parameter name: bool mask}, True where the test calls the weight removable "
+        "at --alpha (loads with torch.load(weights_only=True)).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.set_defaults(func=cmd_test)
+    t.add_argument("--checkpoint", help="model.pt written by anrat-train, or pruned.pt")
+    _add_model_options(t)
+    _add_data_options(t)
+    _add_statistics_options(t, d)
+    add_config_arguments(t, "max_samples=5000")
+    g = t.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    g.add_argument("--units", type=int, default=10, help="units per layer printed (summary.md lists all)")
+    g.add_argument("--out", default="runs/test", help="output folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser(
         "export",

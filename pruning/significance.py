@@ -194,6 +194,59 @@ class WaldResult:
         """|z| per weight: a ranking score for :func:`pruning.saliency.masks_at_sparsity`."""
         return {name: z.abs() for name, z in self.z.items()}
 
+    def removable(self) -> dict[str, Tensor]:
+        """Parameter name -> bool mask of the weights the tests call removable at level ``alpha``
+        (H0: w = 0 not rejected after the correction): the complement of :meth:`masks`."""
+        return {name: ~keep for name, keep in self.significant.items()}
+
+    def summary(self, weights: dict[str, Tensor] | None = None, units: int | None = 10) -> str:
+        """A statsmodels-style summary in Markdown: the test's settings; per layer, how many weights
+        and units are significant and the spread of |z|; per layer, its units ordered by p-value
+        (at most ``units`` of them; None: all) with their estimate (the L2 norm of the unit's
+        weights, from ``weights``, parameter name -> tensor, if given), Wald chi2 = w' Cov^-1 w on
+        df degrees of freedom, raw p-value and significance after the correction."""
+        lines = [
+            f"Wald tests: estimator {self.estimator}, Fisher of the {self.fisher} on {self.n_fisher:,} samples "
+            f"(n = {self.n:,}, damping {self.damping:g}), {self.method} correction at alpha = {self.alpha:g}"
+            + (f"; {', '.join(self.centered)} tested in centred (softmax-identified) form" if self.centered else "")
+            + ".",
+            "",
+            "| layer | weights | significant | median abs(z) | max abs(z) | units | significant units |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, z in self.z.items():
+            layer = name.rsplit(".", 1)[0]
+            a = z.abs().flatten()
+            u = self.unit_significant.get(layer)
+            lines.append(
+                f"| {layer} | {a.numel():,} | {int(self.significant[name].sum()):,} | {float(a.median()):.3g} | "
+                f"{float(a.max()):.3g} | {'-' if u is None else u.numel()} | {'-' if u is None else int(u.sum())} |"
+            )
+        for name in self.z:
+            layer = name.rsplit(".", 1)[0]
+            if layer not in self.unit_pvalues:
+                continue
+            p = self.unit_pvalues[layer]
+            # by chi2, largest first: the same order as by p-value (one df per layer), and p-values
+            # that round to exactly 1 keep their order
+            order = torch.argsort(self.unit_chi2[layer], descending=True)[: units if units is not None else p.numel()]
+            shown = "all" if order.numel() == p.numel() else f"the {order.numel()} with the smallest p-values"
+            lines += [
+                "",
+                f"{layer}: units (H0: all {self.unit_df[layer]} weights of the unit are 0), {shown} of {p.numel()}",
+                "",
+                "| unit | estimate: L2 norm | chi2 | df | p-value | significant |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            w = None if weights is None else weights.get(name)
+            for k in order.tolist():
+                norm = "-" if w is None else f"{float(w[k].detach().float().norm()):.4g}"
+                lines.append(
+                    f"| {k} | {norm} | {float(self.unit_chi2[layer][k]):.4g} | {self.unit_df[layer]} | "
+                    f"{float(p[k]):.4g} | {'yes' if bool(self.unit_significant[layer][k]) else 'no'} |"
+                )
+        return "\n".join(lines) + "\n"
+
     def center_layers(self, model: nn.Module) -> None:
         """Put the ``centered`` layers of ``model`` (the tested model) in the sum-to-zero form
         their weights were tested in, in place (:func:`center_softmax_layer`; same predictions),

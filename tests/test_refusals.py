@@ -203,8 +203,9 @@ TRAIN = [
 PRUNE = ["prune", "--checkpoint", "{ckpt}", "--data-dir", "{data}", "--val-size", "10", "--quiet", "--max-rounds", "1"]
 FACTORY = ["prune", "--data-dir", "{data}", "--val-size", "10", "--quiet", "--weights", "{seq_weights}"]
 EXPORT = ["export", "{ckpt}"]
+TEST = ["test", "--checkpoint", "{ckpt}", "--data-dir", "{data}", "--val-size", "10", "--quiet"]
 RECIPE = ["--data-dir", "{data}", "--val-size", "10", "--epochs", "1", "--no-progress"]
-MAINS = {"train": train_main, "prune": prune_main, "export": prune_main, "recipe": recipe_main}
+MAINS = {"train": train_main, "prune": prune_main, "export": prune_main, "test": prune_main, "recipe": recipe_main}
 
 CASES = [
     # anrat.train: numbers that are not numbers, and values out of range
@@ -354,6 +355,19 @@ CASES = [
     ("export", EXPORT + ["--quantize", "int8", "--quantize-tolerance", "-1"], "quantize_tolerance must be in [0, 1)"),
     ("export", EXPORT + ["--quantize", "int8"], "--quantize needs labelled validation data"),
     ("export", EXPORT + ["--quantize", "int8", "--val-data", "{rgb32}"], "does not accept calibration inputs"),
+    # pruning test
+    ("test", TEST + ["--alpha", "2"], "alpha must be a number in (0, 1)"),
+    ("test", TEST + ["--alpha", "nan"], "alpha must be a number in (0, 1)"),
+    ("test", TEST + ["--estimator", "nosuch"], "--estimator: invalid choice: 'nosuch'"),
+    ("test", TEST + ["--method", "nosuch"], "nosuch"),
+    ("test", TEST + ["--max-samples", "0"], "max_samples must be >= 1"),
+    ("test", TEST + ["--covariance", "sandwich"], "needs estimator 'full' or 'diagonal', not 'kfac'"),
+    ("test", TEST + ["--data-dir", "{idx_labels}"], "labels outside 0..9"),
+    ("test", TEST + ["--data-dir", "{idx_truncated}"], "truncated"),
+    ("test", TEST + ["--train-data", "{nan_inputs}", "--test-data", "{good_data}"], "not finite"),
+    ("test", TEST + ["--train-data", "{rgb32}", "--test-data", "{good_data}"], "inputs differ in shape"),
+    ("test", TEST + ["--checkpoint", "{text}"], "not a checkpoint"),
+    ("test", TEST + ["--out", "{a_file}"], "a_file"),
     # the recipe
     ("recipe", RECIPE + ["--config", "{bad_toml}"], "bad.toml"),
     ("recipe", RECIPE + ["--config", "{root}/missing.toml"], "missing.toml"),

@@ -13,6 +13,7 @@ from anrat.errors import InputError
 from anrat.train import main as train_main
 from pruning.__main__ import main
 from pruning.pruned_checkpoint import load_pruned
+from pruning.significance import wald_test
 
 SUBSETS = ["--train-subset", "1500", "--val-size", "1000", "--test-subset", "500"]
 
@@ -99,6 +100,31 @@ def test_prune_to_a_weight_target_reports_the_cost_with_its_bound(trained_checkp
     assert rounds[-1]["target_params"] == int(0.2 * (784 * 24 + 24 * 10))  # a fraction of the dense mlp's weights
     a = report["acceptance"]  # the delivered model's cost, with its bound, whatever it is
     assert a["n"] == 1000 and a["upper"] >= a["estimate"] and "upper bound" in io.out
+
+
+def test_the_test_command_summarises_and_writes_the_removable_masks(trained_checkpoint, mnist_dir, tmp_path, run_cli):
+    """``pruning test`` on a small MLP: its masks are the library's Wald test's, run on the same
+    training images; the summary counts what the masks hold."""
+    out = tmp_path / "test"
+    argv = ["test", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir), "--out", str(out)]
+    code, io = run_cli(main, argv + ["--max-samples", "800", "--estimator", "diagonal", "--quiet", *SUBSETS])
+    assert code == 0, io.err
+    removable = torch.load(out / "removable.pt", weights_only=True)
+    model = load_pruned(trained_checkpoint)
+    assert set(removable) == {"fc1.weight", "fc2.weight"}
+    assert all(removable[n].dtype == torch.bool and removable[n].shape == p.shape for n, p in removable.items())
+    # the same test through the library, on the training images the command used
+    train = load_dataset("mnist", mnist_dir, val_size=1000, train_subset=1500).train
+    direct = wald_test(model, train, estimator="diagonal", max_samples=800)
+    for name, mask in direct.removable().items():
+        assert torch.equal(mask, removable[name])
+    gone, total = sum(int(m.sum()) for m in removable.values()), sum(m.numel() for m in removable.values())
+    assert f"removable at alpha = 0.05: {gone:,} of {total:,} weights" in io.out
+    summary = (out / "summary.md").read_text()
+    fc1_significant = int(direct.significant["fc1.weight"].sum())
+    assert f"| fc1 | {784 * 24:,} | {fc1_significant:,} |" in summary
+    assert summary.count("| unit | estimate: L2 norm | chi2 | df | p-value | significant |") == 2
+    assert len([line for line in summary.splitlines() if line.startswith("| ") and "| 784 |" in line]) == 24
 
 
 def test_export_any_checkpoint(trained_checkpoint, mnist_dir, tmp_path, run_cli):
