@@ -14,7 +14,8 @@ Subcommands:
 ``test``
     The same model and data options; runs the Wald tests alone and writes ``summary.md`` (a
     statsmodels-style summary per layer and unit) and ``removable.pt`` (``{parameter name: bool
-    mask}``, True where the test calls the weight removable).
+    mask}``, True for the weights a held-out deletion test shows can go at once,
+    :mod:`pruning.removable`).
 
 ``export``
     Turns any checkpoint (trainer or pruned) or a plain state_dict with its factory into a
@@ -60,6 +61,7 @@ from pruning.prune import PruneConfig, paired_line, round_line, validation_warni
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.quantize import QUANTIZE_CHOICES, write_int8
+from pruning.removable import removable_set
 from pruning.significance import COVARIANCES, ESTIMATORS, wald_test
 
 DEFAULT_VAL_SIZE = 10_000
@@ -388,27 +390,44 @@ def cmd_test(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
     )
     tested = copy.deepcopy(model)
-    result.center_layers(tested)  # the removable masks refer to the weights as tested
+    result.center_layers(tested)  # the masks refer to the weights as tested
     weights = {name: p.detach().cpu() for name, p in tested.named_parameters()}
-    removable = result.removable()
-    total, gone = sum(m.numel() for m in removable.values()), sum(int(m.sum()) for m in removable.values())
+    singly = result.removable()
+    total, insignificant = sum(m.numel() for m in singly.values()), sum(int(m.sum()) for m in singly.values())
+    # what can go at once: the held-out deletion test over the sets the tests' |z| order gives
+    at_once = removable_set(
+        tested, result.scores(), inputs.data.val, margin=config.tolerance, alpha=config.acceptance_alpha
+    )
+    blind = (
+        "; on a network that fits its training data the likelihood is flat around the fit, so these tests see "
+        "(almost) nothing (docs/pruning.md)"
+        if insignificant >= 0.99 * total
+        else ""
+    )
+    lines = [
+        f"not significant one by one at alpha = {config.alpha:g}: {insignificant:,} of {total:,} weights "
+        f"({insignificant / max(1, total):.1%}){blind}",
+        f"{at_once.line()}, on {inputs.data.sources['val']}",
+    ]
     text = (
         f"# Significance of {inputs.loaded.source}\n\nFisher estimated on {inputs.data.sources['train']}.\n\n"
         + result.summary(weights, units=None)
+        + "\n"
+        + "\n\n".join(lines)
+        + "\n\n| weights removed at once | difference [95% upper bound], points | worse / better |\n"
+        + "| --- | --- | --- |\n"
+        + "".join(
+            f"| {t['fraction']:.0%} | {100 * t['estimate']:+.2f} [{100 * t['upper']:+.2f}] | "
+            f"{t['worse']} / {t['better']} |\n"
+            for t in at_once.tests
+        )
     )
     with atomic_path(out / "removable.pt") as tmp:
-        torch.save({name: mask.cpu() for name, mask in removable.items()}, tmp)
+        torch.save({name: mask.cpu() for name, mask in at_once.masks.items()}, tmp)
     write_text_atomic(out / "summary.md", text)
     print(result.summary(weights, units=args.units), end="")
-    print(
-        f"removable at alpha = {config.alpha:g}: {gone:,} of {total:,} weights ({gone / max(1, total):.1%}); "
-        f"wrote {out / 'removable.pt'} and {out / 'summary.md'}"
-    )
-    if gone >= 0.99 * total:
-        print(
-            "the tests call (almost) every weight removable: a network that fits its training data sits where "
-            "the likelihood is flat (docs/pruning.md), so this does not mean the weights can go at once"
-        )
+    print("\n".join(lines))
+    print(f"wrote {out / 'removable.pt'} (the set that can go at once) and {out / 'summary.md'}")
     return 0
 
 
@@ -764,8 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         help="test every weight's and unit's significance; write removable.pt and summary.md",
         description="Wald tests of every weight and unit, a statsmodels-style summary per layer, and "
-        "OUT/removable.pt: {parameter name: bool mask}, True where the test calls the weight removable "
-        "at --alpha (loads with torch.load(weights_only=True)).",
+        "OUT/removable.pt: {parameter name: bool mask}, True for the weights that can go at once: the largest "
+        "of nested sets (ordered by the tests' |z|) that a paired test on the validation images shows to raise "
+        "the error by less than --tolerance at --acceptance-alpha (loads with torch.load(weights_only=True)).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.set_defaults(func=cmd_test)
@@ -773,6 +793,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(t)
     _add_data_options(t)
     _add_statistics_options(t, d)
+    flag(
+        t,
+        "--tolerance",
+        key="tolerance",
+        defaults=d,
+        type=float,
+        help="the removable set raises held-out error by less than this (0.002 = 0.2 points), in (0, 1)",
+    )
+    flag(
+        t,
+        "--acceptance-alpha",
+        key="acceptance_alpha",
+        defaults=d,
+        type=float,
+        help="level of the held-out deletion test, in (0, 1)",
+    )
     add_config_arguments(t, "max_samples=5000")
     g = t.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

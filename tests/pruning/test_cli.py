@@ -1,5 +1,6 @@
 """``python -m pruning``: prune a trainer checkpoint or a factory model, export, refuse bad input."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from anrat.errors import InputError
 from anrat.train import main as train_main
 from pruning.__main__ import main
 from pruning.pruned_checkpoint import load_pruned
+from pruning.removable import removable_set
 from pruning.significance import wald_test
 
 SUBSETS = ["--train-subset", "1500", "--val-size", "1000", "--test-subset", "500"]
@@ -103,28 +105,40 @@ def test_prune_to_a_weight_target_reports_the_cost_with_its_bound(trained_checkp
 
 
 def test_the_test_command_summarises_and_writes_the_removable_masks(trained_checkpoint, mnist_dir, tmp_path, run_cli):
-    """``pruning test`` on a small MLP: its masks are the library's Wald test's, run on the same
-    training images; the summary counts what the masks hold."""
+    """``pruning test`` on a small MLP: its removable masks are the held-out deletion test's, run on
+    the same images through the library, and the weights they mark can go at once."""
     out = tmp_path / "test"
     argv = ["test", "--checkpoint", str(trained_checkpoint), "--data-dir", str(mnist_dir), "--out", str(out)]
-    code, io = run_cli(main, argv + ["--max-samples", "800", "--estimator", "diagonal", "--quiet", *SUBSETS])
+    options = ["--max-samples", "800", "--estimator", "diagonal", "--tolerance", "0.02", "--quiet", *SUBSETS]
+    code, io = run_cli(main, argv + options)  # 1,000 held-out images: a margin of 2 points
     assert code == 0, io.err
     removable = torch.load(out / "removable.pt", weights_only=True)
-    model = load_pruned(trained_checkpoint)
+    model = load_pruned(trained_checkpoint).eval()
     assert set(removable) == {"fc1.weight", "fc2.weight"}
     assert all(removable[n].dtype == torch.bool and removable[n].shape == p.shape for n, p in removable.items())
-    # the same test through the library, on the training images the command used
-    train = load_dataset("mnist", mnist_dir, val_size=1000, train_subset=1500).train
-    direct = wald_test(model, train, estimator="diagonal", max_samples=800)
-    for name, mask in direct.removable().items():
+    # the same tests through the library, on the images the command used (the trainer's held-out 1,000)
+    data = load_dataset("mnist", mnist_dir, val_size=1000, train_subset=1500)
+    direct = wald_test(model, data.train, estimator="diagonal", max_samples=800)
+    tested = copy.deepcopy(model)
+    direct.center_layers(tested)
+    at_once = removable_set(tested, direct.scores(), data.val, margin=0.02)
+    for name, mask in at_once.masks.items():
         assert torch.equal(mask, removable[name])
-    gone, total = sum(int(m.sum()) for m in removable.values()), sum(m.numel() for m in removable.values())
-    assert f"removable at alpha = 0.05: {gone:,} of {total:,} weights" in io.out
+    assert 0 < at_once.fraction < 1 and at_once.line() in io.out
+    # what it marks can go at once: zeroed together, the model stays within the margin on those images
+    with torch.no_grad():
+        for name, mask in removable.items():
+            dict(tested.named_parameters())[name].mul_(~mask)
+    last = [t for t in at_once.tests if t["accepted"]][-1]
+    assert last["upper"] < 0.02 and last["fraction"] == pytest.approx(at_once.fraction, abs=1e-3)
+    singly = sum(int(m.sum()) for m in direct.removable().values())
+    assert f"not significant one by one at alpha = 0.05: {singly:,} of {784 * 24 + 24 * 10:,} weights" in io.out
     summary = (out / "summary.md").read_text()
     fc1_significant = int(direct.significant["fc1.weight"].sum())
     assert f"| fc1 | {784 * 24:,} | {fc1_significant:,} |" in summary
     assert summary.count("| unit | estimate: L2 norm | chi2 | df | p-value | significant |") == 2
     assert len([line for line in summary.splitlines() if line.startswith("| ") and "| 784 |" in line]) == 24
+    assert summary.count("| weights removed at once |") == 1
 
 
 def test_export_any_checkpoint(trained_checkpoint, mnist_dir, tmp_path, run_cli):
