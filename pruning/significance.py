@@ -203,8 +203,10 @@ class WaldResult:
         """A statsmodels-style summary in Markdown: the test's settings; per layer, how many weights
         and units are significant and the spread of |z|; per layer, its units ordered by p-value
         (at most ``units`` of them; None: all) with their estimate (the L2 norm of the unit's
-        weights, from ``weights``, parameter name -> tensor, if given), Wald chi2 = w' Cov^-1 w on
-        df degrees of freedom, raw p-value and significance after the correction."""
+        weights, from ``weights``, parameter name -> tensor, if given), its standard error by the
+        delta method on the diagonal of Cov (sqrt(sum_j (w_j / norm)^2 se_j^2), in the weights'
+        units), Wald chi2 = w' Cov^-1 w on df degrees of freedom, raw p-value and significance
+        after the correction."""
         lines = [
             f"Wald tests: estimator {self.estimator}, Fisher of the {self.fisher} on {self.n_fisher:,} samples "
             f"(n = {self.n:,}, damping {self.damping:g}), {self.method} correction at alpha = {self.alpha:g}"
@@ -235,14 +237,21 @@ class WaldResult:
                 "",
                 f"{layer}: units (H0: all {self.unit_df[layer]} weights of the unit are 0), {shown} of {p.numel()}",
                 "",
-                "| unit | estimate: L2 norm | chi2 | df | p-value | significant |",
-                "| --- | --- | --- | --- | --- | --- |",
+                "| unit | estimate: L2 norm | standard error | chi2 | df | p-value | significant |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
             ]
             w = None if weights is None else weights.get(name)
+            se = self.se[name].double()
             for k in order.tolist():
-                norm = "-" if w is None else f"{float(w[k].detach().float().norm()):.4g}"
+                norm, sd = "-", "-"
+                if w is not None:
+                    wk = w[k].detach().double().cpu()
+                    length = float(wk.norm())
+                    norm = f"{length:.4g}"
+                    if length > 0:
+                        sd = f"{float(((wk / length).square() * se[k].square()).sum().sqrt()):.4g}"
                 lines.append(
-                    f"| {k} | {norm} | {float(self.unit_chi2[layer][k]):.4g} | {self.unit_df[layer]} | "
+                    f"| {k} | {norm} | {sd} | {float(self.unit_chi2[layer][k]):.4g} | {self.unit_df[layer]} | "
                     f"{float(p[k]):.4g} | {'yes' if bool(self.unit_significant[layer][k]) else 'no'} |"
                 )
         return "\n".join(lines) + "\n"

@@ -136,9 +136,16 @@ def test_the_test_command_summarises_and_writes_the_removable_masks(trained_chec
     summary = (out / "summary.md").read_text()
     fc1_significant = int(direct.significant["fc1.weight"].sum())
     assert f"| fc1 | {784 * 24:,} | {fc1_significant:,} |" in summary
-    assert summary.count("| unit | estimate: L2 norm | chi2 | df | p-value | significant |") == 2
+    assert summary.count("| unit | estimate: L2 norm | standard error | chi2 | df | p-value | significant |") == 2
     assert len([line for line in summary.splitlines() if line.startswith("| ") and "| 784 |" in line]) == 24
     assert summary.count("| weights removed at once |") == 1
+    # the row of fc1's strongest unit: its norm, delta-method standard error, chi2 and p-value
+    k = int(torch.argmax(direct.unit_chi2["fc1"]))
+    w, se = model.fc1.weight[k].detach().double(), direct.se["fc1.weight"][k].double()
+    norm = float(w.norm())
+    sd = float(((w / norm).square() * se.square()).sum().sqrt())
+    row = f"| {k} | {norm:.4g} | {sd:.4g} | {float(direct.unit_chi2['fc1'][k]):.4g} | 784 | "
+    assert row in summary
 
 
 def test_export_any_checkpoint(trained_checkpoint, mnist_dir, tmp_path, run_cli):
