@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from anrat.errors import InputError
+from anrat.run_lock import release_all
 from anrat.trainer import TrainingDiverged
 
 
@@ -55,6 +56,8 @@ def run_command(
         status = body(args)
     except (InputError, TrainingDiverged) as exc:
         return report(exc, prog(args) if prog else parser.prog)
+    finally:
+        release_all()  # the output folders this command locked (anrat.run_lock)
     return 0 if status is None else status
 
 

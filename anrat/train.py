@@ -44,6 +44,7 @@ from anrat.ess import RHO_GROWTHS
 from anrat.functional import KINDS
 from anrat.losses import LAMBDA_PARAMETERIZATIONS
 from anrat.models import MODELS, build_model
+from anrat.run_lock import lock_output_folder
 from anrat.schedules import SCHEDULES, SWITCH_TARGETS, LambdaSchedule, ScheduleConfig
 from anrat.trainer import COMPILE_MODES, LR_DECAYS, TrainConfig, Trainer, TrainingDiverged, evaluate
 
@@ -210,7 +211,8 @@ def _run(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
             check_resume(trial_cfg, trial_dir)
     else:  # the stack's last.pt records the options of its first configuration
         check_resume(configs[0], out / "batched")
-    if env_is_main():
+    if env_is_main():  # one run per folder, locked before anything is written; under torchrun rank 0 holds it
+        lock_output_folder(out)
         remove_stale_temporaries(out, ("model.pt", "result.json"))
     chosen = (grid_batched if cfg.engine == "batched" else grid_loop)(trial_cfgs, data, out)
     summary = chosen.summary

@@ -53,6 +53,7 @@ from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
+from anrat.run_lock import lock_output_folder
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
 from pruning.masks import count_nonzero, count_total
@@ -296,6 +297,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     out = make_output_folder(args.out)
+    lock_output_folder(out)  # one run per folder, before anything is written
 
     def log(record: dict[str, Any]) -> None:
         if not args.quiet:
@@ -378,6 +380,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     inputs = load_model_and_data(args, device)
     model = inputs.loaded.model.eval()
     out = make_output_folder(args.out)
+    lock_output_folder(out)  # one run per folder, before anything is written
     result = wald_test(
         model,
         inputs.data.train,

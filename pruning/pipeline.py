@@ -34,6 +34,7 @@ from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.models import build_model
+from anrat.run_lock import lock_output_folder
 from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.train import RunConfig, model_kwargs
 from anrat.train import run as train_run
@@ -337,6 +338,7 @@ def train_prune_export(
     cfg.prune.target.validate_for(build_model(cfg.run.model, **model_kwargs(cfg.run, data)))
     out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
+    lock_output_folder(out)  # one run per folder, before anything is written
     config_record = record if record is not None else asdict(cfg)
     write_text_atomic(out / "config.json", json.dumps(config_record, indent=2))
 
