@@ -5,18 +5,20 @@ Every file the toolkit writes for a user (checkpoints, ONNX models, reports, cac
 disk, given the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask;
 ``tempfile.mkstemp`` alone makes files readable by their owner only), and renamed over the target
 (``os.replace``, atomic on POSIX and Windows). A crash or an exception leaves the previous file
-intact and removes the temporary one.
+intact and removes the temporary one; a write the machine refuses (a full disk) is reported as
+:class:`~anrat.errors.WriteFailed`, one line at the command line and exit status 1.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from anrat.errors import InputError
+from anrat.errors import InputError, WriteFailed
 
 
 def _umask() -> int:
@@ -30,14 +32,31 @@ def _temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error"}
+
+
+def _write_failed(path: Path, existed: bool, exc: OSError) -> WriteFailed:
+    cause = _CAUSES.get(exc.errno, exc.strerror or str(exc))
+    left = f"the previous {path.name} is intact" if existed else f"{path.name} was not written"
+    return WriteFailed(exc.errno, f"{cause} while writing {path}; {left}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception, the file
-    written there is synced, given the umask's permissions and renamed to ``path``."""
+    written there is synced, given the umask's permissions and renamed to ``path``.
+
+    An ``OSError`` while the file is written or committed (no space left, quota, I/O) becomes a
+    :class:`~anrat.errors.WriteFailed` that names the file and the cause and says whether the
+    previous file is intact (it always is: the temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_failed(path, existed, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -45,6 +64,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except WriteFailed:
+        raise
+    except OSError as exc:
+        raise _write_failed(path, existed, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -8,6 +8,7 @@ names the layout; ``"arch"`` holds ``{"name": ..., "kwargs": {...}}`` so that
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -32,8 +33,12 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     A crash mid-write leaves the previous file intact: readers see the old or the new file, never
     half of one.
     """
+    # Serialised in memory first: torch.save reports a full disk as a RuntimeError from its zip
+    # writer ("unexpected pos"), a plain write reports ENOSPC, which atomic_path puts in words.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return Path(path)
 
 

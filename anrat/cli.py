@@ -7,7 +7,9 @@
 - an :class:`~anrat.errors.InputError` (a value, file or option the user supplied is wrong) is the
   same line and status 2;
 - a :class:`~anrat.trainer.TrainingDiverged` (the objective became non-finite) is ``PROG: ...``
-  and status 1: the input was acceptable, the run failed.
+  and status 1: the input was acceptable, the run failed;
+- a :class:`~anrat.errors.WriteFailed` (a full disk, a quota, an I/O error) is ``PROG: ...``, the
+  file and what is left of it, and status 1.
 
 Anything else is a bug of ours and keeps its traceback.
 """
@@ -18,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from anrat.errors import InputError
+from anrat.errors import InputError, WriteFailed
 from anrat.run_lock import release_all
 from anrat.trainer import TrainingDiverged
 
@@ -34,8 +36,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
         return report(exc, prog or self.prog)
 
 
-def report(exc: InputError | TrainingDiverged, prog: str) -> int:
-    """One line on stderr for ``exc``; the exit status (2 refused input, 1 diverged run)."""
+def report(exc: InputError | TrainingDiverged | WriteFailed, prog: str) -> int:
+    """One line on stderr for ``exc``; the exit status (2 refused input, 1 diverged run or failed write)."""
+    if isinstance(exc, WriteFailed):
+        print(f"{prog}: {exc.strerror}", file=sys.stderr)
+        return 1
     if isinstance(exc, TrainingDiverged):
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
@@ -54,7 +59,7 @@ def run_command(
     args = parser.parse_args(argv)
     try:
         status = body(args)
-    except (InputError, TrainingDiverged) as exc:
+    except (InputError, TrainingDiverged, WriteFailed) as exc:
         return report(exc, prog(args) if prog else parser.prog)
     finally:
         release_all()  # the output folders this command locked (anrat.run_lock)

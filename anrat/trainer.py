@@ -671,9 +671,10 @@ class Trainer:
             save_atomic(state, self.out_dir / "last.pt")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        if self.out_dir is not None and self.writes_files:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """metrics.jsonl with ``record`` (already the history's last) at its end, rewritten whole and
+        atomically: a full disk leaves the earlier epochs' lines intact, never half a line."""
+        del record  # the history holds it
+        self._rewrite_metrics()
 
     def _rewrite_metrics(self) -> None:
         """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a resume)."""
