@@ -32,7 +32,15 @@ def _temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
-_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error"}
+# The errors by which a machine refuses a write; any other OSError in the block (a corrupt gzip
+# being unpacked into the file, say) is the caller's and passes through unchanged.
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EIO: "I/O error",
+    errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system",
+}
 
 
 def _write_failed(path: Path, existed: bool, exc: OSError) -> WriteFailed:
@@ -46,7 +54,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception, the file
     written there is synced, given the umask's permissions and renamed to ``path``.
 
-    An ``OSError`` while the file is written or committed (no space left, quota, I/O) becomes a
+    An ``OSError`` by which the machine refuses the write (no space left, quota, I/O, read-only) becomes a
     :class:`~anrat.errors.WriteFailed` that names the file and the cause and says whether the
     previous file is intact (it always is: the temporary file is removed)."""
     path = Path(path)
@@ -56,6 +64,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
+        if exc.errno not in _CAUSES:
+            raise
         raise _write_failed(path, existed, exc) from exc
     tmp = Path(tmp_name)
     try:
@@ -64,9 +74,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except WriteFailed:
-        raise
     except OSError as exc:
+        if isinstance(exc, WriteFailed) or exc.errno not in _CAUSES:
+            raise
         raise _write_failed(path, existed, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
