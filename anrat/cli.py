@@ -9,7 +9,9 @@
 - a :class:`~anrat.trainer.TrainingDiverged` (the objective became non-finite) is ``PROG: ...``
   and status 1: the input was acceptable, the run failed;
 - a :class:`~anrat.errors.WriteFailed` (a full disk, a quota, an I/O error) is ``PROG: ...``, the
-  file and what is left of it, and status 1.
+  file and what is left of it, and status 1;
+- Ctrl-C (SIGINT) and SIGTERM are ``PROG: interrupted ...``, where the run stopped and how to go
+  on (:mod:`anrat.interrupts`), and status 130 or 143.
 
 Anything else is a bug of ours and keeps its traceback.
 """
@@ -17,10 +19,12 @@ Anything else is a bug of ours and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from anrat.errors import InputError, WriteFailed
+from anrat.interrupts import EXIT_STATUS, Interrupted, clear_position, interrupt_line, sigterm_raises
 from anrat.run_lock import release_all
 from anrat.trainer import TrainingDiverged
 
@@ -57,12 +61,19 @@ def run_command(
     """Parse ``argv`` and run ``body(args)``; a refusal or a divergence becomes one line (module
     docstring). ``prog`` names the command in that line (e.g. with its subcommand)."""
     args = parser.parse_args(argv)
+    clear_position()
     try:
-        status = body(args)
+        with sigterm_raises():
+            status = body(args)
     except (InputError, TrainingDiverged, WriteFailed) as exc:
         return report(exc, prog(args) if prog else parser.prog)
+    except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C, SIGTERM: one line, 130 or 143
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"{prog(args) if prog else parser.prog}: {interrupt_line(signum)}", file=sys.stderr)
+        return EXIT_STATUS[signum]
     finally:
         release_all()  # the output folders this command locked (anrat.run_lock)
+        clear_position()
     return 0 if status is None else status
 
 

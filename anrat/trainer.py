@@ -52,6 +52,7 @@ from anrat.errors import InputError
 from anrat.ess import ESSLoss
 from anrat.functional import LossKind, distillation_loss, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
+from anrat.interrupts import report_position
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
@@ -492,6 +493,8 @@ class Trainer:
             if isinstance(schedule.nrae, ANRATLoss):
                 schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
             self.step += 1
+            if self.out_dir is not None and self.writes_files:  # a training that resumes (not a fine-tuning)
+                report_position(f"at epoch {self.epoch + 1}, step {self.step}", self._resume_hint)
             seen += losses.shape[0]
             with torch.no_grad():
                 objective_sum += objective.detach()
@@ -669,6 +672,13 @@ class Trainer:
             if per_rank is not None:
                 state["rng"]["per_rank"] = per_rank
             save_atomic(state, self.out_dir / "last.pt")
+
+    @property
+    def _resume_hint(self) -> str:
+        """How an interrupted run goes on (anrat.interrupts): from last.pt's epoch."""
+        if self.epoch == 0:
+            return "no epoch finished yet: run the same command to start again"
+        return f"{self.out_dir / 'last.pt'} holds epoch {self.epoch}: run the same command to resume"
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         """metrics.jsonl with ``record`` (already the history's last) at its end, rewritten whole and

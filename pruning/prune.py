@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.functional import LossKind
+from anrat.interrupts import report_position
 from anrat.schedules import LambdaSchedule, ScheduleConfig, fixed_tilt
 from anrat.trainer import Distillation, TrainConfig, Trainer, evaluate
 from pruning.acceptance import NonInferiority, check_margin_alpha, paired_noninferiority
@@ -633,6 +634,10 @@ def prune(
     kept_any, reached = False, False
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
+        report_position(
+            f"in pruning round {r} of at most {max_rounds}",
+            "the pruning writes its files only when it ends, so none was written by it; run the same command again",
+        )
         previous = copy.deepcopy(model)
         if weight_target is not None:  # no round removes more than the target asks (units aside)
             alive = count_nonzero_weights(model)
