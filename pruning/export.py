@@ -10,6 +10,7 @@ node metadata) and both match PyTorch to ~1e-7. The dynamo path costs ~2 s per e
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import statistics
@@ -94,6 +95,10 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
         )
+    except OSError as exc:  # the machine refused the write (a full disk): atomic_path says so, exit 1
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS):
+            raise
+        raise ExportVerificationError(f"torch.onnx.export failed: {exc}") from exc
     except Exception as exc:  # the exporter raises many types; say which step failed, keep the cause
         raise ExportVerificationError(
             f"torch.onnx.export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import torch
 from onnx.external_data_helper import uses_external_data
 
+from anrat.errors import WriteFailed
 from anrat.models import count_parameters, lenet5, mlp
+from pruning import export as export_module
 from pruning.export import ExportVerificationError, compare_models, export_onnx, onnx_latency
 from pruning.masks import apply_masks
 from pruning.surgery import prune_units
@@ -135,3 +138,21 @@ def test_onnx_latency_is_a_median_in_seconds(lenet_pair):
     single = onnx_latency(path, 1, repeats=5, warmup=1, threads=1)
     batch = onnx_latency(path, 128, repeats=5, warmup=1, threads=1)
     assert 0 < single < batch < 5  # 128 images cost more than one on one thread
+
+
+def test_a_full_disk_during_export_is_a_failed_write_not_a_bad_model(tmp_path, monkeypatch):
+    """ENOSPC from the exporter's own write reaches the command line as a failed write (exit 1,
+    the file named), not as an export the model failed; the earlier file stays."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an earlier model")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module.torch.onnx, "export", full_disk)
+    with pytest.raises(
+        WriteFailed, match=r"no space left on device while writing .*m\.onnx; the previous m\.onnx is intact"
+    ):
+        export_module.export_onnx(model, path, torch.rand(2, 4))
+    assert path.read_bytes() == b"an earlier model" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
