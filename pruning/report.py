@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from anrat.atomic_files import write_text_atomic
+from anrat.atomic_files import atomic_path, write_text_atomic
 
 FIGURES = {
     "training": "training.png",
@@ -45,8 +45,11 @@ def _save(fig: Any, path: Path, title: str | None = None) -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a full disk leaves the earlier figure whole (anrat.atomic_files)
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def _axes_style(ax: Any, values: Sequence[float]) -> None:
