@@ -53,6 +53,7 @@ from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
+from anrat.interrupts import report_position
 from anrat.run_lock import lock_output_folder
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
@@ -471,6 +472,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise InputError(
                 f"--quantize judges the int8 model by its classification error; {data[2]} holds no class labels"
             )
+    report_position(f"while writing {args.out}", f"{args.out} is whole, the earlier file or none; run the same command")
     report = export_onnx(
         exported,
         args.out,
@@ -491,6 +493,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if data is None:
         return 0
     val, test, source = data
+    int8_path = _int8_path(args.out)
+    report_position(f"while writing {int8_path}", f"{args.out} was written; {int8_path} was not: run the same command")
     calibration = val.x[: export.calibration_images]
     int8 = write_int8(args.out, _int8_path(args.out), calibration, val, test, tolerance=export.quantize_tolerance)
     tested = (

@@ -33,6 +33,7 @@ from anrat.data import DataSplits, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
+from anrat.interrupts import report_position
 from anrat.models import build_model
 from anrat.run_lock import lock_output_folder
 from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
@@ -209,6 +210,11 @@ def prune_save_export(
             f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written to {out}"
         ) from None
     seconds["prune"] = time.perf_counter() - t0
+    report_position(
+        "while writing the pruned model's files",
+        f"every file in {out} is whole, from this run or from before it (each is written atomically); "
+        "run the same command again to write them all",
+    )
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
     x_test, y_test = data.test.x.cpu(), data.test.y.cpu()
