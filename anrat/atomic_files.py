@@ -43,6 +43,12 @@ _CAUSES = {
 }
 
 
+def refused_write(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine refusing a write (a full disk, a quota, an I/O error, a
+    read-only file system), which :func:`atomic_path` reports as :class:`~anrat.errors.WriteFailed`."""
+    return isinstance(exc, OSError) and not isinstance(exc, WriteFailed) and exc.errno in _CAUSES
+
+
 def _write_failed(path: Path, existed: bool, exc: OSError) -> WriteFailed:
     cause = _CAUSES.get(exc.errno, exc.strerror or str(exc))
     left = f"the previous {path.name} is intact" if existed else f"{path.name} was not written"
@@ -64,7 +70,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        if exc.errno not in _CAUSES:
+        if not refused_write(exc):
             raise
         raise _write_failed(path, existed, exc) from exc
     tmp = Path(tmp_name)
@@ -75,7 +81,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
-        if isinstance(exc, WriteFailed) or exc.errno not in _CAUSES:
+        if not refused_write(exc):
             raise
         raise _write_failed(path, existed, exc) from exc
     finally:
@@ -136,4 +142,11 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
     return path
 
 
-__all__ = ["atomic_path", "check_output_file", "make_output_folder", "remove_stale_temporaries", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "refused_write",
+    "check_output_file",
+    "make_output_folder",
+    "remove_stale_temporaries",
+    "write_text_atomic",
+]

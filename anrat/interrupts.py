@@ -13,12 +13,12 @@ is bit-identical to one never interrupted, as after kill -9.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report
-_position: dict[str, str] = {}
+_position: dict[str, Callable[[], tuple[str, str]]] = {}
 
 
 class Interrupted(BaseException):
@@ -30,19 +30,23 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def report_position(where: str, resume: str = "") -> None:
-    """Record where the running loop is (``"at epoch 7, step 312"``) and how it goes on from
-    there (``"last.pt holds epoch 6: run the same command to resume"``), for the interrupt line."""
-    _position["where"], _position["resume"] = where, resume
+def report_position(describe: Callable[[], tuple[str, str]]) -> None:
+    """Register how to say where the running loop is and how it goes on from there, e.g.
+    ``("at epoch 7, step 312", "last.pt holds epoch 6: run the same command to resume")``; called
+    only when an interrupt arrives, so a loop registers once, not every step."""
+    _position["describe"] = describe
 
 
-def clear_position() -> None:
-    _position.clear()
+def clear_position(describe: Callable[[], tuple[str, str]] | None = None) -> None:
+    """Forget the registered position; with ``describe``, only if it is the one registered (a loop
+    that ends leaves an enclosing loop's position in place)."""
+    if describe is None or _position.get("describe") == describe:
+        _position.clear()
 
 
 def interrupt_line(signum: int) -> str:
-    where = _position.get("where")
-    resume = _position.get("resume") or "every file written so far is whole; run the same command to start again"
+    where, resume = _position["describe"]() if "describe" in _position else ("", "")
+    resume = resume or "every file written so far is whole; run the same command to start again"
     return f"interrupted by {signal.Signals(signum).name}" + (f" {where}" if where else "") + f"; {resume}"
 
 

@@ -52,7 +52,7 @@ from anrat.errors import InputError
 from anrat.ess import ESSLoss
 from anrat.functional import LossKind, distillation_loss, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
-from anrat.interrupts import report_position
+from anrat.interrupts import clear_position, report_position
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
@@ -428,6 +428,7 @@ class Trainer:
         self.lr_per_step = config.lr_decay == "cosine_step"
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0  # epochs completed
+        self.saved_epoch = 0  # the epoch out_dir/last.pt holds (0: none written)
         self.step = 0  # optimizer steps taken
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
@@ -493,8 +494,6 @@ class Trainer:
             if isinstance(schedule.nrae, ANRATLoss):
                 schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
             self.step += 1
-            if self.out_dir is not None and self.writes_files:  # a training that resumes (not a fine-tuning)
-                report_position(f"at epoch {self.epoch + 1}, step {self.step}", self._resume_hint)
             seen += losses.shape[0]
             with torch.no_grad():
                 objective_sum += objective.detach()
@@ -561,6 +560,7 @@ class Trainer:
             remove_stale_temporaries(self.out_dir, WRITTEN_FILES)
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
+            self.saved_epoch = self.epoch
         if self.world is not None:
             distributed.require_agreement(
                 self.epoch,
@@ -568,6 +568,8 @@ class Trainer:
                 self.train_split.x.device,
             )
         self._rewrite_metrics()  # metrics.jsonl agrees with the history we start from
+        if self.out_dir is not None and self.writes_files:  # a training that resumes (not a fine-tuning)
+            report_position(self._position)
         if self.best_state is None and self.val_split is not None and self.epoch == 0:
             self._consider(0, self.evaluate(self.val_split))
         while self.epoch < epochs:
@@ -582,9 +584,10 @@ class Trainer:
             record["seconds"] = time.perf_counter() - start
             self.history.append(record)
             self.save()
-            self._append_metrics(record)
+            self._rewrite_metrics()
             if self.progress:
                 print(epoch_line(record, epochs), file=sys.stderr, flush=True)
+        clear_position(self._position)  # the training ended: its position (and a reference to this trainer) goes
         self.load_best()
         return TrainResult(self.best_epoch, self.best_val, self.history, self.schedule.switch_epoch)
 
@@ -672,22 +675,19 @@ class Trainer:
             if per_rank is not None:
                 state["rng"]["per_rank"] = per_rank
             save_atomic(state, self.out_dir / "last.pt")
+            self.saved_epoch = self.epoch
 
-    @property
-    def _resume_hint(self) -> str:
-        """How an interrupted run goes on (anrat.interrupts): from last.pt's epoch."""
-        if self.epoch == 0:
-            return "no epoch finished yet: run the same command to start again"
-        return f"{self.out_dir / 'last.pt'} holds epoch {self.epoch}: run the same command to resume"
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        """metrics.jsonl with ``record`` (already the history's last) at its end, rewritten whole and
-        atomically: a full disk leaves the earlier epochs' lines intact, never half a line."""
-        del record  # the history holds it
-        self._rewrite_metrics()
+    def _position(self) -> tuple[str, str]:
+        """Where the training is and how an interrupted run goes on (anrat.interrupts)."""
+        where = f"at epoch {self.epoch + 1}, step {self.step}"
+        if self.saved_epoch == 0:
+            return where, "no epoch was saved yet: run the same command to start again"
+        return where, f"{self.out_dir / 'last.pt'} holds epoch {self.saved_epoch}: run the same command to resume"
 
     def _rewrite_metrics(self) -> None:
-        """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a resume)."""
+        """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a
+        resume), whole and atomically after every epoch: a full disk leaves the earlier epochs'
+        lines intact, never half a line."""
         if self.out_dir is not None and self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from anrat.atomic_files import atomic_path, check_output_file, make_output_folder, write_text_atomic
-from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm
+from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
+from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm, save_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASET_NORMS, DATASETS, DataSplits, Split, load_dataset
@@ -58,13 +58,13 @@ from anrat.run_lock import lock_output_folder
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
 from pruning.masks import count_nonzero, count_total
-from pruning.pipeline import ExportOptions, ReportOptions, check_int8_data, prune_save_export
+from pruning.pipeline import ExportOptions, ReportOptions, check_int8_labels, prune_save_export
 from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
 from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
 from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.quantize import QUANTIZE_CHOICES, write_int8
 from pruning.removable import removable_set
-from pruning.significance import COVARIANCES, ESTIMATORS, wald_test
+from pruning.significance import COVARIANCES, ESTIMATORS
 
 DEFAULT_VAL_SIZE = 10_000
 
@@ -277,26 +277,26 @@ def load_model_and_data(args: argparse.Namespace, device: torch.device) -> Loade
     return LoadedData(loaded, data, norm, norm_origin, held_out_by_training)
 
 
+def warn_if_not_held_out(args: argparse.Namespace, inputs: LoadedData, consequence: str) -> None:
+    """One line when the validation images may be ones the model was trained on."""
+    if not inputs.held_out_by_training and not args.val_data and not args.quiet:
+        print(
+            f"warning: validation data is {inputs.data.sources['val']}: if the model was trained on them, "
+            f"{consequence}; give held-out images the model never saw with --val-data",
+            file=sys.stderr,
+        )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     config = prune_config(args)
     export = export_options(args)
     device = resolve_device(args.device)
     inputs = load_model_and_data(args, device)
-    loaded, model, data, held_out_by_training = (
-        inputs.loaded,
-        inputs.loaded.model,
-        inputs.data,
-        inputs.held_out_by_training,
-    )
+    loaded, model, data = inputs.loaded, inputs.loaded.model, inputs.data
     norm, norm_origin = inputs.norm, inputs.norm_origin
     config.target.validate_for(model)
-    check_int8_data(export, data)
-    if not held_out_by_training and not args.val_data and not args.quiet:
-        print(
-            f"warning: validation data is {data.sources['val']}: if the model was trained on them, pruning cannot be "
-            "judged there; give held-out images the model never saw with --val-data",
-            file=sys.stderr,
-        )
+    check_int8_labels(export, data.val, data.sources["val"])
+    warn_if_not_held_out(args, inputs, "pruning cannot be judged there")
     out = make_output_folder(args.out)
     lock_output_folder(out)  # one run per folder, before anything is written
 
@@ -380,19 +380,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     inputs = load_model_and_data(args, device)
     model = inputs.loaded.model.eval()
+    warn_if_not_held_out(args, inputs, "the deletion test is optimistic there")
     out = make_output_folder(args.out)
     lock_output_folder(out)  # one run per folder, before anything is written
-    result = wald_test(
-        model,
-        inputs.data.train,
-        estimator=config.estimator,
-        alpha=config.alpha,
-        method=config.method,
-        max_samples=config.max_samples,
-        covariance=config.covariance,
-        tilt=config.tilt,
-        progress=not args.quiet and sys.stderr.isatty(),
-    )
+    result = config.significance(model, inputs.data.train, progress=not args.quiet and sys.stderr.isatty())
     tested = copy.deepcopy(model)
     result.center_layers(tested)  # the masks refer to the weights as tested
     weights = {name: p.detach().cpu() for name, p in tested.named_parameters()}
@@ -426,8 +417,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             for t in at_once.tests
         )
     )
-    with atomic_path(out / "removable.pt") as tmp:
-        torch.save({name: mask.cpu() for name, mask in at_once.masks.items()}, tmp)
+    save_atomic({name: mask.cpu() for name, mask in at_once.masks.items()}, out / "removable.pt")
     write_text_atomic(out / "summary.md", text)
     print(result.summary(weights, units=args.units), end="")
     print("\n".join(lines))
@@ -468,11 +458,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if export.quantize != "none":  # read and checked before anything is written
         data = _quantize_data(args, loaded, feed_norm)
         check_fits(exported, data[0].x[:2], f"calibration inputs from {data[2]}")
-        if data[0].y.is_floating_point():
-            raise InputError(
-                f"--quantize judges the int8 model by its classification error; {data[2]} holds no class labels"
-            )
-    report_position(f"while writing {args.out}", f"{args.out} is whole, the earlier file or none; run the same command")
+        check_int8_labels(export, data[0], data[2])
+    report_position(
+        lambda: (f"while writing {args.out}", f"{args.out} is the earlier file or none; run the same command")
+    )
     report = export_onnx(
         exported,
         args.out,
@@ -494,9 +483,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     val, test, source = data
     int8_path = _int8_path(args.out)
-    report_position(f"while writing {int8_path}", f"{args.out} was written; {int8_path} was not: run the same command")
+    report_position(lambda: (f"while writing {int8_path}", f"{args.out} was written, {int8_path} was not"))
     calibration = val.x[: export.calibration_images]
-    int8 = write_int8(args.out, _int8_path(args.out), calibration, val, test, tolerance=export.quantize_tolerance)
+    int8 = write_int8(args.out, int8_path, calibration, val, test, tolerance=export.quantize_tolerance)
     tested = (
         f"; test error {int8['error']['test']['float']:.2%} float, {int8['error']['test']['int8']:.2%} int8"
         if "test" in int8["error"]
@@ -524,9 +513,8 @@ def _quantize_data(args: argparse.Namespace, loaded: LoadedModel, norm: InputNor
         )
     dataset = args.dataset or loaded.run_config.get("dataset") or "mnist"
     named = None
-    if args.data_dir:
-        args.train_data, args.val_size, args.seed = None, None, 0  # export takes no training data
-        val_size, seed, _ = _split_defaults(args, loaded, dataset)
+    if args.data_dir:  # the images a training of ours held out, else 10,000 chosen by seed 0
+        val_size, seed, _ = _split_defaults(argparse.Namespace(val_size=None, train_data=None, seed=0), loaded, dataset)
         named = load_dataset(dataset, args.data_dir, val_size=val_size, seed=seed, input_norm=norm)
     if args.val_data:
         split = load_data_file(args.val_data, "--val-data", args.image_mode).split

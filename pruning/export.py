@@ -10,7 +10,6 @@ node metadata) and both match PyTorch to ~1e-7. The dynamo path costs ~2 s per e
 
 from __future__ import annotations
 
-import errno
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from anrat.atomic_files import atomic_path
+from anrat.atomic_files import atomic_path, refused_write
 from anrat.errors import InputError
 from pruning.masks import count_nonzero, count_total, permanent_copy
 
@@ -95,11 +94,9 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
         )
-    except OSError as exc:  # the machine refused the write (a full disk): atomic_path says so, exit 1
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS):
-            raise
-        raise ExportVerificationError(f"torch.onnx.export failed: {exc}") from exc
     except Exception as exc:  # the exporter raises many types; say which step failed, keep the cause
+        if refused_write(exc):  # a full disk is the machine's refusal, not the model's: atomic_path says so
+            raise
         raise ExportVerificationError(
             f"torch.onnx.export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc

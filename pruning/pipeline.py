@@ -29,7 +29,7 @@ from torch import nn
 from anrat.atomic_files import atomic_path, make_output_folder, write_text_atomic
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.config import flatten
-from anrat.data import DataSplits, load_dataset
+from anrat.data import DataSplits, Split, load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
@@ -58,9 +58,9 @@ class ReportOptions:
     latency_warmup: int = 5
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
     # onnxruntime intra-op threads (None: its default, one per physical core). One thread is how a
-    # small model is served at batch 1, and its timing holds on a shared machine: with another
-    # process busy on one of 2 cores, a pruned LeNet-5 read 2.4x with 2 threads where it read 4.0x
-    # alone, and 4.1-4.2x with 1 thread either way (docs/results.md, issue 23)
+    # small model is served at batch 1, and its timing holds on a shared machine: the main job's
+    # pruned LeNet-5 read 2.2x-4.0x with 2 threads, idle or beside a busy core, and 4.2x every time
+    # with 1 thread (docs/results.md, issue 23)
     latency_threads: int | None = 1
     verify_images: int = 256  # test inputs the exports are checked on against PyTorch
 
@@ -92,12 +92,13 @@ class ExportOptions:
         check_quantize_options(self.quantize, self.calibration_images, self.quantize_tolerance)
 
 
-def check_int8_data(export: ExportOptions, data: DataSplits) -> None:
-    """An int8 model is judged by its classification error: refuse it for data without class labels."""
-    if export.quantize != "none" and data.val.y.is_floating_point():
+def check_int8_labels(export: ExportOptions, val: Split, source: str = "the validation data") -> None:
+    """An int8 model is judged by its classification error: refuse it for validation data without
+    class labels, before anything is written."""
+    if export.quantize != "none" and val.y.is_floating_point():
         raise InputError(
-            f"quantize={export.quantize!r} judges the quantised model by its classification error, and these "
-            "validation targets are not class labels; export without --quantize"
+            f"quantize={export.quantize!r} judges the quantised model by its classification error, and "
+            f"{source} holds no class labels; export without --quantize"
         )
 
 
@@ -198,22 +199,38 @@ def prune_save_export(
     ``test_before``, if given, is its test figures (else they are evaluated here)."""
     report = report or ReportOptions()
     export = export or ExportOptions()
-    check_int8_data(export, data)
+    check_int8_labels(export, data.val)
     seconds: dict[str, float] = {}
     dense = copy.deepcopy(model).cpu().eval()
     test_before = test_before if test_before is not None else evaluate(model, data.test, kind)
     t0 = time.perf_counter()
+    done = {"rounds": 0}  # for the interrupt line (anrat.interrupts)
+
+    def log_round(record: dict[str, Any]) -> None:
+        if isinstance(record["round"], int):
+            done["rounds"] = max(done["rounds"], record["round"])
+        if log:
+            log(record)
+
+    report_position(
+        lambda: (
+            f"in the pruning, after {done['rounds']} of at most {config.max_rounds} rounds",
+            f"the pruning writes its files into {out} only when it ends, so it wrote none; run the same command again",
+        )
+    )
     try:
-        result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log)
+        result = prune(model, data.train, data.val, config, kind=kind, progress=progress, log=log_round)
     except TrainingDiverged as exc:
         raise TrainingDiverged(
             f"pruning stopped, fine-tuning diverged: {exc} (fine_tune.lr); nothing was written to {out}"
         ) from None
     seconds["prune"] = time.perf_counter() - t0
     report_position(
-        "while writing the pruned model's files",
-        f"every file in {out} is whole, from this run or from before it (each is written atomically); "
-        "run the same command again to write them all",
+        lambda: (
+            "while writing the pruned model's files",
+            f"every file in {out} is whole, from this run or from before it (each is written atomically); "
+            "run the same command again to write them all",
+        )
     )
     test_after = evaluate(result.model, data.test, kind)
     pruned = result.model.cpu().eval()
@@ -340,8 +357,10 @@ def train_prune_export(
         train_subset=cfg.run.train_subset,
         test_subset=cfg.run.test_subset,
     )
-    # a size target the model cannot reach is refused now, not after the training
+    # a size target the model cannot reach, or an int8 copy without class labels to judge it by,
+    # is refused now, not after the training
     cfg.prune.target.validate_for(build_model(cfg.run.model, **model_kwargs(cfg.run, data)))
+    check_int8_labels(cfg.export, data.val)
     out = make_output_folder(cfg.out_dir)
     check_resume(cfg, out)
     lock_output_folder(out)  # one run per folder, before anything is written
@@ -445,7 +464,7 @@ def train_prune_export(
 
 __all__ = [
     "ExportOptions",
-    "check_int8_data",
+    "check_int8_labels",
     "PipelineConfig",
     "PrunedModel",
     "ReportOptions",

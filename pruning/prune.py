@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, Dataset
 from anrat.data import Split, as_split
 from anrat.errors import InputError
 from anrat.functional import LossKind
-from anrat.interrupts import report_position
 from anrat.schedules import LambdaSchedule, ScheduleConfig, fixed_tilt
 from anrat.trainer import Distillation, TrainConfig, Trainer, evaluate
 from pruning.acceptance import NonInferiority, check_margin_alpha, paired_noninferiority
@@ -464,6 +463,22 @@ class PruneConfig:
         if self.ranking not in RANKINGS:
             raise InputError(f"unknown ranking {self.ranking!r}; expected one of {', '.join(RANKINGS)}")
 
+    def significance(self, model: nn.Module, data: Split, kind: LossKind = "ce", progress: bool = False) -> WaldResult:
+        """The Wald tests of ``model`` on ``data`` (the training data) with this configuration's
+        statistics (:func:`pruning.significance.wald_test`)."""
+        return wald_test(
+            model,
+            data,
+            loss=kind,
+            estimator=self.estimator,
+            alpha=self.alpha,
+            method=self.method,
+            max_samples=self.max_samples,
+            progress=progress,
+            covariance=self.covariance,
+            tilt=self.tilt,
+        )
+
     def for_criterion(self, criterion: ScheduleConfig) -> PruneConfig:
         """A copy that tests and fine-tunes by ``criterion``, the criterion the model was trained
         with (:func:`anrat.schedules.criterion_at_epoch`): the fine-tuning minimises it, and when
@@ -602,7 +617,7 @@ def prune(
     """
     config = (config or PruneConfig()).with_options(**options)
     config.validate()
-    alpha, method, estimator, max_samples = config.alpha, config.method, config.estimator, config.max_samples
+    max_samples = config.max_samples
     structured, unstructured, max_rounds = config.structured, config.unstructured, config.max_rounds
     step, min_step, channel_multiple = config.step, config.min_step, config.channel_multiple
     layers = list(prunable_layers(model))
@@ -634,10 +649,6 @@ def prune(
     kept_any, reached = False, False
     for r in range(1, max_rounds + 1):
         start = time.perf_counter()
-        report_position(
-            f"in pruning round {r} of at most {max_rounds}",
-            "the pruning writes its files only when it ends, so none was written by it; run the same command again",
-        )
         previous = copy.deepcopy(model)
         if weight_target is not None:  # no round removes more than the target asks (units aside)
             alive = count_nonzero_weights(model)
@@ -645,18 +656,7 @@ def prune(
         blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
         counts: dict[str, int] = {}
         if config.ranking == "wald":
-            test = wald_test(
-                model,
-                train_data,
-                loss=kind,
-                estimator=estimator,
-                alpha=alpha,
-                method=method,
-                max_samples=max_samples,
-                progress=progress,
-                covariance=config.covariance,
-                tilt=config.tilt,
-            )
+            test = config.significance(model, train_data, kind, progress)
             test.center_layers(model)  # the weights zeroed are the ones whose H0 was not rejected
             # a target is reached whatever it costs: the significant go too, the least significant first;
             # weights only for a size target: zeroed weights bring no speed in a dense ONNX model
@@ -736,26 +736,28 @@ def prune(
         if log:
             log(rounds[-1])
     final = None
-    if kept_any and (ft.final_epochs > 0 or config.final_channel_multiple > 1):
-        # a longer recovery after the last kept round, after the convolutions' final alignment
+    # the convolutions' final alignment, then a longer recovery after the last kept round
+    align = kept_any and config.final_channel_multiple > 1
+    before = copy.deepcopy(model) if align or (kept_any and ft.final_epochs > 0) else None
+    aligned = (
+        _align_filters(model, config.final_channel_multiple, example_input, output_layer(model, example_input))
+        if align
+        else {}
+    )
+    if before is not None and (aligned or ft.final_epochs > 0):
         start = time.perf_counter()
-        before = copy.deepcopy(model)
-        output = output_layer(model, example_input)
-        aligned = _align_filters(model, config.final_channel_multiple, example_input, output)
-        epochs = max(1, ft.final_epochs) if aligned else ft.final_epochs
-        if epochs:
-            fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=epochs)
+        epochs = max(1, ft.final_epochs) if aligned else ft.final_epochs  # an aligned model always recovers
+        fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=epochs)
         val, acceptance, passed = _judge(model, val_data, kind, reference_wrong, base_val, config)
+        alignment = "kept"
         if aligned and not passed and not target.active:  # the alignment cost too much: recover without it
-            model = copy.deepcopy(before)
-            if ft.final_epochs:
-                fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=ft.final_epochs)
+            model, epochs = copy.deepcopy(before), ft.final_epochs
+            if epochs:
+                fine_tune(model, train_data, ft, kind, progress=progress, teacher=teacher, epochs=epochs)
             val, acceptance, passed = _judge(model, val_data, kind, reference_wrong, base_val, config)
             aligned = {name: 0 for name in aligned}
             alignment = "undone: the aligned model was not shown to be within the tolerance"
-        else:
-            alignment = "kept"
-        final = {"epochs": ft.final_epochs, f"val_{key}": val[key]}
+        final = {"epochs": epochs, f"val_{key}": val[key]}
         if any(aligned.values()) or alignment != "kept":
             final.update({"filters_aligned": aligned, "alignment": alignment})
         if acceptance is not None:

@@ -244,21 +244,16 @@ def write_int8(
     with tempfile.TemporaryDirectory(prefix="anrat-int8-") as folder:
         candidate = Path(folder) / out_path.name
         report = quantize_onnx(float_path, calibration, candidate)
+        files = {"float": Path(float_path), "int8": candidate}
+        splits = {"val": val} if test is None else {"val": val, "test": test}
         errors = {
-            "val": {"float": onnx_test_error(Path(float_path), val.x.cpu(), val.y.cpu())},
+            name: {kind: onnx_test_error(path, split.x.cpu(), split.y.cpu()) for kind, path in files.items()}
+            for name, split in splits.items()
         }
-        errors["val"]["int8"] = onnx_test_error(candidate, val.x.cpu(), val.y.cpu())
-        if test is not None:
-            errors["test"] = {
-                kind: onnx_test_error(path, test.x.cpu(), test.y.cpu())
-                for kind, path in (("float", Path(float_path)), ("int8", candidate))
-            }
         ok, line = int8_verdict(errors["val"]["float"], errors["val"]["int8"], tolerance)
         latency: dict[str, dict[str, float]] = {"float": {}, "int8": {}}
         for size in batch_sizes:
-            times = paired_latency(
-                {"float": float_path, "int8": candidate}, size, repeats=repeats, warmup=warmup, threads=threads
-            )
+            times = paired_latency(files, size, repeats=repeats, warmup=warmup, threads=threads)
             for kind in latency:
                 latency[kind][str(size)] = times[kind]
         stale = not ok and out_path.exists()

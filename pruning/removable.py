@@ -106,8 +106,7 @@ def removable_set(
         with torch.no_grad():
             for name, value in original.items():
                 params[name].copy_(value)
-    removed = float(best.float().mean()) if tests and tests[0]["accepted"] else 0.0
-    return RemovableSet(unflatten(best, scores), removed, margin, alpha, tests)
+    return RemovableSet(unflatten(best, scores), float(best.float().mean()), margin, alpha, tests)
 
 
 __all__ = ["GRID", "RemovableSet", "removable_set"]

@@ -12,15 +12,7 @@ from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.prune import FineTune, PruneConfig, Target, prune, prune_to_sparsity, round_line
-
-RELEVANT = 3  # of 10 input features, only the first 3 decide the class
-
-
-def make_split(n: int, seed: int) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g)
-    score = torch.stack([x[:, 0] + x[:, 1], x[:, 1] - x[:, 2], x[:, 2] - x[:, 0]], dim=1)
-    return Split(x, score.argmax(dim=1))
+from tests.pruning.synthetic_data import RELEVANT, make_split
 
 
 @pytest.fixture(scope="module")

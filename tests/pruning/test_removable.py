@@ -6,21 +6,13 @@ import re
 import pytest
 import torch
 
-from anrat.data import Split
 from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
 from pruning.prune import wrong_outcomes
 from pruning.removable import removable_set
-
-
-def make_split(n: int, seed: int) -> Split:
-    """10 input features of which the first 3 decide the class (of 3)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g)
-    score = torch.stack([x[:, 0] + x[:, 1], x[:, 1] - x[:, 2], x[:, 2] - x[:, 0]], dim=1)
-    return Split(x, score.argmax(dim=1))
+from tests.pruning.synthetic_data import make_split
 
 
 @pytest.fixture(scope="module")
