@@ -279,6 +279,18 @@ def _merge_units(*groups: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: idx for name, idx in merged.items() if idx.numel()}
 
 
+def _conv_block(width: int, multiple: int, below_one_block: bool = False) -> int:
+    """The block a convolution of ``width`` filters is counted and aligned in: ``multiple``, or with
+    ``below_one_block`` (a speed target), for a layer no wider than one block, the block halved
+    until it is narrower than the layer (16 filters go in 8s, then 4s). Onnxruntime gains nothing
+    from part blocks of a wide layer, but a layer of one block that sets the floor (a first
+    convolution at full resolution) only gets faster with fewer filters (docs/results.md)."""
+    if below_one_block:
+        while multiple > 1 and width <= multiple:
+            multiple //= 2
+    return multiple
+
+
 def _aligned_width(kept: int, width: int, multiple: int) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple`` (ties up), within [multiple, width];
     a layer narrower than ``multiple`` keeps its width."""
@@ -293,6 +305,7 @@ def _remove_units(
     example_input: Tensor,
     output_layer: str | None,
     channel_multiple: int = 1,
+    below_one_block: bool = False,
 ) -> dict[str, int]:
     """Remove units, never a whole layer and never the output layer's units.
 
@@ -301,7 +314,8 @@ def _remove_units(
     left with, say, 17 or 24 of 32 filters ran no faster, or slower, than the unpruned one
     (docs/results.md). The count is rounded to the nearest multiple: down, by also removing the
     tested layer's weakest remaining filters (smallest L1 norm), or up, by keeping back the
-    strongest candidates. The rollback rule then judges the round as usual.
+    strongest candidates. The rollback rule then judges the round as usual. ``below_one_block``
+    (a speed target) lets a layer of one block go in smaller blocks (:func:`_conv_block`).
     """
     modules = dict(model.named_modules())
     plan = {}
@@ -313,7 +327,8 @@ def _remove_units(
         if idx.numel() >= width:  # keep the strongest unit rather than cut the network in two
             idx = idx[idx != int(norms.argmax())]
         if is_convolution(modules[name]) and channel_multiple > 1:
-            target = _aligned_width(width - idx.numel(), width, channel_multiple)
+            block = _conv_block(width, channel_multiple, below_one_block)
+            target = _aligned_width(width - idx.numel(), width, block)
             drop = torch.zeros(width, dtype=torch.bool)
             drop[idx] = True
             by_strength = torch.argsort(norms, descending=True)
@@ -401,6 +416,7 @@ class PruneConfig:
         channel_multiple: a convolution is left with a multiple of this many filters (or all it
             has), rounded to the nearest (:func:`_remove_units`): onnxruntime's CPU convolutions
             work in blocks of 8 or 16 channels, so other widths bring little or no speed; 1: off.
+            Under a speed target a layer of one block goes in half blocks (:func:`_conv_block`).
         final_channel_multiple: after the last kept round, each convolution wider than this is
             narrowed to a multiple of it, rounded down, its weakest filters (smallest L1 norm)
             going (:func:`_align_filters`); the final recovery follows and the acceptance test
@@ -653,7 +669,12 @@ def prune(
         if weight_target is not None:  # no round removes more than the target asks (units aside)
             alive = count_nonzero_weights(model)
             step = min(step, max(min_step, 1 - weight_target / max(1, alive)))
-        blocks = {n: channel_multiple for n, m in prunable_layers(model).items() if is_convolution(m)}
+        speed = target.speedup is not None
+        blocks = {
+            n: _conv_block(m.weight.shape[0], channel_multiple, speed)
+            for n, m in prunable_layers(model).items()
+            if is_convolution(m)
+        }
         counts: dict[str, int] = {}
         if config.ranking == "wald":
             test = config.significance(model, train_data, kind, progress)
@@ -672,7 +693,7 @@ def prune(
             candidates = _lowest_units(scores, alive, step, blocks, output)
         zeroed = _zero_(model, keep) if unstructured else 0
         units = _merge_units(candidates if structured else {}, _dead_units(model, layers))
-        removed_units = _remove_units(model, units, example_input, output, channel_multiple)
+        removed_units = _remove_units(model, units, example_input, output, channel_multiple, speed)
         layers = list(prunable_layers(model))
         record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units, **counts}
         if counts and counts["weights_significant"] <= 0.01 * counts["weights_tested"]:
