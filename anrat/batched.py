@@ -429,7 +429,7 @@ class BatchedTrainer:
         max_members: at most this many members per forward/backward pass (None: all at once).
         progress: one line per epoch on stderr (:func:`stack_epoch_line`) and, on a terminal, a
             progress bar over each epoch's steps.
-        run_config: the options of the run that made the stack (e.g. ``anrat.train.RunConfig`` as
+        run_config: the options of the run that made the stack (e.g. ``anrat.run.RunConfig`` as
             a dict), stored in ``last.pt`` so that a resume can be checked against them.
     """
 

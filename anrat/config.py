@@ -1,6 +1,6 @@
 """One configuration layer for every command: dataclasses, a TOML (or JSON) file, ``--set`` and flags.
 
-A command's options are a dataclass (``anrat.train.RunConfig``, ``pruning.prune.PruneConfig``, the
+A command's options are a dataclass (``anrat.run.RunConfig``, ``pruning.prune.PruneConfig``, the
 recipe's ``RecipeConfig``), nested where one object owns another (``RunConfig.train`` is a
 ``TrainConfig``). Its defaults are written once, in the dataclass. A run's values are resolved in
 this order, each overriding the one before:

@@ -9,7 +9,7 @@ refused before it writes anything: "OUT is in use by another run (pid 1234)", th
 
 Within one process a folder is locked once: taking it again is a no-op, so a library caller may
 run twice into the same folder. The command lines release their locks when they end
-(:func:`release_all`, from :func:`anrat.cli.run_command`); a library caller (``anrat.train.run``,
+(:func:`release_all`, from :func:`anrat.cli.run_command`); a library caller (``anrat.run.run``,
 ``pruning.pipeline.train_prune_export``) holds them until it calls :func:`release_all` or exits,
 so another process cannot write into a folder it may still be using. Where ``fcntl`` does not
 exist (Windows), no lock is taken.

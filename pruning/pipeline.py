@@ -4,7 +4,7 @@
   (:func:`pruning.prune.prune`), saves ``pruned.pt``, exports and verifies ``model.onnx``, scores
   it under onnxruntime, and times the dense and pruned networks side by side
   (:func:`pruning.export.compare_models`). ``python -m pruning prune`` is this function.
-- :func:`train_prune_export` trains first (:func:`anrat.train.run`, the best epoch selected on
+- :func:`train_prune_export` trains first (:func:`anrat.run.run`, the best epoch selected on
   validation) and then runs the above; it writes ``config.json``, ``metrics.json`` and
   ``report.md`` with figures (:mod:`pruning.report`). The MNIST recipe and the benchmarks are it.
 """
@@ -37,8 +37,8 @@ from anrat.interrupts import report_position
 from anrat.models import build_model
 from anrat.run_lock import lock_output_folder
 from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
-from anrat.train import RunConfig, model_kwargs
-from anrat.train import run as train_run
+from anrat.run import RunConfig, model_kwargs
+from anrat.run import run as train_run
 from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import compare_models, cpu_model, onnx_test_error
 from pruning.masks import layer_counts
@@ -148,7 +148,7 @@ def _first_epoch(schedule: ScheduleConfig) -> dict[str, Any]:
 
 
 def training_criterion(schedule: ScheduleConfig, trained: dict[str, Any]) -> ScheduleConfig:
-    """The criterion a training (:func:`anrat.train.run`'s result, ``schedule`` its schedule)
+    """The criterion a training (:func:`anrat.run.run`'s result, ``schedule`` its schedule)
     minimised at its selected epoch, held fixed (:func:`anrat.schedules.criterion_at_epoch`)."""
     best = trained["selected"]["best_epoch"]
     record = next((h for h in trained["history"] if h["epoch"] == best), _first_epoch(schedule))

@@ -6,7 +6,7 @@ reports what happened and what it cost:
 The pipeline is the library's (:func:`pruning.pipeline.train_prune_export`); this file holds only
 the presets and the command line.
 
-1. **Train** (:func:`anrat.train.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
+1. **Train** (:func:`anrat.run.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
    (the quick preset: the scale-free tilt ``ess``, chosen on validation; the paper preset: ANRAT);
    the quick preset keeps the last epoch (its learning rate is annealed to 0), so the held-out
    validation images select nothing and stay unbiased for the pruning's acceptance test; with a
@@ -61,7 +61,7 @@ from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
 from anrat.errors import InputError
 from anrat.schedules import SCHEDULES
-from anrat.train import ENGINES
+from anrat.run import ENGINES
 from anrat.trainer import LR_DECAYS
 from pruning.pipeline import PipelineConfig, train_prune_export
 from pruning.quantize import QUANTIZE_CHOICES

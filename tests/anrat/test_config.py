@@ -20,7 +20,8 @@ from anrat.config import (
     resolve_from_args,
 )
 from anrat.errors import InputError
-from anrat.train import RunConfig, build_parser, config_from_args
+from anrat.run import RunConfig
+from anrat.train import build_parser, config_from_args
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from anrat.train import run as train_run
+from anrat.run import run as train_run
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from anrat.data import Split, load_dataset
 from anrat.errors import InputError
 from anrat.models import build_model
 from anrat.recipes.mnist_prune import FIGURES, build_parser, main, resolve_config
-from anrat.train import grid_configs
-from anrat.train import run as train_run
+from anrat.run import grid_configs
+from anrat.run import run as train_run
 from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
