@@ -75,9 +75,9 @@ from anrat.cli import OneLineErrorParser
 from anrat.data import load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
-from anrat.schedules import ScheduleConfig
 from anrat.run import ENGINES, RunConfig
 from anrat.run import run as train_run
+from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig, TrainingDiverged, evaluate
 from pruning.pipeline import PipelineConfig, ReportOptions, train_prune_export
 from pruning.prune import FineTune, PruneConfig, fine_tune

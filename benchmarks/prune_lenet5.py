@@ -31,8 +31,8 @@ import torch
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import load_dataset
 from anrat.devices import resolve_device
-from anrat.schedules import ScheduleConfig
 from anrat.run import RunConfig, run
+from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig, evaluate
 from pruning import FineTune, compare_models, export_onnx, prune, prune_to_sparsity
 

@@ -38,18 +38,17 @@ import copy
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import nn
 
 from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
-from anrat.checkpoint import load_checkpoint, model_from_checkpoint, recorded_input_norm, save_atomic
+from anrat.checkpoint import save_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, resolve_from_args
-from anrat.data import DATASET_NORMS, DATASETS, DataSplits, Split, load_dataset
-from anrat.data_files import IMAGE_MODES, load_data_file, load_splits
+from anrat.data import DATASETS, Split, load_dataset
+from anrat.data_files import IMAGE_MODES, load_data_file
 from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm, with_preprocessing
@@ -57,145 +56,55 @@ from anrat.interrupts import report_position
 from anrat.run_lock import lock_output_folder
 from anrat.trainer import evaluate
 from pruning.export import export_onnx
+from pruning.loading import (
+    DEFAULT_VAL_SIZE,
+    DataSource,
+    LoadedData,
+    LoadedModel,
+    ModelSource,
+    check_fits,
+    load_model,
+    load_model_and_data,
+    resolve_input_norm,
+    split_defaults,
+)
 from pruning.masks import count_nonzero, count_total
 from pruning.pipeline import ExportOptions, ReportOptions, check_int8_labels, prune_save_export
 from pruning.prune import PruneConfig, paired_line, round_line, validation_warning
-from pruning.pruned_checkpoint import FORMAT as PRUNED_FORMAT
-from pruning.pruned_checkpoint import build_from_factory, load_pruned
 from pruning.quantize import QUANTIZE_CHOICES, write_int8
 from pruning.removable import removable_set
 from pruning.significance import COVARIANCES, ESTIMATORS
 
-DEFAULT_VAL_SIZE = 10_000
+
+def model_source(args: argparse.Namespace, allow_factories: bool = False) -> ModelSource:
+    """The model the flags name (``allow_factories``: ``--allow-factory`` counts, for export)."""
+    allowed = (args.allow_factory or ()) if allow_factories else ()
+    return ModelSource(args.checkpoint, args.factory, args.factory_kwargs, args.weights, allowed)
 
 
-@dataclass
-class LoadedModel:
-    """A model to prune or export, how to describe it in a pruned checkpoint, and what its
-    checkpoint recorded (input normalisation, the training run's settings)."""
-
-    model: nn.Module
-    description: dict[str, Any]
-    recorded_norm: InputNorm | None
-    run_config: dict[str, Any]
-    source: str
-
-
-def _factory_model(args: argparse.Namespace) -> LoadedModel:
-    if not args.weights:
-        raise InputError("--factory needs --weights, a state_dict saved with torch.save")
-    try:
-        factory_kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--factory-kwargs is not valid JSON: {exc}") from None
-    if not isinstance(factory_kwargs, dict):
-        raise InputError(f"--factory-kwargs must be a JSON object, got {args.factory_kwargs!r}")
-    model = build_from_factory(args.factory, factory_kwargs)
-    weights = load_checkpoint(args.weights)
-    state = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise InputError(
-            f"weights in {args.weights!r} do not fit the model of {args.factory!r}: {str(exc).splitlines()[0]}"
-        ) from None
-    recorded = recorded_input_norm(weights) if isinstance(weights, dict) and "input_norm" in weights else None
-    return LoadedModel(
-        model, {"factory": args.factory, "factory_kwargs": factory_kwargs}, recorded, {}, f"factory {args.factory}"
+def data_source(args: argparse.Namespace) -> DataSource:
+    """The data the flags name, for ``prune`` and ``test``."""
+    return DataSource(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        train_data=args.train_data,
+        val_data=args.val_data,
+        test_data=args.test_data,
+        val_size=args.val_size,
+        seed=args.seed,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        image_mode=args.image_mode,
+        input_norm=args.input_norm,
     )
 
 
-def load_model(args: argparse.Namespace, checkpoint: str | None, allow_factories: Sequence[str] = ()) -> LoadedModel:
-    """The model named on the command line: a checkpoint of ours (trainer or pruned), or
-    ``--factory`` with ``--weights`` (naming the factory on the command line is trusting it)."""
-    if bool(checkpoint) == bool(args.factory):
-        raise InputError(
-            "give either a checkpoint (model.pt of anrat-train, pruned.pt of anrat-prune) or --factory with --weights"
-        )
-    loaded = _factory_model(args) if args.factory else _checkpoint_model(checkpoint, allow_factories)
-    check_finite(loaded.model, loaded.source)
-    return loaded
-
-
-def check_finite(model: nn.Module, source: str) -> None:
-    """Refuse a model with NaN or infinite weights: it cannot be evaluated, tested or exported."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(
-                f"the weights of {source} are not finite ({name} holds NaN or infinite values); "
-                "give a checkpoint of a run that did not diverge"
-            )
-
-
-def _checkpoint_model(checkpoint: str, allow_factories: Sequence[str]) -> LoadedModel:
-    ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or not ("arch" in ckpt or ckpt.get("format") == PRUNED_FORMAT):
-        raise InputError(
-            f"{checkpoint!r} is not a checkpoint of anrat (it does not describe its network); for a "
-            f"plain state_dict give --factory package.module:function --weights {checkpoint}"
-        )
-    if ckpt.get("format") == PRUNED_FORMAT:
-        model = load_pruned(checkpoint, allow_factories=allow_factories)
-    else:
-        model = model_from_checkpoint(ckpt)
-    description = (
-        {"arch": ckpt["arch"]}
-        if "arch" in ckpt
-        else {"factory": ckpt["factory"]["target"], "factory_kwargs": ckpt["factory"].get("kwargs", {})}
-    )
-    return LoadedModel(model, description, recorded_input_norm(ckpt), ckpt.get("run_config") or {}, checkpoint)
-
-
-def resolve_input_norm(args: argparse.Namespace, loaded: LoadedModel, dataset: str | None) -> tuple[InputNorm, str]:
-    """The normalisation in force and why: ``--input-norm``, else what the checkpoint recorded,
-    else ``none`` for a factory model (its inputs are used as given)."""
-    if args.input_norm is not None:
-        norm = InputNorm.parse(args.input_norm, DATASET_NORMS.get(dataset) if dataset else None)
-        if loaded.recorded_norm is not None and norm != loaded.recorded_norm:
-            print(
-                f"warning: --input-norm {args.input_norm} differs from the normalisation recorded in "
-                f"{loaded.source} ({loaded.recorded_norm.describe()})",
-                file=sys.stderr,
-            )
-        return norm, "--input-norm"
-    if loaded.recorded_norm is not None:
-        return loaded.recorded_norm, f"recorded in {loaded.source}"
-    if args.factory:
-        return InputNorm.none(), "default for a factory model: inputs used as given"
-    raise InputError(
-        f"{loaded.source} does not record which input normalisation its model expects; pass "
-        "--input-norm none, dataset or MEAN,STD"
-    )
-
-
-def check_fits(model: nn.Module, x: torch.Tensor, source: str) -> int:
-    """One forward pass, so that a model/data mismatch is one clear line and not a deep traceback;
-    returns the number of class scores the model gives."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x[:2])
-    except RuntimeError as exc:
-        raise InputError(
-            f"the model does not accept {source} of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(f"the model's output is {shape}; expected class scores of shape (batch, classes)")
-    return out.shape[1]
-
-
-def check_labels(classes: int, data: DataSplits) -> None:
-    """Refuse class labels the model has no output for (they would fail deep inside the loss)."""
-    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
-        if split is None or split.y.is_floating_point() or not len(split):
-            continue
-        low, high = int(split.y.min()), int(split.y.max())
-        if low < 0 or high >= classes:
-            raise InputError(
-                f"{data.sources.get(name, name)} holds class labels {low}..{high}, but the model has "
-                f"{classes} outputs; expected labels 0..{classes - 1}"
-            )
+def load_inputs(args: argparse.Namespace, device: torch.device) -> LoadedData:
+    """:func:`pruning.loading.load_model_and_data` of the flags; prints its normalisation warning."""
+    inputs = load_model_and_data(model_source(args), data_source(args), device)
+    if inputs.norm.warning:
+        print(inputs.norm.warning, file=sys.stderr)
+    return inputs
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -204,21 +113,6 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     config = resolve_from_args(PruneConfig(), args, extra=[("fine_tune.seed", args.seed)])
     config.validate()
     return config
-
-
-def _split_defaults(args: argparse.Namespace, loaded: LoadedModel, dataset: str) -> tuple[int, int, bool]:
-    """Validation size and split seed: as given; else, for a checkpoint of anrat-train on the same
-    dataset, the images its training held out; else 10,000 images chosen by ``--seed``."""
-    run = loaded.run_config
-    if (
-        args.val_size is None
-        and run.get("dataset") == dataset
-        and isinstance(run.get("val_size"), int)
-        and run["val_size"] > 0
-        and not args.train_data
-    ):
-        return run["val_size"], int(run.get("train", {}).get("seed", 0)), True
-    return (DEFAULT_VAL_SIZE if args.val_size is None else args.val_size), args.seed, False
 
 
 def export_options(args: argparse.Namespace) -> ExportOptions:
@@ -236,47 +130,6 @@ def _int8_status(int8: dict[str, Any] | None) -> int:
     return 0 if int8["written"] else 1
 
 
-@dataclass
-class LoadedData:
-    """A model to test or prune, on its device, and its data, checked against each other."""
-
-    loaded: LoadedModel
-    data: DataSplits
-    norm: InputNorm
-    norm_origin: str
-    held_out_by_training: bool  # the validation images are the ones our trainer held out
-
-
-def load_model_and_data(args: argparse.Namespace, device: torch.device) -> LoadedData:
-    """The model (``--checkpoint`` or ``--factory``/``--weights``) and its splits (a dataset and/or
-    files), fed as the model was trained; a model that does not fit its data is refused here."""
-    loaded = load_model(args, args.checkpoint)
-    dataset = args.dataset or (loaded.run_config.get("dataset") if not (args.train_data and args.test_data) else None)
-    norm, norm_origin = resolve_input_norm(args, loaded, dataset)
-    val_size, split_seed, held_out_by_training = _split_defaults(args, loaded, dataset or "mnist")
-    data = load_splits(
-        input_norm=norm,
-        dataset=dataset,
-        data_dir=args.data_dir,
-        train_data=args.train_data,
-        val_data=args.val_data,
-        test_data=args.test_data,
-        val_size=val_size,
-        seed=split_seed,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        image_mode=args.image_mode,
-        device=device,
-    )
-    if held_out_by_training:
-        data.sources["val"] = (
-            f"the {val_size} training images {loaded.source} held out for validation (seed {split_seed})"
-        )
-    loaded.model.to(device)
-    check_labels(check_fits(loaded.model, data.train.x, f"inputs from {data.sources['train']}"), data)
-    return LoadedData(loaded, data, norm, norm_origin, held_out_by_training)
-
-
 def warn_if_not_held_out(args: argparse.Namespace, inputs: LoadedData, consequence: str) -> None:
     """One line when the validation images may be ones the model was trained on."""
     if not inputs.held_out_by_training and not args.val_data and not args.quiet:
@@ -291,9 +144,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = prune_config(args)
     export = export_options(args)
     device = resolve_device(args.device)
-    inputs = load_model_and_data(args, device)
+    inputs = load_inputs(args, device)
     loaded, model, data = inputs.loaded, inputs.loaded.model, inputs.data
-    norm, norm_origin = inputs.norm, inputs.norm_origin
+    norm, norm_origin = inputs.norm.norm, inputs.norm.origin
     config.target.validate_for(model)
     check_int8_labels(export, data.val, data.sources["val"])
     warn_if_not_held_out(args, inputs, "pruning cannot be judged there")
@@ -378,7 +231,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     """Test every weight and unit; print and write the summary and the removable masks."""
     config = prune_config(args)
     device = resolve_device(args.device)
-    inputs = load_model_and_data(args, device)
+    inputs = load_inputs(args, device)
     model = inputs.loaded.model.eval()
     warn_if_not_held_out(args, inputs, "the deletion test is optimistic there")
     out = make_output_folder(args.out)
@@ -428,9 +281,12 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     export = export_options(args)
-    loaded = load_model(args, args.checkpoint, allow_factories=args.allow_factory or ())
+    loaded = load_model(model_source(args, allow_factories=True))
     model = loaded.model.eval()
-    norm, norm_origin = resolve_input_norm(args, loaded, args.dataset)
+    resolved = resolve_input_norm(args.input_norm, loaded, args.dataset)
+    if resolved.warning:
+        print(resolved.warning, file=sys.stderr)
+    norm, norm_origin = resolved.norm, resolved.origin
     # The verification inputs are what the exported graph takes: raw pixels when it normalises itself.
     feed_norm = InputNorm.none() if args.include_preprocessing else norm
     if args.test_data:
@@ -514,7 +370,7 @@ def _quantize_data(args: argparse.Namespace, loaded: LoadedModel, norm: InputNor
     dataset = args.dataset or loaded.run_config.get("dataset") or "mnist"
     named = None
     if args.data_dir:  # the images a training of ours held out, else 10,000 chosen by seed 0
-        val_size, seed, _ = _split_defaults(argparse.Namespace(val_size=None, train_data=None, seed=0), loaded, dataset)
+        val_size, seed, _ = split_defaults(loaded, dataset)
         named = load_dataset(dataset, args.data_dir, val_size=val_size, seed=seed, input_norm=norm)
     if args.val_data:
         split = load_data_file(args.val_data, "--val-data", args.image_mode).split

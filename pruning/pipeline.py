@@ -35,10 +35,10 @@ from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.interrupts import report_position
 from anrat.models import build_model
-from anrat.run_lock import lock_output_folder
-from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.run import RunConfig, model_kwargs
 from anrat.run import run as train_run
+from anrat.run_lock import lock_output_folder
+from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.trainer import TrainingDiverged, evaluate
 from pruning.export import compare_models, cpu_model, onnx_test_error
 from pruning.masks import layer_counts

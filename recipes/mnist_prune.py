@@ -60,8 +60,8 @@ from typing import Any
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
 from anrat.errors import InputError
-from anrat.schedules import SCHEDULES
 from anrat.run import ENGINES
+from anrat.schedules import SCHEDULES
 from anrat.trainer import LR_DECAYS
 from pruning.pipeline import PipelineConfig, train_prune_export
 from pruning.quantize import QUANTIZE_CHOICES
