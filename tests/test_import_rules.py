@@ -2,7 +2,9 @@
 
 - ``anrat/`` imports nothing from ``pruning``, the recipes or the benchmarks;
 - ``pruning/`` nothing from the recipes or the benchmarks;
-- ``benchmarks/`` nothing from the recipes (they use the library's pipeline, as the recipes do).
+- ``benchmarks/`` nothing from the recipes (they use the library's pipeline, as the recipes do);
+- no library module and no benchmark imports a command line (``anrat.train``, ``pruning.__main__``):
+  what a command runs lives in a library module it calls.
 
 The recipes live in ``recipes/`` and are installed as ``anrat.recipes``; both names count.
 """
@@ -16,10 +18,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("recipes", "anrat.recipes")
+COMMAND_LINES = ("anrat.train", "pruning.__main__")  # argparse front ends: nothing imports them as a library
 FORBIDDEN = {
-    "anrat": ("pruning", "benchmarks", *RECIPES),
-    "pruning": ("benchmarks", *RECIPES),
-    "benchmarks": RECIPES,
+    "anrat": ("pruning", "benchmarks", *RECIPES, "anrat.train"),
+    "pruning": ("benchmarks", *RECIPES, *COMMAND_LINES),
+    "benchmarks": (*RECIPES, *COMMAND_LINES),
 }
 
 
