@@ -12,31 +12,16 @@ from anrat.data import Split
 from anrat.errors import InputError
 from anrat.functional import per_sample_loss, tilted_mean
 from anrat.losses import ANRATLoss
-from anrat.models import build_model
-from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, Trainer
+from anrat.schedules import ScheduleConfig
+from anrat.trainer import TrainConfig
 from pruning.prune import FineTune, prune
 
 ARCH = {"name": "mlp", "kwargs": {"in_features": 6, "hidden": [12], "out_features": 3}}
 N_TRAIN, BATCH, EPOCHS = 320, 32, 10  # 10 steps per epoch: 100 steps
 
 
-def factory() -> nn.Module:
-    return build_model(ARCH["name"], **ARCH["kwargs"])
-
-
 def dropout_factory() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-
-
-def data(kind: str, n: int, seed: int) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    if kind == "ce":
-        y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 0.5).long()
-    else:
-        y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2], 0.5 * x[:, 3]], dim=1)
-    return Split(x, y)
 
 
 def members(kind: str, optimizer: str) -> list[Member]:
@@ -64,21 +49,12 @@ def members(kind: str, optimizer: str) -> list[Member]:
     ]
 
 
-def single_run(member: Member, train: Split, val: Split | None, out_dir) -> Trainer:
-    torch.manual_seed(member.train.seed)
-    trainer = Trainer(
-        factory(), LambdaSchedule(replace(member.schedule)), train, val, member.train, out_dir=out_dir, progress=False
-    )
-    trainer.fit()
-    return trainer
-
-
 def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     error = ((actual - expected).norm() / expected.norm()).item()
     assert error <= rtol, f"relative error {error:.3g} > {rtol:g}"
 
 
-def members_and_single_runs(batched: BatchedTrainer, result, train: Split, val: Split, tmp_path):
+def members_and_single_runs(batched: BatchedTrainer, result, train: Split, val: Split, tmp_path, single_run):
     """Yield ``(k, member, single)`` after checking what every member shares with its single-model
     run: the last weights (to 1e-5), the selected epoch, the switch epoch and lambda."""
     assert result.diverged == {}
@@ -95,12 +71,12 @@ def members_and_single_runs(batched: BatchedTrainer, result, train: Split, val: 
 
 
 @pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("lp", "sgd"), ("ce", "adam")])
-def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path):
-    train, val = data(kind, N_TRAIN, 0), data(kind, 96, 1)
+def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path, single_run, synthetic_split, tiny_mlp):
+    train, val = synthetic_split(kind, N_TRAIN, 0), synthetic_split(kind, 96, 1)
     grid_members = members(kind, optimizer)
-    batched = BatchedTrainer(factory, grid_members, train, val)
+    batched = BatchedTrainer(tiny_mlp, grid_members, train, val)
     result = batched.fit()
-    for k, _member, single in members_and_single_runs(batched, result, train, val, tmp_path):
+    for k, _member, single in members_and_single_runs(batched, result, train, val, tmp_path, single_run):
         for name, value in batched.member_state_dict(k).items():  # the selected weights
             assert_relatively_close(value, single.model.state_dict()[name])
         assert batched.history[-1]["train_loss"][k] == pytest.approx(single.history[-1]["train_loss"], rel=1e-4)
@@ -147,12 +123,17 @@ def faithful_members(kind: str, optimizer: str) -> list[Member]:
 
 
 @pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("true_class_sq", "sgd"), ("lp", "adam")])
-def test_the_faithful_variants_are_the_single_model_runs(kind, optimizer, tmp_path):
-    train, val = data("lp" if kind == "lp" else "ce", N_TRAIN, 0), data("lp" if kind == "lp" else "ce", 96, 1)
+def test_the_faithful_variants_are_the_single_model_runs(
+    kind, optimizer, tmp_path, single_run, synthetic_split, tiny_mlp
+):
+    train, val = (
+        synthetic_split("lp" if kind == "lp" else "ce", N_TRAIN, 0),
+        synthetic_split("lp" if kind == "lp" else "ce", 96, 1),
+    )
     grid_members = faithful_members(kind, optimizer)
-    batched = BatchedTrainer(factory, grid_members, train, val)
+    batched = BatchedTrainer(tiny_mlp, grid_members, train, val)
     result = batched.fit()
-    for k, member, single in members_and_single_runs(batched, result, train, val, tmp_path):
+    for k, member, single in members_and_single_runs(batched, result, train, val, tmp_path, single_run):
         assert batched.history[-1]["criterion"][k] == single.history[-1]["criterion"]
         for epoch in (0, EPOCHS - 1):
             assert batched.history[epoch]["train_objective"][k] == pytest.approx(
@@ -167,33 +148,33 @@ def test_the_faithful_variants_are_the_single_model_runs(kind, optimizer, tmp_pa
     assert batched.schedules[4].lam != pytest.approx(3.0, rel=1e-3)  # lambda did move
 
 
-def test_a_diverging_member_is_frozen_and_the_others_go_on():
-    train = data("lp", 128, 0)
+def test_a_diverging_member_is_frozen_and_the_others_go_on(synthetic_split, tiny_mlp):
+    train = synthetic_split("lp", 128, 0)
     base = TrainConfig(epochs=3, batch_size=32)
     good = [
         Member(replace(base, seed=0, lr=0.05), ScheduleConfig(name="fixed", kind="lp", lam0=1.0)),
         Member(replace(base, seed=1, lr=0.05), ScheduleConfig(name="adaptive", kind="lp", lam0=1.0)),
     ]
     bad = Member(replace(base, seed=2, lr=1e30), ScheduleConfig(name="plain", kind="lp"))
-    run = BatchedTrainer(factory, [good[0], bad, good[1]], train, None)
+    run = BatchedTrainer(tiny_mlp, [good[0], bad, good[1]], train, None)
     result = run.fit()
     assert list(result.diverged) == [1]
     assert "diverged in epoch 1" in result.diverged[1] and result.diverged_epoch == {1: 1}
     assert all(torch.isfinite(v).all() for v in run.member_state_dict(1).values())
-    alone = BatchedTrainer(factory, good, train, None)
+    alone = BatchedTrainer(tiny_mlp, good, train, None)
     alone.fit()
     for k_run, k_alone in ((0, 0), (2, 1)):
         for name, value in run.member_state_dict(k_run).items():
             torch.testing.assert_close(value, alone.member_state_dict(k_alone)[name], rtol=1e-6, atol=1e-7)
 
 
-def test_chunked_and_unchunked_runs_give_the_same_members():
-    train, val = data("ce", 160, 0), data("ce", 64, 1)
+def test_chunked_and_unchunked_runs_give_the_same_members(synthetic_split, tiny_mlp):
+    train, val = synthetic_split("ce", 160, 0), synthetic_split("ce", 64, 1)
     grid_members = members("ce", "sgd")
     for m in grid_members:
         m.train.epochs = 3
-    whole = BatchedTrainer(factory, grid_members, train, val)
-    chunked = BatchedTrainer(factory, grid_members, train, val, max_members=2)
+    whole = BatchedTrainer(tiny_mlp, grid_members, train, val)
+    chunked = BatchedTrainer(tiny_mlp, grid_members, train, val, max_members=2)
     whole_result, chunked_result = whole.fit(), chunked.fit()
     assert whole_result.best_epoch == chunked_result.best_epoch
     for k in range(len(grid_members)):
@@ -213,8 +194,8 @@ def dropout_members() -> list[Member]:
     ]
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(tmp_path):
-    train, val = data("ce", 128, 0), data("ce", 64, 1)
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, synthetic_split):
+    train, val = synthetic_split("ce", 128, 0), synthetic_split("ce", 64, 1)
     torch.manual_seed(0)  # dropout masks come from the global RNG, as in the single-model Trainer
     straight = BatchedTrainer(dropout_factory, dropout_members(), train, val, out_dir=tmp_path / "straight")
     straight.fit()
@@ -245,19 +226,19 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path):
     assert len((tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path):
+def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path, synthetic_split, tiny_mlp):
     """The running NRAE, lambda's direct value and the RAE switch come back from last.pt; a
     checkpoint written before r, switch_to and the running normaliser existed still resumes."""
-    train, val = data("ce", 128, 0), data("ce", 64, 1)
+    train, val = synthetic_split("ce", 128, 0), synthetic_split("ce", 64, 1)
     grid_members = faithful_members("ce", "sgd")
     for m in grid_members:
         m.train.epochs = 6
         m.train.batch_size = 16  # 8 steps per epoch: excursions' plain phases fall in both halves
-    straight = BatchedTrainer(factory, grid_members, train, val)
+    straight = BatchedTrainer(tiny_mlp, grid_members, train, val)
     straight.fit()
-    first = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    first = BatchedTrainer(tiny_mlp, grid_members, train, val, out_dir=tmp_path / "run")
     first.fit(epochs=3)
-    resumed = BatchedTrainer(factory, grid_members, train, val, out_dir=tmp_path / "run")
+    resumed = BatchedTrainer(tiny_mlp, grid_members, train, val, out_dir=tmp_path / "run")
     resumed.fit()
     assert resumed.history[2]["epoch"] == 3 and len(resumed.history) == 6
     assert [s.switch_epoch for s in resumed.schedules] == [s.switch_epoch for s in straight.schedules]
@@ -269,19 +250,19 @@ def test_faithful_members_resume_bit_for_bit_and_older_checkpoints_load(tmp_path
             assert torch.equal(value, resumed.member_state_dict(k, best=False)[name]), (k, name)
 
     plain = [Member(TrainConfig(epochs=2, batch_size=32, seed=s), ScheduleConfig(name="fixed")) for s in (0, 1)]
-    old = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    old = BatchedTrainer(tiny_mlp, plain, train, val, out_dir=tmp_path / "old")
     old.fit(epochs=1)
     state = load_checkpoint(tmp_path / "old" / "last.pt")
     for m in state["members"]:
         del m["schedule"]["r"], m["schedule"]["switch_to"]
     del state["running_nrae"]
     save_atomic(state, tmp_path / "old" / "last.pt")
-    again = BatchedTrainer(factory, plain, train, val, out_dir=tmp_path / "old")
+    again = BatchedTrainer(tiny_mlp, plain, train, val, out_dir=tmp_path / "old")
     assert again.fit().best_epoch is not None and again.epoch == 2 and len(again.history) == 2
 
 
-def test_a_finished_run_resumed_with_more_epochs_is_the_longer_run(tmp_path):
-    train, val = data("ce", 128, 0), data("ce", 64, 1)
+def test_a_finished_run_resumed_with_more_epochs_is_the_longer_run(tmp_path, synthetic_split):
+    train, val = synthetic_split("ce", 128, 0), synthetic_split("ce", 64, 1)
 
     def with_epochs(epochs: int) -> list[Member]:
         return [Member(replace(m.train, epochs=epochs), m.schedule) for m in dropout_members()]
@@ -308,18 +289,18 @@ def test_a_finished_run_resumed_with_more_epochs_is_the_longer_run(tmp_path):
     assert len((tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()) == 5
 
 
-def test_progress_prints_one_line_per_epoch_summarising_the_members(capsys):
-    train, val = data("lp", 128, 0), data("lp", 64, 1)
+def test_progress_prints_one_line_per_epoch_summarising_the_members(capsys, synthetic_split, tiny_mlp):
+    train, val = synthetic_split("lp", 128, 0), synthetic_split("lp", 64, 1)
     base = TrainConfig(epochs=3, batch_size=32)
     grid_members = [
         Member(replace(base, seed=0, lr=0.05), ScheduleConfig(name="fixed", kind="lp", lam0=1.0)),
         Member(replace(base, seed=2, lr=1e30), ScheduleConfig(name="plain", kind="lp")),  # frozen in epoch 1
         Member(replace(base, seed=1, lr=0.02), ScheduleConfig(name="adaptive", kind="lp", lam0=1.0)),
     ]
-    quiet = BatchedTrainer(factory, grid_members, train, val)
+    quiet = BatchedTrainer(tiny_mlp, grid_members, train, val)
     quiet.fit()
     assert capsys.readouterr().err == ""
-    run = BatchedTrainer(factory, grid_members, train, val, progress=True)
+    run = BatchedTrainer(tiny_mlp, grid_members, train, val, progress=True)
     run.fit()
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3
@@ -333,31 +314,31 @@ def test_progress_prints_one_line_per_epoch_summarising_the_members(capsys):
         assert line.endswith(" left") == (epoch < 3)
 
 
-def test_a_checkpoint_of_other_members_is_refused(tmp_path):
-    train = data("ce", 64, 0)
+def test_a_checkpoint_of_other_members_is_refused(tmp_path, synthetic_split):
+    train = synthetic_split("ce", 64, 0)
     BatchedTrainer(dropout_factory, dropout_members(), train, None, out_dir=tmp_path).fit(epochs=1)
     other = dropout_members()[:1]
     with pytest.raises(InputError, match="other members"):
         BatchedTrainer(dropout_factory, other, train, None, out_dir=tmp_path).fit()
 
 
-def test_dropout_masks_are_drawn_per_member():
-    train = data("ce", 128, 0)
+def test_dropout_masks_are_drawn_per_member(synthetic_split, tiny_mlp):
+    train = synthetic_split("ce", 128, 0)
     same = Member(TrainConfig(epochs=1, batch_size=32, seed=5), ScheduleConfig(name="plain"))
     with_dropout = BatchedTrainer(dropout_factory, [same, same], train, None)
     with_dropout.fit()
     a, b = (with_dropout.member_state_dict(k)["0.weight"] for k in range(2))
     assert not torch.equal(a, b)
-    without = BatchedTrainer(factory, [same, same], train, None)
+    without = BatchedTrainer(tiny_mlp, [same, same], train, None)
     without.fit()
     a, b = (without.member_state_dict(k)["fc1.weight"] for k in range(2))
     assert torch.equal(a, b)
 
 
-def test_a_member_exports_as_a_single_model_checkpoint(tmp_path):
-    train, val = data("ce", 128, 0), data("ce", 64, 1)
+def test_a_member_exports_as_a_single_model_checkpoint(tmp_path, synthetic_split, tiny_mlp):
+    train, val = synthetic_split("ce", 128, 0), synthetic_split("ce", 64, 1)
     run = BatchedTrainer(
-        factory,
+        tiny_mlp,
         grid(TrainConfig(epochs=2, batch_size=32), [ScheduleConfig(name="adaptive")], seeds=[0, 1], lr=[0.1, 0.05]),
         train,
         val,
@@ -408,16 +389,16 @@ def test_member_objective_is_the_loss_modules_over_the_range_of_lambda(lam):
     assert value.item() == losses.mean().item() and torch.all(w == 1 / 64)
 
 
-def test_members_that_cannot_share_a_run_are_refused():
-    train = data("ce", 64, 0)
+def test_members_that_cannot_share_a_run_are_refused(synthetic_split, tiny_mlp):
+    train = synthetic_split("ce", 64, 0)
     a = Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain"))
     with pytest.raises(InputError, match="batch_size"):
-        BatchedTrainer(factory, [a, Member(TrainConfig(batch_size=16), ScheduleConfig(name="plain"))], train, None)
+        BatchedTrainer(tiny_mlp, [a, Member(TrainConfig(batch_size=16), ScheduleConfig(name="plain"))], train, None)
     with pytest.raises(InputError, match="loss kind"):
         BatchedTrainer(
-            factory, [a, Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain", kind="lp"))], train, None
+            tiny_mlp, [a, Member(TrainConfig(batch_size=32), ScheduleConfig(name="plain", kind="lp"))], train, None
         )
     with pytest.raises(InputError, match="unknown layers"):
-        BatchedTrainer(factory, [Member(TrainConfig(l2={"conv9": 0.1}), ScheduleConfig(name="plain"))], train, None)
+        BatchedTrainer(tiny_mlp, [Member(TrainConfig(l2={"conv9": 0.1}), ScheduleConfig(name="plain"))], train, None)
     with pytest.raises(InputError, match="class_weight .* is not supported by the batched trainer"):
-        BatchedTrainer(factory, [Member(TrainConfig(), ScheduleConfig(class_weight=[1.0, 2.0, 1.0]))], train, None)
+        BatchedTrainer(tiny_mlp, [Member(TrainConfig(), ScheduleConfig(class_weight=[1.0, 2.0, 1.0]))], train, None)

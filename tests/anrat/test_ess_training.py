@@ -8,42 +8,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch import nn
 
 from anrat.batched import BatchedTrainer, Member
 from anrat.checkpoint import load_checkpoint
-from anrat.data import Split
 from anrat.errors import InputError
 from anrat.ess import ESSLoss, ess_rho
 from anrat.functional import effective_sample_size, per_sample_loss, tilt_for_ess, tilted_mean
 from anrat.losses import PlainLoss
-from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
 
 N_TRAIN, BATCH, EPOCHS = 320, 32, 6  # 10 steps per epoch
-
-
-def factory() -> nn.Module:
-    return build_model("mlp", in_features=6, hidden=[12], out_features=3)
-
-
-def data(kind: str, n: int, seed: int) -> Split:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    if kind == "ce":
-        y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 0.5).long()
-    else:
-        y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2], 0.5 * x[:, 3]], dim=1)
-    return Split(x, y)
-
-
-def single_run(member: Member, train: Split, val: Split | None, out_dir=None) -> Trainer:
-    torch.manual_seed(member.train.seed)
-    schedule = LambdaSchedule(replace(member.schedule))
-    trainer = Trainer(factory(), schedule, train, val, member.train, out_dir=out_dir, progress=False)
-    trainer.fit()
-    return trainer
 
 
 # --- the rho schedule ------------------------------------------------------------------------------
@@ -143,10 +118,12 @@ def ess_members(kind: str) -> list[Member]:
 
 
 @pytest.mark.parametrize("kind", ["ce", "lp"])
-def test_each_ess_member_is_the_single_model_run_and_both_log_the_same_ess(kind, tmp_path):
-    train, val = data(kind, N_TRAIN, 0), data(kind, 96, 1)
+def test_each_ess_member_is_the_single_model_run_and_both_log_the_same_ess(
+    kind, tmp_path, single_run, synthetic_split, tiny_mlp
+):
+    train, val = synthetic_split(kind, N_TRAIN, 0), synthetic_split(kind, 96, 1)
     members = ess_members(kind)
-    batched = BatchedTrainer(factory, members, train, val)
+    batched = BatchedTrainer(tiny_mlp, members, train, val)
     result = batched.fit()
     assert result.diverged == {}
     assert result.switch_epoch[0] == 4 and result.switch_epoch[1] is None
@@ -177,14 +154,14 @@ def test_each_ess_member_is_the_single_model_run_and_both_log_the_same_ess(kind,
     assert rho[4][0] == 1.0 and batched.history[4]["criterion"][0] == "plain"
 
 
-def test_logged_ess_is_the_mean_of_each_steps_ess(tmp_path):
+def test_logged_ess_is_the_mean_of_each_steps_ess(tmp_path, synthetic_split, tiny_mlp):
     """The Trainer's train_ess against an independent recomputation: the same run's batches, the
     weights before each step, and the ESS of softmax(t l) (t = lam^p fixed)."""
-    train = data("ce", 128, 0)
+    train = synthetic_split("ce", 128, 0)
     config = TrainConfig(epochs=1, batch_size=32, lr=0.1, seed=7)
     torch.manual_seed(7)
-    model = factory()
-    twin = factory()
+    model = tiny_mlp()
+    twin = tiny_mlp()
     twin.load_state_dict(model.state_dict())
     trainer = Trainer(
         model, LambdaSchedule(ScheduleConfig(name="fixed", lam0=2.0)), train, None, config, progress=False
