@@ -14,6 +14,12 @@
   on (:mod:`anrat.interrupts`), and status 130 or 143.
 
 Anything else is a bug of ours and keeps its traceback.
+
+The options every command shares (``--out``, ``--data-dir``, ``--device``, ``--seed``,
+``--no-progress``; ``--config`` and ``--set`` are :func:`anrat.config.add_config_arguments`) are
+declared here once, by the ``add_*_option`` functions, so that their spelling and help agree across
+commands. Each binds its flag to a dotted configuration key (``key=``, :func:`anrat.config.flag`)
+or, without one, is a plain argparse option with the given default.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import argparse
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from anrat.config import flag
 from anrat.errors import InputError, WriteFailed
 from anrat.interrupts import EXIT_STATUS, Interrupted, clear_position, interrupt_line, sigterm_raises
 from anrat.run_lock import release_all
@@ -77,4 +85,58 @@ def run_command(
     return 0 if status is None else status
 
 
-__all__ = ["OneLineErrorParser", "report", "run_command"]
+# --- the options every command shares -------------------------------------------------------------
+Parser = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def _option(parser: Parser, name: str, key: str | None, defaults: Any, default: Any, help: str, **kwargs: Any) -> None:
+    if key is not None:
+        flag(parser, name, key=key, defaults=defaults, help=help, **kwargs)
+    else:
+        parser.add_argument(name, default=default, help=f"{help} (default: %(default)s)" if default else help, **kwargs)
+
+
+def add_out_option(
+    parser: Parser, *, key: str | None = None, defaults: Any = None, default: str | None = None, what: str = "folder"
+) -> None:
+    """``--out``: the output ``what`` (a folder, or the file a command writes)."""
+    _option(parser, "--out", key, defaults, default, f"output {what}", metavar="OUT")
+
+
+def add_data_dir_option(parser: Parser, *, key: str | None = None, of: str = "the dataset's", use: str = "") -> None:
+    """``--data-dir``: the folder of ``of`` IDX files; ``use`` says what the command reads there."""
+    help = f"folder holding {of} four IDX files (.gz or not)" + (f"; {use}" if use else "")
+    _option(parser, "--data-dir", key, None, None, f"{help}; default: $ANRAT_DATA_DIR", metavar="DIR")
+
+
+def add_device_option(parser: Parser, *, key: str | None = None, defaults: Any = None) -> None:
+    """``--device``: where the command computes."""
+    _option(parser, "--device", key, defaults, "auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def add_seed_option(
+    parser: Parser, *, of: str, key: str | None = None, defaults: Any = None, default: int = 0, type: Any = int
+) -> None:
+    """``--seed``: ``of`` says what it seeds (initialisation, the validation split, ...)."""
+    _option(parser, "--seed", key, defaults, default, f"seed of {of}", type=type)
+
+
+def add_no_progress_option(parser: Parser, *, key: str | None = None, what: str = "progress lines or bars") -> None:
+    """``--no-progress``: no ``what`` on stderr (bound to a boolean key set to False, or
+    ``args.no_progress``)."""
+    if key is not None:
+        flag(parser, "--no-progress", key=key, action="store_const", const=False, help=f"no {what}")
+    else:
+        parser.add_argument("--no-progress", action="store_true", help=f"no {what}")
+
+
+__all__ = [
+    "OneLineErrorParser",
+    "add_data_dir_option",
+    "add_device_option",
+    "add_no_progress_option",
+    "add_out_option",
+    "add_seed_option",
+    "report",
+    "run_command",
+]

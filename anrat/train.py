@@ -21,7 +21,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anrat.cli import OneLineErrorParser, run_command
+from anrat.cli import (
+    OneLineErrorParser,
+    add_data_dir_option,
+    add_device_option,
+    add_no_progress_option,
+    add_out_option,
+    add_seed_option,
+    run_command,
+)
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASETS
 from anrat.distributed import env_is_main
@@ -77,9 +85,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
     )
     g = ap.add_argument_group("data")
     flag(g, "--dataset", key="dataset", defaults=d, choices=DATASETS, help="dataset to train on")
-    flag(
-        g, "--data-dir", key="data_dir", help="folder holding the four IDX files (.gz or not); default: $ANRAT_DATA_DIR"
-    )
+    add_data_dir_option(g, key="data_dir")
     flag(
         g,
         "--download",
@@ -150,7 +156,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         f"{', '.join(COMPILE_MODES)} (without MODE: default; reduce-overhead adds CUDA "
         "graphs). Slow first steps, fewer and fused kernels after",
     )
-    flag(g, "--seed", key="train.seed", defaults=d, type=int, help="seed of initialisation, split and shuffling")
+    add_seed_option(g, of="initialisation, split and shuffling", key="train.seed", defaults=d)
     flag(g, "--grid-lr", key="grid_lr", type=_floats, help="comma-separated learning rates to grid-search")
     flag(g, "--grid-a", key="grid_a", type=_floats, help="comma-separated penalty weights a to grid-search")
     flag(
@@ -277,8 +283,8 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         help="ess: rho rises by the same factor every epoch (geometric) or by the same amount (linear)",
     )
     g = ap.add_argument_group("run")
-    flag(g, "--device", key="device", defaults=d, help="auto (CUDA when present), cpu, cuda, cuda:N")
-    flag(g, "--out", key="out_dir", defaults=d, help="output folder")
+    add_device_option(g, key="device", defaults=d)
+    add_out_option(g, key="out_dir", defaults=d)
     flag(
         g,
         "--no-resume",
@@ -287,14 +293,7 @@ def build_parser(prog: str = "anrat-train") -> argparse.ArgumentParser:
         const=False,
         help="start afresh even if OUT/last.pt exists",
     )
-    flag(
-        g,
-        "--no-progress",
-        key="progress",
-        action="store_const",
-        const=False,
-        help="no progress lines (one per epoch) or bars",
-    )
+    add_no_progress_option(g, key="progress", what="progress lines (one per epoch) or bars")
     add_config_arguments(g, "train.lr=0.05")
     return ap
 

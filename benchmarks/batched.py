@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from anrat.atomic_files import write_text_atomic
+from anrat.machine import describe_machine
 
 
 def run_engine(engine: str, args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], float]:
@@ -121,7 +121,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(seconds["loop"], seconds["batched"])]
     record = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "machine": describe_machine(),
         "seconds": seconds,
         "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "each": ratios},
         **comparison,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from anrat.batched import BatchedTrainer, Member
 from anrat.data import load_dataset
 from anrat.devices import resolve_device
+from anrat.machine import describe_machine
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, TrainingDiverged
@@ -105,8 +105,7 @@ def main() -> None:
     device = resolve_device(args.device)
     splits = load_dataset("mnist", args.data_dir, val_size=10_000, train_subset=args.train_subset, device=device)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
+        "machine": describe_machine(device),
         "train_images": len(splits.train),
     }
     members = paper_members()

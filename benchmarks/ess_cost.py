@@ -21,13 +21,13 @@ several rho.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from anrat.functional import ESS_ITERATIONS, effective_sample_size, per_sample_loss, tilt_for_ess, tilted_mean
+from anrat.machine import machine_line
 from anrat.models import build_model
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         for name, (fn, n) in sides.items():
             times[name].append(per_call(fn, n))
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(machine_line())
     print(f"losses: m={losses.numel()}, mean {losses.mean():.3f}, max {losses.max():.3f}")
     base = times["lenet5 step"]
     print(f"{'':44s} {'median':>10s}   ratio to the step (median over rounds [min, max])")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from torch.func import functional_call, hessian
 from anrat.batched import BatchedTrainer, Member
 from anrat.function_problems import FunctionProblem, make_problem
 from anrat.functional import per_sample_loss
+from anrat.machine import machine_line
 from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig
 
@@ -334,7 +334,7 @@ def study(args: argparse.Namespace) -> None:
             {
                 "command": " ".join(sys.argv),
                 "commit": commit,
-                "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+                "machine": machine_line(),
                 "seconds": seconds,
                 "steps": args.steps,
                 "summary": summary,

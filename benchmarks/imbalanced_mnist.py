@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 from scipy.stats import wilcoxon
 
 from anrat.data import Split, load_dataset
+from anrat.machine import machine_line
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
@@ -159,7 +159,7 @@ def main() -> None:
     record = {
         "command": " ".join(sys.argv),
         "commit": commit,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "machine": machine_line(),
         "seconds": seconds,
         "learning_rates": lrs,
         "selection": selection,

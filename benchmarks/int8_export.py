@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from anrat.data import load_dataset
-from pruning.export import cpu_model, onnx_test_error, paired_latency
+from anrat.machine import cpu_model
+from pruning.export import onnx_test_error, paired_latency
 
 HERE = Path(__file__).resolve().parent
 TARGET_POINTS = 0.1

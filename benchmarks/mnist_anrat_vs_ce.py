@@ -57,7 +57,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ from anrat.cli import OneLineErrorParser
 from anrat.data import load_dataset
 from anrat.devices import resolve_device
 from anrat.errors import InputError
+from anrat.machine import describe_machine
 from anrat.run import ENGINES, RunConfig
 from anrat.run import run as train_run
 from anrat.schedules import ScheduleConfig
@@ -457,15 +457,7 @@ def benchmark(args: argparse.Namespace, budget: dict[str, Any], command: str) ->
 
 
 def machine_description(device: str) -> dict[str, Any]:
-    machine: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "device": device,
-    }
-    if torch.cuda.is_available() and device != "cpu":
-        machine["gpu"] = torch.cuda.get_device_name()
-    return machine
+    return describe_machine(resolve_device(device))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import load_dataset
 from anrat.devices import resolve_device
+from anrat.machine import machine_line
 from anrat.run import RunConfig, run
 from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig, evaluate
@@ -150,9 +150,8 @@ def main() -> None:
             }
         )
     print(
-        f"\nLeNet-5 on MNIST; {device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; fine-tuning budget {ft_epochs} epoch(s) for each method; "
-        f"total {time.perf_counter() - started:.0f} s"
+        f"\nLeNet-5 on MNIST; {device}, {machine_line(device)}; "
+        f"fine-tuning budget {ft_epochs} epoch(s) for each method; total {time.perf_counter() - started:.0f} s"
     )
     head = (
         f"{'method':<13}{'test err':>9}{'removed':>9}{'params':>9}{'nonzero':>9}{'ONNX B':>10}{'sparse B':>10}"

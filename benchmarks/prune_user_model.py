@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import onnxruntime as ort
 import torch
 
 from anrat.data import load_dataset
+from anrat.machine import machine_line
 from pruning.export import paired_latency
 
 HERE = Path(__file__).resolve().parent
@@ -254,10 +254,7 @@ def main() -> None:
             if name in record
         )
         print(f"seed {seed}: dense {record['dense_test_error']:.2%}; {runs}", flush=True)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"onnxruntime {ort.__version__}"
-    )
+    machine = machine_line(onnxruntime=ort.__version__)
     print(f"\nmachine: {machine}\n" + summarise(records))
 
 

@@ -20,7 +20,6 @@ ratios, so drift of the machine affects both sides alike, and its quartiles show
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -30,6 +29,7 @@ from anrat import ANRATLoss
 from anrat.data import Split, load_dataset
 from anrat.devices import resolve_device
 from anrat.functional import TiltedBackend, per_sample_loss
+from anrat.machine import machine_line
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import COMPILE_MODES, TrainConfig, Trainer
@@ -246,8 +246,7 @@ def main() -> None:
     # On the CPU the tilted mean is NumPy's either way: it is on the host already.
     backend: TiltedBackend = "torch" if args.accelerator_path == "device" and device.type != "cpu" else "auto"
     print(
-        f"device {device}; torch {torch.__version__}; {platform.processor() or platform.machine()}; "
-        f"threads {torch.get_num_threads()}; batch {args.batch_size}"
+        f"device {device}; {machine_line(device)}; batch {args.batch_size}"
         + (f"; tilted mean on the {args.accelerator_path}" if device.type != "cpu" else "")
         + (f"; compile mode {args.compile}" if args.compile else "")
     )

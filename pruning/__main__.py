@@ -45,7 +45,14 @@ import torch
 
 from anrat.atomic_files import check_output_file, make_output_folder, write_text_atomic
 from anrat.checkpoint import save_atomic
-from anrat.cli import OneLineErrorParser, run_command
+from anrat.cli import (
+    OneLineErrorParser,
+    add_data_dir_option,
+    add_device_option,
+    add_out_option,
+    add_seed_option,
+    run_command,
+)
 from anrat.config import add_config_arguments, flag, resolve_from_args
 from anrat.data import DATASETS, Split, load_dataset
 from anrat.data_files import IMAGE_MODES, load_data_file
@@ -439,7 +446,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="dataset for the splits no file gives; default: the checkpoint's, else mnist",
     )
-    g.add_argument("--data-dir", default=None, help="folder with the dataset's four IDX files; default $ANRAT_DATA_DIR")
+    add_data_dir_option(g)
     g.add_argument("--train-data", default=None, help="training data (Fisher information, fine-tuning)")
     g.add_argument(
         "--val-data",
@@ -624,10 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(g, "fine_tune.batch_size=128")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the validation split")
+    add_device_option(g)
+    add_seed_option(g, of="fine-tuning and of the validation split")
     _add_quantize_options(p, "model.int8.onnx beside model.onnx")
-    g.add_argument("--out", default="runs/prune", help="output folder")
+    add_out_option(g, default="runs/prune")
     g.add_argument("--quiet", action="store_true", help="no per-round lines on stderr, no progress bars")
 
     t = sub.add_parser(
@@ -662,10 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(t, "max_samples=5000")
     g = t.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    add_device_option(g)
+    add_seed_option(g, of="the validation split")
     g.add_argument("--units", type=int, default=10, help="units per layer printed (summary.md lists all)")
-    g.add_argument("--out", default="runs/test", help="output folder")
+    add_out_option(g, default="runs/test")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser(
@@ -676,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
     e.add_argument("checkpoint", nargs="?", help="model.pt of anrat-train or pruned.pt of anrat-prune")
     _add_model_options(e)
-    e.add_argument("--out", default="model.onnx", help="ONNX file to write")
+    add_out_option(e, default="model.onnx", what="ONNX file")
     _add_input_norm_option(e)
     e.add_argument(
         "--include-preprocessing",
@@ -689,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shape of one input, without the batch dimension (for verification inputs when no data is given)",
     )
     e.add_argument("--dataset", choices=DATASETS, default=None, help="dataset for verification inputs (default mnist)")
-    e.add_argument("--data-dir", default=None, help="verify on this dataset's test images (else random inputs)")
+    add_data_dir_option(e, use="verify on its test images (else on random inputs)")
     e.add_argument("--test-data", default=None, help="verify on inputs from this tensor file or image folder")
     e.add_argument("--image-mode", choices=IMAGE_MODES, default=None, help="mode for --test-data image folders")
     e.add_argument(

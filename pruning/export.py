@@ -11,7 +11,6 @@ node metadata) and both match PyTorch to ~1e-7. The dynamo path costs ~2 s per e
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping
@@ -260,19 +259,6 @@ _ORT_DTYPES = {
 }
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere), for
-    latency figures: onnxruntime's speed, int8's above all, depends on the instruction set."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _random_feed(session: ort.InferenceSession, batch_size: int) -> dict[str, np.ndarray]:
     """Random inputs for every graph input, with the first (dynamic) dimension set to ``batch_size``."""
     rng = np.random.default_rng(0)
@@ -451,7 +437,6 @@ __all__ = [
     "ExportReport",
     "ExportVerificationError",
     "compare_models",
-    "cpu_model",
     "export_onnx",
     "onnx_latency",
     "paired_latency",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -34,13 +32,14 @@ from anrat.devices import resolve_device
 from anrat.errors import InputError
 from anrat.input_norm import InputNorm
 from anrat.interrupts import report_position
+from anrat.machine import describe_machine
 from anrat.models import build_model
 from anrat.run import RunConfig, model_kwargs
 from anrat.run import run as train_run
 from anrat.run_lock import lock_output_folder
 from anrat.schedules import ScheduleConfig, criterion_at_epoch, fixed_tilt
 from anrat.trainer import TrainingDiverged, evaluate
-from pruning.export import compare_models, cpu_model, onnx_test_error
+from pruning.export import compare_models, onnx_test_error
 from pruning.masks import layer_counts
 from pruning.prune import PruneConfig, PruneResult, prune, round_line
 from pruning.pruned_checkpoint import save_pruned
@@ -315,16 +314,8 @@ def check_resume(cfg: PipelineConfig, out: Path) -> None:
 
 def machine(device: torch.device) -> dict[str, Any]:
     """The hardware and versions a run's figures were measured on."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return {
-        "device": str(device),
-        "device_name": name,
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "python": platform.python_version(),
-    }
+    described = describe_machine(device, onnxruntime=ort.__version__)
+    return {**described, "device_name": described.get("gpu", described["cpu"])}
 
 
 def train_prune_export(

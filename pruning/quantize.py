@@ -34,7 +34,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from anrat.atomic_files import atomic_path
 from anrat.data import Split
 from anrat.errors import InputError
-from pruning.export import ExportVerificationError, cpu_model, onnx_test_error, paired_latency, strip_debug_info
+from anrat.machine import cpu_model, int8_dot_product
+from pruning.export import ExportVerificationError, onnx_test_error, paired_latency, strip_debug_info
 
 QUANTIZE_CHOICES = ("none", "int8")
 CALIBRATION_BATCH = 64
@@ -287,21 +288,6 @@ def write_int8(
     }
 
 
-def int8_dot_product() -> str:
-    """Whether this CPU has int8 dot-product instructions, as /proc/cpuinfo lists them (Linux):
-    ``"VNNI"`` (x86), ``"dot-product"`` (ARM ``asimddp``), ``"none"``, or ``"unknown"``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
-    except OSError:
-        return "unknown"
-    if flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}:
-        return "VNNI"
-    if "asimddp" in flags:
-        return "dot-product"
-    return "none" if flags else "unknown"
-
-
 def check_quantize_options(quantize: str, calibration_images: int, tolerance: float) -> None:
     """Refuse an unknown format, a calibration count < 1 or a negative tolerance (:class:`InputError`)."""
     if quantize not in QUANTIZE_CHOICES:
@@ -318,7 +304,6 @@ __all__ = [
     "check_calibration",
     "check_quantize_options",
     "compact_names",
-    "int8_dot_product",
     "int8_verdict",
     "quantize_onnx",
     "write_int8",

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import textwrap
@@ -58,9 +57,10 @@ from tqdm.auto import tqdm
 
 from anrat.atomic_files import write_text_atomic
 from anrat.batched import BatchedTrainer, Member
-from anrat.cli import OneLineErrorParser
+from anrat.cli import OneLineErrorParser, add_no_progress_option, add_out_option
 from anrat.errors import InputError
 from anrat.function_problems import PROBLEMS, FunctionProblem, make_problem
+from anrat.machine import describe_machine
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, TrainingDiverged
 
@@ -532,16 +532,6 @@ def plot_curves(
     plt.close(fig)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(
     problems: Sequence[str],
     methods: Sequence[str],
@@ -575,13 +565,7 @@ def run(
         "problems": {name: p.metadata() for name, p in built.items()},
         "schedules": {m: asdict(schedule_config(m, steps)) for m in methods},
         "engine": engine,
-        "machine": {
-            "cpu": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "workers": workers,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": {**describe_machine(), "workers": workers},
         "wall_seconds": elapsed,
         "summary": summary,
         "runs": runs,
@@ -650,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_METHODS),
         help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
-    ap.add_argument("--out", default="runs/function_fit", help="output folder (default: %(default)s)")
+    add_out_option(ap, default="runs/function_fit")
     ap.add_argument(
         "--workers",
         type=_positive_int,
@@ -670,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"the large run: {FULL_SEEDS} seeds and {FULL_STEPS} steps unless --seeds/--steps say otherwise",
     )
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar over the runs")
+    add_no_progress_option(ap, what="progress bar over the runs")
     return ap
 
 

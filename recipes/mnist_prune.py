@@ -57,7 +57,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from anrat.cli import OneLineErrorParser, run_command
+from anrat.cli import (
+    OneLineErrorParser,
+    add_data_dir_option,
+    add_device_option,
+    add_no_progress_option,
+    add_out_option,
+    add_seed_option,
+    run_command,
+)
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
 from anrat.errors import InputError
 from anrat.run import ENGINES
@@ -139,14 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's grid over lr and a, 100 epochs each (a GPU is recommended). Default: quick",
     )
     add_config_arguments(ap, "prune.max_rounds=2 --set prune.fine_tune.epochs=2 --set run.grid_lr=[0.1,0.5]")
-    flag(ap, "--out", key="out_dir", metavar="DIR", help="output folder (quick: runs/mnist_prune)")
-    flag(
-        ap,
-        "--data-dir",
-        key="run.data_dir",
-        metavar="DIR",
-        help="folder holding the four MNIST IDX files (.gz or not); default: $ANRAT_DATA_DIR",
-    )
+    add_out_option(ap, key="out_dir", what="folder (quick: runs/mnist_prune)")
+    add_data_dir_option(ap, key="run.data_dir", of="MNIST's")
     flag(
         ap,
         "--download",
@@ -155,12 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="download MNIST through torchvision if no folder is given",
     )
-    flag(ap, "--device", key="run.device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    ap.add_argument(
-        "--seed",
-        type=_int_at_least(0),
-        default=None,
-        help="seed of initialisation, validation split, shuffling and fine-tuning",
+    add_device_option(ap, key="run.device")
+    add_seed_option(
+        ap, of="initialisation, validation split, shuffling and fine-tuning", default=None, type=_int_at_least(0)
     )
     flag(
         ap,
@@ -225,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="train afresh even if OUT/train holds a started run",
     )
-    flag(ap, "--no-progress", key="run.progress", action="store_const", const=False, help="no progress bars")
+    add_no_progress_option(ap, key="run.progress", what="progress bars")
     flag(
         ap,
         "--quantize",
