@@ -24,21 +24,13 @@ deconvexification switch to the plain loss or to RAE. Shared by all members (che
 ``batch_size``, ``optimizer`` (SGD with momentum and weight decay, or Adam), ``eval_batch_size``
 and the loss kind (``"ce"``, ``"lp"`` or ``"true_class_sq"``).
 
-**The objective of a member** on a batch of per-sample losses l (B,), as in :mod:`anrat.losses`:
-
-    plain:     mean_i l_i                                      (exact, not NRAE at a small lambda)
-    NRAE:      tilted_mean(l, t),        t = lam ** p
-    ANRAT:     tilted_mean(l, t) + a * lam ** (-q),  lam = exp(theta), softplus(theta) or theta
-    running:   r' = tilted_mean([r, NRAE], t, weights=[1 - momentum, momentum])  (r carried per member)
-    RAE:       mean_i exp(t l_i)  (after a switch to it, t at the switch's lambda)
-
-computed by :func:`anrat.functional.tilted_stats` (the toolkit's stable formula, in float64, torch
-ops, valid for t in [1e-8, 1e8]), with the closed-form gradients the single-model losses use:
-d/dl_i = softmax(t l)_i (1/B for the plain loss) and, for theta,
-[p t / lam * dNRAE/dt - a q lam^(-q-1)] * dlam/dtheta (running normaliser: exp(t (l_i - r')) / B;
-RAE: t exp(t l_i) / B; excursions: the plain loss's 1/B on their plain steps; direct lambda: theta
-is projected onto its bounds after its step, as :meth:`~anrat.losses.ANRATLoss.project_` does).
-The weights' gradient is taken by autograd
+**The objective of a member** on a batch of per-sample losses l (B,) is
+:func:`anrat.objective.objective`, the criterion the single-model losses of :mod:`anrat.losses`
+compute from the same pieces (plain, NRAE, ANRAT, the running normaliser, RAE after a switch; the
+closed-form gradients d/dl_i and d/dtheta), vmapped over the members with every branch computed and
+selected by the member's flags. Excursions take the plain loss's 1/B on their plain steps; a direct
+lambda's theta is projected onto its bounds after its step, as
+:meth:`~anrat.losses.ANRATLoss.project_` does. The weights' gradient is taken by autograd
 of the surrogate ``sum_i w_i l_i`` with those weights w held fixed, so it is the gradient of the
 objective.
 
@@ -110,8 +102,9 @@ from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
 from anrat.ess import ESSLoss
-from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess, tilted_stats
+from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess
 from anrat.losses import ANRATLoss, NRAELoss
+from anrat.objective import lambda_of_theta, objective
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, lambda_learning_rate, lr_factor
 
@@ -290,68 +283,10 @@ def stack_epoch_line(record: dict[str, Any], epochs: int) -> str:
     return "; ".join(parts)
 
 
-# --- the objective of one member: pure tensor code, vmapped over the members -----------------------
+# --- the objective of one member: anrat.objective's, vmapped over the members ----------------------
 def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """One member's objective on per-sample losses ``losses`` (B,), and its closed-form gradients.
-
-    Returns ``(value, w, g_theta)``: the objective (float32), ``w = d value / d l`` (B,) and
-    ``g_theta = d value / d theta`` (module docstring). ``hyper`` holds the member's 0-d tensors:
-    ``plain``, ``anrat``, ``log`` (bools), ``t`` (t of a fixed lambda, float64), ``p``, ``a``,
-    ``q``, ``lo``, ``hi`` (theta's bounds), and optionally ``direct`` (lambda = theta), ``rae``
-    (RAE at ``t`` after the switch), ``running`` with ``momentum`` and ``running_nrae`` (the running
-    normaliser; see :func:`member_step_objective`). Vmappable: both branches are computed and selected.
-    """
-    return member_step_objective(losses, theta, hyper)[:3]
-
-
-def member_step_objective(
-    losses: Tensor, theta: Tensor, hyper: dict[str, Tensor], *, with_running: bool = True, with_rae: bool = True
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`member_objective` and the member's updated running NRAE (float32; meaningful for
-    members with ``running`` on the NRAE, as :class:`~anrat.losses.NRAELoss` updates it):
-
-        RAE (after a switch to it):  value = mean_i exp(t l_i),  w_i = t exp(t l_i) / B
-        running normaliser:          r' = tilted_mean([r, nrae_batch], t, weights=[1 - mom, mom]),
-                                     value = r',  w_i = exp(t (l_i - r')) / B
-        ANRAT, direct:               lam = theta, dlam/dtheta = 1
-
-    ``with_running=False`` / ``with_rae=False`` skip those branches (no member of the run uses
-    them; they cost a second tilted mean and an exponential per sample at every step).
-    """
-    l = losses.detach()
-    no = torch.zeros_like(hyper["plain"])
-    direct, rae, running = hyper.get("direct", no), hyper.get("rae", no), hyper.get("running", no)
-    th = theta.detach().double().clamp(hyper["lo"], hyper["hi"])
-    lam_curved = torch.where(hyper["log"], th.exp(), nn.functional.softplus(th))
-    lam_learned = torch.where(direct, th, lam_curved)
-    dlam_dtheta = torch.where(direct, torch.ones_like(th), torch.where(hyper["log"], lam_curved, torch.sigmoid(th)))
-    p, a, q = hyper["p"], hyper["a"], hyper["q"]
-    learned = hyper["anrat"] & ~rae
-    t = torch.where(learned, lam_learned.pow(p), hyper["t"])
-    tilted, s, dtilted_dt = tilted_stats(l, t)
-    lam = torch.where(learned, lam_learned, torch.ones_like(lam_learned))
-    penalty = torch.where(learned, a * lam.pow(-q), torch.zeros_like(lam))
-    g_theta = ((p * t / lam) * dtilted_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta
-    value = (tilted + penalty).to(l.dtype)
-    w = s.to(l.dtype)
-    batch = tilted.to(l.dtype)
-    r_new = batch
-    if with_running:  # the running normaliser, in the order of operations of NRAELoss._running_aggregate
-        old = hyper.get("running_nrae", batch)
-        pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
-        mom = hyper.get("momentum", torch.ones_like(t))
-        mix = torch.stack([1.0 - mom, mom]).to(l.dtype)  # 1 - momentum in float64, as the Trainer's Python float
-        r_new = tilted_stats(pair, t, mix, need_t=False)[0].to(l.dtype)
-        value = torch.where(running, r_new, value)
-        w = torch.where(running, torch.exp(t.to(l.dtype) * (l - r_new)) / l.shape[0], w)
-    if with_rae:  # RAE at the switch's t, in float64 as RAELoss computes it
-        e = torch.exp(hyper["t"] * l.to(t.dtype))
-        value = torch.where(rae, e.mean().to(l.dtype), value)
-        w = torch.where(rae, (hyper["t"] * e / l.shape[0]).to(l.dtype), w)
-    value = torch.where(hyper["plain"], l.mean(), value)
-    w = torch.where(hyper["plain"], torch.full_like(l, 1.0 / l.shape[0]), w)
-    g_theta = torch.where(learned & ~hyper["plain"], g_theta, torch.zeros_like(g_theta))
-    return value, w, g_theta.to(theta.dtype), r_new
+    """One member's ``(value, w, g_theta)`` (:func:`anrat.objective.objective`, every branch)."""
+    return objective(losses, theta, hyper)[:3]
 
 
 # --- optimizers on stacked tensors -----------------------------------------------------------------
@@ -538,7 +473,7 @@ class BatchedTrainer:
         return hp
 
     def _loss_hyper(self) -> dict[str, Tensor]:
-        """The members' loss settings as (K,) tensors for :func:`member_objective` (refreshed after
+        """The members' loss settings as (K,) tensors for :func:`anrat.objective.objective` (refreshed after
         every epoch: a schedule may anneal lambda or switch to the plain loss)."""
         rows, extra = [], []
         for s, exponent in zip(self.schedules, self._exponents):
@@ -634,7 +569,7 @@ class BatchedTrainer:
             if self._has_ess:  # an ess member's t: the tilt at which this batch's ESS is rho * m
                 t = tilt_for_ess(losses.detach(), hyper["rho"], backend="torch")
                 step_hyper = {**hyper, "t": torch.where(hyper["ess"], t, hyper["t"])}
-            value, w, g_theta, running = member_step_objective(
+            value, w, g_theta, running = objective(
                 losses, theta, step_hyper, with_running=self._has_running, with_rae=self._has_rae
             )
             m = losses.shape[0]
@@ -763,8 +698,8 @@ class BatchedTrainer:
                 continue
             if isinstance(s.nrae, ANRATLoss):
                 theta = thetas[:, k].clamp(*s.nrae.theta_bounds)
-                lam_of = {"log": torch.exp, "softplus": nn.functional.softplus, "direct": lambda v: v}
-                lams = lam_of[s.config.parameterization](theta).tolist()
+                kind = s.config.parameterization
+                lams = lambda_of_theta(theta, kind == "log", kind == "direct")[0].tolist()
             else:
                 lams = [s.lam] * len(traced)
             traces.append([[step, lam] for (i, step, _), lam in zip(traced, lams) if i % trace_every[k] == 0])

@@ -51,10 +51,17 @@ from anrat.functional import (
     tilted_stats,
     working_dtype,
 )
+from anrat.objective import (
+    LAMBDA_PARAMETERIZATIONS,
+    anrat_penalty,
+    anrat_theta_gradient,
+    lambda_of_theta,
+    running_pair,
+    theta_of_lambda,
+)
 from anrat.reductions import LOCAL_BATCH, BatchReduction, LocalBatch
 
 NORMALIZERS = ("batch", "running")
-LAMBDA_PARAMETERIZATIONS = ("log", "softplus", "direct")
 
 
 def _check_kind_p(kind: str, p: float) -> None:
@@ -195,9 +202,7 @@ class NRAELoss(BatchLoss):
         t_detached = t.detach() if isinstance(t, Tensor) else t
         batch = reduction.tilted_mean(l.detach(), t_detached, self.backend)
         if self.training:
-            old = self.running_nrae.to(batch)
-            pair = torch.stack([torch.where(torch.isnan(old), batch, old), batch])
-            mix = torch.tensor([1.0 - self.momentum, self.momentum], dtype=batch.dtype, device=batch.device)
+            pair, mix = running_pair(self.running_nrae.to(batch), batch, self.momentum)
             r = tilted_mean(pair, t_detached, weights=mix, backend=self.backend)
             self.running_nrae = r.detach().to(self.running_nrae)
         else:
@@ -285,22 +290,18 @@ class _ANRATObjective(torch.autograd.Function):
         log, direct = parameterization == "log", parameterization == "direct"
         if numpy_path(losses, backend):
             l_host = host_array(losses)  # the one wait for the device, if any
-            th = min(max(theta.item(), lo), hi)
-            lam = th if direct else math.exp(th) if log else _softplus(th)
+            lam, dlam_dtheta = lambda_of_theta(min(max(theta.item(), lo), hi), log, direct)
             t = lam**p
             value, s, dnrae_dt = tilted_cpu(l_host, t)
-            dlam_dtheta = 1.0 if direct else lam if log else 1.0 / (1.0 + math.exp(-th))
             ctx.host = True
-            ctx.stats = (s, (p * t / lam * dnrae_dt - a * q * lam ** (-q - 1)) * dlam_dtheta)
-            return torch.full((), value + a * lam**-q, dtype=losses.dtype, device=losses.device)
-        th = theta.clamp(lo, hi).to(working_dtype(losses))
-        lam = th if direct else th.exp() if log else nn.functional.softplus(th)
+            ctx.stats = (s, anrat_theta_gradient(t, lam, dnrae_dt, dlam_dtheta, p, a, q))
+            return torch.full((), value + anrat_penalty(lam, a, q), dtype=losses.dtype, device=losses.device)
+        lam, dlam_dtheta = lambda_of_theta(theta.clamp(lo, hi).to(working_dtype(losses)), log, direct)
         t = lam.pow(p)
         value, s, dnrae_dt = tilted_stats(losses, t)
-        dlam_dtheta = torch.ones_like(th) if direct else lam if log else torch.sigmoid(th)
         ctx.host = False
-        ctx.save_for_backward(s, ((p * t / lam) * dnrae_dt - (a * q) * lam.pow(-q - 1)) * dlam_dtheta)
-        return (value + a * lam.pow(-q)).to(losses.dtype)
+        ctx.save_for_backward(s, anrat_theta_gradient(t, lam, dnrae_dt, dlam_dtheta, p, a, q))
+        return (value + anrat_penalty(lam, a, q)).to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -309,11 +310,6 @@ class _ANRATObjective(torch.autograd.Function):
         if ctx.host:
             return scaled_weights(s, grad), grad_theta, None, None, None, None, None, None, None
         return (s * grad).to(grad.dtype), grad_theta, None, None, None, None, None, None, None
-
-
-def _softplus(x: float) -> float:
-    """``log(1 + exp(x))`` without overflow."""
-    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
 
 
 class ANRATLoss(BatchLoss):
@@ -379,24 +375,16 @@ class ANRATLoss(BatchLoss):
             )
         self.kind, self.p, self.a, self.q, self.parameterization = kind, float(p), float(a), float(q), parameterization
         self.backend = backend
-        self.theta_bounds = (self._theta_of(min_lambda), self._theta_of(max_lambda))
-        self.theta = nn.Parameter(torch.tensor(self._theta_of(init_lambda), dtype=torch.float32))
-
-    def _theta_of(self, lam: float) -> float:
-        if self.parameterization == "direct":
-            return lam
-        if self.parameterization == "log":
-            return math.log(lam)
-        return lam + math.log(-math.expm1(-lam))  # inverse softplus, stable for large lambda
+        self.theta_bounds = (
+            theta_of_lambda(min_lambda, parameterization),
+            theta_of_lambda(max_lambda, parameterization),
+        )
+        self.theta = nn.Parameter(torch.tensor(theta_of_lambda(init_lambda, parameterization), dtype=torch.float32))
 
     def lambda_tensor(self) -> Tensor:
         """Current lambda as a differentiable 0-d tensor in [min_lambda, max_lambda]."""
         theta = _StraightThroughClamp.apply(self.theta, *self.theta_bounds)
-        if self.parameterization == "direct":
-            return theta
-        if self.parameterization == "log":
-            return theta.exp()
-        return nn.functional.softplus(theta)
+        return lambda_of_theta(theta, self.parameterization == "log", self.parameterization == "direct")[0]
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -413,7 +401,7 @@ class ANRATLoss(BatchLoss):
         return float(self.lambda_tensor().detach())
 
     def penalty(self) -> Tensor:
-        return self.a * self.lambda_tensor().pow(-self.q)
+        return anrat_penalty(self.lambda_tensor(), self.a, self.q)
 
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """``nrae(l; lam) + a * lam ** (-q)``; over the tensor given in one autograd node
@@ -421,7 +409,7 @@ class ANRATLoss(BatchLoss):
         with the same value and gradients."""
         if not isinstance(reduction, LocalBatch):
             lam = self.lambda_tensor()
-            return reduction.tilted_mean(losses, lam.pow(self.p), self.backend) + self.a * lam.pow(-self.q)
+            return reduction.tilted_mean(losses, lam.pow(self.p), self.backend) + anrat_penalty(lam, self.a, self.q)
         l = losses if losses.dim() == 1 else losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()
