@@ -105,7 +105,7 @@ from anrat.ess import ESSLoss
 from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.objective import lambda_of_theta, objective
-from anrat.schedules import LambdaSchedule, ScheduleConfig
+from anrat.schedules import LambdaSchedule, ScheduleConfig, excursion_plain_step
 from anrat.trainer import TrainConfig, lambda_learning_rate, lr_factor
 
 BATCHED_FORMAT = "anrat.batched/1"
@@ -589,8 +589,9 @@ class BatchedTrainer:
         buffers = {n: b[sl] for n, b in self.buffers.items()}
         hyper = {n: h[sl] for n, h in self.loss_hyper.items()}
         # excursions: the plain loss on the last plain_steps steps of every period (as the schedule's criterion)
-        phase = torch.remainder(torch.full_like(hyper["period"], self.step), hyper["period"])
-        hyper["plain"] = hyper["plain"] | (hyper["excursions"] & (phase >= hyper["period"] - hyper["plain_steps"]))
+        step = torch.full_like(hyper["period"], self.step)
+        plain_step = excursion_plain_step(step, hyper["period"], hyper["plain_steps"])
+        hyper["plain"] = hyper["plain"] | (hyper["excursions"] & plain_step)
         hyper["running_nrae"] = self.running_nrae[sl]
         (g_params, g_theta), (objective, losses, running, ess) = vmap(self._member_grads, randomness="different")(
             params, buffers, self.theta[sl], x, y, hyper

@@ -152,12 +152,49 @@ class ScheduleConfig:
         return ess_rho(self.rho0, self.rho_final, self.rho_epochs, self.rho_growth, epoch)
 
 
-def criterion_at_epoch(config: ScheduleConfig, record: dict[str, Any]) -> ScheduleConfig:
+@dataclass(frozen=True)
+class Hyper:
+    """What a schedule prescribes at one epoch and step, before any data-dependent decision (the
+    deconvexification switch; ANRAT's learned lambda, of which only the start is known).
+
+    ``criterion``: the schedule's name, or ``"plain"`` on an excursion's plain step and for an ess
+    schedule at rho = 1; ``lam``: the lambda of the step (``adaptive``: lambda0; ``ess`` and
+    ``plain``: None); ``rho``: the ess schedule's rho (else None)."""
+
+    criterion: str
+    lam: float | None
+    rho: float | None
+
+
+def excursion_plain_step(step, period, plain_steps):
+    """Whether global step ``step`` (0-based) is one of an excursion's plain steps: the last
+    ``plain_steps`` of every ``period``. Integers or tensors (per-member, under vmap) alike."""
+    return step % period >= period - plain_steps
+
+
+def hyper_at(config: ScheduleConfig, epoch: int, step: int = 0) -> Hyper:
+    """:class:`Hyper` of ``config`` in (0-based) ``epoch`` at global ``step``: pure, no history.
+    ``anneal``: ``max(lam_min, lam0 * gamma ** epoch)``; ``ess``: :meth:`ScheduleConfig.rho_at`."""
+    name = config.name
+    if name == "plain":
+        return Hyper("plain", None, None)
+    if name == "ess":
+        rho = config.rho_at(epoch)
+        return Hyper("plain" if rho >= 1 else "ess", None, rho)
+    if name == "anneal":
+        return Hyper(name, max(config.lam_min, config.lam0 * config.gamma**epoch), None)
+    if name == "excursions" and excursion_plain_step(step, config.period, config.plain_steps):
+        return Hyper("plain", config.lam0, None)
+    return Hyper(name, config.lam0, None)
+
+
+def criterion_at_epoch(config: ScheduleConfig, record: dict[str, Any] | None = None) -> ScheduleConfig:
     """The criterion ``config``'s schedule minimised in one epoch, held fixed from then on.
 
     ``record`` is that epoch's entry of a training's history (:meth:`anrat.trainer.Trainer.fit`):
-    its ``criterion`` (what the epoch's steps minimised), ``lam`` (lambda at the epoch's end) and
-    ``rho``. The result trains a model further by the criterion it was trained with (pruning's
+    its ``epoch`` (1-based), ``criterion`` (what the epoch's steps minimised), ``lam`` (lambda at
+    the epoch's end) and ``rho``; None: the criterion the schedule starts with (:func:`hyper_at`
+    at epoch 0). The result trains a model further by the criterion it was trained with (pruning's
     fine-tuning, :class:`pruning.prune.FineTune`):
 
     - the plain loss, after a deconvexification switch or for ``plain``;
@@ -170,6 +207,9 @@ def criterion_at_epoch(config: ScheduleConfig, record: dict[str, Any]) -> Schedu
     the criterion stays what it was. RAE after a ``switch_to="rae"`` switch has no fixed schedule
     and is refused.
     """
+    start = hyper_at(config, 0)
+    if record is None:
+        record = {"epoch": 1, "criterion": start.criterion, "lam": start.lam, "rho": start.rho}
     criterion = record.get("criterion", config.name)
     steady = replace(config, switch_below=0.0, switch_when_feasible=False, switch_to="plain")
     if criterion == "rae":
@@ -190,8 +230,7 @@ def criterion_at_epoch(config: ScheduleConfig, record: dict[str, Any]) -> Schedu
             raise InputError(f"epoch {record.get('epoch')}'s record holds no lambda (got {lam!r})")
         return replace(steady, name="fixed", lam0=float(lam))
     if criterion == "anneal":
-        lam = max(config.lam_min, config.lam0 * config.gamma ** (int(record["epoch"]) - 1))
-        return replace(steady, name="fixed", lam0=lam)
+        return replace(steady, name="fixed", lam0=hyper_at(config, int(record["epoch"]) - 1).lam)
     return steady  # fixed, excursions: the same lambda every epoch
 
 
@@ -268,10 +307,7 @@ class LambdaSchedule:
         """The loss to minimise at global step ``step`` (0-based)."""
         if self.switched:
             return self.after_switch
-        if (
-            self.config.name == "excursions"
-            and step % self.config.period >= self.config.period - self.config.plain_steps
-        ):
+        if self.config.name == "excursions" and excursion_plain_step(step, self.config.period, self.config.plain_steps):
             return self.plain
         return self.nrae
 
@@ -280,13 +316,14 @@ class LambdaSchedule:
         if self.switched:
             return
         c = self.config
+        following = hyper_at(c, epoch + 1)
         if c.name == "ess":  # rho for the next epoch; at 1 the tilt is 0: the plain loss for good
-            self.nrae.rho = c.rho_at(epoch + 1)
-            if self.nrae.rho >= 1:
+            self.nrae.rho = following.rho
+            if following.criterion == "plain":
                 self.switch_epoch = epoch + 1
             return
         if c.name == "anneal":
-            self.nrae.lam = max(c.lam_min, c.lam0 * c.gamma ** (epoch + 1))
+            self.nrae.lam = following.lam
         lam = self.nrae.lam
         if lam < c.switch_below or (
             c.switch_when_feasible

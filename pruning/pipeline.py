@@ -131,7 +131,7 @@ class PipelineConfig:
                     "prune_by_training_criterion cannot hold RAE (switch_to='rae') fixed for the fine-tuning; "
                     "set prune.fine_tune.schedule yourself"
                 )
-            if fixed_tilt(criterion_at_epoch(schedule, _first_epoch(schedule))) is not None:
+            if fixed_tilt(criterion_at_epoch(schedule)) is not None:
                 try:
                     check_covariance("sandwich", 0.0, self.prune.estimator, loss=schedule.kind)
                 except InputError as exc:
@@ -141,16 +141,11 @@ class PipelineConfig:
                     ) from None
 
 
-def _first_epoch(schedule: ScheduleConfig) -> dict[str, Any]:
-    """A history record of the criterion ``schedule`` starts with (the model before any epoch)."""
-    return {"epoch": 1, "criterion": schedule.name, "lam": schedule.lam0, "rho": schedule.rho_at(0)}
-
-
 def training_criterion(schedule: ScheduleConfig, trained: dict[str, Any]) -> ScheduleConfig:
     """The criterion a training (:func:`anrat.run.run`'s result, ``schedule`` its schedule)
     minimised at its selected epoch, held fixed (:func:`anrat.schedules.criterion_at_epoch`)."""
     best = trained["selected"]["best_epoch"]
-    record = next((h for h in trained["history"] if h["epoch"] == best), _first_epoch(schedule))
+    record = next((h for h in trained["history"] if h["epoch"] == best), None)  # None: before any epoch
     return criterion_at_epoch(schedule, record)
 
 

@@ -7,7 +7,7 @@ from anrat.data import Split
 from anrat.errors import InputError
 from anrat.losses import ANRATLoss, NRAELoss, PlainLoss, RAELoss
 from anrat.models import build_model
-from anrat.schedules import LambdaSchedule, ScheduleConfig, criterion_at_epoch, fixed_tilt
+from anrat.schedules import LambdaSchedule, ScheduleConfig, criterion_at_epoch, fixed_tilt, hyper_at
 from anrat.trainer import TrainConfig, Trainer
 
 
@@ -185,3 +185,37 @@ def test_criterion_at_epoch_for_anneal_ess_and_after_a_switch():
     to_rae = ScheduleConfig(name="anneal", lam0=1.0, gamma=0.5, switch_below=0.7, switch_to="rae")
     with pytest.raises(InputError, match="RAE"):
         criterion_at_epoch(to_rae, _history(to_rae, epochs=2)[1])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ScheduleConfig(name="anneal", lam0=10.0, gamma=0.5, lam_min=0.3),
+        ScheduleConfig(name="ess", rho0=0.1, rho_final=1.0, rho_epochs=3),
+        ScheduleConfig(name="ess", rho0=0.2, rho_final=0.8, rho_epochs=2, rho_growth="linear"),
+        ScheduleConfig(name="excursions", lam0=5.0, period=4, plain_steps=1),
+        ScheduleConfig(name="fixed", lam0=2.0),
+        ScheduleConfig(name="plain"),
+    ],
+)
+def test_hyper_at_is_what_the_running_schedule_does_epoch_by_epoch_and_step_by_step(config):
+    schedule, steps_per_epoch = LambdaSchedule(config), 5
+    for epoch in range(5):
+        h = hyper_at(config, epoch)
+        assert h.rho == schedule.rho
+        if h.criterion == "plain" or schedule.switched:
+            assert h.criterion == "plain" and schedule.switched
+        else:
+            assert h.lam == pytest.approx(schedule.lam, rel=1e-12) if config.name != "ess" else h.lam is None
+        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            plain_step = hyper_at(config, epoch, step).criterion == "plain"
+            assert plain_step == isinstance(schedule.criterion(step), PlainLoss)
+        schedule.end_epoch(epoch, max_loss=1.0)
+
+
+def test_criterion_at_epoch_without_a_record_is_the_criterion_the_schedule_starts_with():
+    assert criterion_at_epoch(ScheduleConfig(name="adaptive", lam0=3.0)).lam0 == 3.0
+    assert criterion_at_epoch(ScheduleConfig(name="ess", rho0=1.0, rho_final=1.0)).name == "plain"
+    held = criterion_at_epoch(ScheduleConfig(name="ess", rho0=0.3, rho_final=1.0, rho_epochs=4))
+    assert (held.name, held.rho0, held.rho_final) == ("ess", 0.3, 0.3)
+    assert criterion_at_epoch(ScheduleConfig(name="anneal", lam0=4.0, gamma=0.5)).lam0 == 4.0
