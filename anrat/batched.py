@@ -293,6 +293,15 @@ def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) ->
 # Each update takes all trained tensors at once and steps them with ``torch._foreach_*`` ops: the
 # same kernels, in the same order, as one op per tensor, with a fraction of the per-op Python
 # overhead that dominates the small networks' steps.
+#
+# Why not torch.optim: its hyperparameters are one number per parameter group, while a stacked
+# (K, ...) tensor holds K members with K learning rates, momenta and weight decays along dim 0. A
+# group per member would need each member's slice as a parameter of its own, but slices of the
+# stacked tensor are not leaf tensors, and K separate tensors would undo the one vectorised step.
+# So the two update rules the members may use (SGD with momentum and weight decay, and Adam) are
+# written here with per-member tensors of hyperparameters (tests/anrat/test_batched.py checks each
+# member against the single-model Trainer, which steps torch.optim's), and any other optimizer is
+# refused by :func:`unsupported_option`, the one check RunConfig and the BatchedTrainer share.
 
 
 class StackedSGD:
