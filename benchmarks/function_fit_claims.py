@@ -69,7 +69,7 @@ ANNEAL_FRACTION = 0.5  # deconvexification: the first half of the steps convexif
 
 
 def _anneal(steps: int) -> ScheduleConfig:
-    # lambda 10 -> 1 geometrically over the first half, then the plain MSE (as recipes/function_fit.py)
+    # lambda 10 -> 1 geometrically over the first half, then the plain MSE (as anrat/function_study.py)
     gamma = (1.0 / 10.0) ** (1.0 / max(1.0, ANNEAL_FRACTION * steps))
     return ScheduleConfig(name="anneal", kind="lp", lam0=10.0, gamma=gamma, lam_min=0.1, switch_below=1.0)
 

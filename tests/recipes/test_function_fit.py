@@ -10,18 +10,18 @@ import matplotlib.image
 import pytest
 import torch
 
+from anrat import function_study
 from anrat.function_problems import PROBLEMS, make_problem
-from anrat.recipes import function_fit
-from anrat.recipes.function_fit import (
+from anrat.function_study import (
     DEFAULT_METHODS,
     METHODS,
     Settings,
-    main,
     schedule_config,
     summarise,
     train_batched,
     train_one,
 )
+from anrat.recipes.function_fit import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def test_table_has_a_row_per_problem_and_method(tiny_run):
             row = next(
                 line
                 for line in table.splitlines()
-                if line.startswith(f"| {name} ") and f"| {function_fit.METHOD_LABELS[method]} |" in line
+                if line.startswith(f"| {name} ") and f"| {function_study.METHOD_LABELS[method]} |" in line
             )
             assert f"{entry['successes']}/{entry['runs']}" in row
 
@@ -122,7 +122,7 @@ def test_methods_use_their_schedules():
     assert record["switch_step"] == 21  # lambda annealed 10 -> 1 over the first half, then MSE
     assert record["final_lambda"] is None
     anrat = train_one(problem, "anrat", seed=0, steps=10)
-    assert anrat["final_lambda"] != function_fit.SETTINGS.lam  # lambda was learned
+    assert anrat["final_lambda"] != function_study.SETTINGS.lam  # lambda was learned
 
 
 def test_excursions_are_a_method_on_request_and_both_engines_train_them_alike():
@@ -237,21 +237,34 @@ def test_the_module_command_runs_and_help_lists_every_option():
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "0"], "seeds must be an integer >= 1"),
         (["--steps", "ten"], "--steps"),
-        (["--problems", "teacher,spirals"], "--problems"),
-        (["--methods", "sgd"], "--methods"),
-        (["--workers", "-1"], "--workers"),
+        (["--problems", "teacher,spirals"], "problems must be a non-empty list"),
+        (["--methods", "sgd"], "methods must be a non-empty list"),
+        (["--workers", "-1"], "workers must be an integer >= 1"),
+        (["--engine", "threads"], "--engine"),
+        (["--set", "methods=['mse','sgd']"], "methods must be a non-empty list"),
+        (["--set", "seeds='many'"], "seeds"),
         (["--colour"], "unrecognized arguments"),
     ],
 )
-def test_bad_options_exit_2_with_one_line(args, words, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1
-    assert words in err
+def test_bad_options_exit_2_with_one_line(args, words, run_cli, tmp_path):
+    code, captured = run_cli(main, [*args, "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert len(captured.err.strip().splitlines()) == 1
+    assert words in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_and_set_reach_every_option(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text('problems = ["parity"]\nmethods = ["mse"]\nsteps = 3\n')
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--set", "seeds=2", "--no-progress", "--workers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (result["seeds"], result["steps"], result["methods"]) == (2, 3, ["mse"])
+    assert list(result["problems"]) == ["parity"]
 
 
 def test_output_folder_that_is_a_file_exits_2(tmp_path, capsys):
