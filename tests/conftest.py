@@ -1,4 +1,5 @@
-"""Shared fixtures: the one place tests find MNIST, and a private cache folder for the session."""
+"""Shared fixtures: the one place tests find MNIST (and mark the tests that read it ``slow``), a
+private cache folder for the session, and the command-line helpers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def _holds_idx_files(folder: Path) -> bool:
     return all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in IDX_FILES)
+
+
+DATA_FIXTURES = {"mnist_dir", "fashion_mnist_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads MNIST or Fashion-MNIST is ``slow``: ``pytest -m "not slow"`` is the
+    inner loop of synthetic tests, CI runs them all."""
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

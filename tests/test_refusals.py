@@ -504,6 +504,7 @@ def test_a_read_only_output_folder_is_refused(command, argv, inputs, tmp_path, c
     assert code == 2 and len(lines) == 1 and str(locked) in lines[0], lines
 
 
+@pytest.mark.slow  # one subprocess per refusal
 def test_the_command_line_itself_prints_no_traceback(inputs, tmp_path):
     """One real process (the rows above call ``main`` in-process): one line, status 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -70,7 +70,14 @@ def members_and_single_runs(batched: BatchedTrainer, result, train: Split, val: 
         yield k, member, single
 
 
-@pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("lp", "sgd"), ("ce", "adam")])
+@pytest.mark.parametrize(
+    "kind, optimizer",
+    [
+        ("ce", "sgd"),
+        pytest.param("lp", "sgd", marks=pytest.mark.slow),
+        pytest.param("ce", "adam", marks=pytest.mark.slow),
+    ],
+)
 def test_each_member_is_the_single_model_run(kind, optimizer, tmp_path, single_run, synthetic_split, tiny_mlp):
     train, val = synthetic_split(kind, N_TRAIN, 0), synthetic_split(kind, 96, 1)
     grid_members = members(kind, optimizer)
@@ -122,7 +129,14 @@ def faithful_members(kind: str, optimizer: str) -> list[Member]:
     return members
 
 
-@pytest.mark.parametrize("kind, optimizer", [("ce", "sgd"), ("true_class_sq", "sgd"), ("lp", "adam")])
+@pytest.mark.parametrize(
+    "kind, optimizer",
+    [
+        ("ce", "sgd"),
+        pytest.param("true_class_sq", "sgd", marks=pytest.mark.slow),
+        pytest.param("lp", "adam", marks=pytest.mark.slow),
+    ],
+)
 def test_the_faithful_variants_are_the_single_model_runs(
     kind, optimizer, tmp_path, single_run, synthetic_split, tiny_mlp
 ):

@@ -34,6 +34,8 @@ from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer
 
+pytestmark = pytest.mark.slow  # spawns two processes (seconds each to import torch)
+
 WORLD_SIZE = 2
 DEADLINE_S = 180
 REPO_ROOT = Path(__file__).resolve().parents[2]

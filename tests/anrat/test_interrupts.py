@@ -12,7 +12,10 @@ import torch
 
 from anrat.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+    pytest.mark.slow,  # every test here runs commands in subprocesses and interrupts them
+]
 
 
 @pytest.fixture(scope="module")

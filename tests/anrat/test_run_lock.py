@@ -34,6 +34,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # holds the lock in another process
 def test_a_folder_in_use_is_refused_with_the_pid_that_holds_it(tmp_path):
     proc = hold_in_another_process(tmp_path)
     try:
@@ -48,6 +49,7 @@ def test_a_folder_in_use_is_refused_with_the_pid_that_holds_it(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no lock file written into the user's folder
 
 
+@pytest.mark.slow  # holds the lock in another process
 def test_a_second_training_into_the_same_folder_writes_nothing(tmp_path, tmp_path_factory, capsys, monkeypatch):
     from tests.test_refusals import write_idx_folder
 
@@ -74,6 +76,7 @@ def test_a_second_training_into_the_same_folder_writes_nothing(tmp_path, tmp_pat
     proc.wait()
 
 
+@pytest.mark.slow  # holds the lock in another process
 def test_pruning_into_a_folder_in_use_is_refused(tmp_path, tmp_path_factory, capsys):
     from pruning.__main__ import main as prune_main
     from tests.test_refusals import mlp_checkpoint, write_idx_folder

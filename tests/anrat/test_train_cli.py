@@ -50,6 +50,7 @@ def test_missing_and_corrupt_data_exit_2(tmp_path, run_cli):
     assert code == 2 and len(out.err.strip().splitlines()) == 1, out.err
 
 
+@pytest.mark.slow  # a subprocess
 def test_subprocess_error_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "anrat.train", "--lambda0", "-2", "--out", str(tmp_path)],

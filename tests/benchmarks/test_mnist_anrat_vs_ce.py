@@ -12,6 +12,8 @@ import pytest
 
 from anrat.run import run as train_run
 
+pytestmark = pytest.mark.slow  # end-to-end runs on MNIST
+
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):

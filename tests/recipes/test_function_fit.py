@@ -171,6 +171,7 @@ def test_summary_counts_real_successes():
     assert summary["median_steps_to_threshold"] == runs[1]["steps_to_threshold"]
 
 
+@pytest.mark.slow  # worker processes / a subprocess
 @pytest.mark.parametrize("engine", ["loop", "batched"])
 def test_workers_do_not_change_the_results(engine, tmp_path):
     # two problems, so that the batched engine also spreads its problems over the two workers
@@ -211,6 +212,7 @@ def test_the_batched_engine_gives_the_records_of_the_loop(tmp_path):
         assert [e for _, e in b["curve"]] == pytest.approx([e for _, e in a["curve"]], rel=1e-4)
 
 
+@pytest.mark.slow  # worker processes / a subprocess
 def test_the_module_command_runs_and_help_lists_every_option():
     done = subprocess.run(
         [sys.executable, "-m", "anrat.recipes.function_fit", "--help"],

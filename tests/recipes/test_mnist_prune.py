@@ -27,6 +27,8 @@ from anrat.trainer import evaluate
 from pruning.masks import count_nonzero, count_total
 from pruning.pruned_checkpoint import load_pruned
 
+pytestmark = pytest.mark.slow  # end-to-end runs on MNIST
+
 TEST_IMAGES = 2000
 QUICK_ENGINE = "loop"  # recipes/configs/quick.toml: one configuration, faster as a plain loop on the CPU
 
