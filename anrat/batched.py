@@ -78,7 +78,6 @@ written).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -86,15 +85,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from itertools import product
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from anrat.atomic_files import write_text_atomic
@@ -102,39 +99,16 @@ from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
 from anrat.ess import ESSLoss
-from anrat.functional import LossKind, error_exponent, per_sample_loss, tilt_for_ess
+from anrat.functional import error_exponent, per_sample_loss, tilt_for_ess
+from anrat.linear_layout import layout_mode
 from anrat.losses import ANRATLoss, NRAELoss
+from anrat.members import Member, check_members, fixed_settings, grid, member_settings, unsupported_option
 from anrat.objective import lambda_of_theta, objective
 from anrat.schedules import LambdaSchedule, ScheduleConfig, excursion_plain_step
+from anrat.stacked_optim import OPTIMIZER_CLASSES
 from anrat.trainer import TrainConfig, lambda_learning_rate, lr_factor
 
 BATCHED_FORMAT = "anrat.batched/1"
-OPTIMIZERS = ("sgd", "adam")
-_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the Trainer uses them
-_SHARED_TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "eval_batch_size")
-_RESUMABLE_TRAIN_FIELDS = ("epochs",)  # a checkpoint resumes with other values of these
-
-
-@dataclass
-class Member:
-    """One training of the grid: the settings of the single-model run it stands for."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="plain"))
-
-
-def grid(
-    train: TrainConfig, schedules: Sequence[ScheduleConfig], seeds: Sequence[int], **train_axes: Sequence[Any]
-) -> list[Member]:
-    """The members of ``seeds x schedules x train_axes`` (e.g. ``lr=[0.1, 0.5]``), seed slowest.
-
-    Each member's TrainConfig is ``train`` with its seed and its values of the axes.
-    """
-    names = list(train_axes)
-    members = []
-    for seed, schedule, *values in product(seeds, schedules, *(train_axes[n] for n in names)):
-        members.append(Member(replace(train, seed=seed, **dict(zip(names, values))), replace(schedule)))
-    return members
 
 
 @dataclass
@@ -151,47 +125,6 @@ class BatchedResult:
     history: list[dict[str, Any]]
 
 
-def _check_members(members: Sequence[Member]) -> tuple[LossKind, str]:
-    """Validate the members and return the shared loss kind and optimizer name."""
-    if not members:
-        raise InputError("a batched run needs at least one member")
-    first = members[0]
-    for k, m in enumerate(members):
-        m.train.validate()
-        m.schedule.validate()
-        for name in _SHARED_TRAIN_FIELDS:
-            if str(getattr(m.train, name)).lower() != str(getattr(first.train, name)).lower():
-                raise InputError(
-                    f"member {k} has {name}={getattr(m.train, name)!r}, member 0 "
-                    f"{getattr(first.train, name)!r}: all members of a batched run share {name}"
-                )
-        if m.schedule.kind != first.schedule.kind:
-            raise InputError(
-                f"member {k} has loss kind {m.schedule.kind!r}, member 0 {first.schedule.kind!r}: "
-                "all members of a batched run share the loss kind"
-            )
-        option = unsupported_option(m.train, m.schedule)
-        if option is not None:
-            raise InputError(f"member {k}: {option} is not supported by the batched trainer")
-    return first.schedule.kind, first.train.optimizer.lower()
-
-
-def unsupported_option(train: TrainConfig, schedule: ScheduleConfig) -> str | None:
-    """The option of a single-model run that the batched trainer cannot train, named with its
-    dotted key (``"amp (train.amp=True)"``); None when it can."""
-    if train.amp:
-        return "amp (train.amp=True)"
-    if train.compile is not None:
-        return f"compile (train.compile={train.compile!r})"
-    if train.optimizer.lower() not in OPTIMIZERS:
-        return f"the optimizer {train.optimizer!r} (train.optimizer; supported: {', '.join(OPTIMIZERS)})"
-    if schedule.class_weight is not None:
-        return "class_weight (schedule.class_weight)"
-    if train.lr_decay == "cosine_step":
-        return "lr_decay='cosine_step' (train.lr_decay; 'cosine' is stepped per epoch)"
-    return None
-
-
 def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A (K, 1, ..., 1) tensor of per-member values that broadcasts against ``like`` (K, ...)."""
     t = torch.tensor(list(values), dtype=dtype or like.dtype, device=like.device)
@@ -205,49 +138,6 @@ def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def _where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` for the members where ``mask`` (K,) holds, else ``old``."""
     return torch.where(mask.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
-
-
-class NarrowLinearLayout(TorchFunctionMode):
-    """Inside it, ``F.linear(x, W, b)`` of a 2-D ``x`` and a layer with at most ``max_out`` outputs
-    is computed as ``(W @ x^T)^T + b``: the same product, in the other orientation.
-
-    Why: under ``vmap`` a linear layer becomes ``torch.bmm(x, W^T)``, and on the CPU MKL's batched
-    product is several times slower in that orientation when the output is narrow. Measured with
-    ``python benchmarks/batched_linear_layout.py`` (one thread): 80 members, 1000 rows, 4 -> 4 runs
-    8x faster the other way, lenet5's 500 -> 10 at batch 64 1.9x; 16 -> 16 and wider layers run
-    2-20% slower, hence ``max_out = 10``. The results are the same products summed in another
-    order (float rounding).
-    """
-
-    def __init__(self, max_out: int = 10) -> None:
-        super().__init__()
-        self.max_out = max_out
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is nn.functional.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dim() == 2 and weight.shape[0] <= self.max_out:
-                out = torch.matmul(weight, x.mT).mT
-                return out if bias is None else out + bias
-        return func(*args, **kwargs)
-
-
-def _layout_mode(device: torch.device) -> TorchFunctionMode | contextlib.nullcontext:
-    """:class:`NarrowLinearLayout` on the CPU; nothing elsewhere (cuBLAS has no such cliff)."""
-    return NarrowLinearLayout() if device.type == "cpu" else contextlib.nullcontext()
-
-
-def _member_settings(members: Sequence[Member]) -> list[dict[str, Any]]:
-    """Each member's settings as a checkpoint stores them (``members``)."""
-    return [{"train": asdict(m.train), "schedule": asdict(m.schedule)} for m in members]
-
-
-def _fixed_settings(settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a checkpoint must share with the run that resumes it: the members' settings less the
-    options a resumed run may change (``epochs``: more epochs continue the run)."""
-    return [{**m, "train": {n: v for n, v in m["train"].items() if n not in _RESUMABLE_TRAIN_FIELDS}} for m in settings]
 
 
 def _duration(seconds: float) -> str:
@@ -289,76 +179,6 @@ def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) ->
     return objective(losses, theta, hyper)[:3]
 
 
-# --- optimizers on stacked tensors -----------------------------------------------------------------
-# Each update takes all trained tensors at once and steps them with ``torch._foreach_*`` ops: the
-# same kernels, in the same order, as one op per tensor, with a fraction of the per-op Python
-# overhead that dominates the small networks' steps.
-#
-# Why not torch.optim: its hyperparameters are one number per parameter group, while a stacked
-# (K, ...) tensor holds K members with K learning rates, momenta and weight decays along dim 0. A
-# group per member would need each member's slice as a parameter of its own, but slices of the
-# stacked tensor are not leaf tensors, and K separate tensors would undo the one vectorised step.
-# So the two update rules the members may use (SGD with momentum and weight decay, and Adam) are
-# written here with per-member tensors of hyperparameters (tests/anrat/test_batched.py checks each
-# member against the single-model Trainer, which steps torch.optim's), and any other optimizer is
-# refused by :func:`unsupported_option`, the one check RunConfig and the BatchedTrainer share.
-
-
-class StackedSGD:
-    """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov) on (K, ...) tensors
-    with per-member hyperparameters: ``d = g + wd p; buf = momentum buf + d; p -= lr buf``."""
-
-    def init_state(self, param: Tensor) -> dict[str, Tensor]:
-        return {"momentum_buffer": torch.zeros_like(param)}
-
-    def update(
-        self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], hps: list[dict[str, Tensor]]
-    ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """The stepped parameters and states (new tensors; the caller commits them member by member)."""
-        d = torch._foreach_add(grads, torch._foreach_mul([hp["weight_decay"] for hp in hps], params))
-        bufs = torch._foreach_add(
-            torch._foreach_mul([hp["momentum"] for hp in hps], [s["momentum_buffer"] for s in states]), d
-        )
-        lrs = [hp["lr"].to(p.dtype) for hp, p in zip(hps, params)]
-        new = torch._foreach_sub(params, torch._foreach_mul(lrs, bufs))
-        return new, [{"momentum_buffer": b} for b in bufs]
-
-
-class StackedAdam:
-    """``torch.optim.Adam`` (default betas and eps, L2 weight decay) on (K, ...) tensors:
-    ``m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2;
-    p -= lr / (1 - b1^n) * m / (sqrt(v) / sqrt(1 - b2^n) + eps)`` at step n of the member."""
-
-    def init_state(self, param: Tensor) -> dict[str, Tensor]:
-        steps = torch.zeros((param.shape[0],) + (1,) * (param.dim() - 1), dtype=torch.float64, device=param.device)
-        return {"step": steps, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
-
-    def update(
-        self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], hps: list[dict[str, Tensor]]
-    ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """The stepped parameters and states (new tensors; the caller commits them member by member)."""
-        b1, b2 = _ADAM_BETAS
-        g = torch._foreach_add(grads, torch._foreach_mul([hp["weight_decay"] for hp in hps], params))
-        steps = torch._foreach_add([s["step"] for s in states], 1)
-        m = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - b1)
-        v = torch._foreach_add(
-            torch._foreach_mul([s["exp_avg_sq"] for s in states], b2),
-            torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2),
-        )
-        # 1 - b^n as (-b^n) + 1: the same float
-        bias1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(b1, steps)), 1)
-        bias2 = torch._foreach_sqrt(torch._foreach_add(torch._foreach_neg(torch._foreach_pow(b2, steps)), 1))
-        step_size = [s.to(p.dtype) for s, p in zip(torch._foreach_div([hp["lr"] for hp in hps], bias1), params)]
-        denom = torch._foreach_add(
-            torch._foreach_div(torch._foreach_sqrt(v), [b.to(p.dtype) for b, p in zip(bias2, params)]), _ADAM_EPS
-        )
-        new = torch._foreach_sub(params, torch._foreach_mul(step_size, torch._foreach_div(m, denom)))
-        return new, [{"step": n, "exp_avg": a, "exp_avg_sq": q} for n, a, q in zip(steps, m, v)]
-
-
-_OPTIMIZER_CLASSES = {"sgd": StackedSGD, "adam": StackedAdam}
-
-
 class BatchedTrainer:
     """Trains the ``members`` of one architecture at once; selects each one's best epoch on ``val``.
 
@@ -389,7 +209,7 @@ class BatchedTrainer:
         progress: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        self.kind, optimizer = _check_members(members)
+        self.kind, optimizer = check_members(members)
         if max_members is not None and max_members < 1:
             raise InputError(f"max_members must be >= 1, got {max_members}")
         self.members = list(members)
@@ -405,7 +225,7 @@ class BatchedTrainer:
         self.base, self.params, self.buffers = self._initial_stack(model_factory)
         self.schedules = [LambdaSchedule(replace(m.schedule), backend="torch") for m in self.members]
         self.theta = torch.stack([self._initial_theta(s) for s in self.schedules]).to(self.device)
-        self.optimizer = _OPTIMIZER_CLASSES[optimizer]()
+        self.optimizer = OPTIMIZER_CLASSES[optimizer]()
         self.opt_state = {name: self.optimizer.init_state(p) for name, p in self._trained().items()}
         self.epoch = 0  # epochs completed
         self.hp = self._optimizer_hyper()
@@ -571,7 +391,7 @@ class BatchedTrainer:
         """One member's gradients (weights, theta) and ``(objective, per-sample losses, ESS)``."""
 
         def surrogate(params: dict[str, Tensor], theta: Tensor):
-            with _layout_mode(self.device):
+            with layout_mode(self.device):
                 out = functional_call(self.base, (params, buffers), (x,))
             losses = self._member_losses(out, y, hyper)
             step_hyper = hyper
@@ -772,7 +592,7 @@ class BatchedTrainer:
     def _member_eval(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor, hyper: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        with _layout_mode(self.device):
+        with layout_mode(self.device):
             out = functional_call(self.base, (params, buffers), (x,))
         return out, self._member_losses(out, y, hyper)
 
@@ -885,7 +705,7 @@ class BatchedTrainer:
         return {
             "format": BATCHED_FORMAT,
             "arch": copy.deepcopy(self.arch),
-            "members": _member_settings(self.members),
+            "members": member_settings(self.members),
             "run_config": copy.deepcopy(self.run_config),
             "params": cpu(self.params),
             "buffers": cpu(self.buffers),
@@ -916,7 +736,7 @@ class BatchedTrainer:
         # options added since a checkpoint was written are absent from it; their defaults do what it did
         defaults = {"train": asdict(TrainConfig()), "schedule": asdict(ScheduleConfig())}
         saved = [{part: {**defaults[part], **m[part]} for part in defaults} for m in state["members"]]
-        if _fixed_settings(saved) != _fixed_settings(_member_settings(self.members)):
+        if fixed_settings(saved) != fixed_settings(member_settings(self.members)):
             raise InputError(
                 "the checkpoint holds a batched run with other members; start afresh (resume=False) "
                 "or use another out_dir"
@@ -958,8 +778,6 @@ __all__ = [
     "BatchedResult",
     "BatchedTrainer",
     "Member",
-    "StackedAdam",
-    "StackedSGD",
     "grid",
     "member_objective",
     "stack_epoch_line",

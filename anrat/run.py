@@ -28,12 +28,13 @@ from typing import Any, Literal
 import torch
 
 from anrat.atomic_files import make_output_folder, remove_stale_temporaries, write_text_atomic
-from anrat.batched import BatchedTrainer, Member, unsupported_option
+from anrat.batched import BatchedTrainer
 from anrat.checkpoint import load_checkpoint, save_atomic
 from anrat.config import flatten
 from anrat.data import DataSplits, load_dataset
 from anrat.distributed import current_world, env_is_main, process_group_from_env
 from anrat.errors import InputError
+from anrat.members import Member, unsupported_option
 from anrat.models import build_model
 from anrat.run_lock import lock_output_folder
 from anrat.schedules import LambdaSchedule, ScheduleConfig
