@@ -1,79 +1,23 @@
 """A grid of trainings as one vectorised run: K members of one architecture trained at once.
 
-Every claim of the toolkit is a comparison over seeds and grids of small networks. Instead of K
-training loops, :class:`BatchedTrainer` stacks the K members' weights along a new leading
-dimension (:func:`torch.func.stack_module_state`) and runs one step for all of them with
+Instead of K training loops, :class:`BatchedTrainer` stacks the K members' weights along a new
+leading dimension (:func:`torch.func.stack_module_state`) and runs one step for all of them with
 :func:`torch.func.vmap` over :func:`torch.func.functional_call` and :func:`torch.func.grad`.
-
-**Members.** Member k is a :class:`Member`, a :class:`~anrat.trainer.TrainConfig` and a
-:class:`~anrat.schedules.ScheduleConfig`, and stands for the single-model run
+Member k (:class:`anrat.members.Member`: a :class:`~anrat.trainer.TrainConfig` and a
+:class:`~anrat.schedules.ScheduleConfig`) stands for the single-model run
 
     torch.manual_seed(train.seed); model = model_factory()
     Trainer(model, LambdaSchedule(schedule), train_split, val_split, train).fit()
 
-Per member: the seed (initial weights, drawn under ``torch.manual_seed(seed)`` as above; batch
-order, a ``torch.Generator`` seeded with ``seed`` as the Trainer's), ``lr``, ``momentum``,
-``l2`` (weight decay on named layers' weights), ``lambda_lr`` and the whole schedule: the plain
-loss (``"plain"``), NRAE at a fixed lambda and p (``"fixed"``), annealed (``"anneal"``), ANRAT
-(``"adaptive"``: lambda0, p, a, q, parameterisation, ``"direct"`` included), Lo et al.'s
-excursions (``"excursions"``: period, plain steps), the scale-free tilt (``"ess"``: rho0,
-rho_final, rho_epochs, rho_growth; each step's t solved per member from its batch by
-:func:`anrat.functional.tilt_for_ess` on the device, in a fixed number of steps, vectorised over
-the members), the normaliser (``"batch"`` or ``"running"``), the error's exponent r, with the
-deconvexification switch to the plain loss or to RAE. Shared by all members (checked): ``epochs``,
-``batch_size``, ``optimizer`` (SGD with momentum and weight decay, or Adam), ``eval_batch_size``
-and the loss kind (``"ce"``, ``"lp"`` or ``"true_class_sq"``).
-
-**The objective of a member** on a batch of per-sample losses l (B,) is
-:func:`anrat.objective.objective`, the criterion the single-model losses of :mod:`anrat.losses`
-compute from the same pieces (plain, NRAE, ANRAT, the running normaliser, RAE after a switch; the
-closed-form gradients d/dl_i and d/dtheta), vmapped over the members with every branch computed and
-selected by the member's flags. Excursions take the plain loss's 1/B on their plain steps; a direct
-lambda's theta is projected onto its bounds after its step, as
-:meth:`~anrat.losses.ANRATLoss.project_` does. The weights' gradient is taken by autograd
-of the surrogate ``sum_i w_i l_i`` with those weights w held fixed, so it is the gradient of the
-objective.
-
-**Exactness.** Without dropout, member k follows the single-model Trainer to float rounding: the
-same initial weights, batch order, lambda updates and optimizer updates, computed in a different
-order of float operations (batched matrix products, the tilted mean in torch ops rather than the
-Trainer's NumPy): after 100 float32 steps the weights agree to ~1e-6 relative (tested at 1e-5).
-With dropout they cannot agree bit for bit: the Trainer draws its masks from the global RNG
-after its model's initialisation, the batched run draws a different mask for each member
-(``vmap(randomness="different")``) from one global stream; each member still has its own masks,
-and a resumed run draws the same ones (the global RNG state is checkpointed).
-
-**Logged per epoch** (lists over the members): as the Trainer's records, with ``train_ess`` and
-``train_ess_fraction``, the effective sample size ``1 / sum_i w_i^2`` of each step's weights
-``w = d value / d l`` (m for the plain loss) averaged over the epoch's steps, accumulated on the
-device and read at the end of the epoch; ``rho`` for ``ess`` members. An ``ess`` member's ``lam``
-is None (its tilt changes every step; the Trainer reports the last batch's).
-
-**Failure isolation.** A member whose objective (or whose updated weights) becomes non-finite is
-frozen at its last finite weights and reported (:attr:`BatchedResult.diverged`); the others go on.
-The check is a mask on the device: no step waits for the host.
-
-**Memory.** Members are processed in chunks of at most ``max_members`` per forward/backward pass
-(every chunk takes the same step before the next step begins); chunked and unchunked runs give the
-same members.
-
-**Checkpoints.** ``out_dir/last.pt`` holds the whole stack after every epoch (weights, optimizer
-state, schedules, generators, the global RNG, the best weights and the history), written
-atomically and loadable with ``weights_only=True``; a run resumes from it bit for bit on the CPU,
-also with more ``epochs`` than it was started with (a finished run then goes on: the same members
-as a run asked for the larger number from the start).
-
-**Progress.** With ``progress=True`` every epoch prints one line to stderr summarising the members
-(:func:`stack_epoch_line`: the best and median validation score, members training and frozen, the
-epoch's seconds and the time left) and, on a terminal, a bar over the epoch's steps; the epoch
-records (``metrics.jsonl``) hold per-member lists as the single-model Trainer's records hold
-values, ``lam_trace`` (lambda sampled within the epoch) included.
-:meth:`BatchedTrainer.member_checkpoint` exports any member in the single-model checkpoint layout
-(``anrat.checkpoint.FORMAT``) that the pruning and export stages take unchanged.
-
-Not supported here (refused with :class:`~anrat.errors.InputError`): ``amp`` and ``compile``, and
-models whose buffers change in training (BatchNorm running statistics: buffers are read, not
-written).
+and follows it to float rounding (without dropout): the same initial weights, batch order, lambda
+updates and optimizer updates (:mod:`anrat.stacked_optim`), the same criterion
+(:func:`anrat.objective.objective`, vmapped, its weights' gradient taken through the surrogate
+``sum_i w_i l_i``). A member whose objective or weights become non-finite is frozen and reported;
+the others go on. Members run in chunks of ``max_members``; ``out_dir/last.pt`` holds the whole
+stack after every epoch and resumes it bit for bit; :meth:`BatchedTrainer.member_checkpoint`
+exports any member in the single-model checkpoint layout. What the members may differ in, what
+they share, the exactness, logging, memory and checkpoints in detail: docs/batched.md. Options a
+stack cannot train are refused by :func:`anrat.members.unsupported_option`.
 """
 
 from __future__ import annotations
@@ -81,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -95,18 +38,18 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from anrat.atomic_files import write_text_atomic
-from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
+from anrat.checkpoint import FORMAT, global_rng_state, load_checkpoint, save_atomic, set_global_rng_state
 from anrat.data import Split
+from anrat.epoch_lines import stack_epoch_line
 from anrat.errors import InputError
-from anrat.ess import ESSLoss
 from anrat.functional import error_exponent, per_sample_loss, tilt_for_ess
 from anrat.linear_layout import layout_mode
 from anrat.losses import ANRATLoss, NRAELoss
 from anrat.members import Member, check_members, fixed_settings, grid, member_settings, unsupported_option
-from anrat.objective import lambda_of_theta, objective
+from anrat.objective import SETTING_DTYPES, lambda_of_theta, objective, objective_settings
 from anrat.schedules import LambdaSchedule, ScheduleConfig, excursion_plain_step
-from anrat.stacked_optim import OPTIMIZER_CLASSES
-from anrat.trainer import TrainConfig, lambda_learning_rate, lr_factor
+from anrat.stacked_optim import OPTIMIZER_CLASSES, member_hyperparameters
+from anrat.trainer import TrainConfig, improves, lr_factor
 
 BATCHED_FORMAT = "anrat.batched/1"
 
@@ -125,12 +68,6 @@ class BatchedResult:
     history: list[dict[str, Any]]
 
 
-def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A (K, 1, ..., 1) tensor of per-member values that broadcasts against ``like`` (K, ...)."""
-    t = torch.tensor(list(values), dtype=dtype or like.dtype, device=like.device)
-    return t.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: v.detach().cpu() for n, v in tensors.items()}
 
@@ -138,45 +75,6 @@ def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def _where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` for the members where ``mask`` (K,) holds, else ``old``."""
     return torch.where(mask.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
-
-
-def _duration(seconds: float) -> str:
-    """``"42 s"`` below a minute, ``"3.5 min"`` above."""
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
-
-
-def stack_epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One plain line for a batched epoch's ``record`` (per-member lists), the stack's counterpart
-    of :func:`anrat.trainer.epoch_line`: the best member's validation error (or loss, when the
-    task has no error rate) and the median over the members still training, the median training
-    loss, how many members train and how many are frozen (diverged), the epoch's wall-clock seconds
-    and the time the remaining ``epochs`` would take at that rate."""
-    frozen = set(record["frozen"])
-    k = len(record["train_loss"])
-    alive = [i for i in range(k) if i not in frozen]
-    parts = [f"epoch {record['epoch']}/{epochs}, {k} member{'s' if k != 1 else ''}"]
-    vals = record.get("val")
-    if alive:
-        parts.append(f"training loss median {statistics.median(record['train_loss'][i] for i in alive):.4g}")
-    if vals is not None and alive:
-        key = "error" if "error" in vals[alive[0]] else "loss"
-        scores = {i: vals[i][key] for i in alive}
-        best = min(scores, key=scores.__getitem__)
-        show = (lambda v: f"{v:.2%}") if key == "error" else (lambda v: f"{v:.4g}")  # noqa: E731
-        parts.append(
-            f"validation {key} best {show(scores[best])} (member {best}), "
-            f"median {show(statistics.median(scores.values()))}"
-        )
-    parts.append(f"{len(alive)} training, {len(frozen)} frozen")
-    left = record["seconds"] * (epochs - record["epoch"])
-    parts.append(f"{record['seconds']:.1f} s" + (f", ~{_duration(left)} left" if left > 0 else ""))
-    return "; ".join(parts)
-
-
-# --- the objective of one member: anrat.objective's, vmapped over the members ----------------------
-def member_objective(losses: Tensor, theta: Tensor, hyper: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """One member's ``(value, w, g_theta)`` (:func:`anrat.objective.objective`, every branch)."""
-    return objective(losses, theta, hyper)[:3]
 
 
 class BatchedTrainer:
@@ -278,95 +176,22 @@ class BatchedTrainer:
         return {**self.params, "__theta__": self.theta}
 
     def _optimizer_hyper(self) -> dict[str, dict[str, Tensor]]:
-        """Per trained tensor, the per-member lr, momentum and weight decay as the Trainer's
-        parameter groups give them (L2 on the named layers' weights; theta: ``lambda_lr``)."""
+        """This epoch's per-member optimizer settings (:func:`anrat.stacked_optim.member_hyperparameters`)."""
         layers = {name for name, _ in self.base.named_modules()}
-        for k, m in enumerate(self.members):
-            unknown = sorted(set(m.train.l2) - layers)
-            if unknown:
-                raise InputError(f"member {k}: L2 prior names unknown layers {unknown}")
-        hp = {}
-        for name, p in self._trained().items():
-            theta = name == "__theta__"
-            layer, _, leaf = name.rpartition(".")
-            lrs = [
-                lambda_learning_rate(m.train, m.schedule) if theta else m.train.lr * lr_factor(m.train, self.epoch)
-                for m in self.members
-            ]
-            decay = [0.0 if theta or leaf != "weight" else m.train.l2.get(layer, 0.0) for m in self.members]
-            hp[name] = {
-                "lr": _per_member(lrs, p, torch.float64),
-                "weight_decay": _per_member(decay, p),
-                "momentum": _per_member([m.train.momentum for m in self.members], p),
-            }
-        return hp
+        return member_hyperparameters(self.members, self._trained(), layers, self.epoch)
 
     def _loss_hyper(self) -> dict[str, Tensor]:
-        """The members' loss settings as (K,) tensors for :func:`anrat.objective.objective` (refreshed after
-        every epoch: a schedule may anneal lambda or switch to the plain loss)."""
-        rows, extra = [], []
-        for s, exponent in zip(self.schedules, self._exponents):
-            nrae = s.nrae
-            anrat = isinstance(nrae, ANRATLoss)
-            lo, hi = nrae.theta_bounds if anrat else (0.0, 0.0)
-            t = nrae.lam**s.config.p if isinstance(nrae, NRAELoss) else 1.0
-            rae = s.rae is not None
-            if rae:
-                t = s.rae.t()
-            rows.append(
-                (
-                    (s.switched and not rae) or nrae is None,
-                    anrat,
-                    s.config.parameterization == "log",
-                    t,
-                    s.config.p,
-                    s.config.a,
-                    s.config.q,
-                    lo,
-                    hi,
-                )
-            )
-            running = isinstance(nrae, NRAELoss) and nrae.normalizer == "running" and not s.switched
-            extra.append(
-                (
-                    s.config.parameterization == "direct",
-                    rae,
-                    running,
-                    s.config.name == "excursions" and not s.switched,
-                    nrae.momentum if isinstance(nrae, NRAELoss) else 1.0,
-                    exponent,
-                    s.config.period,
-                    s.config.plain_steps,
-                )
-            )
-        columns, more = list(zip(*rows)), list(zip(*extra))
-        named = {
-            **{name: (col, torch.bool) for name, col in zip(("plain", "anrat", "log"), columns)},
-            **{name: (col, torch.float64) for name, col in zip(("t", "p", "a", "q", "lo", "hi"), columns[3:])},
-            **{name: (col, torch.bool) for name, col in zip(("direct", "rae", "running", "excursions"), more)},
-            **{name: (col, torch.float64) for name, col in zip(("momentum", "r"), more[4:])},
-            **{name: (col, torch.int64) for name, col in zip(("period", "plain_steps"), more[6:])},
-        }
-        # Only the columns that changed since the last epoch become new tensors (an annealed t, a
-        # switch): with one step per epoch (full-batch runs) rebuilding all of them is a cost.
-        cache = self._hyper_cache
+        """The members' :func:`anrat.objective.objective_settings` as (K,) tensors (refreshed after
+        every epoch). Only the columns that changed since the last epoch become new tensors (an
+        annealed t, a switch): with one step per epoch (full-batch runs) rebuilding all is a cost."""
+        rows = [objective_settings(s, e) for s, e in zip(self.schedules, self._exponents)]
         hyper = {}
-        for name, (col, dtype) in named.items():
-            if name not in cache or cache[name][0] != col:
-                cache[name] = (col, torch.tensor(col, dtype=dtype, device=self.device))
-            hyper[name] = cache[name][1]
-        hyper.update(self._ess_hyper())
+        for name, dtype in SETTING_DTYPES.items():
+            col = tuple(row[name] for row in rows)
+            if name not in self._hyper_cache or self._hyper_cache[name][0] != col:
+                self._hyper_cache[name] = (col, torch.tensor(col, dtype=dtype, device=self.device))
+            hyper[name] = self._hyper_cache[name][1]
         return hyper
-
-    def _ess_hyper(self) -> dict[str, Tensor]:
-        """``ess`` (K,) bool: the member's t is solved from each batch (an ess member not yet
-        switched); ``rho`` (K,) float64: its rho this epoch (1 for the others, unused)."""
-        ess = [isinstance(s.nrae, ESSLoss) and not s.switched for s in self.schedules]
-        rho = [s.nrae.rho if isinstance(s.nrae, ESSLoss) else 1.0 for s in self.schedules]
-        return {
-            "ess": torch.tensor(ess, dtype=torch.bool, device=self.device),
-            "rho": torch.tensor(rho, dtype=torch.float64, device=self.device),
-        }
 
     # --- one step ------------------------------------------------------------------------------
     def _loss_p(self, hyper: dict[str, Tensor]) -> float | Tensor:
@@ -603,10 +428,8 @@ class BatchedTrainer:
         k = len(self.members)
         improved = []
         for i in range(k):
-            val, best = (vals[i] if vals is not None else None), self.best_val[i]
-            key = "error" if val is not None and "error" in val else "loss"
-            last = self.members[i].train.select == "last"
-            better = val is None or last or best is None or val[key] < best[key]
+            val = vals[i] if vals is not None else None
+            better = improves(val, self.best_val[i], self.members[i].train.select)
             if better:
                 self.best_epoch[i], self.best_val[i] = epoch, val
             improved.append(better)
@@ -701,17 +524,16 @@ class BatchedTrainer:
     def state_dict(self) -> dict[str, Any]:
         """The whole stack, as data ``torch.load(weights_only=True)`` reads."""
         self._sync_schedules()
-        cpu = _on_cpu
         return {
             "format": BATCHED_FORMAT,
             "arch": copy.deepcopy(self.arch),
             "members": member_settings(self.members),
             "run_config": copy.deepcopy(self.run_config),
-            "params": cpu(self.params),
-            "buffers": cpu(self.buffers),
+            "params": _on_cpu(self.params),
+            "buffers": _on_cpu(self.buffers),
             "theta": self.theta.cpu(),
             "running_nrae": self.running_nrae.cpu(),
-            "optimizer": {n: cpu(s) for n, s in self.opt_state.items()},
+            "optimizer": {n: _on_cpu(s) for n, s in self.opt_state.items()},
             "schedules": [s.state_dict() for s in self.schedules],
             "active": self.active.cpu(),
             "frozen_step": self.frozen_step.cpu(),
@@ -722,12 +544,8 @@ class BatchedTrainer:
             "history": self.history,
             "best_epoch": list(self.best_epoch),
             "best_val": list(self.best_val),
-            "best_params": cpu(self.best_params) if self.best_params is not None else None,
-            "rng": {
-                "generators": [g.get_state() for g in self.generators],
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "best_params": _on_cpu(self.best_params) if self.best_params is not None else None,
+            "rng": {"generators": [g.get_state() for g in self.generators], **global_rng_state()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -761,9 +579,7 @@ class BatchedTrainer:
         self.best_params = {n: v.to(dev) for n, v in best.items()} if best is not None else None
         for g, g_state in zip(self.generators, state["rng"]["generators"]):
             g.set_state(g_state.cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        set_global_rng_state(state["rng"])
 
     def save(self) -> None:
         """``last.pt`` (atomic) and ``metrics.jsonl`` (one line per epoch) in ``out_dir``."""
@@ -779,7 +595,6 @@ __all__ = [
     "BatchedTrainer",
     "Member",
     "grid",
-    "member_objective",
     "stack_epoch_line",
     "unsupported_option",
 ]

@@ -71,6 +71,22 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return obj
 
 
+def global_rng_state() -> dict[str, Any]:
+    """The global random streams a resumed run must continue (torch's CPU and every CUDA
+    device's), as data a ``weights_only`` checkpoint holds."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`global_rng_state` (its CUDA streams where this process has CUDA)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "no detail")

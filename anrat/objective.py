@@ -26,12 +26,15 @@ and the :class:`~anrat.batched.BatchedTrainer`, which vmaps :func:`objective`.
 from __future__ import annotations
 
 import math
-from typing import overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import Tensor, nn
 
 from anrat.functional import tilted_stats
+
+if TYPE_CHECKING:  # anrat.schedules imports the losses, which import this module
+    from anrat.schedules import LambdaSchedule
 
 LAMBDA_PARAMETERIZATIONS = ("log", "softplus", "direct")
 
@@ -156,7 +159,49 @@ def objective(
     return value, w, g_theta.to(theta.dtype), r_new
 
 
+# The settings :func:`objective` reads, with the dtype of their (K,) tensors in a batched run.
+SETTING_DTYPES: dict[str, torch.dtype] = {
+    **dict.fromkeys(("plain", "anrat", "log", "direct", "rae", "running", "excursions", "ess"), torch.bool),
+    **dict.fromkeys(("t", "p", "a", "q", "lo", "hi", "momentum", "r", "rho"), torch.float64),
+    **dict.fromkeys(("period", "plain_steps"), torch.int64),
+}
+
+
+def objective_settings(schedule: LambdaSchedule, exponent: float) -> dict[str, Any]:
+    """What :func:`objective` needs of one run's schedule as it stands (its current lambda or
+    theta bounds, whether it switched, to what), as plain numbers keyed as :data:`SETTING_DTYPES`;
+    ``exponent``: the per-sample error's (``r``). ``ess`` and ``rho``: the tilt solved from each
+    batch (an ess schedule not yet switched) and its rho this epoch. Read again after every epoch:
+    a schedule may anneal lambda or switch."""
+    from anrat.ess import ESSLoss  # here: anrat.ess and anrat.losses import this module
+    from anrat.losses import ANRATLoss, NRAELoss
+
+    c, nrae = schedule.config, schedule.nrae
+    anrat = isinstance(nrae, ANRATLoss)
+    rae = schedule.rae is not None
+    t = schedule.rae.t() if rae else nrae.lam**c.p if isinstance(nrae, NRAELoss) else 1.0
+    lo, hi = nrae.theta_bounds if anrat else (0.0, 0.0)
+    return {
+        "plain": (schedule.switched and not rae) or nrae is None,
+        "anrat": anrat,
+        "log": c.parameterization == "log",
+        "direct": c.parameterization == "direct",
+        "rae": rae,
+        "running": isinstance(nrae, NRAELoss) and nrae.normalizer == "running" and not schedule.switched,
+        "excursions": c.name == "excursions" and not schedule.switched,
+        "ess": isinstance(nrae, ESSLoss) and not schedule.switched,
+        **{"t": t, "p": c.p, "a": c.a, "q": c.q, "lo": lo, "hi": hi},
+        "momentum": nrae.momentum if isinstance(nrae, NRAELoss) else 1.0,
+        "r": exponent,
+        "rho": nrae.rho if isinstance(nrae, ESSLoss) else 1.0,
+        "period": c.period,
+        "plain_steps": c.plain_steps,
+    }
+
+
 __all__ = [
+    "SETTING_DTYPES",
+    "objective_settings",
     "LAMBDA_PARAMETERIZATIONS",
     "anrat_penalty",
     "anrat_theta_gradient",

@@ -16,8 +16,17 @@ refused by :func:`anrat.members.unsupported_option`, the one check RunConfig and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+from anrat.errors import InputError
+from anrat.trainer import lambda_learning_rate, lr_factor
+
+if TYPE_CHECKING:
+    from anrat.members import Member
 
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the Trainer uses them
 
@@ -77,4 +86,38 @@ class StackedAdam:
 OPTIMIZER_CLASSES = {"sgd": StackedSGD, "adam": StackedAdam}
 
 
-__all__ = ["OPTIMIZER_CLASSES", "StackedAdam", "StackedSGD"]
+def _per_member(values: Sequence[float], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A (K, 1, ..., 1) tensor of per-member values that broadcasts against ``like`` (K, ...)."""
+    t = torch.tensor(list(values), dtype=dtype or like.dtype, device=like.device)
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def member_hyperparameters(
+    members: Sequence[Member], trained: dict[str, Tensor], layers: set[str], epoch: int
+) -> dict[str, dict[str, Tensor]]:
+    """Per trained (K, ...) tensor, the members' lr, momentum and weight decay in ``epoch`` as the
+    single-model Trainer's parameter groups give them: the learning rate decayed by
+    :func:`anrat.trainer.lr_factor`, L2 on the weights of the layers ``train.l2`` names (one of
+    ``layers``), and for lambda's theta (``"__theta__"``) ``lambda_lr`` and no decay."""
+    for k, m in enumerate(members):
+        unknown = sorted(set(m.train.l2) - layers)
+        if unknown:
+            raise InputError(f"member {k}: L2 prior names unknown layers {unknown}")
+    hp = {}
+    for name, p in trained.items():
+        theta = name == "__theta__"
+        layer, _, leaf = name.rpartition(".")
+        lrs = [
+            lambda_learning_rate(m.train, m.schedule) if theta else m.train.lr * lr_factor(m.train, epoch)
+            for m in members
+        ]
+        decay = [0.0 if theta or leaf != "weight" else m.train.l2.get(layer, 0.0) for m in members]
+        hp[name] = {
+            "lr": _per_member(lrs, p, torch.float64),
+            "weight_decay": _per_member(decay, p),
+            "momentum": _per_member([m.train.momentum for m in members], p),
+        }
+    return hp
+
+
+__all__ = ["OPTIMIZER_CLASSES", "StackedAdam", "StackedSGD", "member_hyperparameters"]

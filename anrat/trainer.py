@@ -46,8 +46,9 @@ from tqdm.auto import tqdm
 
 from anrat import distributed
 from anrat.atomic_files import remove_stale_temporaries, write_text_atomic
-from anrat.checkpoint import FORMAT, load_checkpoint, save_atomic
+from anrat.checkpoint import FORMAT, global_rng_state, load_checkpoint, save_atomic, set_global_rng_state
 from anrat.data import Split, as_split
+from anrat.epoch_lines import epoch_line
 from anrat.errors import InputError
 from anrat.ess import ESSLoss
 from anrat.functional import LossKind, distillation_loss, effective_sample_size, per_sample_loss, working_dtype
@@ -274,21 +275,14 @@ def _evaluation_result(sums: Tensor, classify: bool) -> dict[str, float]:
     return result
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One plain line for an epoch's record: losses, validation, time, and the time left."""
-    parts = [f"epoch {record['epoch']}/{epochs}: training loss {record['train_loss']:.4g}"]
-    if record.get("lam") is not None and not record.get("switched"):
-        parts.append(f"lambda {record['lam']:.3g}")
-    if "val_error" in record:
-        parts.append(f"validation error {record['val_error']:.2%}")
-    elif "val_loss" in record:
-        parts.append(f"validation loss {record['val_loss']:.4g}")
-    left = record["seconds"] * (epochs - record["epoch"])
-    parts.append(
-        f"{record['seconds']:.1f} s"
-        + ("" if left <= 0 else f", ~{left / 60:.1f} min left" if left >= 60 else f", ~{left:.0f} s left")
-    )
-    return "; ".join(parts)
+def improves(val: dict[str, float] | None, best: dict[str, float] | None, select: str = "best") -> bool:
+    """Whether an epoch with validation figures ``val`` replaces the selected one (``best``): its
+    error (or loss, for regression) is strictly lower, or there is nothing to compare (no validation
+    split, nothing selected yet), or the run keeps its last epoch (``select="last"``)."""
+    if val is None or best is None or select == "last":
+        return True
+    key = "error" if "error" in val else "loss"
+    return val[key] < best[key]
 
 
 class TrainingDiverged(RuntimeError):
@@ -594,9 +588,7 @@ class Trainer:
     def _consider(self, epoch: int, val: dict[str, float] | None) -> None:
         """Keep the weights of ``epoch`` if they beat the best validation score so far, or always
         when the run keeps its last epoch (``select="last"``)."""
-        key = "error" if val is not None and "error" in val else "loss"
-        last = self.config.select == "last"
-        if val is None or last or self.best_val is None or val[key] < self.best_val[key]:
+        if improves(val, self.best_val, self.config.select):
             self.best_epoch, self.best_val = epoch, val
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir is not None and epoch > 0 and self.writes_files:
@@ -634,11 +626,7 @@ class Trainer:
                 "history": self.history,
                 "best_val": self.best_val,
                 "best_state": {k: v.cpu() for k, v in self.best_state.items()} if self.best_state else None,
-                "rng": {
-                    "generator": self.generator.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                },
+                "rng": {"generator": self.generator.get_state(), **global_rng_state()},
             }
         )
         return state
@@ -656,9 +644,7 @@ class Trainer:
         best = state["best_state"]
         self.best_state = {k: v.to(device) for k, v in best.items()} if best is not None else None
         self.generator.set_state(state["rng"]["generator"].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        set_global_rng_state(state["rng"])
         per_rank = state["rng"].get("per_rank")
         if self.world is not None and per_rank is not None and len(per_rank) == self.world.size:
             distributed.set_rng_state(per_rank[self.world.rank], device)

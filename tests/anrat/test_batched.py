@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from anrat.batched import BatchedTrainer, Member, grid, member_objective
+from anrat.batched import BatchedTrainer, Member, grid
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
 from anrat.data import Split
 from anrat.errors import InputError
 from anrat.functional import per_sample_loss, tilted_mean
 from anrat.losses import ANRATLoss
+from anrat.objective import objective
 from anrat.schedules import ScheduleConfig
 from anrat.trainer import TrainConfig
 from pruning.prune import FineTune, prune
@@ -372,7 +373,7 @@ def test_a_member_exports_as_a_single_model_checkpoint(tmp_path, synthetic_split
 
 
 @pytest.mark.parametrize("lam", [1e-4, 1.0, 1e4])
-def test_member_objective_is_the_loss_modules_over_the_range_of_lambda(lam):
+def test_the_vmapped_objective_is_the_loss_modules_over_the_range_of_lambda(lam):
     g = torch.Generator().manual_seed(0)
     losses = per_sample_loss(torch.randn(64, 10, generator=g) * 3, torch.randint(0, 10, (64,), generator=g))
     anrat = ANRATLoss(lam, p=2.0, a=0.1, q=1.0, backend="numpy")
@@ -390,16 +391,16 @@ def test_member_objective_is_the_loss_modules_over_the_range_of_lambda(lam):
     l = losses.clone().requires_grad_()
     expected = anrat.aggregate(l)
     expected.backward()
-    value, w, g_theta = member_objective(losses, anrat.theta.detach(), hyper)
+    value, w, g_theta = objective(losses, anrat.theta.detach(), hyper)[:3]
     assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(w, l.grad, rtol=1e-5, atol=1e-8)
     assert g_theta.item() == pytest.approx(anrat.theta.grad.item(), rel=1e-4, abs=1e-7)
     fixed = dict(hyper, anrat=torch.tensor(False), t=torch.tensor(lam**2, dtype=torch.float64))
-    value, _, g_theta = member_objective(losses, torch.tensor(0.0), fixed)
+    value, _, g_theta = objective(losses, torch.tensor(0.0), fixed)[:3]
     assert value.item() == pytest.approx(tilted_mean(losses, lam**2, backend="numpy").item(), rel=1e-6)
     assert g_theta.item() == 0.0
     plain = dict(fixed, plain=torch.tensor(True))
-    value, w, _ = member_objective(losses, torch.tensor(0.0), plain)
+    value, w, _ = objective(losses, torch.tensor(0.0), plain)[:3]
     assert value.item() == losses.mean().item() and torch.all(w == 1 / 64)
 
 
