@@ -130,6 +130,21 @@ def add_no_progress_option(parser: Parser, *, key: str | None = None, what: str 
         parser.add_argument("--no-progress", action="store_true", help=f"no {what}")
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (else a usage error naming the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 __all__ = [
     "OneLineErrorParser",
     "add_data_dir_option",
@@ -137,6 +152,7 @@ __all__ = [
     "add_no_progress_option",
     "add_out_option",
     "add_seed_option",
+    "int_at_least",
     "report",
     "run_command",
 ]

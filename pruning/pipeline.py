@@ -141,6 +141,19 @@ class PipelineConfig:
                     ) from None
 
 
+def upgrade_config_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's values in today's layout: files written before fine-tuning became part of
+    the pruning options hold it at the top level (``[fine_tune]``); it is ``[prune.fine_tune]`` now."""
+    if "fine_tune" not in values:
+        return values
+    values = dict(values)
+    moved = values.pop("fine_tune")
+    prune = dict(values.get("prune") or {})
+    prune["fine_tune"] = {**moved, **prune.get("fine_tune", {})} if isinstance(moved, dict) else moved
+    values["prune"] = prune
+    return values
+
+
 def training_criterion(schedule: ScheduleConfig, trained: dict[str, Any]) -> ScheduleConfig:
     """The criterion a training (:func:`anrat.run.run`'s result, ``schedule`` its schedule)
     minimised at its selected epoch, held fixed (:func:`anrat.schedules.criterion_at_epoch`)."""

@@ -1,50 +1,20 @@
 """Train the paper's ConvNet on MNIST with a risk-averting criterion, prune it by statistical significance, export ONNX.
 
-``python -m anrat.recipes.mnist_prune`` runs the whole pipeline of the toolkit in one command and
-reports what happened and what it cost:
+``python -m anrat.recipes.mnist_prune`` runs the whole pipeline of the toolkit in one command,
+:func:`pruning.pipeline.train_prune_export`: **train** (:func:`anrat.run.run`; the quick preset:
+lenet5 with the scale-free tilt ``ess``, its last epoch kept; the paper preset: ANRAT over a grid,
+selected on validation, trained as one batched stack), **prune** (:func:`pruning.prune.prune`: Wald
+tests rank what goes, the network recovers distilling from the unpruned one, and a round is kept
+only when a paired non-inferiority test on the validation images shows it within the margin),
+**export** (one ONNX file checked by ``onnx.checker`` and onnxruntime, timed against the dense
+network; with ``--quantize int8`` an int8 copy kept only within ``--quantize-tolerance``), and a
+report with figures. This file holds only the presets and the command line.
 
-The pipeline is the library's (:func:`pruning.pipeline.train_prune_export`); this file holds only
-the presets and the command line.
-
-1. **Train** (:func:`anrat.run.run`): lenet5 (or ``convnet_dropout``) with a lambda schedule
-   (the quick preset: the scale-free tilt ``ess``, chosen on validation; the paper preset: ANRAT);
-   the quick preset keeps the last epoch (its learning rate is annealed to 0), so the held-out
-   validation images select nothing and stay unbiased for the pruning's acceptance test; with a
-   grid (the paper preset) the best learning rate, penalty weight a and epoch are selected on
-   them. The test set is evaluated once, on the selected model. ``--engine`` (``run.engine``)
-   chooses how a grid is trained: ``batched`` (the ``paper`` preset) trains its nine
-   configurations at once as the members of one
-   :class:`anrat.batched.BatchedTrainer` stack, ``loop`` one after another; both select the same
-   configuration and hand the pruning the same ``train/model.pt``.
-2. **Prune** (:func:`pruning.prune.prune`): Wald tests of every weight and unit rank what goes,
-   a share of the least significant is removed, the network recovers (distilling from the
-   unpruned model), and the round is kept only when a paired non-inferiority test on the
-   validation images shows it within the margin of the unpruned model.
-3. **Export** (:func:`pruning.export.export_onnx`, :func:`pruning.export.compare_models`): the
-   pruned network as one ONNX file, checked by ``onnx.checker`` and against onnxruntime; sizes and
-   onnxruntime latencies of the dense and the pruned network side by side. With ``--quantize int8``
-   (``export.quantize``) also an int8 copy, ``model.int8.onnx`` (:func:`pruning.quantize.write_int8`:
-   onnxruntime static quantisation calibrated on validation images), written only if its validation
-   error stays within ``--quantize-tolerance`` of ``model.onnx``'s; otherwise the command says so and
-   exits 1, the float files in place.
-
-Options come from a preset (``recipes/configs/<preset>.toml``: ``quick``, the default, or
-``paper``) or a ``--config`` file (TOML, or the ``config.json`` of an earlier run), then from the
-command-line options, which override it. The resolved options are written to ``OUT/config.json``
-before anything runs, so ``--config OUT/config.json`` repeats the run (give another ``--out`` to
-keep both; in the same folder the finished training is resumed, not repeated).
-
-Outputs in ``OUT``: ``config.json``; ``train/`` (``model.pt``: the trained checkpoint,
-``metrics.jsonl``, ``result.json``, ``last.pt``/``best.pt`` for resuming); ``pruned.pt`` (the pruned
-checkpoint, :func:`pruning.pruned_checkpoint.load_pruned`; ``train/batched/`` holds the stack
-of a batched grid, ``train/grid/`` the trainings of a looped one); ``model.onnx`` (the pruned network;
-``model.int8.onnx`` beside it when asked for);
-``onnx/dense.onnx`` and ``onnx/pruned.onnx`` (the files timed); ``metrics.json`` (every figure of
-the report); ``report.md`` with ``training.png``, ``lambda.png``, ``pruning.png``, ``layers.png``.
-
-The ONNX model takes normalised images, ``x = (pixel / 255 - mean) / std`` with the mean and std
-recorded in ``metrics.json`` (``data.input_norm``), in ``pruned.pt`` and in the ONNX file's
-``metadata_props``, of shape (N, 1, 28, 28), and returns class scores (N, 10).
+Options: a preset (``recipes/configs/<preset>.toml``: ``quick``, the default, or ``paper``) or a
+``--config`` file (TOML, or the ``config.json`` of an earlier run), then the flags, then ``--set
+KEY=VALUE``. The resolved options go to ``OUT/config.json`` before anything runs, so ``--config
+OUT/config.json`` repeats the run. The outputs, the input contract of the ONNX model and every
+option: docs/usage.md.
 """
 
 from __future__ import annotations
@@ -55,7 +25,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from anrat.cli import (
     OneLineErrorParser,
@@ -64,6 +33,7 @@ from anrat.cli import (
     add_no_progress_option,
     add_out_option,
     add_seed_option,
+    int_at_least,
     run_command,
 )
 from anrat.config import add_config_arguments, flag, flag_values, read_config_file, resolve, set_dotted
@@ -71,7 +41,7 @@ from anrat.errors import InputError
 from anrat.run import ENGINES
 from anrat.schedules import SCHEDULES
 from anrat.trainer import LR_DECAYS
-from pruning.pipeline import PipelineConfig, train_prune_export
+from pruning.pipeline import PipelineConfig, train_prune_export, upgrade_config_values
 from pruning.quantize import QUANTIZE_CHOICES
 from pruning.report import FIGURES  # noqa: F401  (re-exported: the figure files a run writes)
 
@@ -88,26 +58,13 @@ class RecipeConfig(PipelineConfig):
     preset: str = "quick"
 
 
-def _moved_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """Config files written before fine-tuning became part of the pruning options hold it at the
-    top level (``[fine_tune]``); it is ``[prune.fine_tune]`` now."""
-    if "fine_tune" not in values:
-        return values
-    values = dict(values)
-    moved = values.pop("fine_tune")
-    prune = dict(values.get("prune") or {})
-    prune["fine_tune"] = {**moved, **prune.get("fine_tune", {})} if isinstance(moved, dict) else moved
-    values["prune"] = prune
-    return values
-
-
 def resolve_config(args: argparse.Namespace) -> RecipeConfig:
     """Preset or ``--config`` file, then ``--set``, then the flags, into a validated :class:`RecipeConfig`."""
     values = read_config_file(args.config if args.config else PRESETS_DIR / f"{args.preset}.toml")
     seed = [("run.train.seed", args.seed), ("prune.fine_tune.seed", args.seed)] if args.seed is not None else []
     for key, value in [*seed, *flag_values(args), *args.set]:  # flags, then --set (anrat.config)
         set_dotted(values, key, value)
-    cfg = resolve(RecipeConfig(), _moved_keys(values))
+    cfg = resolve(RecipeConfig(), upgrade_config_values(values))
     if cfg.run.data_dir is None and os.environ.get("ANRAT_DATA_DIR"):
         # record where the data came from, so that config.json repeats the run without the variable
         cfg = replace(cfg, run=replace(cfg.run, data_dir=os.environ["ANRAT_DATA_DIR"]))
@@ -116,21 +73,6 @@ def resolve_config(args: argparse.Namespace) -> RecipeConfig:
         raise InputError(f"model {cfg.run.model!r} is not an MNIST ConvNet; expected 'lenet5' or 'convnet_dropout'")
     cfg.validate()
     return cfg
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_device_option(ap, key="run.device")
     add_seed_option(
-        ap, of="initialisation, validation split, shuffling and fine-tuning", default=None, type=_int_at_least(0)
+        ap, of="initialisation, validation split, shuffling and fine-tuning", default=None, type=int_at_least(0)
     )
     flag(
         ap,
@@ -181,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         ap,
         "--period",
         key="run.schedule.period",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         help="excursions (Lo et al.'s NRAE-MSE): steps per cycle of NRAE and plain-loss steps",
     )
     flag(
         ap,
         "--plain-steps",
         key="run.schedule.plain_steps",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         help="excursions: plain-loss steps closing each cycle (fewer than --period)",
     )
     flag(
@@ -199,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a grid over lr and a is trained: batched, all configurations at once as one "
         "vectorised stack (the paper preset); loop, one after another (quick: a single configuration)",
     )
-    flag(ap, "--epochs", key="run.train.epochs", type=_int_at_least(0), help="training epochs (per grid point)")
+    flag(ap, "--epochs", key="run.train.epochs", type=int_at_least(0), help="training epochs (per grid point)")
     flag(
         ap,
         "--lr-decay",
@@ -211,11 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap,
         "--train-subset",
         key="run.train_subset",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         help="train on the first N training images after the validation split",
     )
-    flag(ap, "--val-size", key="run.val_size", type=_int_at_least(1), help="training images held out for validation")
-    flag(ap, "--test-subset", key="run.test_subset", type=_int_at_least(1), help="test on the first N test images")
+    flag(ap, "--val-size", key="run.val_size", type=int_at_least(1), help="training images held out for validation")
+    flag(ap, "--test-subset", key="run.test_subset", type=int_at_least(1), help="test on the first N test images")
     flag(
         ap,
         "--no-resume",
