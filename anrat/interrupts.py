@@ -6,8 +6,10 @@ this module adds is the words and the status: :func:`anrat.cli.run_command` turn
 scheduler sends before it kills a job) into :class:`Interrupted` the way Python turns SIGINT into
 ``KeyboardInterrupt``, and prints one line instead of a traceback, with the position the running
 loop last reported (:func:`report_position`): "interrupted at epoch 7, step 312; last.pt holds
-epoch 6: run the same command to resume". A resumed training starts from its last checkpoint and
-is bit-identical to one never interrupted, as after kill -9.
+epoch 6 and 40 steps of epoch 7: run the same command to resume". A training defers the signal to
+the end of its current step (:func:`signals_deferred`) and writes its checkpoint there; a resumed
+training starts from its last checkpoint and is bit-identical to one never interrupted, as after
+kill -9.
 """
 
 from __future__ import annotations
@@ -68,4 +70,40 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["EXIT_STATUS", "Interrupted", "clear_position", "interrupt_line", "report_position", "sigterm_raises"]
+@contextmanager
+def signals_deferred() -> Iterator[Callable[[], int | None]]:
+    """Within the block, SIGINT and SIGTERM are noted, not raised: the loop asks the function this
+    yields after each step (the signal's number, or None) and stops there itself, at a safe point
+    (a training step done, a checkpoint written). A second signal raises :class:`Interrupted` at
+    once, and a signal noted but not yet acted upon when the block ends is raised there. Outside
+    the main thread, where signals cannot be set, nothing is deferred."""
+    pending: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if pending:  # asked twice: stop now
+            raise Interrupted(signum)
+        pending.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield lambda: None
+        return
+    try:
+        yield lambda: pending[0] if pending else None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if pending:
+        raise Interrupted(pending[0])
+
+
+__all__ = [
+    "EXIT_STATUS",
+    "Interrupted",
+    "clear_position",
+    "interrupt_line",
+    "report_position",
+    "sigterm_raises",
+    "signals_deferred",
+]

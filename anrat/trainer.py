@@ -30,7 +30,9 @@ averaged over the ranks and steps (the ``ess`` schedule, which needs the global 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import sys
@@ -53,7 +55,7 @@ from anrat.errors import InputError
 from anrat.ess import ESSLoss
 from anrat.functional import LossKind, distillation_loss, effective_sample_size, per_sample_loss, working_dtype
 from anrat.input_norm import InputNorm
-from anrat.interrupts import clear_position, report_position
+from anrat.interrupts import Interrupted, clear_position, report_position, signals_deferred
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, RAELoss
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 
@@ -423,6 +425,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0  # epochs completed
         self.saved_epoch = 0  # the epoch out_dir/last.pt holds (0: none written)
+        self.saved_steps = 0  # and the steps of the next epoch it holds (an interrupted epoch)
+        self._in_epoch: dict[str, Any] | None = None  # that epoch's position and sums, to go on from
         self.step = 0  # optimizer steps taken
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
@@ -466,40 +470,66 @@ class Trainer:
         max_loss = torch.full((), -math.inf, device=device)
         ess_sums = torch.zeros(3, dtype=working_dtype(self.train_split.x), device=device)  # ESS, ESS / m, steps
         lam_trace: list[tuple[int, Tensor | float]] = []
+        seen, done = 0, 0
+        partial, self._in_epoch = self._in_epoch, None  # an epoch an interrupt cut short, resumed
+        if partial is not None:
+            self.generator.set_state(partial["generator"])
+            objective_sum, loss_sum = partial["objective_sum"].to(device), partial["loss_sum"].to(device)
+            max_loss, ess_sums = partial["max_loss"].to(device), partial["ess_sums"].to(device)
+            lam_trace, seen, done = [tuple(v) for v in partial["lam_trace"]], partial["seen"], partial["steps"]
+        epoch_generator = self.generator.get_state()  # the batch order is drawn from it
         n_batches = self.train_split.num_batches(c.batch_size)
         trace_every = max(1, n_batches // max(1, c.lam_samples_per_epoch))
         batches = self.train_split.batches(c.batch_size, shuffle=True, generator=self.generator)
         if self.world is not None:
             batches = distributed.shard_batches(batches, self.world)
-        bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress_bar, leave=False)
-        seen = 0
-        for i, (x, y) in enumerate(bar):
-            step_loss = schedule.criterion(self.step)
-            objective, losses = self.objective(x, y, self.criterion())
-            if losses.numel():  # before the optimizer step: ANRAT's lambda is the step's
-                ess_sums += step_ess(losses, step_loss)
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if self.world is not None:
-                distributed.average_gradients(schedule.parameters())  # DDP averages the model's
-            self.optimizer.step()
-            if self.lr_per_step and self.lr_scheduler is not None:
-                self.lr_scheduler.step()
-            if isinstance(schedule.nrae, ANRATLoss):
-                schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
-            self.step += 1
-            seen += losses.shape[0]
-            with torch.no_grad():
-                objective_sum += objective.detach()
-                loss_sum += losses.detach().sum()
-                if losses.numel():  # a rank's shard of the last batch may be empty
-                    max_loss = torch.maximum(max_loss, losses.detach().max())
-            if i % trace_every == 0 and schedule.nrae is not None and not schedule.switched:
-                # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
-                lam = schedule.nrae.lambda_tensor().detach() if isinstance(schedule.nrae, ANRATLoss) else schedule.lam
-                if isinstance(schedule.nrae, ESSLoss):  # the last batch's tilt, a device tensor on the torch path
-                    lam = schedule.nrae.last_lambda()
-                lam_trace.append((self.step, lam))
+        bar = tqdm(
+            itertools.islice(enumerate(batches), done, None),
+            total=n_batches,
+            initial=done,
+            desc=f"epoch {self.epoch + 1}",
+            disable=not self.progress_bar,
+            leave=False,
+        )
+        # a resumable run (its own last.pt; one process) stops after the step a signal arrives in
+        resumable = self.out_dir is not None and self.writes_files and self.world is None
+        deferred = signals_deferred() if resumable else contextlib.nullcontext(lambda: None)
+        with deferred as pending:
+            for i, (x, y) in bar:
+                step_loss = schedule.criterion(self.step)
+                objective, losses = self.objective(x, y, self.criterion())
+                if losses.numel():  # before the optimizer step: ANRAT's lambda is the step's
+                    ess_sums += step_ess(losses, step_loss)
+                self.optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                if self.world is not None:
+                    distributed.average_gradients(schedule.parameters())  # DDP averages the model's
+                self.optimizer.step()
+                if self.lr_per_step and self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                if isinstance(schedule.nrae, ANRATLoss):
+                    schedule.nrae.project_()  # lambda back into its bounds ("direct"; others: nothing)
+                self.step += 1
+                seen += losses.shape[0]
+                with torch.no_grad():
+                    objective_sum += objective.detach()
+                    loss_sum += losses.detach().sum()
+                    if losses.numel():  # a rank's shard of the last batch may be empty
+                        max_loss = torch.maximum(max_loss, losses.detach().max())
+                if i % trace_every == 0 and schedule.nrae is not None and not schedule.switched:
+                    # ANRAT's lambda is a device tensor: keep it, read it at the end of the epoch
+                    lam = schedule.lam
+                    if isinstance(schedule.nrae, ANRATLoss):
+                        lam = schedule.nrae.lambda_tensor().detach()
+                    elif isinstance(schedule.nrae, ESSLoss):  # the last batch's tilt (a tensor on the torch path)
+                        lam = schedule.nrae.last_lambda()
+                    lam_trace.append((self.step, lam))
+                signum = pending()
+                if signum is not None:  # a safe point: the step is done; keep it and stop
+                    self._save_in_epoch(
+                        epoch_generator, i + 1, seen, objective_sum, loss_sum, max_loss, ess_sums, lam_trace
+                    )
+                    raise Interrupted(signum)
         bar.close()
         if self.world is not None:  # the objective is already the global one on every rank
             loss_sum, seen = distributed.sum_over_ranks(
@@ -555,6 +585,7 @@ class Trainer:
         if resume and self.out_dir is not None and (self.out_dir / "last.pt").exists():
             self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", map_location=self.train_split.x.device))
             self.saved_epoch = self.epoch
+            self.saved_steps = (self._in_epoch or {}).get("steps", 0)
         if self.world is not None:
             distributed.require_agreement(
                 self.epoch,
@@ -645,6 +676,7 @@ class Trainer:
         self.best_state = {k: v.to(device) for k, v in best.items()} if best is not None else None
         self.generator.set_state(state["rng"]["generator"].cpu())
         set_global_rng_state(state["rng"])
+        self._in_epoch = state.get("in_epoch")  # an epoch cut short by an interrupt: train_epoch goes on with it
         per_rank = state["rng"].get("per_rank")
         if self.world is not None and per_rank is not None and len(per_rank) == self.world.size:
             distributed.set_rng_state(per_rank[self.world.rank], device)
@@ -661,14 +693,45 @@ class Trainer:
             if per_rank is not None:
                 state["rng"]["per_rank"] = per_rank
             save_atomic(state, self.out_dir / "last.pt")
-            self.saved_epoch = self.epoch
+            self.saved_epoch, self.saved_steps = self.epoch, 0
+
+    def _save_in_epoch(
+        self,
+        generator: Tensor,
+        steps: int,
+        seen: int,
+        objective_sum: Tensor,
+        loss_sum: Tensor,
+        max_loss: Tensor,
+        ess_sums: Tensor,
+        lam_trace: list[tuple[int, Tensor | float]],
+    ) -> None:
+        """``last.pt`` after ``steps`` steps of the current epoch: the state after the last step,
+        the generator the epoch's batch order was drawn from, and the epoch's running sums, so that
+        :meth:`train_epoch` resumes at the next step and ends as if never stopped."""
+        state = self.state_dict()
+        state["in_epoch"] = {
+            "generator": generator,
+            "steps": steps,
+            "seen": seen,
+            "objective_sum": objective_sum.detach().cpu(),
+            "loss_sum": loss_sum.detach().cpu(),
+            "max_loss": max_loss.detach().cpu(),
+            "ess_sums": ess_sums.detach().cpu(),
+            "lam_trace": [[s, float(v)] for s, v in lam_trace],
+        }
+        save_atomic(state, self.out_dir / "last.pt")
+        self.saved_epoch, self.saved_steps = self.epoch, steps
 
     def _position(self) -> tuple[str, str]:
         """Where the training is and how an interrupted run goes on (anrat.interrupts)."""
         where = f"at epoch {self.epoch + 1}, step {self.step}"
-        if self.saved_epoch == 0:
+        if self.saved_epoch == 0 and not self.saved_steps:
             return where, "no epoch was saved yet: run the same command to start again"
-        return where, f"{self.out_dir / 'last.pt'} holds epoch {self.saved_epoch}: run the same command to resume"
+        held = f"epoch {self.saved_epoch}"
+        if self.saved_steps:
+            held += f" and {self.saved_steps} steps of epoch {self.saved_epoch + 1}"
+        return where, f"{self.out_dir / 'last.pt'} holds {held}: run the same command to resume"
 
     def _rewrite_metrics(self) -> None:
         """Write metrics.jsonl from the history (empty for a fresh run, the checkpoint's after a

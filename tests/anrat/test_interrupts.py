@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM at a random moment of a training: one line, status 130 or 143, every file
 whole, and the same command resumes to a result bit-identical to an uninterrupted run."""
 
+import random
 import signal
 import subprocess
 import sys
@@ -50,31 +51,47 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out / "model.pt")["state_dict"]
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_training_says_where_and_resumes_bit_identically(data, tmp_path, signum, status):
-    reference = tmp_path / "reference"
-    assert subprocess.run(train_command(data, reference), capture_output=True).returncode == 0
-    out = tmp_path / "interrupted"
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run's selected weights."""
+    out = tmp_path_factory.mktemp("reference")
+    assert subprocess.run(train_command(data, out), capture_output=True).returncode == 0
+    return weights(out)
+
+
+def interrupt_and_resume(data: Path, out: Path, signum: int, delay: float) -> tuple[int, str, dict]:
+    """Start the training, send ``signum`` ``delay`` seconds after its first checkpoint, then run
+    the same command again; returns the interrupted run's status and stderr, and what last.pt held."""
     proc = subprocess.Popen(train_command(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (out / "last.pt").exists() and time.monotonic() < deadline:  # a few epochs in
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:  # an epoch in
         time.sleep(0.01)
-    time.sleep(0.2)
+    time.sleep(delay)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == status, err
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert f"interrupted by {signal.Signals(signum).name} at epoch " in lines[0], lines[0]
-    assert "last.pt holds epoch" in lines[0] and "run the same command to resume" in lines[0]
+    held = load_checkpoint(out / "last.pt")
     assert not list(out.glob(".*.tmp"))  # every file whole, no temporary left
-    epoch = load_checkpoint(out / "last.pt")["epoch"]
-    assert 1 <= epoch < 150 and f"holds epoch {epoch}:" in lines[0]
-    # the same command resumes from last.pt and ends where an uninterrupted run ends, bit for bit
     assert subprocess.run(train_command(data, out), capture_output=True).returncode == 0
-    resumed, uninterrupted = weights(out), weights(reference)
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    return proc.returncode, err, held
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2)
+def test_an_interrupted_training_says_where_and_resumes_bit_identically(data, reference, tmp_path, signum, status):
+    delay = random.uniform(0.0, 1.0)  # a random moment, printed on failure
+    code, err, held = interrupt_and_resume(data, tmp_path / "run", signum, delay)
+    lines = err.strip().splitlines()
+    assert code == status, (delay, err)
+    assert "Traceback" not in err and len(lines) == 1, (delay, err)
+    assert f"interrupted by {signal.Signals(signum).name} at epoch " in lines[0], lines[0]
+    epoch, steps = held["epoch"], held.get("in_epoch", {}).get("steps")
+    assert 1 <= epoch < 150 and "run the same command to resume" in lines[0], lines[0]
+    if steps is None:  # between two epochs
+        assert f"holds epoch {epoch}:" in lines[0], lines[0]
+    else:  # after the step the signal arrived in
+        assert f"holds epoch {epoch} and {steps} steps of epoch {epoch + 1}:" in lines[0], lines[0]
+    resumed = weights(tmp_path / "run")  # the same command resumed and ended where the reference ended
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in resumed), delay
 
 
 def test_an_interrupted_pruning_writes_nothing_and_says_so(data, tmp_path):

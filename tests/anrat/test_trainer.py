@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from anrat.checkpoint import load_checkpoint, model_from_checkpoint
 from anrat.data import Split, load_dataset
 from anrat.errors import InputError
+from anrat.interrupts import Interrupted
 from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate, lr_factor
@@ -77,6 +80,44 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, lr_decay):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_training_after_its_step_and_the_run_resumes_from_there_bit_identically(tmp_path, signum):
+    straight = make_trainer(tmp_path / "straight", seed_init=0, lr_decay="cosine_step")
+    straight.fit()
+    interrupted = make_trainer(tmp_path / "interrupted", seed_init=0, lr_decay="cosine_step")
+    calls = {"n": 0}
+
+    def signal_during_a_forward_pass(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == 8 * 2 + 5:  # in the third epoch (8 batches and one validation pass per epoch)
+            os.kill(os.getpid(), signum)
+
+    handle = interrupted.model.register_forward_pre_hook(signal_during_a_forward_pass)
+    with pytest.raises(Interrupted) as stopped:
+        interrupted.fit()
+    handle.remove()
+    assert stopped.value.signum == signum
+    saved = load_checkpoint(tmp_path / "interrupted" / "last.pt")
+    steps = saved["in_epoch"]["steps"]
+    assert saved["epoch"] == 2 and 1 <= steps < 8 and saved["step"] == 2 * 8 + steps  # the signal's step, done
+    where, resume = interrupted._position()
+    assert where == f"at epoch 3, step {saved['step']}"
+    assert resume.endswith(f"holds epoch 2 and {steps} steps of epoch 3: run the same command to resume")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+    resumed = make_trainer(tmp_path / "interrupted", seed_init=123, lr_decay="cosine_step")  # a fresh process
+    resumed.fit()
+    final_straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    final_resumed = load_checkpoint(tmp_path / "interrupted" / "last.pt")
+    assert "in_epoch" not in final_resumed
+    for key, value in final_straight["state_dict"].items():
+        assert torch.equal(value, final_resumed["state_dict"][key]), key
+    timing = {"seconds", "train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in straight.history
+    ]
 
 
 def test_cosine_decay_anneals_the_weights_learning_rate_and_not_lambdas():
