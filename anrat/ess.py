@@ -28,6 +28,7 @@ from anrat.functional import (
     LossKind,
     TiltedBackend,
     numpy_path,
+    per_sample_loss,
     tilt_for_ess,
     tilted_mean,
 )
@@ -57,15 +58,27 @@ def check_rho(name: str, value: float) -> None:
 
 
 class ESSLoss(BatchLoss):
-    """NRAE at the tilt t at which the batch's tilted weights have ``ESS / m = rho``.
+    """NRAE at the tilt t at which the batch's tilted weights have ``ESS / m = rho``; a drop-in for
+    :class:`torch.nn.CrossEntropyLoss` (``ESSLoss(rho=0.5)(logits, target)``; at rho = 1 it is
+    cross-entropy itself).
 
     Value: ``tilted_mean(l, t)`` with ``t = tilt_for_ess(l.detach(), rho)``; at rho = 1, t = 0 and
     the value is mean(l). Gradient in the losses: the tilted weights ``softmax(t * l)`` (t is a
     detached control variable, chosen anew for every batch; nothing flows through its solve).
 
     Args:
-        rho: the effective sample size as a fraction of the batch, in (0, 1] (mutable: the
-            schedule raises it).
+        rho: the effective sample size as a fraction of the batch, in (0, 1] (mutable: a schedule
+            raises it, :class:`ESSSchedule`).
+        weight: a weight per class, as ``nn.CrossEntropyLoss``'s: sample i counts ``w_i =
+            weight[y_i]`` times in the tilted mean, ``log(sum_i w_i exp(t l_i) / sum_i w_i) / t``
+            with ``l_i = L_i / w_i`` and ``L_i`` ``nn.CrossEntropyLoss``'s weighted per-sample loss,
+            so that at rho = 1 it is that loss's weighted mean exactly (label smoothing included).
+            t is solved on those ``l_i``. Samples of a class of weight 0 take no part (with label
+            smoothing ``nn.CrossEntropyLoss`` still counts their smoothing term in its numerator).
+        label_smoothing: as ``nn.CrossEntropyLoss``'s, in [0, 1).
+        reduction: ``"mean"`` (the tilted mean) or ``"sum"`` (the tilted mean times the batch's
+            total weight, ``nn.CrossEntropyLoss``'s sum at rho = 1). There is no ``"none"``: the
+            tilt is a property of the whole batch.
         p, kind, r: the per-sample loss, as for :class:`~anrat.losses.NRAELoss` (p plays no part
             in t here; ``lam`` reports ``t ** (1 / p)`` for comparison with the other schedules).
         t_max: the largest tilt (default 1e8): where ESS/m cannot fall to rho (losses tied at the
@@ -80,6 +93,9 @@ class ESSLoss(BatchLoss):
         kind: LossKind = "ce",
         t_max: float = ESS_T_MAX,
         *,
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
         backend: TiltedBackend = "auto",
         r: float | None = None,
     ) -> None:
@@ -87,7 +103,23 @@ class ESSLoss(BatchLoss):
         self.r = _check_tilted_args(kind, p, r, backend)
         if not (t_max > 0 and math.isfinite(t_max)):
             raise InputError(f"t_max must be a finite number > 0, got {t_max!r}")
+        if reduction not in ("mean", "sum"):
+            raise InputError(
+                f"reduction must be 'mean' or 'sum', got {reduction!r} (the tilt is chosen per batch, so no 'none')"
+            )
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+            raise InputError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        if not 0 <= label_smoothing < 1:
+            raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+            if weight.dim() != 1 or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+                raise InputError("weight must be a 1-D tensor of finite numbers >= 0, one per class")
+            if kind != "ce":
+                raise InputError(f"weight applies to kind='ce' (cross-entropy), not {kind!r}")
+        self.register_buffer("weight", weight)
         self.kind, self.p, self.t_max, self.backend = kind, float(p), float(t_max), backend
+        self.label_smoothing, self.reduction = float(label_smoothing), reduction
         self.rho = rho
         # The tilt of the last batch: a float on the host path, a 0-d device tensor on the torch
         # path (read without a sync); None before the first batch.
@@ -115,6 +147,43 @@ class ESSLoss(BatchLoss):
             return self.last_t.pow(1 / self.p)
         return self.lam
 
+    def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
+        """Per-sample cross-entropy (or the kind's loss) with label smoothing, unweighted: the class
+        weights enter the tilted mean as sample weights (:meth:`forward`)."""
+        return per_sample_loss(input, target, self.kind, self.p, label_smoothing=self.label_smoothing, r=self.r)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.weight is None:
+            losses = self.per_sample(input, target)
+            value = self.aggregate(losses)
+            return value if self.reduction == "mean" else value * losses.shape[0]
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8) or target.dim() != 1:
+            raise InputError(
+                f"weight needs class-index targets of shape (N,), got {target.dtype} {tuple(target.shape)}"
+            )
+        weight = self.weight.to(device=input.device, dtype=torch.float64 if input.dtype == torch.float64 else None)
+        weighted = per_sample_loss(
+            input, target, self.kind, self.p, weight=weight, label_smoothing=self.label_smoothing, r=self.r
+        )
+        w = weight.to(weighted.dtype)[target.long()]
+        keep = w > 0
+        w, weighted = w[keep], weighted[keep]
+        value = self._weighted(weighted / w, w)
+        return value if self.reduction == "mean" else value * w.sum()
+
+    def _weighted(self, losses: Tensor, w: Tensor) -> Tensor:
+        l = losses.reshape(-1)
+        if l.dtype not in (torch.float32, torch.float64):
+            l = l.float()
+        if l.shape[0] == 0:
+            raise InputError("cannot take the NRAE of an empty batch")
+        if self._rho >= 1:
+            self.last_t = 0.0
+            return (w * l).sum() / w.sum()
+        t = tilt_for_ess(l, self._rho, t_max=self.t_max, backend=self.backend)
+        self.last_t = float(t) if numpy_path(l, self.backend) else t
+        return tilted_mean(l, self.last_t, weights=w, backend=self.backend)
+
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """NRAE of the batch at the tilt that makes its weights' ESS ``rho * m``."""
         if not isinstance(reduction, LocalBatch):
@@ -133,7 +202,65 @@ class ESSLoss(BatchLoss):
 
     def extra_repr(self) -> str:
         backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
-        return f"rho={self._rho:g}, p={self.p:g}, kind={self.kind!r}" + backend
+        extra = f", label_smoothing={self.label_smoothing:g}" if self.label_smoothing else ""
+        extra += f", reduction={self.reduction!r}" if self.reduction != "mean" else ""
+        return f"rho={self._rho:g}, p={self.p:g}, kind={self.kind!r}" + extra + backend
 
 
-__all__ = ["RHO_GROWTHS", "ESSLoss", "check_rho", "ess_rho"]
+class ESSSchedule:
+    """rho of an :class:`ESSLoss` over a training, for any loop: from ``rho0`` in epoch 0 to
+    ``rho_final`` in epoch ``epochs`` and after (:func:`ess_rho`; ``growth`` geometric or linear).
+
+    Use it as a function of the epoch (``schedule.rho_at(epoch)``), or like a
+    ``torch.optim.lr_scheduler``: given the ``loss``, it sets ``loss.rho`` at construction and
+    :meth:`step` (called once per epoch, after it) moves it on; ``state_dict`` /
+    ``load_state_dict`` resume it. Bad values are refused with one-line
+    :class:`~anrat.errors.InputError` s."""
+
+    def __init__(
+        self,
+        rho0: float = 0.5,
+        rho_final: float = 1.0,
+        epochs: int = 10,
+        growth: str = "geometric",
+        loss: ESSLoss | None = None,
+    ) -> None:
+        check_rho("rho0", rho0)
+        check_rho("rho_final", rho_final)
+        if rho_final < rho0:
+            raise InputError(f"rho_final must be >= rho0 (rho only rises), got {rho_final!r} < {rho0!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")
+        if growth not in RHO_GROWTHS:
+            raise InputError(f"unknown growth {growth!r}; expected one of {RHO_GROWTHS}")
+        self.rho0, self.rho_final, self.epochs, self.growth = float(rho0), float(rho_final), epochs, growth
+        self.loss, self.epoch = loss, 0
+        if loss is not None:
+            loss.rho = self.rho
+
+    def rho_at(self, epoch: int) -> float:
+        """rho in (0-based) ``epoch``."""
+        return ess_rho(self.rho0, self.rho_final, self.epochs, self.growth, epoch)
+
+    @property
+    def rho(self) -> float:
+        """rho of the current epoch."""
+        return self.rho_at(self.epoch)
+
+    def step(self) -> float:
+        """The epoch is done: move to the next one's rho (set on the loss, if any) and return it."""
+        self.epoch += 1
+        if self.loss is not None:
+            self.loss.rho = self.rho
+        return self.rho
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        if self.loss is not None:
+            self.loss.rho = self.rho
+
+
+__all__ = ["RHO_GROWTHS", "ESSLoss", "ESSSchedule", "check_rho", "ess_rho"]
