@@ -23,7 +23,7 @@ Methods (settings fixed once, from the library's defaults and the reasoning in t
 Engines: ``"batched"`` trains the runs of each problem as one vectorised model
 (:mod:`anrat.batched`; the same runs up to float rounding, which long runs amplify: on the default
 study every run succeeded or failed alike, and the final errors of a quarter of the runs differed
-by more than 0.1%, docs/results.md); ``"loop"`` is the reference, one training loop per run.
+by more than 0.1%, docs/results/batched-trainer.md); ``"loop"`` is the reference, one training loop per run.
 
 :func:`run` writes to its folder ``results.json`` (settings, problems, every run with its final
 error and a subsampled training curve, and the summary), ``results.md`` (the table),
@@ -331,7 +331,7 @@ def run_all(
     each problem as one vectorised run (:func:`train_batched`), the problems spread over the
     workers. Either way every process computes with one thread, so results do not depend on
     ``workers``: intra-op threads barely help these tiny networks, while two processes use both
-    cores fully (docs/results.md, issue 13).
+    cores fully (docs/results/batched-trainer.md).
     """
     bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
     results: list[dict[str, Any] | None] = [None] * len(tasks)

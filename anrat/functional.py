@@ -47,7 +47,7 @@ KINDS: tuple[LossKind, ...] = get_args(LossKind)
 # NumPy. On accelerators, after copying the losses to the host: one small transfer and one wait per
 # step, against the ~30 launches of the torch-ops path (:func:`tilted_stats`, which never waits on
 # the device), which made an ANRAT step of lenet5 1.55 times a cross-entropy step on an H100 (1.36
-# on the host) (docs/results.md).
+# on the host) (docs/results/step-overhead.md).
 TiltedBackend = Literal["auto", "numpy", "torch"]
 TILTED_BACKENDS: tuple[TiltedBackend, ...] = get_args(TiltedBackend)
 

@@ -1,7 +1,7 @@
 """What makes ANRAT spike at cross-entropy's learning rate: per-step diagnostics on MNIST.
 
 At plain SGD lr 0.1 (cross-entropy's best rate) ANRAT trainings had sudden spikes and 4 of 10
-diverged on an H100 (docs/results.md). This script trains lenet5 with the benchmark's settings
+diverged on an H100 (docs/results/mnist-anrat-vs-ce.md). This script trains lenet5 with the benchmark's settings
 (plain SGD, batch 64, L2 0.05 on fc2, the 10,000-image validation split) under each method and
 records, at every step:
 

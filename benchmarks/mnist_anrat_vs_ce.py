@@ -26,7 +26,7 @@ validation split, 5 epochs, the learning-rate grid {0.1, 0.03} (ANRAT's a = 0.01
 2 rounds with a Fisher on 1,000 images and 1 fine-tuning epoch. The grid has two points because
 one is not enough for a fair comparison: on an H100 with 20 epochs of 50,000 images, lr 0.1 suits
 cross-entropy but made ANRAT diverge in 4 of 10 runs, and lr 0.03 the other way round
-(docs/results.md). ``--full``: the paper's protocol, for a GPU: 10 seeds, all 50,000 training
+(docs/results/mnist-anrat-vs-ce.md). ``--full``: the paper's protocol, for a GPU: 10 seeds, all 50,000 training
 images, 100 epochs, the paper's grid {1, 0.5, 0.1} x a {1, 0.1, 0.001} with lr 0.03 added for
 the same reason, pruning as in the recipe's ``paper`` preset; with ``--jobs 10`` on one GPU
 (docs/usage.md has the command).

@@ -298,7 +298,7 @@ def run_calibration(cases: list, args: argparse.Namespace, out: Path) -> None:
 
 
 def print_verdicts(points: dict, model_name: str) -> None:
-    """The declared verdict rule (docs/results.md): at rounds 3 to 8 that both rankings reached, the
+    """The declared verdict rule (docs/results/pruning-frontier.md): at rounds 3 to 8 that both rankings reached, the
     median over seeds of the paired test-error difference (wald - other, same seed and round);
     wald ranks better if it is negative at more rounds than positive, worse if the reverse."""
     for other in RANKINGS[1:]:

@@ -16,7 +16,7 @@ exactly as a user types it:
 - the same as a sparsity target (``sparse_10x``): ``--target-params 0.1 --no-structured
   --fine-tune-epochs 3 --final-epochs 10 --distill 1``, weights only (no units removed) and a longer
   recovery, distilling from the dense model alone. Chosen on seed 0's validation half among five
-  variants (docs/results.md); seeds 1 and 2 are its check.
+  variants (docs/results/user-model.md); seeds 1 and 2 are its check.
 
 Printed per seed and as medians [min, max]: weights removed (x fewer), test error change on the
 test half, the acceptance test's estimate and bound, seconds, and whether the

@@ -1,4 +1,4 @@
-"""The measurements behind two defaults of ``python -m pruning prune`` (docs/results.md, issue 11).
+"""The measurements behind two defaults of ``python -m pruning prune`` (docs/results/user-model.md, issue 11).
 
 ``--fine-tune``: on the user CNN of ``benchmarks/user_cnn.py`` trained with seed 100 (a seed the
 benchmark ``prune_user_model.py`` never reports), remove 80% of the weights in one shot by Wald

@@ -59,7 +59,7 @@ class ReportOptions:
     # onnxruntime intra-op threads (None: its default, one per physical core). One thread is how a
     # small model is served at batch 1, and its timing holds on a shared machine: the main job's
     # pruned LeNet-5 read 2.2x-4.0x with 2 threads, idle or beside a busy core, and 4.2x every time
-    # with 1 thread (docs/results.md, issue 23)
+    # with 1 thread (docs/results/main-job.md)
     latency_threads: int | None = 1
     verify_images: int = 256  # test inputs the exports are checked on against PyTorch
 

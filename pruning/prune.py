@@ -59,7 +59,7 @@ class FineTune:
     kept: recovery selects nothing on the validation data, which stays free for the acceptance test.
 
     The defaults were chosen on validation data of the main job's trained LeNet-5
-    (docs/results.md): a well-trained network ends its training at a learning rate near 0, and a
+    (docs/results/main-job.md): a well-trained network ends its training at a learning rate near 0, and a
     constant rate, the earlier default, undid that annealing.
     """
 
@@ -284,7 +284,7 @@ def _conv_block(width: int, multiple: int, below_one_block: bool = False) -> int
     ``below_one_block`` (a speed target), for a layer no wider than one block, the block halved
     until it is narrower than the layer (16 filters go in 8s, then 4s). Onnxruntime gains nothing
     from part blocks of a wide layer, but a layer of one block that sets the floor (a first
-    convolution at full resolution) only gets faster with fewer filters (docs/results.md)."""
+    convolution at full resolution) only gets faster with fewer filters (docs/results/user-model.md)."""
     if below_one_block:
         while multiple > 1 and width <= multiple:
             multiple //= 2
@@ -312,7 +312,7 @@ def _remove_units(
     A convolution is left with a multiple of ``channel_multiple`` filters (or all it has):
     onnxruntime's CPU convolutions work on blocks of 8 (AVX2) or 16 (AVX-512) channels, and a layer
     left with, say, 17 or 24 of 32 filters ran no faster, or slower, than the unpruned one
-    (docs/results.md). The count is rounded to the nearest multiple: down, by also removing the
+    (docs/results/main-job.md). The count is rounded to the nearest multiple: down, by also removing the
     tested layer's weakest remaining filters (smallest L1 norm), or up, by keeping back the
     strongest candidates. The rollback rule then judges the round as usual. ``below_one_block``
     (a speed target) lets a layer of one block go in smaller blocks (:func:`_conv_block`).

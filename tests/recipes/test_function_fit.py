@@ -159,7 +159,7 @@ def test_excursions_run_from_the_command_line(tmp_path):
 
 def test_summary_counts_real_successes():
     # From seed 7 MSE fits the teacher in about 260 steps, from seed 0 it stalls (see the default
-    # run in docs/results.md), so the counts checked here are not all zeros.
+    # run in docs/results/local-minima.md), so the counts checked here are not all zeros.
     problem = make_problem("teacher")
     runs = [train_one(problem, "mse", seed, 400) for seed in (0, 7)]
     assert [r["success"] for r in runs] == [False, True]
