@@ -2,10 +2,12 @@
 
 Baselines, measured side by side in the same process:
 1. Step: forward + loss + backward + SGD step on the same batch, with ``nn.CrossEntropyLoss``
-   (baseline) and with :class:`anrat.ANRATLoss` (per-sample losses, NRAE, lambda's gradient and
-   update). Reported for lenet5 and an MLP. Target: ratio <= 1.05. With ``--compile`` both sides
-   are also timed with the forward pass and loss under ``torch.compile`` (as ``--compile`` of
-   ``anrat.train`` does), and compiled ANRAT is also set against eager cross-entropy.
+   (baseline), with :class:`anrat.ANRATLoss` (per-sample losses, NRAE, lambda's gradient and
+   update) and with :class:`anrat.ESSLoss` (the tilt solved from each batch, rho 0.5). Reported
+   for lenet5 and an MLP. Targets: ANRAT's ratio <= 1.05; ess's eager ratio on lenet5 <= 1.10.
+   With ``--compile`` every side is also timed with the forward pass and loss under
+   ``torch.compile`` (as ``--compile`` of ``anrat.train`` does), and each compiled criterion is
+   also set against eager cross-entropy.
 2. Epoch: one epoch of MNIST-sized data through :class:`anrat.trainer.Trainer` (ANRAT schedule)
    against a bare PyTorch loop over the same on-device tensors (same batches, ANRAT loss, no
    metrics/checkpoints/progress). Target: ratio <= 1.10.
@@ -25,7 +27,7 @@ import time
 
 import torch
 
-from anrat import ANRATLoss
+from anrat import ANRATLoss, ESSLoss
 from anrat.data import Split, load_dataset
 from anrat.devices import resolve_device
 from anrat.functional import TiltedBackend, per_sample_loss
@@ -57,12 +59,18 @@ def make_side(
     compile_mode: str | None,
     backend: TiltedBackend,
 ):
-    """``(objective, optimizer)`` of one side: cross-entropy ("ce") or ANRAT ("anrat", its tilted mean
-    on ``backend``) on ``model``, the forward pass and loss compiled in ``compile_mode`` unless it is None."""
+    """``(objective, optimizer)`` of one side: cross-entropy ("ce"), ANRAT ("anrat", its tilted mean
+    on ``backend``) or the scale-free tilt ("ess", :class:`anrat.ESSLoss` at rho 0.5, as a user
+    drops it in for ``nn.CrossEntropyLoss``) on ``model``, the forward pass and loss compiled in
+    ``compile_mode`` unless it is None."""
     if loss == "ce":
         ce = torch.nn.CrossEntropyLoss()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         objective = lambda: ce(model(x), y)  # noqa: E731
+    elif loss == "ess":
+        ess = ESSLoss(rho=0.5, backend=backend)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        objective = lambda: ess(model(x), y)  # noqa: E731
     else:
         anrat = ANRATLoss(init_lambda=10.0, backend=backend).to(x.device)
         optimizer = torch.optim.SGD(
@@ -92,14 +100,15 @@ def step_benchmark(
     steps: int,
     compile_mode: str | None,
     backend: TiltedBackend,
+    criteria: tuple[str, ...] = ("anrat", "ess"),
 ) -> dict:
-    """Seconds per step of each side (median of rounds) and the ANRAT/CE ratio: the median of the
-    per-round ratios (each round times every side back to back, so a slow spell of the machine
-    enters both terms of a ratio), with its quartiles."""
+    """Seconds per step of each side (median of rounds) and each criterion's ratio to
+    cross-entropy: the median of the per-round ratios (each round times every side back to back, so
+    a slow spell of the machine enters both terms of a ratio), with its quartiles."""
     device = x.device
-    plan = [("ce", "ce", None), ("anrat", "anrat", None)]
+    plan = [("ce", "ce", None)] + [(c, c, None) for c in criteria]
     if compile_mode is not None:
-        plan += [("ce compiled", "ce", compile_mode), ("anrat compiled", "anrat", compile_mode)]
+        plan += [("ce compiled", "ce", compile_mode)] + [(f"{c} compiled", c, compile_mode) for c in criteria]
     sides = {}
     for (side, loss, mode), model in zip(plan, twin_models(name, model_kwargs, len(plan), device)):
         objective, optimizer = make_side(loss, model, x, y, mode, backend)
@@ -128,10 +137,11 @@ def step_benchmark(
             "q3": q3,
         }
 
-    rows = {"eager": ratio("anrat", "ce")}
+    rows = {f"{c} eager": ratio(c, "ce") for c in criteria}
     if compile_mode is not None:
-        rows["compiled"] = ratio("anrat compiled", "ce compiled")
-        rows["compiled ANRAT / eager CE"] = ratio("anrat compiled", "ce")
+        for c in criteria:
+            rows[f"{c} compiled"] = ratio(f"{c} compiled", "ce compiled")
+            rows[f"{c} compiled / eager CE"] = ratio(f"{c} compiled", "ce")
     return rows
 
 
@@ -255,10 +265,10 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     hidden = [int(v) for v in args.mlp_hidden.split(",")]
     print(
-        "\nseconds per training step (median of rounds), ANRAT vs cross-entropy; ratio: median of "
-        "the per-round ratios [quartiles]:"
+        "\nseconds per training step (median of rounds), ANRAT and ess (anrat.ESSLoss, rho 0.5) vs "
+        "cross-entropy; ratio: median of the per-round ratios [quartiles]:"
     )
-    print(f"{'model':<22}{'mode':<28}{'CE':>11}{'ANRAT':>11}{'ratio':>8}  quartiles")
+    print(f"{'model':<22}{'criterion, mode':<28}{'CE':>11}{'ours':>11}{'ratio':>8}  quartiles")
     for name, kwargs in (("lenet5", {}), ("mlp", {"hidden": hidden})):
         label = name if name == "lenet5" else f"mlp 784-{'-'.join(map(str, hidden))}-10"
         for mode, r in step_benchmark(name, kwargs, x, y, args.rounds, args.steps, args.compile, backend).items():

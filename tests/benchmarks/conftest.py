@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -18,9 +19,13 @@ def load_benchmark():
 
     def load(name: str) -> ModuleType:
         if name not in loaded:
-            spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+            spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                sys.modules.pop(spec.name, None)
             loaded[name] = module
         return loaded[name]
 
