@@ -300,9 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify = feed_norm.apply(load_data_file(args.test_data, "--test-data", args.image_mode).split.x[:256])
         source = f"inputs from {args.test_data}"
     elif args.data_dir:
-        verify = load_dataset(
-            args.dataset or "mnist", args.data_dir, val_size=0, test_subset=256, input_norm=feed_norm
-        ).test.x
+        # the first 256 test images (or all, when the set is smaller)
+        verify = load_dataset(args.dataset or "mnist", args.data_dir, val_size=0, input_norm=feed_norm).test.x[:256]
         source = f"{args.dataset or 'mnist'} test images"
     else:
         try:
