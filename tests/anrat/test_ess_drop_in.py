@@ -105,6 +105,7 @@ def test_bad_values_are_refused_in_one_line(make, words):
     assert words in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.slow  # torch.compile takes seconds
 def test_it_compiles_into_one_graph_and_agrees_with_eager():
     logits, target = batch(seed=3)
     eager, traced = anrat.ESSLoss(rho=0.4, label_smoothing=0.1), anrat.ESSLoss(rho=0.4, label_smoothing=0.1)
