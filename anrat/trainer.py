@@ -426,6 +426,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.saved_epoch = 0  # the epoch out_dir/last.pt holds (0: none written)
         self.saved_steps = 0  # and the steps of the next epoch it holds (an interrupted epoch)
+        self._closing = False  # between an epoch's last step and its checkpoint
         self._in_epoch: dict[str, Any] | None = None  # that epoch's position and sums, to go on from
         self.step = 0  # optimizer steps taken
         self.history: list[dict[str, Any]] = []
@@ -600,6 +601,7 @@ class Trainer:
         while self.epoch < epochs:
             start = time.perf_counter()
             record = self.train_epoch()
+            self._closing = True  # the epoch's steps are done: validation, selection, checkpoint
             if self.val_split is not None:
                 val = self.evaluate(self.val_split)
                 record.update({f"val_{k}": v for k, v in val.items()})
@@ -610,6 +612,7 @@ class Trainer:
             self.history.append(record)
             self.save()
             self._rewrite_metrics()
+            self._closing = False
             if self.progress:
                 print(epoch_line(record, epochs), file=sys.stderr, flush=True)
         clear_position(self._position)  # the training ended: its position (and a reference to this trainer) goes
@@ -725,7 +728,7 @@ class Trainer:
 
     def _position(self) -> tuple[str, str]:
         """Where the training is and how an interrupted run goes on (anrat.interrupts)."""
-        where = f"at epoch {self.epoch + 1}, step {self.step}"
+        where = f"at the end of epoch {self.epoch}" if self._closing else f"at epoch {self.epoch + 1}, step {self.step}"
         if self.saved_epoch == 0 and not self.saved_steps:
             return where, "no epoch was saved yet: run the same command to start again"
         held = f"epoch {self.saved_epoch}"

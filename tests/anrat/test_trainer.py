@@ -120,6 +120,30 @@ def test_a_signal_stops_the_training_after_its_step_and_the_run_resumes_from_the
     ]
 
 
+def test_ctrl_c_in_an_epochs_validation_says_so_and_the_epoch_is_redone_bit_identically(tmp_path):
+    straight = make_trainer(tmp_path / "straight", seed_init=0)
+    straight.fit()
+    interrupted = make_trainer(tmp_path / "interrupted", seed_init=0)
+    seen = {"eval": 0}
+
+    def ctrl_c_in_the_second_validation(module, inputs):
+        if not module.training:
+            seen["eval"] += 1
+            if seen["eval"] == 3:  # the initial evaluation, epoch 1's, then epoch 2's
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handle = interrupted.model.register_forward_pre_hook(ctrl_c_in_the_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    handle.remove()
+    where, resume = interrupted._position()
+    assert where == "at the end of epoch 2" and resume.endswith("holds epoch 1: run the same command to resume")
+    resumed = make_trainer(tmp_path / "interrupted", seed_init=123)
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def test_cosine_decay_anneals_the_weights_learning_rate_and_not_lambdas():
     assert [lr_factor(TrainConfig(epochs=4, lr_decay="cosine"), e) for e in range(6)] == pytest.approx(
         [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0]
