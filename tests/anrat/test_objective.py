@@ -44,6 +44,7 @@ def test_the_closed_form_theta_gradient_is_autograds(kind):
     t = lam**p
     value = tilted_mean(losses, t, backend="torch") + anrat_penalty(lam, a, q)
     (expected,) = torch.autograd.grad(value, theta)
+    lam, slope, t = lam.detach(), slope.detach(), t.detach()
     h = 1e-6 * float(t)  # dNRAE/dt by a central difference, in float64
     lo, hi = (float(tilted_mean(losses, float(t) + s, backend="torch")) for s in (-h, h))
     closed = anrat_theta_gradient(float(t), float(lam), (hi - lo) / (2 * h), float(slope), p, a, q)
