@@ -57,6 +57,22 @@ def check_rho(name: str, value: float) -> None:
         raise InputError(f"{name} (effective sample size / batch size) must be in (0, 1], got {value!r}")
 
 
+def check_rho_schedule(
+    rho0: float, rho_final: float, epochs: int, growth: str, names: tuple[str, str] = ("epochs", "growth")
+) -> None:
+    """Refuse, in one line each, a rho schedule :func:`ess_rho` cannot follow: rho0 or rho_final
+    outside (0, 1], rho_final < rho0 (rho only rises), fewer than 1 epoch, an unknown growth
+    (``names``: what the caller calls the epochs and the growth)."""
+    check_rho("rho0", rho0)
+    check_rho("rho_final", rho_final)
+    if rho_final < rho0:
+        raise InputError(f"rho_final must be >= rho0 (rho only rises), got {rho_final!r} < {rho0!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"{names[0]} must be an integer >= 1, got {epochs!r}")
+    if growth not in RHO_GROWTHS:
+        raise InputError(f"unknown {names[1]} {growth!r}; expected one of {RHO_GROWTHS}")
+
+
 class ESSLoss(BatchLoss):
     """NRAE at the tilt t at which the batch's tilted weights have ``ESS / m = rho``; a drop-in for
     :class:`torch.nn.CrossEntropyLoss` (``ESSLoss(rho=0.5)(logits, target)``; at rho = 1 it is
@@ -168,26 +184,17 @@ class ESSLoss(BatchLoss):
         w = weight.to(weighted.dtype)[target.long()]
         keep = w > 0
         w, weighted = w[keep], weighted[keep]
-        value = self._weighted(weighted / w, w)
+        value = self._tilted(weighted / w, w)
         return value if self.reduction == "mean" else value * w.sum()
-
-    def _weighted(self, losses: Tensor, w: Tensor) -> Tensor:
-        l = losses.reshape(-1)
-        if l.dtype not in (torch.float32, torch.float64):
-            l = l.float()
-        if l.shape[0] == 0:
-            raise InputError("cannot take the NRAE of an empty batch")
-        if self._rho >= 1:
-            self.last_t = 0.0
-            return (w * l).sum() / w.sum()
-        t = tilt_for_ess(l, self._rho, t_max=self.t_max, backend=self.backend)
-        self.last_t = float(t) if numpy_path(l, self.backend) else t
-        return tilted_mean(l, self.last_t, weights=w, backend=self.backend)
 
     def aggregate(self, losses: Tensor, reduction: BatchReduction = LOCAL_BATCH) -> Tensor:
         """NRAE of the batch at the tilt that makes its weights' ESS ``rho * m``."""
         if not isinstance(reduction, LocalBatch):
             raise InputError("the ess schedule is not supported under torch.distributed yet; train on one process")
+        return self._tilted(losses)
+
+    def _tilted(self, losses: Tensor, w: Tensor | None = None) -> Tensor:
+        """The tilted mean of ``losses`` (sample weights ``w``, or none) at the solved tilt."""
         l = losses.reshape(-1)
         if l.dtype not in (torch.float32, torch.float64):
             l = l.float()  # bfloat16/float16 under autocast: compute in float32
@@ -195,10 +202,10 @@ class ESSLoss(BatchLoss):
             raise InputError("cannot take the NRAE of an empty batch")
         if self._rho >= 1:
             self.last_t = 0.0
-            return reduction.mean(l)
+            return l.mean() if w is None else (w * l).sum() / w.sum()
         t = tilt_for_ess(l, self._rho, t_max=self.t_max, backend=self.backend)
         self.last_t = float(t) if numpy_path(l, self.backend) else t
-        return tilted_mean(l, self.last_t, backend=self.backend)
+        return tilted_mean(l, self.last_t, weights=w, backend=self.backend)
 
     def extra_repr(self) -> str:
         backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
@@ -225,14 +232,7 @@ class ESSSchedule:
         growth: str = "geometric",
         loss: ESSLoss | None = None,
     ) -> None:
-        check_rho("rho0", rho0)
-        check_rho("rho_final", rho_final)
-        if rho_final < rho0:
-            raise InputError(f"rho_final must be >= rho0 (rho only rises), got {rho_final!r} < {rho0!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")
-        if growth not in RHO_GROWTHS:
-            raise InputError(f"unknown growth {growth!r}; expected one of {RHO_GROWTHS}")
+        check_rho_schedule(rho0, rho_final, epochs, growth)
         self.rho0, self.rho_final, self.epochs, self.growth = float(rho0), float(rho_final), epochs, growth
         self.loss, self.epoch = loss, 0
         if loss is not None:
@@ -263,4 +263,4 @@ class ESSSchedule:
             self.loss.rho = self.rho
 
 
-__all__ = ["RHO_GROWTHS", "ESSLoss", "ESSSchedule", "check_rho", "ess_rho"]
+__all__ = ["RHO_GROWTHS", "ESSLoss", "ESSSchedule", "check_rho", "check_rho_schedule", "ess_rho"]

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from anrat.errors import InputError
-from anrat.ess import RHO_GROWTHS, ESSLoss, check_rho, ess_rho
+from anrat.ess import ESSLoss, check_rho_schedule, ess_rho
 from anrat.functional import KINDS, LossKind, TiltedBackend, losses_rae_feasible
 from anrat.losses import ANRATLoss, BatchLoss, NRAELoss, PlainLoss, RAELoss
 
@@ -131,14 +131,7 @@ class ScheduleConfig:
                 raise InputError("class_weight applies to the classification losses ('ce', 'true_class_sq'), not 'lp'")
 
     def _validate_ess(self) -> None:
-        check_rho("rho0", self.rho0)
-        check_rho("rho_final", self.rho_final)
-        if self.rho_final < self.rho0:
-            raise InputError(f"rho_final must be >= rho0 (rho only rises), got {self.rho_final!r} < {self.rho0!r}")
-        if isinstance(self.rho_epochs, bool) or not isinstance(self.rho_epochs, int) or self.rho_epochs < 1:
-            raise InputError(f"rho_epochs must be an integer >= 1, got {self.rho_epochs!r}")
-        if self.rho_growth not in RHO_GROWTHS:
-            raise InputError(f"unknown rho_growth {self.rho_growth!r}; expected one of {RHO_GROWTHS}")
+        check_rho_schedule(self.rho0, self.rho_final, self.rho_epochs, self.rho_growth, ("rho_epochs", "rho_growth"))
         if self.name == "ess" and self.switch_to != "plain":
             raise InputError("the ess schedule deconvexifies to the plain loss (rho = 1); switch_to must be 'plain'")
         if self.name == "ess" and (self.switch_below > 0 or self.switch_when_feasible):
