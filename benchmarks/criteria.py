@@ -48,6 +48,7 @@ from scipy import stats
 from torch import nn
 
 import anrat
+from anrat.atomic_files import write_text_atomic
 from anrat.cli import OneLineErrorParser, run_command
 from anrat.data import Split, load_dataset
 from anrat.errors import InputError
@@ -171,7 +172,7 @@ def record(out: Path, study_name: str, study: Study, splits, name: str, lr: floa
         return json.loads(path.read_text())
     result = {"criterion": name, "lr": lr, "seed": seed, **train_one(study, splits, name, lr, seed, args)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    write_text_atomic(path, json.dumps(result))  # a killed run leaves no half record for the resume to read
     return result
 
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         print(machine_line(), flush=True)
         summary = {name: run_study(name, args, out) for name in names}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
         return 0
 
     return run_command(ap, body, argv)
