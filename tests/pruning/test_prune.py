@@ -12,22 +12,13 @@ from anrat.models import build_model
 from anrat.schedules import LambdaSchedule, ScheduleConfig
 from anrat.trainer import TrainConfig, Trainer, evaluate
 from pruning.prune import FineTune, PruneConfig, Target, prune, prune_to_sparsity, round_line
-from tests.pruning.synthetic_data import RELEVANT, make_split
+from tests.pruning.synthetic_data import RELEVANT, make_split, trained_mlp
 
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
     train, val = make_split(4000, 0), make_split(2000, 1)
-    model = build_model("mlp", in_features=10, hidden=[12], out_features=3)
-    Trainer(
-        model,
-        LambdaSchedule(ScheduleConfig(name="plain")),
-        train,
-        val,
-        TrainConfig(epochs=15, lr=0.2, batch_size=64),
-        progress=False,
-    ).fit()
+    model = trained_mlp(train, val, hidden=12, epochs=15)
     return model, train, val
 
 

@@ -7,27 +7,15 @@ import pytest
 import torch
 
 from anrat.errors import InputError
-from anrat.models import build_model
-from anrat.schedules import LambdaSchedule, ScheduleConfig
-from anrat.trainer import TrainConfig, Trainer
 from pruning.prune import wrong_outcomes
 from pruning.removable import removable_set
-from tests.pruning.synthetic_data import make_split
+from tests.pruning.synthetic_data import make_split, trained_mlp
 
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    train, held_out = make_split(4000, 0), make_split(4000, 1)
-    model = build_model("mlp", in_features=10, hidden=[32], out_features=3)
-    Trainer(
-        model,
-        LambdaSchedule(ScheduleConfig(name="plain")),
-        train,
-        None,
-        TrainConfig(epochs=10, lr=0.2, batch_size=64),
-        progress=False,
-    ).fit()
+    held_out = make_split(4000, 1)
+    model = trained_mlp(make_split(4000, 0), None, hidden=32, epochs=10)
     return model.eval(), held_out
 
 
