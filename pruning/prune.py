@@ -304,18 +304,17 @@ def _remove_units(
     units: dict[str, Tensor],
     example_input: Tensor,
     output_layer: str | None,
-    channel_multiple: int = 1,
-    below_one_block: bool = False,
+    blocks: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Remove units, never a whole layer and never the output layer's units.
 
-    A convolution is left with a multiple of ``channel_multiple`` filters (or all it has):
+    A convolution is left with a multiple of its block, ``blocks[name]`` (``channel_multiple``, or
+    less under a speed target, :func:`_conv_block`), filters (or all it has):
     onnxruntime's CPU convolutions work on blocks of 8 (AVX2) or 16 (AVX-512) channels, and a layer
     left with, say, 17 or 24 of 32 filters ran no faster, or slower, than the unpruned one
     (docs/results/main-job.md). The count is rounded to the nearest multiple: down, by also removing the
     tested layer's weakest remaining filters (smallest L1 norm), or up, by keeping back the
-    strongest candidates. The rollback rule then judges the round as usual. ``below_one_block``
-    (a speed target) lets a layer of one block go in smaller blocks (:func:`_conv_block`).
+    strongest candidates. The rollback rule then judges the round as usual.
     """
     modules = dict(model.named_modules())
     plan = {}
@@ -326,8 +325,8 @@ def _remove_units(
         norms = modules[name].weight.detach().reshape(width, -1).abs().sum(dim=1).cpu()
         if idx.numel() >= width:  # keep the strongest unit rather than cut the network in two
             idx = idx[idx != int(norms.argmax())]
-        if is_convolution(modules[name]) and channel_multiple > 1:
-            block = _conv_block(width, channel_multiple, below_one_block)
+        block = (blocks or {}).get(name, 1)
+        if is_convolution(modules[name]) and block > 1:
             target = _aligned_width(width - idx.numel(), width, block)
             drop = torch.zeros(width, dtype=torch.bool)
             drop[idx] = True
@@ -693,7 +692,7 @@ def prune(
             candidates = _lowest_units(scores, alive, step, blocks, output)
         zeroed = _zero_(model, keep) if unstructured else 0
         units = _merge_units(candidates if structured else {}, _dead_units(model, layers))
-        removed_units = _remove_units(model, units, example_input, output, channel_multiple, speed)
+        removed_units = _remove_units(model, units, example_input, output, blocks)
         layers = list(prunable_layers(model))
         record: dict[str, Any] = {"round": r, "weights_zeroed": zeroed, "units_removed": removed_units, **counts}
         if counts and counts["weights_significant"] <= 0.01 * counts["weights_tested"]:

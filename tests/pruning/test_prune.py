@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from anrat.data import Split
@@ -214,19 +215,19 @@ def test_convolutions_are_left_with_a_multiple_of_channel_multiple_filters():
     # 15 candidates would leave 17 filters: rounded down to 16, the weakest non-candidate goes too
     model, x = model_and_input()
     candidates = torch.arange(16, 31)  # strong filters that the tests called insignificant
-    assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=16) == {"0": 16}
+    assert _remove_units(model, {"0": candidates}, x, "4", blocks={"0": 16}) == {"0": 16}
     assert model[0].out_channels == 16 and model[2].in_channels == 16
     assert model[0].weight[:, 0, 0, 0].tolist() == [float(k) for k in range(2, 17)] + [32.0]
     # 7 candidates would leave 25 filters: rounded up to 32, so none goes
     model, x = model_and_input()
-    assert _remove_units(model, {"0": torch.arange(7)}, x, "4", channel_multiple=16) == {}
+    assert _remove_units(model, {"0": torch.arange(7)}, x, "4", blocks={"0": 16}) == {}
     # 9 candidates with a multiple of 8: 23 rounds to 24, the strongest candidate is kept back
     model, x = model_and_input()
-    assert _remove_units(model, {"0": torch.arange(9)}, x, "4", channel_multiple=8) == {"0": 8}
+    assert _remove_units(model, {"0": torch.arange(9)}, x, "4", blocks={"0": 8}) == {"0": 8}
     assert model[0].weight[0, 0, 0, 0].item() == 9.0
     # off
     model, x = model_and_input()
-    assert _remove_units(model, {"0": candidates}, x, "4", channel_multiple=1) == {"0": 15}
+    assert _remove_units(model, {"0": candidates}, x, "4", blocks={"0": 1}) == {"0": 15}
 
 
 def test_the_final_alignment_narrows_convolutions_to_a_multiple_by_their_weakest_filters():
@@ -304,6 +305,20 @@ def test_a_convolutions_budget_is_counted_in_whole_blocks():
     # no blocks (a Linear layer, or a conv no wider than one block): plain fraction, rounded down
     assert [_unit_budget(128, s, 1) for s in (0.5, 0.25, 0.01)] == [64, 32, 1]
     assert _unit_budget(16, 0.5, 16) == 8
+
+
+def test_under_a_speed_target_a_convolution_of_one_block_narrows_in_half_blocks():
+    from pruning.prune import _conv_block, _remove_units, _unit_budget
+
+    assert [_conv_block(w, 16) for w in (32, 16, 8)] == [16, 16, 16]  # without a speed target: never below
+    assert [_conv_block(w, 16, below_one_block=True) for w in (32, 16, 8, 4, 1)] == [16, 8, 4, 2, 1]
+    assert _unit_budget(16, 0.25, _conv_block(16, 16, True)) == 8  # a round can take 16 filters to 8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 26 * 26, 3))
+    x = torch.randn(2, 1, 28, 28)
+    assert _remove_units(copy.deepcopy(model), {"0": torch.arange(5)}, x, "3", blocks={"0": 16}) == {}
+    assert _remove_units(model, {"0": torch.arange(5)}, x, "3", blocks={"0": 8}) == {"0": 8}
+    assert model[0].out_channels == 8
 
 
 def test_a_kept_round_earns_back_the_step_a_rollback_halved(trained):
