@@ -33,6 +33,7 @@ an interrupted study resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -234,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                 STUDIES[name] = Study(STUDIES[name].dataset, STUDIES[name].model, args.epochs)
         anrat.ESSSchedule(args.rho0, args.rho_final, 1)
         anrat.ESSLoss(label_smoothing=args.label_smoothing)  # and a bad label smoothing
+        folders = {"mnist": ("--data-dir", args.data_dir), "fashion_mnist": ("--fashion-dir", args.fashion_dir)}
+        for name in names:  # and what a study needs that is missing
+            dataset = STUDIES[name].dataset
+            if dataset in folders and folders[dataset][1] is None:
+                raise InputError(f"study {name} needs {folders[dataset][0]}, the folder of its IDX files")
+            if dataset == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
+                raise InputError(f"study {name} needs the mnist1d package: pip install -e '.[bench]'")
         out = Path(args.out)
         print(machine_line(), flush=True)
         summary = {name: run_study(name, args, out) for name in names}

@@ -15,6 +15,7 @@ from torch import nn
         (["--epochs", "0"], "epochs must be an integer >= 1"),
         (["--label-smoothing", "1.0"], "label_smoothing must be in [0, 1)"),
         (["--studies", "cifar"], "unknown studies"),
+        (["--studies", "fashion_lenet5"], "needs --fashion-dir"),
     ],
 )
 def test_bad_settings_exit_2_in_one_line_and_write_nothing(load_benchmark, run_cli, tmp_path, argv, words):
