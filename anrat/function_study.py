@@ -77,7 +77,6 @@ SHORT_LABELS = {
     "excursions": "NRAE-MSE\nexcursions",
 }
 DEFAULT_SEEDS, DEFAULT_STEPS = 20, 2000
-ENGINES = ("loop", "batched")
 FULL_SEEDS, FULL_STEPS = 50, 5000
 PROBLEM_SEED = 0  # every initial seed fits the same problem instance
 CURVE_POINTS = 80  # points kept per training curve (log-spaced steps)

@@ -28,7 +28,6 @@ from anrat.function_study import (
     DEFAULT_METHODS,
     DEFAULT_SEEDS,
     DEFAULT_STEPS,
-    ENGINES,
     FULL_SEEDS,
     FULL_STEPS,
     METHODS,
@@ -36,6 +35,7 @@ from anrat.function_study import (
     markdown_table,
     run,
 )
+from anrat.run import ENGINES  # the same two ways to train a grid as anrat.train
 
 PROG = "python -m anrat.recipes.function_fit"
 
