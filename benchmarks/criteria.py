@@ -15,7 +15,8 @@ the epochs, the last epoch kept; lenet5 with the main job's L2 of 0.05 on its la
 Protocol, declared in docs/results/criteria.md before any run:
 1. Each criterion's learning rate is chosen from {0.03, 0.1, 0.3, 1} on validation error (10,000
    held-out training images; 500 for MNIST-1D), the median over selection seeds 100 and 101,
-   disjoint from the reported seeds.
+   disjoint from the reported seeds. The 30-epoch Fashion-MNIST study reuses the 10-epoch study's
+   selection (amended before any of its runs: its own would cost 40 trainings of 30 epochs).
 2. Seeds 0-4 are trained at the chosen rate and scored once on the test set.
 3. Per study: median [min, max] test error per criterion; paired over seeds, ess and ess_ls against
    cross-entropy and against label smoothing: the median difference, how many seeds are lower, and
@@ -23,8 +24,10 @@ Protocol, declared in docs/results/criteria.md before any run:
 
 The plain loop, not the batched engine: the engine's members are ``ScheduleConfig`` criteria, which
 cannot express label smoothing or focal loss, and one loop for every criterion keeps the comparison
-fair. Each run's record goes to ``OUT/<study>/<criterion>/lr<lr>_seed<s>.json`` as it finishes, so
-an interrupted study resumes where it stopped.
+fair. lenet5 trains in the channels-last memory layout (the same maths, 1.7x faster on the CPU;
+each record names its layout). A run whose loss becomes non-finite stops and scores 100% error.
+Each run's record goes to ``OUT/<study>/<criterion>/lr<lr>_seed<s>.json`` as it finishes, so an
+interrupted study resumes where it stopped.
 
     python benchmarks/criteria.py --data-dir ../shared/data/mnist \\
         --fashion-dir ../shared/data/fashion-mnist [--studies mnist1d_mlp,mnist1d_cnn]
@@ -35,7 +38,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import statistics
 import sys
 import time
@@ -68,12 +70,15 @@ class Study:
     dataset: str  # "mnist", "fashion_mnist" or "mnist1d"
     model: str  # "lenet5", "mlp" or "cnn1d"
     epochs: int
+    # The study whose learning-rate selection this one reuses (same data and model), or None to select
+    # its own. The 30-epoch study reuses the 10-epoch one's: its own would cost 40 runs of 30 epochs.
+    select_from: str | None = None
 
 
 STUDIES = {
     "mnist_lenet5": Study("mnist", "lenet5", 10),
     "fashion_lenet5": Study("fashion_mnist", "lenet5", 10),
-    "fashion_lenet5_30": Study("fashion_mnist", "lenet5", 30),
+    "fashion_lenet5_30": Study("fashion_mnist", "lenet5", 30, select_from="fashion_lenet5"),
     "mnist1d_mlp": Study("mnist1d", "mlp", 10),
     "mnist1d_cnn": Study("mnist1d", "cnn1d", 10),
 }
@@ -143,6 +148,12 @@ def train_one(study: Study, splits, name: str, lr: float, seed: int, args: argpa
     train, val, test = splits
     torch.manual_seed(seed)
     model = build(study)
+    if study.model == "lenet5":
+        # The same maths in another memory layout: oneDNN's channels-last convolutions make a lenet5
+        # step 1.7x faster on one CPU thread (15 against 26 ms at batch 64). A 1-channel image batch
+        # is already channels-last, so only the weights move.
+        model = model.to(memory_format=torch.channels_last)
+    layout = "channels_last" if study.model == "lenet5" else "contiguous"
     loss_fn, schedule = criterion(name, study.epochs, args.rho0, args.rho_final, args.label_smoothing)
     groups = [{"params": [p for n, p in model.named_parameters() if n != "fc2.weight"]}]
     if study.model == "lenet5":  # the main job's L2 prior on the softmax layer
@@ -157,13 +168,18 @@ def train_one(study: Study, splits, name: str, lr: float, seed: int, args: argpa
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
-                return {"diverged": True, "val_error": 1.0, "test_error": None}
+                return {"diverged": True, "val_error": 1.0, "test_error": None, "layout": layout}
             loss.backward()
             optimizer.step()
         decay.step()
         if schedule is not None:
             schedule.step()
-    return {"val_error": error(model, val), "test_error": error(model, test), "seconds": time.perf_counter() - start}
+    return {
+        "val_error": error(model, val),
+        "test_error": error(model, test),
+        "seconds": time.perf_counter() - start,
+        "layout": layout,
+    }
 
 
 def record(out: Path, study_name: str, study: Study, splits, name: str, lr: float, seed: int, args) -> dict[str, Any]:
@@ -191,26 +207,29 @@ def paired(a: list[float], b: list[float]) -> str:
 def run_study(study_name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     study = STUDIES[study_name]
     splits = load(study, args)
-    chosen, tests = {}, {}
+    selecting = study.select_from or study_name
+    chosen, tests, diverged = {}, {}, {}
     for name in CRITERIA:
         scores = {}
         for lr in LRS:
-            runs = [record(out, study_name, study, splits, name, lr, s, args) for s in SELECTION_SEEDS]
+            runs = [record(out, selecting, STUDIES[selecting], splits, name, lr, s, args) for s in SELECTION_SEEDS]
             scores[lr] = statistics.median(r["val_error"] for r in runs)
         chosen[name] = min(LRS, key=lambda lr: (scores[lr], lr))  # ties: the smaller rate
         runs = [record(out, study_name, study, splits, name, chosen[name], s, args) for s in REPORTED_SEEDS]
-        tests[name] = [r["test_error"] if r["test_error"] is not None else math.nan for r in runs]
+        tests[name] = [1.0 if r.get("diverged") else r["test_error"] for r in runs]
+        diverged[name] = sum(bool(r.get("diverged")) for r in runs)
         print(f"{study_name} {name}: lr {chosen[name]:g} (validation {scores}); test errors {tests[name]}", flush=True)
     lines = [f"\n{study_name} ({study.dataset}, {study.model}, {study.epochs} epochs), seeds {list(REPORTED_SEEDS)}:"]
     for name in CRITERIA:
         t = tests[name]
         lines.append(f"  {name:<7} lr {chosen[name]:<5g} test error {100 * statistics.median(t):.2f}% "
-                     f"[{100 * min(t):.2f}, {100 * max(t):.2f}]")  # fmt: skip
+                     f"[{100 * min(t):.2f}, {100 * max(t):.2f}]"
+                     + (f", {diverged[name]} diverged (scored 100%)" if diverged[name] else ""))  # fmt: skip
     for ours in ("ess", "ess_ls"):
         for base in ("ce", "ls"):
             lines.append(f"  {ours} - {base}: {paired(tests[ours], tests[base])}")
     print("\n".join(lines), flush=True)
-    return {"study": study.__dict__, "chosen_lr": chosen, "test_errors": tests}
+    return {"study": study.__dict__, "chosen_lr": chosen, "test_errors": tests, "diverged": diverged}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:  # refused here, before anything is written, like the next two
             anrat.ESSSchedule(args.rho0, args.rho_final, args.epochs)
             for name in names:
-                STUDIES[name] = Study(STUDIES[name].dataset, STUDIES[name].model, args.epochs)
+                STUDIES[name] = Study(STUDIES[name].dataset, STUDIES[name].model, args.epochs)  # selects its own
         anrat.ESSSchedule(args.rho0, args.rho_final, 1)
         anrat.ESSLoss(label_smoothing=args.label_smoothing)  # and a bad label smoothing
         folders = {"mnist": ("--data-dir", args.data_dir), "fashion_mnist": ("--fashion-dir", args.fashion_dir)}
