@@ -27,7 +27,7 @@ cannot express label smoothing or focal loss, and one loop for every criterion k
 fair. lenet5 trains in the channels-last memory layout (the same maths, 1.7x faster on the CPU;
 each record names its layout). A run whose loss becomes non-finite stops and scores 100% error.
 Each run's record goes to ``OUT/<study>/<criterion>/lr<lr>_seed<s>.json`` as it finishes, so an
-interrupted study resumes where it stopped.
+interrupted study resumes where it stopped; each study's summary to ``OUT/<study>/summary.json``.
 
     python benchmarks/criteria.py --data-dir ../shared/data/mnist \\
         --fashion-dir ../shared/data/fashion-mnist [--studies mnist1d_mlp,mnist1d_cnn]
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"study {name} needs the mnist1d package: pip install -e '.[bench]'")
         out = Path(args.out)
         print(machine_line(), flush=True)
-        summary = {name: run_study(name, args, out) for name in names}
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+        for name in names:  # one summary per study: two invocations may run different studies at once
+            write_text_atomic(out / name / "summary.json", json.dumps(run_study(name, args, out), indent=1))
         return 0
 
     return run_command(ap, body, argv)
