@@ -204,12 +204,12 @@ def paired(a: list[float], b: list[float]) -> str:
     )
 
 
-def run_study(study_name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_study(study_name: str, args: argparse.Namespace, out: Path, criteria=CRITERIA) -> dict[str, Any]:
     study = STUDIES[study_name]
     splits = load(study, args)
     selecting = study.select_from or study_name
     chosen, tests, diverged = {}, {}, {}
-    for name in CRITERIA:
+    for name in criteria:
         scores = {}
         for lr in LRS:
             runs = [record(out, selecting, STUDIES[selecting], splits, name, lr, s, args) for s in SELECTION_SEEDS]
@@ -220,14 +220,13 @@ def run_study(study_name: str, args: argparse.Namespace, out: Path) -> dict[str,
         diverged[name] = sum(bool(r.get("diverged")) for r in runs)
         print(f"{study_name} {name}: lr {chosen[name]:g} (validation {scores}); test errors {tests[name]}", flush=True)
     lines = [f"\n{study_name} ({study.dataset}, {study.model}, {study.epochs} epochs), seeds {list(REPORTED_SEEDS)}:"]
-    for name in CRITERIA:
+    for name in criteria:
         t = tests[name]
         lines.append(f"  {name:<7} lr {chosen[name]:<5g} test error {100 * statistics.median(t):.2f}% "
                      f"[{100 * min(t):.2f}, {100 * max(t):.2f}]"
                      + (f", {diverged[name]} diverged (scored 100%)" if diverged[name] else ""))  # fmt: skip
-    for ours in ("ess", "ess_ls"):
-        for base in ("ce", "ls"):
-            lines.append(f"  {ours} - {base}: {paired(tests[ours], tests[base])}")
+    for ours, base in [(o, b) for o in ("ess", "ess_ls") for b in ("ce", "ls") if o in tests and b in tests]:
+        lines.append(f"  {ours} - {base}: {paired(tests[ours], tests[base])}")
     print("\n".join(lines), flush=True)
     return {"study": study.__dict__, "chosen_lr": chosen, "test_errors": tests, "diverged": diverged}
 
@@ -237,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="MNIST IDX folder")
     ap.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder")
     ap.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {', '.join(STUDIES)}")
+    ap.add_argument(
+        "--criteria",
+        default=",".join(CRITERIA),
+        help="comma-separated, from " + ", ".join(CRITERIA) + " (a subset: two invocations can share a study; "
+        "the study's summary is written only for all of them)",
+    )
     ap.add_argument("--rho0", type=float, default=0.5, help="ess: rho in the first epoch, in (0, 1]")
     ap.add_argument("--rho-final", type=float, default=1.0, help="ess: rho reached at the last epoch, >= rho0")
     ap.add_argument("--epochs", type=int, default=None, help="every study's epochs instead of its own (>= 1)")
@@ -248,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in STUDIES]
         if unknown or not names:
             raise InputError(f"unknown studies {unknown}; expected some of {', '.join(STUDIES)}")
+        criteria = tuple(n.strip() for n in args.criteria.split(",") if n.strip())
+        if not criteria or set(criteria) - set(CRITERIA):
+            raise InputError(
+                f"unknown criteria {sorted(set(criteria) - set(CRITERIA))}; expected some of {', '.join(CRITERIA)}"
+            )
         if args.epochs is not None:  # refused here, before anything is written, like the next two
             anrat.ESSSchedule(args.rho0, args.rho_final, args.epochs)
             for name in names:
@@ -264,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         print(machine_line(), flush=True)
         for name in names:  # one summary per study: two invocations may run different studies at once
-            write_text_atomic(out / name / "summary.json", json.dumps(run_study(name, args, out), indent=1))
+            summary = run_study(name, args, out, criteria)
+            if set(criteria) == set(CRITERIA):
+                write_text_atomic(out / name / "summary.json", json.dumps(summary, indent=1))
         return 0
 
     return run_command(ap, body, argv)

@@ -15,6 +15,7 @@ from torch import nn
         (["--epochs", "0"], "epochs must be an integer >= 1"),
         (["--label-smoothing", "1.0"], "label_smoothing must be in [0, 1)"),
         (["--studies", "cifar"], "unknown studies"),
+        (["--criteria", "ce,mse"], "unknown criteria ['mse']"),
         (["--studies", "fashion_lenet5"], "needs --fashion-dir"),
     ],
 )
