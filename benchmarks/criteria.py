@@ -208,16 +208,18 @@ def run_study(study_name: str, args: argparse.Namespace, out: Path, criteria=CRI
     study = STUDIES[study_name]
     splits = load(study, args)
     selecting = study.select_from or study_name
-    chosen, tests, diverged = {}, {}, {}
+    chosen, tests, diverged, records = {}, {}, {}, []
     for name in criteria:
         scores = {}
         for lr in LRS:
             runs = [record(out, selecting, STUDIES[selecting], splits, name, lr, s, args) for s in SELECTION_SEEDS]
             scores[lr] = statistics.median(r["val_error"] for r in runs)
+            records += [{"study": selecting, **r} for r in runs]
         chosen[name] = min(LRS, key=lambda lr: (scores[lr], lr))  # ties: the smaller rate
         runs = [record(out, study_name, study, splits, name, chosen[name], s, args) for s in REPORTED_SEEDS]
         tests[name] = [1.0 if r.get("diverged") else r["test_error"] for r in runs]
         diverged[name] = sum(bool(r.get("diverged")) for r in runs)
+        records += [{"study": study_name, **r} for r in runs]
         print(f"{study_name} {name}: lr {chosen[name]:g} (validation {scores}); test errors {tests[name]}", flush=True)
     lines = [f"\n{study_name} ({study.dataset}, {study.model}, {study.epochs} epochs), seeds {list(REPORTED_SEEDS)}:"]
     for name in criteria:
@@ -228,7 +230,7 @@ def run_study(study_name: str, args: argparse.Namespace, out: Path, criteria=CRI
     for ours, base in [(o, b) for o in ("ess", "ess_ls") for b in ("ce", "ls") if o in tests and b in tests]:
         lines.append(f"  {ours} - {base}: {paired(tests[ours], tests[base])}")
     print("\n".join(lines), flush=True)
-    return {"study": study.__dict__, "chosen_lr": chosen, "test_errors": tests, "diverged": diverged}
+    return {"study": study.__dict__, "chosen_lr": chosen, "test_errors": tests, "diverged": diverged, "runs": records}
 
 
 def main(argv: list[str] | None = None) -> int:
