@@ -221,8 +221,9 @@ class ESSSchedule:
     Use it as a function of the epoch (``schedule.rho_at(epoch)``), or like a
     ``torch.optim.lr_scheduler``: given the ``loss``, it sets ``loss.rho`` at construction and
     :meth:`step` (called once per epoch, after it) moves it on; ``state_dict`` /
-    ``load_state_dict`` resume it. Bad values are refused with one-line
-    :class:`~anrat.errors.InputError` s."""
+    ``load_state_dict`` resume it. To move rho every step instead, give the number of steps as
+    ``epochs`` and call :meth:`step` after every optimizer step. Bad values are refused with
+    one-line :class:`~anrat.errors.InputError` s."""
 
     def __init__(
         self,

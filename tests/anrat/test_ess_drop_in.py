@@ -83,6 +83,14 @@ def test_the_schedule_is_the_trainers_rho_and_drives_the_loss_like_an_lr_schedul
     assert again.epoch == 1 and loss.rho == 0.5
 
 
+def test_the_schedule_moves_rho_per_step_when_given_the_steps_as_epochs():
+    loss = anrat.ESSLoss()
+    schedule = anrat.ESSSchedule(0.25, 1.0, epochs=100, loss=loss)  # 100 optimizer steps
+    rhos = [schedule.step() for _ in range(100)]
+    assert rhos[49] == pytest.approx(0.5)  # after 50 of 100 steps: halfway, geometrically, from 0.25 to 1
+    assert all(a < b for a, b in zip(rhos[:-1], rhos[1:])) and rhos[-1] == loss.rho == 1.0
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
