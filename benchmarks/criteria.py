@@ -204,7 +204,9 @@ def paired(a: list[float], b: list[float]) -> str:
     )
 
 
-def run_study(study_name: str, args: argparse.Namespace, out: Path, criteria=CRITERIA) -> dict[str, Any]:
+def run_study(
+    study_name: str, args: argparse.Namespace, out: Path, criteria: tuple[str, ...] = CRITERIA
+) -> dict[str, Any]:
     study = STUDIES[study_name]
     splits = load(study, args)
     selecting = study.select_from or study_name
