@@ -53,29 +53,19 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """The uninterrupted run's selected weights, and the seconds it trained after its first
-    checkpoint (the window an interruption must fall in: 150 epochs of this MLP can end within
-    half a second of it on an idle machine)."""
+    """The uninterrupted run's selected weights."""
     out = tmp_path_factory.mktemp("reference")
-    proc = subprocess.Popen(train_command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    start = first_checkpoint(out)
-    assert proc.wait(timeout=120) == 0
-    return weights(out), time.monotonic() - start
-
-
-def first_checkpoint(out: Path) -> float:
-    """Wait (at most 60 s) for the run in ``out`` to write its first last.pt; the moment it appeared."""
-    deadline = time.monotonic() + 60
-    while not (out / "last.pt").exists() and time.monotonic() < deadline:  # an epoch in
-        time.sleep(0.01)
-    return time.monotonic()
+    assert subprocess.run(train_command(data, out), capture_output=True).returncode == 0
+    return weights(out)
 
 
 def interrupt_and_resume(data: Path, out: Path, signum: int, delay: float) -> tuple[int, str, dict]:
     """Start the training, send ``signum`` ``delay`` seconds after its first checkpoint, then run
     the same command again; returns the interrupted run's status and stderr, and what last.pt held."""
     proc = subprocess.Popen(train_command(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_checkpoint(out)
+    deadline = time.monotonic() + 60
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:  # an epoch in
+        time.sleep(0.01)
     time.sleep(delay)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -87,8 +77,7 @@ def interrupt_and_resume(data: Path, out: Path, signum: int, delay: float) -> tu
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)] * 2)
 def test_an_interrupted_training_says_where_and_resumes_bit_identically(data, reference, tmp_path, signum, status):
-    expected, trained = reference
-    delay = random.uniform(0.0, 0.5 * trained)  # a random moment in the first half, printed on failure
+    delay = random.uniform(0.0, 1.0)  # a random moment, printed on failure
     code, err, held = interrupt_and_resume(data, tmp_path / "run", signum, delay)
     lines = err.strip().splitlines()
     assert code == status, (delay, err)
@@ -102,8 +91,8 @@ def test_an_interrupted_training_says_where_and_resumes_bit_identically(data, re
     else:  # after the step the signal arrived in
         assert f"holds epoch {epoch} and {steps} steps of epoch {epoch + 1}:" in lines[0], lines[0]
     resumed = weights(tmp_path / "run")  # the same command resumed and ended where the reference ended
-    assert resumed.keys() == expected.keys()
-    assert all(torch.equal(resumed[k], expected[k]) for k in resumed), delay
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in resumed), delay
 
 
 def test_an_interrupted_pruning_writes_nothing_and_says_so(data, tmp_path):
