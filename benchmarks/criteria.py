@@ -24,7 +24,7 @@ Protocol, declared in docs/results/criteria.md before any run:
 
 The plain loop, not the batched engine: the engine's members are ``ScheduleConfig`` criteria, which
 cannot express label smoothing or focal loss, and one loop for every criterion keeps the comparison
-fair. lenet5 trains in the channels-last memory layout (the same maths, 1.7x faster on the CPU;
+fair. lenet5 trains in the channels-last memory layout (the same maths, faster on the CPU;
 each record names its layout). A run whose loss becomes non-finite stops and scores 100% error.
 Each run's record goes to ``OUT/<study>/<criterion>/lr<lr>_seed<s>.json`` as it finishes, so an
 interrupted study resumes where it stopped; each study's summary to ``OUT/<study>/summary.json``.
@@ -150,7 +150,7 @@ def train_one(study: Study, splits, name: str, lr: float, seed: int, args: argpa
     model = build(study)
     if study.model == "lenet5":
         # The same maths in another memory layout: oneDNN's channels-last convolutions make a lenet5
-        # step 1.7x faster on one CPU thread (15 against 26 ms at batch 64). A 1-channel image batch
+        # step faster on one CPU thread (see docs/results/criteria.md). A 1-channel image batch
         # is already channels-last, so only the weights move.
         model = model.to(memory_format=torch.channels_last)
     layout = "channels_last" if study.model == "lenet5" else "contiguous"
