@@ -4,6 +4,7 @@ private cache folder for the session, and the command-line helpers."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +97,16 @@ def assert_help_explains_every_option():
                 assert action.help, f"{action.option_strings} has no help text"
 
     return check
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process and its children, as at a terminal.
+
+    A shell starts a background job (``pytest &``) with SIGINT ignored, and a child inherits an
+    ignored signal through exec: the tests of Ctrl-C would then see no signal at all. A Python-level
+    handler is not inherited (the child starts with the default), so installing Python's own one
+    here gives every test and every subprocess the terminal's behaviour."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
